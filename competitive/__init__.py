@@ -1,0 +1,1 @@
+"""Competitive (hard-assignment) training of mixtures of generative models."""

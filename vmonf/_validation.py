@@ -1,0 +1,132 @@
+"""Input validation shared by every public entry point.
+
+Public functions validate with these helpers and raise ``ValueError``/``TypeError``
+naming the argument; private code may then assume clean inputs.
+"""
+
+from __future__ import annotations
+
+import numbers
+from collections.abc import Iterable
+
+import numpy as np
+
+__all__ = [
+    "check_array",
+    "check_choice",
+    "check_labels",
+    "check_positive_float",
+    "check_positive_int",
+    "check_seed",
+]
+
+
+def check_array(
+    X: object,
+    name: str = "X",
+    *,
+    n_features: int | None = None,
+    min_samples: int = 1,
+    allow_1d: bool = False,
+) -> np.ndarray:
+    """Return ``X`` as a finite float64 array of shape (N, D).
+
+    Raises ``TypeError`` for non-numeric input and ``ValueError`` for wrong
+    dimensionality, too few rows, a feature-count mismatch or non-finite values.
+    """
+    if hasattr(X, "detach"):  # torch tensors
+        X = X.detach().cpu().numpy()
+    try:
+        arr = np.asarray(X)
+    except Exception as exc:  # ragged lists and the like
+        raise TypeError(f"{name} must be array-like of numbers: {exc}") from None
+    if arr.dtype == object or not (
+        np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
+    ):
+        raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise TypeError(f"{name} must be real-valued, got dtype {arr.dtype}")
+    if arr.ndim == 1 and allow_1d:
+        arr = arr[:, None]
+    if arr.ndim != 2:
+        raise ValueError(f"{name} must be 2-D of shape (n_samples, n_features), got shape {arr.shape}")
+    if arr.shape[1] == 0:
+        raise ValueError(f"{name} has no features (shape {arr.shape})")
+    if arr.shape[0] < min_samples:
+        raise ValueError(
+            f"{name} needs at least {min_samples} sample(s), got {arr.shape[0]}"
+        )
+    if n_features is not None and arr.shape[1] != n_features:
+        raise ValueError(f"{name} has {arr.shape[1]} features, but {n_features} were expected")
+    arr = arr.astype(np.float64, copy=False)
+    if not np.isfinite(arr).all():
+        bad = int((~np.isfinite(arr)).any(axis=1).sum())
+        raise ValueError(f"{name} contains NaN or infinite values ({bad} row(s))")
+    return arr
+
+
+def check_labels(y: object, n_samples: int, n_classes: int, name: str = "y") -> np.ndarray:
+    """Return labels as int64 of shape (N,), each in [-1, n_classes); -1 = unlabelled."""
+    if hasattr(y, "detach"):
+        y = y.detach().cpu().numpy()
+    arr = np.asarray(y)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D of shape (n_samples,), got shape {arr.shape}")
+    if arr.shape[0] != n_samples:
+        raise ValueError(f"{name} has {arr.shape[0]} labels but X has {n_samples} rows")
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or not np.all(arr == np.round(arr)):
+            raise TypeError(f"{name} must hold integer labels, got non-integer values")
+    elif not np.issubdtype(arr.dtype, np.integer):
+        raise TypeError(f"{name} must hold integer labels, got dtype {arr.dtype}")
+    arr = arr.astype(np.int64)
+    bad = (arr < -1) | (arr >= n_classes)
+    if bad.any():
+        raise ValueError(
+            f"{name} must lie in [-1, {n_classes}) (-1 = unlabelled); "
+            f"found {sorted(set(arr[bad].tolist()))[:5]}"
+        )
+    return arr
+
+
+def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
+    """Return ``value`` as an int >= ``minimum``."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
+    if value < minimum:
+        raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    return int(value)
+
+
+def check_positive_float(
+    value: object, name: str, *, allow_none: bool = False, allow_zero: bool = False
+) -> float | None:
+    """Return ``value`` as a finite float > 0 (>= 0 with ``allow_zero``), or None if allowed."""
+    if value is None and allow_none:
+        return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    value = float(value)
+    if not np.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ValueError(f"{name} must be finite and {bound}, got {value}")
+    return value
+
+
+def check_choice(value: object, name: str, choices: Iterable[str]) -> str:
+    """Return ``value`` if it is one of ``choices``."""
+    choices = tuple(choices)
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+    return str(value)
+
+
+def check_seed(seed: object, name: str = "random_state") -> int | None:
+    """Return a seed as a non-negative int, or None."""
+    if seed is None:
+        return None
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
+        raise TypeError(f"{name} must be an int or None, got {type(seed).__name__}")
+    if seed < 0:
+        raise ValueError(f"{name} must be >= 0, got {seed}")
+    return int(seed)
