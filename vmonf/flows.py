@@ -1,0 +1,199 @@
+"""``ComponentFlows``: K affine-coupling flows evaluated as one batched computation."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from nflows.distributions.normal import StandardNormal
+from torch import Tensor, nn
+
+from vmonf._validation import check_choice, check_positive_float, check_positive_int
+from vmonf.coupling import ACTIVATIONS, ActNorm, AffineCoupling
+
+__all__ = ["ComponentFlows", "alternating_masks"]
+
+
+def alternating_masks(n_features: int, n_layers: int) -> list[Tensor]:
+    """Masks for ``n_layers`` couplings: odd/even features alternate being transformed.
+
+    For one feature there is nothing to condition on; use ``n_features >= 2``.
+    """
+    parity = torch.arange(n_features) % 2
+    return [(parity == (layer % 2)).to(torch.int64) for layer in range(n_layers)]
+
+
+class ComponentFlows(nn.Module):
+    """K normalizing flows with separate weights, base N(0, I), evaluated together.
+
+    Each flow is ``n_layers`` :class:`~vmonf.coupling.AffineCoupling` layers with
+    alternating masks (optionally preceded by ActNorm). All tensors flowing
+    through carry a leading component axis K.
+
+    Args:
+        n_features: data dimension D (>= 2).
+        n_components: number of flows K.
+        n_layers: coupling layers per flow.
+        hidden_features: width of each conditioner MLP.
+        n_hidden_layers: hidden layers of each conditioner MLP.
+        activation: conditioner non-linearity, one of ``ACTIVATIONS``.
+        max_log_scale: bound c on each layer's log-scale, c * tanh(u / c).
+        actnorm: put an ActNorm layer before every coupling.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        n_components: int = 1,
+        n_layers: int = 8,
+        hidden_features: int = 64,
+        n_hidden_layers: int = 2,
+        activation: str = "relu",
+        max_log_scale: float = 3.0,
+        actnorm: bool = False,
+    ) -> None:
+        super().__init__()
+        self.n_features = check_positive_int(n_features, "n_features", minimum=2)
+        self.n_components = check_positive_int(n_components, "n_components")
+        self.n_layers = check_positive_int(n_layers, "n_layers")
+        self.hidden_features = check_positive_int(hidden_features, "hidden_features")
+        self.n_hidden_layers = check_positive_int(n_hidden_layers, "n_hidden_layers", minimum=0)
+        self.activation = check_choice(activation, "activation", ACTIVATIONS)
+        self.max_log_scale = check_positive_float(max_log_scale, "max_log_scale")
+        self.actnorm = bool(actnorm)
+        layers: list[nn.Module] = []
+        for mask in alternating_masks(self.n_features, self.n_layers):
+            if self.actnorm:
+                layers.append(ActNorm(self.n_components, self.n_features))
+            layers.append(
+                AffineCoupling(
+                    self.n_components,
+                    mask,
+                    self.hidden_features,
+                    self.n_hidden_layers,
+                    self.activation,
+                    self.max_log_scale,
+                )
+            )
+        self.layers = nn.ModuleList(layers)
+        self.base = StandardNormal([self.n_features])
+
+    def get_config(self) -> dict[str, Any]:
+        """Constructor arguments as plain data (for checkpoints)."""
+        return {
+            "n_features": self.n_features,
+            "n_components": self.n_components,
+            "n_layers": self.n_layers,
+            "hidden_features": self.hidden_features,
+            "n_hidden_layers": self.n_hidden_layers,
+            "activation": self.activation,
+            "max_log_scale": self.max_log_scale,
+            "actnorm": self.actnorm,
+        }
+
+    @property
+    def _reference(self) -> Tensor:
+        return self.layers[-1].conditioner.weights[0]
+
+    def _check(self, x: Tensor, name: str) -> None:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+        if x.shape[-1] != self.n_features or x.dim() not in (2, 3):
+            raise ValueError(
+                f"{name} must have shape (N, {self.n_features}) or "
+                f"({self.n_components}, N, {self.n_features}), got {tuple(x.shape)}"
+            )
+        if x.dim() == 3 and x.shape[0] != self.n_components:
+            raise ValueError(f"{name} has {x.shape[0]} component slices, expected {self.n_components}")
+
+    def _stack(self, x: Tensor) -> Tensor:
+        return x.expand(self.n_components, *x.shape) if x.dim() == 2 else x
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        """Data -> noise through every flow.
+
+        Args:
+            x: (N, D), shared by all components, or (K, N, D).
+        Returns:
+            z of shape (K, N, D) and log|det dz/dx| of shape (K, N), nats.
+        """
+        self._check(x, "x")
+        return self._forward(self._stack(x))
+
+    def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        """Noise -> data through every flow: z (K, N, D) or (N, D) -> x (K, N, D), log|det dx/dz| (K, N)."""
+        self._check(z, "z")
+        return self._inverse(self._stack(z))
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Log density of each flow at each point: x (N, D) -> (N, K), nats."""
+        self._check(x, "x")
+        if x.dim() != 2:
+            raise ValueError(f"x must have shape (N, {self.n_features}), got {tuple(x.shape)}")
+        return self._log_prob(x)
+
+    def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        logabsdet = x.new_zeros(x.shape[:-1])
+        for layer in self.layers:
+            x, layer_logabsdet = layer(x)
+            logabsdet = logabsdet + layer_logabsdet
+        return x, logabsdet
+
+    def _inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
+        logabsdet = z.new_zeros(z.shape[:-1])
+        for layer in reversed(self.layers):
+            z, layer_logabsdet = layer.inverse(z)
+            logabsdet = logabsdet + layer_logabsdet
+        return z, logabsdet
+
+    def _log_prob(self, x: Tensor) -> Tensor:
+        z, logabsdet = self._forward(self._stack(x))
+        k, n, d = z.shape
+        base = self.base.log_prob(z.reshape(k * n, d)).reshape(k, n)
+        return (base + logabsdet).transpose(0, 1)
+
+    def _base_sample(self, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
+        ref = self._reference
+        return torch.randn(
+            *shape, self.n_features, generator=generator, dtype=ref.dtype, device=ref.device
+        )
+
+    def sample(
+        self, n: int, component: int | None = None, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """Draw ``n`` points from one flow, (n, D), or from every flow, (K, n, D)."""
+        n = check_positive_int(n, "n", minimum=0)
+        if component is None:
+            return self._inverse(self._base_sample((self.n_components, n), generator))[0]
+        component = check_positive_int(component, "component", minimum=0)
+        if component >= self.n_components:
+            raise ValueError(f"component must be < {self.n_components}, got {component}")
+        z = self._base_sample((self.n_components, n), generator)
+        return self._inverse(z)[0][component]
+
+    def sample_components(
+        self, components: Tensor, generator: torch.Generator | None = None
+    ) -> Tensor:
+        """One point from flow ``components[i]`` for each i: (n,) int -> (n, D).
+
+        Runs one batched inverse over K x max-count noise slots, so the cost is
+        about that of n points when the counts are balanced.
+        """
+        components = torch.as_tensor(components, dtype=torch.long, device=self._reference.device)
+        if components.dim() != 1:
+            raise ValueError(f"components must be 1-D, got shape {tuple(components.shape)}")
+        if components.numel() and (components.min() < 0 or components.max() >= self.n_components):
+            raise ValueError(f"components must lie in [0, {self.n_components})")
+        return self._sample_components(components, generator)
+
+    def _sample_components(self, components: Tensor, generator: torch.Generator | None) -> Tensor:
+        n = components.numel()
+        counts = torch.bincount(components, minlength=self.n_components)
+        slots = int(counts.max()) if n else 0
+        x = self._inverse(self._base_sample((self.n_components, slots), generator))[0]
+        # Rank of each point among those of its component picks its noise slot.
+        order = torch.argsort(components, stable=True)
+        starts = torch.cumsum(counts, 0) - counts
+        rank = torch.empty_like(components)
+        rank[order] = torch.arange(n, device=components.device) - starts[components[order]]
+        return x[components, rank]
