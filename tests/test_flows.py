@@ -66,7 +66,8 @@ def test_logabsdet_matches_autograd_jacobian(flows):
 
 def test_every_parameter_gets_a_gradient():
     # Random weights: the default zero-initialised last layers block gradients upstream.
-    flows = randomised(dict(n_features=3, n_components=2, n_layers=3, hidden_features=8, actnorm=True))
+    config = dict(n_features=3, n_components=2, n_layers=3, hidden_features=8, actnorm=True)
+    flows = randomised(config)
     flows.train()
     loss = -flows.log_prob(torch.randn(16, 3)).mean()
     loss.backward()
@@ -139,7 +140,7 @@ def test_equals_separate_nflows_flows_with_the_same_weights(config):
     for k in range(flows.n_components):
         transforms = [
             _BoundedAffineCoupling(
-                layer.identity_idx.new_zeros(flows.n_features).index_fill(0, layer.transform_idx, 1),
+                torch.zeros(flows.n_features).index_fill(0, layer.transform_idx, 1),
                 _NflowsConditioner(layer.conditioner, k),
                 layer.max_log_scale,
             )
@@ -193,7 +194,7 @@ def test_bad_inputs_give_clear_errors():
     flows = ComponentFlows(n_features=2, n_components=2)
     with pytest.raises(ValueError, match="shape"):
         flows.log_prob(torch.randn(4, 3))
-    with pytest.raises(TypeError, match="torch.Tensor"):
+    with pytest.raises(TypeError, match=r"torch\.Tensor"):
         flows.log_prob([[0.0, 1.0]])
     with pytest.raises(ValueError, match="component"):
         flows.sample(3, component=2)

@@ -12,6 +12,7 @@ returns ``(outputs, logabsdet)``; ``inverse`` maps noise to data.
 from __future__ import annotations
 
 import math
+from itertools import pairwise
 
 import torch
 from nflows.transforms.base import Transform
@@ -59,7 +60,7 @@ class BatchedMLP(nn.Module):
         sizes = [in_features] + [hidden_features] * n_hidden_layers + [out_features]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
-        for fan_in, fan_out in zip(sizes[:-1], sizes[1:], strict=True):
+        for fan_in, fan_out in pairwise(sizes):
             bound = 1.0 / math.sqrt(fan_in)
             self.weights.append(
                 nn.Parameter(torch.empty(n_components, fan_in, fan_out).uniform_(-bound, bound))

@@ -104,7 +104,9 @@ class ComponentFlows(nn.Module):
                 f"({self.n_components}, N, {self.n_features}), got {tuple(x.shape)}"
             )
         if x.dim() == 3 and x.shape[0] != self.n_components:
-            raise ValueError(f"{name} has {x.shape[0]} component slices, expected {self.n_components}")
+            raise ValueError(
+                f"{name} has {x.shape[0]} component slices, expected {self.n_components}"
+            )
 
     def _stack(self, x: Tensor) -> Tensor:
         return x.expand(self.n_components, *x.shape) if x.dim() == 2 else x
@@ -121,7 +123,13 @@ class ComponentFlows(nn.Module):
         return self._forward(self._stack(x))
 
     def inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        """Noise -> data through every flow: z (K, N, D) or (N, D) -> x (K, N, D), log|det dx/dz| (K, N)."""
+        """Noise -> data through every flow.
+
+        Args:
+            z: (N, D), shared by all components, or (K, N, D).
+        Returns:
+            x of shape (K, N, D) and log|det dx/dz| of shape (K, N), nats.
+        """
         self._check(z, "z")
         return self._inverse(self._stack(z))
 
