@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 from vmonf import datasets
+from vmonf.estimator import VMoNF
+from vmonf.flows import ComponentFlows
+from vmonf.mixture import MixtureOfFlows
+from vmonf.posterior import PosteriorNet
 
-__all__ = ["datasets"]
+__all__ = ["ComponentFlows", "MixtureOfFlows", "PosteriorNet", "VMoNF", "datasets"]
 __version__ = "0.1.0"

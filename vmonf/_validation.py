@@ -49,13 +49,13 @@ def check_array(
     if arr.ndim == 1 and allow_1d:
         arr = arr[:, None]
     if arr.ndim != 2:
-        raise ValueError(f"{name} must be 2-D of shape (n_samples, n_features), got shape {arr.shape}")
+        raise ValueError(
+            f"{name} must be 2-D of shape (n_samples, n_features), got shape {arr.shape}"
+        )
     if arr.shape[1] == 0:
         raise ValueError(f"{name} has no features (shape {arr.shape})")
     if arr.shape[0] < min_samples:
-        raise ValueError(
-            f"{name} needs at least {min_samples} sample(s), got {arr.shape[0]}"
-        )
+        raise ValueError(f"{name} needs at least {min_samples} sample(s), got {arr.shape[0]}")
     if n_features is not None and arr.shape[1] != n_features:
         raise ValueError(f"{name} has {arr.shape[1]} features, but {n_features} were expected")
     arr = arr.astype(np.float64, copy=False)

@@ -1,0 +1,198 @@
+"""Tests for vmonf.plots: every figure is written, opens in PIL, and bad input raises."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.stats import multivariate_normal
+
+from vmonf.plots import (
+    animate_assignments,
+    animate_density,
+    density_grid,
+    grid_points,
+    plot_decision_regions,
+    plot_density_comparison,
+    plot_image_grid,
+    plot_samples,
+    plot_training_curves,
+)
+
+BOUNDS = (-3.0, 3.0, -2.0, 2.0)
+_TRUE = multivariate_normal(np.zeros(2), np.eye(2))
+_MODEL = multivariate_normal(np.array([0.5, 0.0]), np.diag([1.5, 0.5]))
+
+
+def _true_log_prob(x: np.ndarray) -> np.ndarray:
+    return _TRUE.logpdf(x)
+
+
+def _model_log_prob(x: np.ndarray) -> torch.Tensor:  # torch output is accepted
+    return torch.from_numpy(_MODEL.logpdf(x))
+
+
+def _data(n: int = 60) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((n, 2))
+    y = (X[:, 0] > 0).astype(int)
+    y[::5] = -1
+    return X, y
+
+
+def _assert_image(path: Path, fmt: str, n_frames: int = 1) -> None:
+    assert path.exists() and path.stat().st_size > 0
+    with Image.open(path) as im:
+        assert im.format == fmt
+        assert im.size[0] > 0 and im.size[1] > 0
+        assert im.mode in {"RGBA", "RGB", "P", "L"}
+        assert getattr(im, "n_frames", 1) == n_frames
+
+
+def test_density_grid_shapes_and_orientation():
+    xx, yy, dens = density_grid(_true_log_prob, BOUNDS, resolution=11)
+    assert xx.shape == yy.shape == dens.shape == (11, 11)
+    assert xx[0, 0] == -3.0 and xx[0, -1] == 3.0 and yy[0, 0] == -2.0 and yy[-1, 0] == 2.0
+    np.testing.assert_allclose(dens[5, 5], _TRUE.pdf([0.0, 0.0]))
+    gx, gy = grid_points(BOUNDS, 11)
+    np.testing.assert_array_equal(gx, xx)
+    np.testing.assert_array_equal(gy, yy)
+
+
+def test_density_grid_rejects_nan_and_wrong_shape():
+    with pytest.raises(ValueError, match="NaN"):
+        density_grid(lambda x: np.full(len(x), np.nan), BOUNDS, 5)
+    with pytest.raises(ValueError, match="must return shape"):
+        density_grid(lambda x: np.zeros(3), BOUNDS, 5)
+    with pytest.raises(TypeError, match="log_prob must be callable"):
+        density_grid(None, BOUNDS, 5)
+    with pytest.raises(ValueError, match="resolution must be >= 2"):
+        density_grid(_true_log_prob, BOUNDS, 1)
+
+
+def test_plot_density_comparison(tmp_path):
+    out = plot_density_comparison(
+        _true_log_prob, _model_log_prob, BOUNDS, tmp_path / "sub" / "d.png", resolution=30
+    )
+    assert isinstance(out, Path) and out == tmp_path / "sub" / "d.png"
+    _assert_image(out, "PNG")
+    single = plot_density_comparison(
+        None, _model_log_prob, BOUNDS, str(tmp_path / "m.png"), resolution=30
+    )
+    _assert_image(single, "PNG")
+    with Image.open(out) as two, Image.open(single) as one:
+        assert two.size[0] > one.size[0]  # two panels are wider than one
+
+
+def test_plot_samples(tmp_path):
+    X, y = _data()
+    _assert_image(plot_samples(X, y, tmp_path / "s.png", title="samples"), "PNG")
+    _assert_image(
+        plot_samples(torch.from_numpy(X), None, tmp_path / "s2.png", bounds=BOUNDS), "PNG"
+    )
+
+
+def test_plot_decision_regions_labels_and_probabilities(tmp_path):
+    X, y = _data()
+
+    def predict(x: np.ndarray) -> np.ndarray:
+        return (x[:, 0] > 0).astype(int)
+
+    def proba(x: np.ndarray) -> np.ndarray:
+        logits = np.column_stack([-x[:, 0], x[:, 0], np.zeros(len(x))])
+        return np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+
+    out = plot_decision_regions(predict, BOUNDS, tmp_path / "r.png", X=X, y=y, resolution=25)
+    _assert_image(out, "PNG")
+    out = plot_decision_regions(proba, BOUNDS, tmp_path / "p.png", X=X, resolution=25)
+    _assert_image(out, "PNG")
+    _assert_image(plot_decision_regions(predict, BOUNDS, tmp_path / "n.png", resolution=25), "PNG")
+
+
+def test_plot_training_curves(tmp_path):
+    history = {
+        "loss": [3.0, 2.0, 1.5, 1.4],
+        "val_loss": [3.1, 2.2, 1.7, 1.6],
+        "temperature": list(np.exp(-np.arange(4.0))),
+        "grad_norm": [1.0, np.nan, 0.5, 0.4],
+    }
+    out = plot_training_curves(history, tmp_path / "c.png", log_scale=["temperature"])
+    _assert_image(out, "PNG")
+
+
+def test_plot_image_grid(tmp_path):
+    rng = np.random.default_rng(0)
+    _assert_image(plot_image_grid(rng.random((7, 8, 8)), tmp_path / "g.png", n_cols=3), "PNG")
+    _assert_image(plot_image_grid(rng.random((4, 5, 6, 3)), tmp_path / "rgb.png"), "PNG")
+    _assert_image(plot_image_grid(torch.rand(2, 4, 4, 1), tmp_path / "c1.png"), "PNG")
+
+
+def test_animate_density(tmp_path):
+    frames = [density_grid(_true_log_prob, BOUNDS, 20)[2] * s for s in (0.5, 1.0, 1.5)]
+    out = animate_density(frames, BOUNDS, tmp_path / "a.gif", fps=4, titles=["a", "b", "c"])
+    _assert_image(out, "GIF", n_frames=3)
+
+
+def test_animate_assignments(tmp_path):
+    X, y = _data()
+    out = animate_assignments(X, [y, np.zeros(len(X), int), y[::-1]], tmp_path / "l.gif")
+    _assert_image(out, "GIF", n_frames=3)
+
+
+@pytest.mark.parametrize(
+    "bounds",
+    [
+        (1.0, 1.0, 0.0, 1.0),
+        (2.0, 1.0, 0.0, 1.0),
+        (0.0, 1.0, 1.0, 0.0),
+        (0.0, 1.0, 0.0),
+        (0.0, np.inf, 0.0, 1.0),
+    ],
+)
+def test_bad_bounds_raise(tmp_path, bounds):
+    with pytest.raises(ValueError, match="bounds"):
+        plot_density_comparison(None, _model_log_prob, bounds, tmp_path / "x.png", resolution=5)
+    with pytest.raises(ValueError, match="bounds"):
+        plot_decision_regions(lambda x: np.zeros(len(x), int), bounds, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="bounds"):
+        animate_density([np.ones((3, 3))], bounds, tmp_path / "x.gif")
+    assert not (tmp_path / "x.png").exists()
+
+
+def test_mismatched_lengths_raise(tmp_path):
+    X, y = _data()
+    with pytest.raises(ValueError, match="labels has 59 entries but X has 60 rows"):
+        plot_samples(X, y[:-1], tmp_path / "x.png")
+    with pytest.raises(ValueError, match="y has 59 entries"):
+        plot_decision_regions(
+            lambda x: np.zeros(len(x), int), BOUNDS, tmp_path / "x.png", X=X, y=y[:-1]
+        )
+    with pytest.raises(ValueError, match=r"label_frames\[1\] has 59 entries"):
+        animate_assignments(X, [y, y[:-1]], tmp_path / "x.gif")
+
+
+def test_other_bad_arguments_raise(tmp_path):
+    X, y = _data()
+    with pytest.raises(ValueError, match="X has 3 features"):
+        plot_samples(np.zeros((4, 3)), None, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="n_classes=1"):
+        plot_samples(X, y, tmp_path / "x.png", n_classes=1)
+    with pytest.raises(ValueError, match="history is empty"):
+        plot_training_curves({}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="log_scale names keys not in history"):
+        plot_training_curves({"loss": [1.0]}, tmp_path / "x.png", log_scale=["nope"])
+    with pytest.raises(ValueError, match=r"history\['loss'\] must be a non-empty"):
+        plot_training_curves({"loss": []}, tmp_path / "x.png")
+    with pytest.raises(ValueError, match="images must have shape"):
+        plot_image_grid(np.zeros((3, 4)), tmp_path / "x.png")
+    with pytest.raises(ValueError, match=r"frames\[1\] has shape"):
+        animate_density([np.ones((3, 3)), np.ones((4, 4))], BOUNDS, tmp_path / "x.gif")
+    with pytest.raises(ValueError, match="titles has 1 entries"):
+        animate_density([np.ones((3, 3))] * 2, BOUNDS, tmp_path / "x.gif", titles=["a"])
+    with pytest.raises(ValueError, match="y was given without X"):
+        plot_decision_regions(lambda x: np.zeros(len(x), int), BOUNDS, tmp_path / "x.png", y=y)
+    with pytest.raises(TypeError, match="path must be a str"):
+        plot_samples(X, y, 123)

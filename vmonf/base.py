@@ -1,0 +1,272 @@
+"""``MixtureEstimator``: what both mixture estimators share.
+
+The base owns input validation, standardisation, devices and dtypes, seeding,
+chunked evaluation, scoring, sampling and checkpoints; subclasses fill small
+hooks (``_fit``, ``_log_joint``, ``_log_proba``, ``_build``), as in
+scikit-learn's ``BaseMixture``.
+"""
+
+from __future__ import annotations
+
+import os
+from abc import abstractmethod
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Self
+
+import numpy as np
+import torch
+from sklearn.base import BaseEstimator, ClusterMixin, DensityMixin
+from torch import Tensor, nn
+
+from vmonf._validation import (
+    check_array,
+    check_choice,
+    check_labels,
+    check_positive_float,
+    check_positive_int,
+    check_seed,
+)
+from vmonf.checkpoint import load_checkpoint, save_checkpoint
+from vmonf.preprocessing import Standardizer
+from vmonf.training import torch_threads
+
+__all__ = ["MixtureEstimator", "NotFittedError"]
+
+CHUNK = 65536
+DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def _to_plain(value: object) -> object:
+    """numpy values -> tensors/Python scalars, which ``torch.load(weights_only=True)`` accepts."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def _from_plain(value: object) -> object:
+    return value.numpy() if isinstance(value, Tensor) else value
+
+
+class NotFittedError(ValueError, AttributeError):
+    """The estimator was used before ``fit``."""
+
+
+class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
+    """Base of mixture estimators: numpy at the boundary, tensors inside.
+
+    Subclasses store hyper-parameters in ``__init__`` only (at least
+    ``n_components, max_epochs, max_time, batch_size, learning_rate, random_state,
+    verbose, device``, plus ``dtype`` and ``n_threads``), and implement:
+
+    * ``_validate_params()`` -> None
+    * ``_fit(x: Tensor, y: Tensor, generator) -> None``: train on standardised x;
+      set ``self.model_`` (an ``nn.Module``) and fitted attributes;
+    * ``_build() -> nn.Module``: an untrained model of the right shape (for load);
+    * ``_log_joint(u) -> (N, K)``: log pi_k + log p_k(u) in standardised units;
+    * ``_log_proba(u) -> (N, K)``: the log responsibilities used by ``predict``.
+    """
+
+    _checkpoint_kind = "MixtureEstimator"
+
+    # -- hooks --------------------------------------------------------------------------
+    @abstractmethod
+    def _validate_params(self) -> None: ...
+
+    @abstractmethod
+    def _fit(self, x: Tensor, y: Tensor, generator: torch.Generator) -> None: ...
+
+    @abstractmethod
+    def _build(self) -> nn.Module: ...
+
+    @abstractmethod
+    def _log_joint(self, u: Tensor) -> Tensor: ...
+
+    def _log_proba(self, u: Tensor) -> Tensor:
+        return torch.log_softmax(self._log_joint(u), dim=1)
+
+    def _sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        raise NotImplementedError(f"{type(self).__name__} cannot sample")
+
+    def _fitted_state(self) -> dict[str, Any]:
+        """Plain-data fitted attributes to save (beyond the model's weights)."""
+        return {}
+
+    # -- validation and plumbing -------------------------------------------------------
+    def _validate_common(self) -> None:
+        check_positive_int(self.n_components, "n_components")
+        check_positive_int(self.max_epochs, "max_epochs")
+        check_positive_float(self.max_time, "max_time", allow_none=True)
+        check_positive_int(self.batch_size, "batch_size")
+        check_positive_float(self.learning_rate, "learning_rate")
+        check_seed(self.random_state)
+        check_choice(self.device, "device", ("cpu", "cuda", "auto"))
+        check_choice(self.dtype, "dtype", tuple(DTYPES))
+        if self.n_threads is not None:
+            check_positive_int(self.n_threads, "n_threads")
+
+    @property
+    def _torch_device(self) -> torch.device:
+        if self.device == "auto":
+            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("device='cuda' was requested but CUDA is not available")
+        return torch.device(self.device)
+
+    @property
+    def _torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+    def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> Tensor:
+        return torch.as_tensor(array, dtype=dtype or self._torch_dtype, device=self._torch_device)
+
+    @contextmanager
+    def _seeded(self, seed: int) -> Iterator[None]:
+        """Seed parameter initialisation without touching the caller's global RNG."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            yield
+
+    def _check_is_fitted(self) -> None:
+        if not hasattr(self, "model_"):
+            raise NotFittedError(
+                f"This {type(self).__name__} instance is not fitted yet; call fit(X) first"
+            )
+
+    def _validate_X(self, X: object) -> Tensor:
+        """Validate X for a fitted model and return it standardised, as a tensor."""
+        self._check_is_fitted()
+        x = check_array(X, "X", n_features=self.n_features_in_)
+        return self.standardizer_(self._tensor(x))
+
+    def _chunked(self, fn: Callable[[Tensor], Tensor], u: Tensor) -> np.ndarray:
+        """Apply ``fn`` in chunks without gradients; numpy float64 out."""
+        self.model_.eval()
+        with torch.no_grad(), torch_threads(self.n_threads):
+            parts = [fn(u[i : i + CHUNK]).double().cpu() for i in range(0, u.shape[0], CHUNK)]
+        return torch.cat(parts).numpy() if parts else np.empty((0,))
+
+    # -- public API --------------------------------------------------------------------
+    def fit(self, X: object, y: object | None = None) -> Self:
+        """Fit to X (N, D); ``y`` (N,) optional labels in [-1, K), -1 = unlabelled."""
+        self._validate_common()
+        self._validate_params()
+        x = check_array(X, "X", min_samples=2)
+        if self.n_components > x.shape[0]:
+            raise ValueError(
+                f"n_components={self.n_components} is larger than the number of samples "
+                f"({x.shape[0]})"
+            )
+        labels = (
+            np.full(x.shape[0], -1, dtype=np.int64)
+            if y is None
+            else check_labels(y, x.shape[0], self.n_components)
+        )
+        seed = self.random_state
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1)[0])
+        generator = torch.Generator().manual_seed(seed)
+        with torch_threads(self.n_threads), self._seeded(seed):
+            xt = self._tensor(x)
+            self.standardizer_ = Standardizer(x.shape[1]).to(xt).fit(xt)
+            self.n_features_in_ = x.shape[1]
+            self._fit(self.standardizer_(xt), torch.as_tensor(labels, device=xt.device), generator)
+        return self
+
+    def fit_predict(self, X: object, y: object | None = None) -> np.ndarray:
+        """``fit(X, y).predict(X)``."""
+        return self.fit(X, y).predict(X)
+
+    def score_samples(self, X: object) -> np.ndarray:
+        """Exact log density log p(x) of each row, (N,), nats, in the user's units."""
+        u = self._validate_X(X)
+        log_det = self.standardizer_.log_abs_det()
+        return self._chunked(lambda c: torch.logsumexp(self._log_joint(c), dim=1) + log_det, u)
+
+    def score(self, X: object, y: object | None = None) -> float:
+        """Mean of :meth:`score_samples` (nats per point)."""
+        return float(np.mean(self.score_samples(X)))
+
+    def predict_proba(self, X: object) -> np.ndarray:
+        """Responsibilities (N, K) of each component for each row."""
+        u = self._validate_X(X)
+        return np.exp(self._chunked(self._log_proba, u))
+
+    def predict(self, X: object) -> np.ndarray:
+        """Most responsible component of each row, (N,) int64."""
+        return self.predict_proba(X).argmax(axis=1).astype(np.int64)
+
+    def sample(
+        self, n_samples: int = 1, random_state: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]:
+        """Draw points from the fitted mixture -> (X (n, D), component labels (n,))."""
+        self._check_is_fitted()
+        n = check_positive_int(n_samples, "n_samples", minimum=1)
+        seed = check_seed(random_state, "random_state")
+        generator = torch.Generator(device=self._torch_device)
+        if seed is not None:
+            generator.manual_seed(seed)
+        else:
+            generator.seed()
+        self.model_.eval()
+        with torch.no_grad(), torch_threads(self.n_threads):
+            u, labels = self._sample(n, generator)
+            x = self.standardizer_.inverse(u)
+        return x.double().cpu().numpy(), labels.cpu().numpy().astype(np.int64)
+
+    def n_parameters(self) -> int:
+        """Number of trained scalars (for BIC/AIC)."""
+        self._check_is_fitted()
+        return sum(p.numel() for p in self.model_.parameters() if p.requires_grad)
+
+    def bic(self, X: object) -> float:
+        """Bayesian information criterion on X (lower is better)."""
+        n = check_array(X, "X").shape[0]
+        return float(-2.0 * self.score(X) * n + self.n_parameters() * np.log(n))
+
+    def aic(self, X: object) -> float:
+        """Akaike information criterion on X (lower is better)."""
+        n = check_array(X, "X").shape[0]
+        return float(-2.0 * self.score(X) * n + 2.0 * self.n_parameters())
+
+    # -- persistence -------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the fitted estimator atomically (weights and plain data only)."""
+        self._check_is_fitted()
+        payload = {
+            "params": self.get_params(deep=False),
+            "model": {k: v.cpu() for k, v in self.model_.state_dict().items()},
+            "standardizer": {k: v.cpu() for k, v in self.standardizer_.state_dict().items()},
+            "fitted": {
+                name: _to_plain(value)
+                for name, value in {
+                    "n_features_in_": self.n_features_in_,
+                    **self._fitted_state(),
+                }.items()
+            },
+        }
+        return save_checkpoint(payload, path, self._checkpoint_kind)
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> Self:
+        """Read an estimator written by :meth:`save` (``torch.load(weights_only=True)``)."""
+        payload = load_checkpoint(path, cls._checkpoint_kind)
+        try:
+            estimator = cls(**payload["params"])
+            for name, value in payload["fitted"].items():
+                setattr(estimator, name, _from_plain(value))
+            estimator.standardizer_ = Standardizer(estimator.n_features_in_)
+            estimator.standardizer_.load_state_dict(payload["standardizer"])
+            estimator.model_ = estimator._build()
+            estimator.model_.load_state_dict(payload["model"])
+        except (KeyError, TypeError, RuntimeError) as exc:
+            raise ValueError(
+                f"{path} holds an incompatible {cls.__name__} checkpoint: {exc}"
+            ) from None
+        device, dtype = estimator._torch_device, estimator._torch_dtype
+        estimator.standardizer_.to(device=device, dtype=dtype)
+        estimator.model_.to(device=device, dtype=dtype).eval()
+        return estimator

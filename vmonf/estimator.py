@@ -1,0 +1,365 @@
+"""``VMoNF``: the variational mixture of normalizing flows as a scikit-learn estimator."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from scipy.optimize import linear_sum_assignment
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+from torch import Tensor
+
+from vmonf._validation import (
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+)
+from vmonf.base import MixtureEstimator
+from vmonf.flows import ComponentFlows
+from vmonf.mixture import WEIGHT_MODES, MixtureOfFlows
+from vmonf.model import VariationalMixture
+from vmonf.objectives import labelled_loss
+from vmonf.posterior import PosteriorNet, TemperatureSchedule
+from vmonf.training import TrainConfig, evaluate, train
+
+__all__ = ["VMoNF"]
+
+INITS = ("auto", "kmeans", "labels", "random")
+OBJECTIVES = ("elbo", "marginal")
+
+
+class VMoNF(MixtureEstimator):
+    """Variational Mixture of Normalizing Flows (Pires & Figueiredo, 2020).
+
+    K affine-coupling flows p_k and an MLP posterior q(c|x) are trained jointly on
+    the ELBO, summed exactly over K; points with a label y >= 0 use the labelled
+    loss -(log pi_y + log p_y(x)) + alpha CE(q(.|x), y) instead.
+
+    Args:
+        n_components: number of flows K.
+        objective: ``"elbo"`` (amortised q, the paper) or ``"marginal"`` (exact
+            -log p(x), i.e. soft EM; q is distilled from the exact posterior).
+        weights: mixing weights, ``"uniform"``, ``"learned"`` or ``"responsibilities"``.
+        init: ``"kmeans"`` (pre-train each flow and q on a k-means cluster),
+            ``"labels"`` (pre-train on the labelled points), ``"random"`` (none) or
+            ``"auto"`` (labels when every class has one, else k-means).
+        n_init: restarts; the one with the best final ELBO is kept.
+        init_steps: optimiser steps of pre-training.
+        n_layers, hidden_features, n_hidden_layers, activation, max_log_scale,
+            actnorm: architecture of each flow (see :class:`ComponentFlows`).
+        posterior_hidden: hidden widths of q's MLP.
+        temperature: ``"constant"`` or ``"anneal"`` (T = exp(-temperature_decay *
+            step), floored at ``min_temperature``) for q's softmax.
+        alpha: weight of the labelled cross-entropy.
+        max_epochs, max_time, batch_size, learning_rate, weight_decay, lr_schedule:
+            optimisation (``max_time`` in seconds, None = no limit).
+        validation_fraction: share of points held out to pick the best epoch and
+            restart; ``patience`` stops after that many epochs without improvement.
+        random_state, verbose, device (``"cpu"``, ``"cuda"``, ``"auto"``), dtype
+            (``"float32"``/``"float64"``), n_threads (torch threads while fitting and
+            scoring; 1 is fastest for small flows on few cores, None = leave as is).
+
+    Fitted attributes: ``weights_`` (K,), ``history_`` (per-epoch lists),
+    ``n_iter_`` (epochs), ``n_features_in_``, ``elbo_`` (mean held-out ELBO, nats),
+    ``converged_``.
+    """
+
+    _checkpoint_kind = "VMoNF"
+
+    def __init__(
+        self,
+        n_components: int = 3,
+        *,
+        objective: str = "elbo",
+        weights: str = "uniform",
+        init: str = "auto",
+        n_init: int = 1,
+        init_steps: int = 300,
+        n_layers: int = 8,
+        hidden_features: int = 64,
+        n_hidden_layers: int = 2,
+        activation: str = "relu",
+        max_log_scale: float = 3.0,
+        actnorm: bool = False,
+        posterior_hidden: tuple[int, ...] = (32, 32),
+        temperature: str = "constant",
+        temperature_decay: float = 1e-3,
+        min_temperature: float = 0.05,
+        alpha: float = 1.0,
+        max_epochs: int = 200,
+        max_time: float | None = None,
+        batch_size: int = 256,
+        learning_rate: float = 1e-3,
+        weight_decay: float = 0.0,
+        lr_schedule: str = "cosine",
+        validation_fraction: float = 0.1,
+        patience: int | None = None,
+        random_state: int | None = None,
+        verbose: bool = False,
+        device: str = "cpu",
+        dtype: str = "float32",
+        n_threads: int | None = 1,
+    ) -> None:
+        self.n_components = n_components
+        self.objective = objective
+        self.weights = weights
+        self.init = init
+        self.n_init = n_init
+        self.init_steps = init_steps
+        self.n_layers = n_layers
+        self.hidden_features = hidden_features
+        self.n_hidden_layers = n_hidden_layers
+        self.activation = activation
+        self.max_log_scale = max_log_scale
+        self.actnorm = actnorm
+        self.posterior_hidden = posterior_hidden
+        self.temperature = temperature
+        self.temperature_decay = temperature_decay
+        self.min_temperature = min_temperature
+        self.alpha = alpha
+        self.max_epochs = max_epochs
+        self.max_time = max_time
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
+        self.validation_fraction = validation_fraction
+        self.patience = patience
+        self.random_state = random_state
+        self.verbose = verbose
+        self.device = device
+        self.dtype = dtype
+        self.n_threads = n_threads
+
+    # -- hooks -------------------------------------------------------------------------
+    def _validate_params(self) -> None:
+        check_choice(self.objective, "objective", OBJECTIVES)
+        check_choice(self.weights, "weights", WEIGHT_MODES)
+        check_choice(self.init, "init", INITS)
+        check_positive_int(self.n_init, "n_init")
+        check_positive_int(self.init_steps, "init_steps", minimum=0)
+        check_choice(self.temperature, "temperature", ("constant", "anneal"))
+        check_positive_float(self.temperature_decay, "temperature_decay", allow_zero=True)
+        check_positive_float(self.min_temperature, "min_temperature")
+        check_positive_float(self.alpha, "alpha", allow_zero=True)
+        fraction = check_positive_float(
+            self.validation_fraction, "validation_fraction", allow_zero=True
+        )
+        if fraction >= 0.5:
+            raise ValueError(f"validation_fraction must be < 0.5, got {fraction}")
+        # Architecture and optimisation settings are checked by their constructors.
+        self._train_config(max_epochs=1)
+        self._schedule()
+
+    def _schedule(self) -> TemperatureSchedule:
+        if self.temperature == "constant":
+            return TemperatureSchedule("constant")
+        return TemperatureSchedule("exponential", 1.0, self.temperature_decay, self.min_temperature)
+
+    def _train_config(self, **overrides: Any) -> TrainConfig:
+        settings = {
+            "max_epochs": self.max_epochs,
+            "max_time": self.max_time,
+            "batch_size": self.batch_size,
+            "learning_rate": self.learning_rate,
+            "weight_decay": self.weight_decay,
+            "lr_schedule": self.lr_schedule,
+            "patience": self.patience,
+            "verbose": self.verbose,
+            "desc": "VMoNF",
+        }
+        return TrainConfig(**{**settings, **overrides})
+
+    def _build(self) -> VariationalMixture:
+        d = self.n_features_in_
+        flows = ComponentFlows(
+            d,
+            self.n_components,
+            n_layers=self.n_layers,
+            hidden_features=self.hidden_features,
+            n_hidden_layers=self.n_hidden_layers,
+            activation=self.activation,
+            max_log_scale=self.max_log_scale,
+            actnorm=self.actnorm,
+        )
+        posterior = PosteriorNet(
+            d, self.n_components, tuple(self.posterior_hidden), self.activation
+        )
+        model = VariationalMixture(MixtureOfFlows(flows, self.weights), posterior)
+        return model.to(device=self._torch_device, dtype=self._torch_dtype)
+
+    def _log_joint(self, u: Tensor) -> Tensor:
+        return self.model_.mixture.log_joint(u)
+
+    def _log_proba(self, u: Tensor) -> Tensor:
+        return self.model_.posterior(u)
+
+    def _sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        return self.model_.mixture.sample(n, generator)
+
+    def _fitted_state(self) -> dict[str, Any]:
+        return {
+            "weights_": self.weights_,
+            "history_": self.history_,
+            "n_iter_": self.n_iter_,
+            "elbo_": self.elbo_,
+            "converged_": self.converged_,
+        }
+
+    # -- fitting -----------------------------------------------------------------------
+    def _split(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        n_val = round(self.validation_fraction * n)
+        order = torch.randperm(n, generator=generator)
+        if n_val < 1 or n - n_val < self.n_components:
+            return order, None
+        return order[n_val:], order[:n_val]
+
+    def _initial_labels(self, x: Tensor, y: Tensor, seed: int) -> Tensor | None:
+        """Labels to pre-train on (-1 = skip), or None for no pre-training."""
+        labelled = y >= 0
+        has_every_class = bool(torch.unique(y[labelled]).numel() == self.n_components)
+        init = self.init
+        if init == "auto":
+            init = "labels" if has_every_class else "kmeans"
+        if init == "random" or self.init_steps == 0:
+            return None
+        if init == "labels":
+            if not labelled.any():
+                raise ValueError("init='labels' needs labelled points (y >= 0)")
+            return y
+        km = KMeans(self.n_components, n_init=10, random_state=seed)
+        clusters = torch.as_tensor(km.fit_predict(x.double().cpu().numpy()), device=x.device)
+        if labelled.any():
+            # Rename clusters to agree with the given labels, then keep the labels.
+            overlap = np.zeros((self.n_components, self.n_components))
+            np.add.at(overlap, (clusters[labelled].cpu().numpy(), y[labelled].cpu().numpy()), 1)
+            rows, cols = linear_sum_assignment(-overlap)
+            rename = torch.as_tensor(cols[np.argsort(rows)], device=x.device)
+            clusters = torch.where(labelled, y, rename[clusters])
+        return clusters
+
+    def _fit_once(
+        self, x: Tensor, y: Tensor, val: Tensor | None, generator: torch.Generator, seed: int
+    ) -> tuple[VariationalMixture, dict[str, list[float]], int, float]:
+        model = self._build()
+        init_labels = self._initial_labels(x, y, seed)
+        step = 0
+        if init_labels is not None:
+            keep = init_labels >= 0
+            xi, yi = x[keep], init_labels[keep]
+            steps_per_epoch = math.ceil(xi.shape[0] / self.batch_size)
+            config = self._train_config(
+                max_epochs=max(1, math.ceil(self.init_steps / steps_per_epoch)),
+                max_time=None if self.max_time is None else 0.25 * self.max_time,
+                lr_schedule="constant",
+                patience=None,
+                desc="VMoNF init",
+            )
+
+            def pretrain(batch: tuple[Tensor, ...], _: int) -> Tensor:
+                xb, yb = batch
+                log_joint = model.mixture.log_joint(xb)
+                return labelled_loss(
+                    log_joint, model.posterior(xb), yb, max(self.alpha, 1.0)
+                ).mean()
+
+            step = train(model, pretrain, (xi, yi), config, generator=generator).n_steps
+
+        schedule = self._schedule()
+
+        def objective(batch: tuple[Tensor, ...], step: int) -> Tensor:
+            xb, yb = batch
+            loss = model.loss(
+                xb, yb, alpha=self.alpha, objective=self.objective, temperature=schedule(step)
+            )
+            return loss.mean()
+
+        def on_epoch_end(epoch: int, step: int, history: dict[str, list[float]]) -> None:
+            history.setdefault("temperature", []).append(schedule(step))
+            if self.weights == "responsibilities":
+                model.eval()
+                with torch.no_grad():
+                    mean_post = torch.cat(
+                        [model.mixture.posterior(c).exp() for c in x.split(65536)]
+                    )
+                model.mixture.update_weights(mean_post.mean(0))
+
+        validation = (
+            None if val is None else (val, torch.full_like(val[:, 0], -1, dtype=torch.long))
+        )
+        result = train(
+            model,
+            objective,
+            (x, y),
+            self._train_config(),
+            generator=generator,
+            validation=validation,
+            on_epoch_end=on_epoch_end,
+            start_step=step,
+        )
+        final_t = schedule(step + result.n_steps)
+        model.posterior.temperature.fill_(final_t)
+        model.eval()
+        scored = x if val is None else val
+        final_elbo = -evaluate(lambda b, _: -model.elbo(b[0]).mean(), (scored,), 0)
+        return model, result.history, result.n_epochs, final_elbo
+
+    def _fit(self, x: Tensor, y: Tensor, generator: torch.Generator) -> None:
+        train_idx, val_idx = self._split(x.shape[0], generator)
+        x_train, y_train = x[train_idx], y[train_idx]
+        x_val = None if val_idx is None else x[val_idx]
+        labelled = y_train >= 0
+        if labelled.any() and self.init == "labels":
+            missing = set(range(self.n_components)) - set(y_train[labelled].tolist())
+            if missing:
+                raise ValueError(
+                    "init='labels' needs a labelled point of every class; "
+                    f"none for {sorted(missing)}"
+                )
+        best = None
+        for restart in range(self.n_init):
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+            fitted = self._fit_once(x_train, y_train, x_val, generator, seed + restart)
+            if best is None or fitted[3] > best[3]:
+                best = fitted
+        model, history, n_epochs, final_elbo = best
+        self.model_ = model
+        self.history_ = {k: [float(v) for v in vs] for k, vs in history.items()}
+        self.n_iter_ = n_epochs
+        self.elbo_ = float(final_elbo)
+        self.weights_ = model.mixture.log_weights().exp().detach().double().cpu().numpy()
+        self.converged_ = bool(np.isfinite(self.elbo_))
+        if not self.converged_:
+            warnings.warn(
+                "VMoNF fit ended with a non-finite ELBO", ConvergenceWarning, stacklevel=3
+            )
+
+    # -- VMoNF-specific API ------------------------------------------------------------
+    def predict_proba(self, X: object, posterior: str = "amortized") -> np.ndarray:
+        """Responsibilities (N, K): q(c|x) (``"amortized"``) or the exact p(c|x) (``"exact"``)."""
+        check_choice(posterior, "posterior", ("amortized", "exact"))
+        if posterior == "amortized":
+            return super().predict_proba(X)
+        u = self._validate_X(X)
+        return np.exp(self._chunked(self.model_.mixture.posterior, u))
+
+    def predict(self, X: object, posterior: str = "amortized") -> np.ndarray:
+        """Most probable component under q(c|x) or the exact posterior, (N,) int64."""
+        return self.predict_proba(X, posterior).argmax(axis=1).astype(np.int64)
+
+    def elbo(self, X: object) -> np.ndarray:
+        """ELBO of each row, (N,), nats, in the user's units (<= score_samples)."""
+        u = self._validate_X(X)
+        log_det = self.standardizer_.log_abs_det()
+        return self._chunked(lambda c: self.model_.elbo(c) + log_det, u)
+
+    def suggest_labels(self, X: object, n: int = 10) -> np.ndarray:
+        """Indices of the ``n`` rows whose q(c|x) has the highest entropy (most worth labelling)."""
+        n = check_positive_int(n, "n")
+        proba = self.predict_proba(X)
+        entropy = -(proba * np.log(np.clip(proba, 1e-300, None))).sum(axis=1)
+        return np.argsort(-entropy, kind="stable")[: min(n, proba.shape[0])]

@@ -1,0 +1,73 @@
+"""``MixtureOfFlows``: K component flows plus mixing weights."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from vmonf._validation import check_choice, check_positive_int
+from vmonf.flows import ComponentFlows
+
+__all__ = ["WEIGHT_MODES", "MixtureOfFlows"]
+
+WEIGHT_MODES = ("uniform", "learned", "responsibilities")
+
+
+class MixtureOfFlows(nn.Module):
+    r"""A mixture :math:`p(x) = \sum_k \pi_k p_k(x)` of batched flows.
+
+    Args:
+        flows: the K component flows.
+        weights: ``"uniform"`` (fixed 1/K), ``"learned"`` (softmax of trained
+            logits) or ``"responsibilities"`` (fixed during a step, set from the
+            mean posterior by :meth:`update_weights`, as in EM).
+    """
+
+    def __init__(self, flows: ComponentFlows, weights: str = "uniform") -> None:
+        super().__init__()
+        self.flows = flows
+        self.weight_mode = check_choice(weights, "weights", WEIGHT_MODES)
+        k = flows.n_components
+        logits = torch.full((k,), -math.log(k))
+        if self.weight_mode == "learned":
+            self.weight_logits = nn.Parameter(logits)
+        else:
+            self.register_buffer("weight_logits", logits)
+
+    @property
+    def n_components(self) -> int:
+        return self.flows.n_components
+
+    def log_weights(self) -> Tensor:
+        """log pi, shape (K,)."""
+        return torch.log_softmax(self.weight_logits, dim=0)
+
+    def log_joint(self, x: Tensor) -> Tensor:
+        """log pi_k + log p_k(x): x (N, D) -> (N, K), nats."""
+        return self.flows.log_prob(x) + self.log_weights()
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Mixture log density: x (N, D) -> (N,), nats."""
+        return torch.logsumexp(self.log_joint(x), dim=1)
+
+    def posterior(self, x: Tensor) -> Tensor:
+        """Exact log posterior log p(k | x): (N, D) -> (N, K)."""
+        return torch.log_softmax(self.log_joint(x), dim=1)
+
+    @torch.no_grad()
+    def update_weights(self, mean_responsibility: Tensor) -> None:
+        """Set pi to the given (K,) mean responsibilities (``"responsibilities"`` mode)."""
+        if self.weight_mode != "responsibilities":
+            raise RuntimeError("update_weights needs weights='responsibilities'")
+        self.weight_logits.copy_(torch.log(mean_responsibility.clamp_min(1e-12)))
+
+    @torch.no_grad()
+    def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+        """Draw n points: components ~ Categorical(pi), then x ~ p_k. -> ((n, D), (n,))."""
+        n = check_positive_int(n, "n", minimum=0)
+        probs = self.log_weights().exp().float().cpu()
+        components = torch.multinomial(probs, n, replacement=True, generator=generator)
+        components = components.to(self.weight_logits.device)
+        return self.flows.sample_components(components, generator), components

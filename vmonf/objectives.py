@@ -1,0 +1,61 @@
+r"""Training objectives, each written once. All return per-point values (N,) in nats.
+
+Shapes: ``log_joint`` is :math:`\log \pi_k + \log p_k(x)`, (N, K); ``log_q`` is
+:math:`\log q(k \mid x)`, (N, K); ``y`` holds labels in [-1, K) with -1 = unlabelled.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+__all__ = ["elbo", "labelled_loss", "marginal_nll", "mixture_loss"]
+
+
+def elbo(log_joint: Tensor, log_q: Tensor) -> Tensor:
+    r"""ELBO per point, summed exactly over K (no sampling).
+
+    .. math:: \sum_k q(k|x) [\log \pi_k + \log p_k(x)] - \sum_k q(k|x) \log q(k|x)
+
+    (model term minus guide term). It equals log p(x) when q is the exact posterior.
+    """
+    q = log_q.exp()
+    return (q * log_joint).sum(-1) - (q * log_q).sum(-1)
+
+
+def labelled_loss(log_joint: Tensor, log_q: Tensor, y: Tensor, alpha: float) -> Tensor:
+    r"""Loss of labelled points: :math:`-(\log \pi_y + \log p_y(x)) + \alpha\,\mathrm{CE}(q, y)`.
+
+    The cross-entropy :math:`-\log q(y|x)` is *minimised* (one public
+    implementation flips its sign, which trains q away from the labels).
+    """
+    index = y.clamp_min(0)[:, None]
+    return -log_joint.gather(1, index)[:, 0] - alpha * log_q.gather(1, index)[:, 0]
+
+
+def marginal_nll(log_joint: Tensor) -> Tensor:
+    """Exact negative log-likelihood -log p(x) = -logsumexp_k log_joint (soft EM)."""
+    return -torch.logsumexp(log_joint, dim=-1)
+
+
+def mixture_loss(
+    log_joint: Tensor,
+    log_q: Tensor,
+    y: Tensor,
+    *,
+    alpha: float,
+    objective: str = "elbo",
+) -> Tensor:
+    """Per-point loss of a (semi-)supervised mixture: labelled loss where y >= 0, else
+
+    * ``"elbo"``: -ELBO (q trained through the bound);
+    * ``"marginal"``: -log p(x), plus alpha * CE(q, exact posterior) so that the
+      amortised q still learns (the posterior is detached: it is a target only).
+    """
+    if objective == "elbo":
+        unlabelled = -elbo(log_joint, log_q)
+    else:
+        target = torch.softmax(log_joint.detach(), dim=-1)
+        unlabelled = marginal_nll(log_joint) - alpha * (target * log_q).sum(-1)
+    labelled = labelled_loss(log_joint, log_q, y, alpha)
+    return torch.where(y >= 0, labelled, unlabelled)

@@ -1,0 +1,607 @@
+"""Figures: density heatmaps, samples, decision regions, training curves, animations, images.
+
+Every function draws on its own ``matplotlib.figure.Figure`` rendered by the Agg
+canvas (no pyplot global state, safe in headless and threaded code), writes the
+file at ``path`` (parent folders are created) and returns it as a ``Path``.
+Functions take plain callables and arrays, never estimator objects.
+
+``bounds`` is always ``(xmin, xmax, ymin, ymax)`` in data units. Density
+callables map an (M, 2) array to (M,) log densities in nats (numpy or torch).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+from matplotlib.animation import FuncAnimation, PillowWriter
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.figure import Figure
+from matplotlib.lines import Line2D
+
+from vmonf._validation import check_array, check_positive_float, check_positive_int
+
+__all__ = [
+    "animate_assignments",
+    "animate_density",
+    "density_grid",
+    "grid_points",
+    "plot_decision_regions",
+    "plot_density_comparison",
+    "plot_image_grid",
+    "plot_samples",
+    "plot_training_curves",
+]
+
+Bounds = tuple[float, float, float, float]
+PathLike = str | os.PathLike[str]
+LogProbFn = Callable[[np.ndarray], object]
+
+_UNLABELLED_COLOUR = (0.6, 0.6, 0.6, 1.0)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _check_bounds(bounds: object) -> Bounds:
+    """Return ``bounds`` as four finite floats with xmin < xmax and ymin < ymax."""
+    try:
+        values = [float(v) for v in bounds]  # type: ignore[attr-defined]
+    except (TypeError, ValueError):
+        raise TypeError(
+            f"bounds must be a sequence of 4 numbers (xmin, xmax, ymin, ymax), got {bounds!r}"
+        ) from None
+    if len(values) != 4:
+        raise ValueError(f"bounds must have 4 entries (xmin, xmax, ymin, ymax), got {len(values)}")
+    if not all(math.isfinite(v) for v in values):
+        raise ValueError(f"bounds must be finite, got {values}")
+    xmin, xmax, ymin, ymax = values
+    if not xmin < xmax:
+        raise ValueError(f"bounds need xmin < xmax, got xmin={xmin}, xmax={xmax}")
+    if not ymin < ymax:
+        raise ValueError(f"bounds need ymin < ymax, got ymin={ymin}, ymax={ymax}")
+    return xmin, xmax, ymin, ymax
+
+
+def _check_path(path: object) -> Path:
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
+    out = Path(path)
+    if out.name == "":
+        raise ValueError(f"path must name a file, got {str(path)!r}")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+def _to_numpy(x: object) -> np.ndarray:
+    if hasattr(x, "detach"):
+        x = x.detach().cpu().numpy()  # type: ignore[attr-defined]
+    return np.asarray(x)
+
+
+def _check_int_labels(labels: object, n: int, name: str) -> np.ndarray:
+    """Return (n,) int64 labels; -1 (unlabelled) and other negatives are allowed."""
+    arr = _to_numpy(labels)
+    if arr.ndim != 1:
+        raise ValueError(f"{name} must be 1-D of shape (n_samples,), got shape {arr.shape}")
+    if arr.shape[0] != n:
+        raise ValueError(f"{name} has {arr.shape[0]} entries but X has {n} rows")
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all() or not np.all(arr == np.round(arr)):
+            raise TypeError(f"{name} must hold integer labels, got non-integer values")
+    elif not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
+        raise TypeError(f"{name} must hold integer labels, got dtype {arr.dtype}")
+    return arr.astype(np.int64)
+
+
+def _check_points_2d(X: object, name: str = "X") -> np.ndarray:
+    return check_array(X, name, n_features=2)
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def _save_png(fig: Figure, path: Path, dpi: int) -> Path:
+    fig.savefig(path, format="png", dpi=dpi)
+    return path
+
+
+def _class_colours(n_classes: int) -> np.ndarray:
+    """(n_classes, 4) RGBA categorical colours (tab10, then tab20, then hsv)."""
+    from matplotlib import colormaps
+
+    if n_classes <= 10:
+        return colormaps["tab10"](np.arange(n_classes))
+    if n_classes <= 20:
+        return colormaps["tab20"](np.arange(n_classes))
+    return colormaps["hsv"](np.linspace(0.0, 1.0, n_classes, endpoint=False))
+
+
+def _label_colours(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    palette = _class_colours(max(n_classes, 1))
+    colours = np.tile(np.array(_UNLABELLED_COLOUR), (labels.shape[0], 1))
+    known = labels >= 0
+    colours[known] = palette[labels[known]]
+    return colours
+
+
+def _infer_n_classes(*label_arrays: np.ndarray | None) -> int:
+    top = -1
+    for arr in label_arrays:
+        if arr is not None and arr.size:
+            top = max(top, int(arr.max()))
+    return top + 1
+
+
+def grid_points(bounds: Bounds, resolution: int = 200) -> tuple[np.ndarray, np.ndarray]:
+    """Regular grid over ``bounds``: ``(xx, yy)``, each (resolution, resolution).
+
+    Row i runs along x at height ``yy[i, 0]`` (image convention with ``origin="lower"``);
+    the (resolution**2, 2) query array is ``np.column_stack([xx.ravel(), yy.ravel()])``.
+    """
+    xmin, xmax, ymin, ymax = _check_bounds(bounds)
+    resolution = check_positive_int(resolution, "resolution", minimum=2)
+    xs = np.linspace(xmin, xmax, resolution)
+    ys = np.linspace(ymin, ymax, resolution)
+    xx, yy = np.meshgrid(xs, ys)
+    return xx, yy
+
+
+def density_grid(
+    log_prob: LogProbFn, bounds: Bounds, resolution: int = 200
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Evaluate ``exp(log_prob)`` on a grid: ``(xx, yy, density)``, each (resolution, resolution).
+
+    ``log_prob`` maps (M, 2) float64 points to (M,) log densities (nats); ``-inf``
+    gives density 0, NaN raises ``ValueError``.
+    """
+    if not callable(log_prob):
+        raise TypeError(f"log_prob must be callable, got {type(log_prob).__name__}")
+    xx, yy = grid_points(bounds, resolution)
+    points = np.column_stack([xx.ravel(), yy.ravel()])
+    values = _to_numpy(log_prob(points)).astype(np.float64, copy=False)
+    values = values.reshape(-1) if values.ndim == 2 and 1 in values.shape else values
+    if values.shape != (points.shape[0],):
+        raise ValueError(
+            f"log_prob must return shape ({points.shape[0]},) for {points.shape[0]} points, "
+            f"got {values.shape}"
+        )
+    if np.isnan(values).any():
+        raise ValueError(f"log_prob returned NaN at {int(np.isnan(values).sum())} grid point(s)")
+    return xx, yy, np.exp(values).reshape(xx.shape)
+
+
+# --------------------------------------------------------------------------- static figures
+
+
+def plot_density_comparison(
+    true_log_prob: LogProbFn | None,
+    model_log_prob: LogProbFn,
+    bounds: Bounds,
+    path: PathLike,
+    *,
+    resolution: int = 200,
+    titles: tuple[str, str] = ("true density", "model density"),
+    cmap: str = "viridis",
+    dpi: int = 100,
+) -> Path:
+    """Heatmaps of the true and model densities side by side, on one colour scale.
+
+    With ``true_log_prob=None`` only the model panel is drawn (titled ``titles[1]``).
+    """
+    bounds = _check_bounds(bounds)
+    if len(titles) != 2:
+        raise ValueError(f"titles must hold 2 strings (true, model), got {len(titles)}")
+    dpi = check_positive_int(dpi, "dpi")
+    out = _check_path(path)
+    panels: list[tuple[str, np.ndarray]] = []
+    if true_log_prob is not None:
+        panels.append((titles[0], density_grid(true_log_prob, bounds, resolution)[2]))
+    panels.append((titles[1], density_grid(model_log_prob, bounds, resolution)[2]))
+    vmax = max(float(d.max()) for _, d in panels)
+    vmax = vmax if vmax > 0 else 1.0
+    fig = _new_figure(4.2 * len(panels) + 0.8, 4.0)
+    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    image = None
+    for ax, (title, dens) in zip(axes, panels, strict=True):
+        image = ax.imshow(
+            dens, origin="lower", extent=bounds, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto"
+        )
+        ax.set_title(title)
+        ax.set_xlabel("$x_1$")
+    axes[0].set_ylabel("$x_2$")
+    fig.colorbar(image, ax=list(axes), label="density")
+    return _save_png(fig, out, dpi)
+
+
+def plot_samples(
+    X: object,
+    labels: object | None,
+    path: PathLike,
+    *,
+    title: str | None = None,
+    bounds: Bounds | None = None,
+    n_classes: int | None = None,
+    marker_size: float = 4.0,
+    dpi: int = 100,
+) -> Path:
+    """Scatter of 2-D points ``X`` (N, 2) coloured by integer ``labels`` (N,), with a legend.
+
+    ``labels=None`` draws one colour; label -1 (unlabelled) is grey. ``n_classes``
+    fixes the palette so colours match other figures (default: largest label + 1).
+    """
+    pts = _check_points_2d(X)
+    lab = None if labels is None else _check_int_labels(labels, pts.shape[0], "labels")
+    out = _check_path(path)
+    marker_size = check_positive_float(marker_size, "marker_size")
+    dpi = check_positive_int(dpi, "dpi")
+    n_classes = _resolve_n_classes(n_classes, lab)
+    fig = _new_figure(5.0, 4.6)
+    ax = fig.add_subplot()
+    if lab is None:
+        ax.scatter(pts[:, 0], pts[:, 1], s=marker_size, color="C0", linewidths=0)
+    else:
+        ax.scatter(
+            pts[:, 0], pts[:, 1], s=marker_size, c=_label_colours(lab, n_classes), linewidths=0
+        )
+        _add_legend(ax, lab, n_classes)
+    if bounds is not None:
+        xmin, xmax, ymin, ymax = _check_bounds(bounds)
+        ax.set_xlim(xmin, xmax)
+        ax.set_ylim(ymin, ymax)
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    if title is not None:
+        ax.set_title(title)
+    return _save_png(fig, out, dpi)
+
+
+def _resolve_n_classes(n_classes: int | None, *labels: np.ndarray | None) -> int:
+    inferred = _infer_n_classes(*labels)
+    if n_classes is None:
+        return max(inferred, 1)
+    n_classes = check_positive_int(n_classes, "n_classes")
+    if n_classes < inferred:
+        raise ValueError(f"n_classes={n_classes} but a label {inferred - 1} is present")
+    return n_classes
+
+
+def _add_legend(ax: object, labels: np.ndarray, n_classes: int) -> None:
+    palette = _class_colours(n_classes)
+    present = sorted(set(labels.tolist()))
+    handles = []
+    for value in present:
+        colour = _UNLABELLED_COLOUR if value < 0 else palette[value]
+        name = "unlabelled" if value < 0 else str(value)
+        handles.append(
+            Line2D([], [], marker="o", linestyle="", color=colour, markersize=6, label=name)
+        )
+    if len(handles) <= 25:
+        ax.legend(handles=handles, title="component", loc="best", fontsize="small")  # type: ignore[attr-defined]
+
+
+def plot_decision_regions(
+    predict: Callable[[np.ndarray], object],
+    bounds: Bounds,
+    path: PathLike,
+    *,
+    X: object | None = None,
+    y: object | None = None,
+    n_classes: int | None = None,
+    resolution: int = 200,
+    title: str | None = None,
+    marker_size: float = 6.0,
+    dpi: int = 100,
+) -> Path:
+    """Filled regions of the predicted component over ``bounds``, data points on top.
+
+    ``predict`` maps (M, 2) points to (M,) integer labels, or to (M, K)
+    probabilities (e.g. q(c|x)) whose argmax is taken. Points ``X`` (N, 2) are
+    coloured by ``y`` (N,) when given (-1 = unlabelled, grey), black otherwise.
+    """
+    if not callable(predict):
+        raise TypeError(f"predict must be callable, got {type(predict).__name__}")
+    bounds = _check_bounds(bounds)
+    out = _check_path(path)
+    dpi = check_positive_int(dpi, "dpi")
+    marker_size = check_positive_float(marker_size, "marker_size")
+    pts = None if X is None else _check_points_2d(X)
+    if y is not None and pts is None:
+        raise ValueError("y was given without X")
+    lab = None if y is None or pts is None else _check_int_labels(y, pts.shape[0], "y")
+    xx, yy = grid_points(bounds, resolution)
+    grid = np.column_stack([xx.ravel(), yy.ravel()])
+    raw = _to_numpy(predict(grid))
+    if raw.ndim == 2 and raw.shape[0] == grid.shape[0]:
+        region = np.argmax(raw, axis=1)
+        n_from_proba = raw.shape[1]
+    else:
+        region = _check_int_labels(raw, grid.shape[0], "predict(...) output")
+        n_from_proba = 0
+    if (region < 0).any():
+        raise ValueError("predict returned negative labels on the grid")
+    n_classes = _resolve_n_classes(n_classes, region, lab)
+    n_classes = max(n_classes, n_from_proba)
+    palette = _class_colours(n_classes)
+    cmap = ListedColormap(palette[:, :3])
+    norm = BoundaryNorm(np.arange(n_classes + 1) - 0.5, n_classes)
+    fig = _new_figure(5.0, 4.6)
+    ax = fig.add_subplot()
+    ax.imshow(
+        region.reshape(xx.shape),
+        origin="lower",
+        extent=bounds,
+        cmap=cmap,
+        norm=norm,
+        alpha=0.35,
+        aspect="auto",
+        interpolation="nearest",
+    )
+    if pts is not None:
+        if lab is None:
+            ax.scatter(pts[:, 0], pts[:, 1], s=marker_size, color="k", linewidths=0)
+        else:
+            ax.scatter(
+                pts[:, 0],
+                pts[:, 1],
+                s=marker_size,
+                c=_label_colours(lab, n_classes),
+                edgecolors="k",
+                linewidths=0.2,
+            )
+            _add_legend(ax, lab, n_classes)
+    ax.set_xlim(bounds[0], bounds[1])
+    ax.set_ylim(bounds[2], bounds[3])
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    if title is not None:
+        ax.set_title(title)
+    return _save_png(fig, out, dpi)
+
+
+def plot_training_curves(
+    history: Mapping[str, Sequence[float]],
+    path: PathLike,
+    *,
+    log_scale: Sequence[str] = (),
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """One panel per key of ``history`` (e.g. loss, val_loss, temperature); x = epoch 1..n.
+
+    Each value is a sequence of numbers (NaN/inf are drawn as gaps); keys named in
+    ``log_scale`` get a logarithmic y axis.
+    """
+    if not isinstance(history, Mapping):
+        raise TypeError(
+            f"history must be a mapping of name -> values, got {type(history).__name__}"
+        )
+    if len(history) == 0:
+        raise ValueError("history is empty")
+    series: list[tuple[str, np.ndarray]] = []
+    for key, values in history.items():
+        arr = _to_numpy(values)
+        if arr.ndim != 1 or arr.shape[0] == 0:
+            raise ValueError(
+                f"history[{key!r}] must be a non-empty 1-D sequence, got shape {arr.shape}"
+            )
+        if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
+            raise TypeError(f"history[{key!r}] must hold numbers, got dtype {arr.dtype}")
+        series.append((str(key), arr.astype(np.float64)))
+    unknown = set(log_scale) - set(history)
+    if unknown:
+        raise ValueError(f"log_scale names keys not in history: {sorted(unknown)}")
+    out = _check_path(path)
+    dpi = check_positive_int(dpi, "dpi")
+    n = len(series)
+    n_cols = min(n, 3)
+    n_rows = math.ceil(n / n_cols)
+    fig = _new_figure(3.6 * n_cols, 2.8 * n_rows)
+    axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
+    for ax, (key, arr) in zip(axes, series, strict=False):
+        epochs = np.arange(1, arr.shape[0] + 1)
+        ax.plot(epochs, arr, marker="." if arr.shape[0] <= 30 else None)
+        ax.set_title(key)
+        ax.set_xlabel("epoch")
+        if key in log_scale:
+            ax.set_yscale("log")
+        ax.grid(alpha=0.3)
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    if title is not None:
+        fig.suptitle(title)
+    return _save_png(fig, out, dpi)
+
+
+def plot_image_grid(
+    images: object,
+    path: PathLike,
+    *,
+    n_cols: int | None = None,
+    cmap: str = "gray",
+    vmin: float | None = None,
+    vmax: float | None = None,
+    padding: int = 1,
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """Tile ``images`` (N, H, W) grey or (N, H, W, 3) RGB into one mosaic PNG.
+
+    ``n_cols`` defaults to ceil(sqrt(N)); the colour range defaults to the data range
+    (RGB arrays are clipped to it and rescaled to [0, 1]).
+    """
+    arr = _to_numpy(images)
+    if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
+        raise TypeError(f"images must hold numbers, got dtype {arr.dtype}")
+    if arr.ndim == 4 and arr.shape[-1] == 1:
+        arr = arr[..., 0]
+    if not (arr.ndim == 3 or (arr.ndim == 4 and arr.shape[-1] == 3)):
+        raise ValueError(f"images must have shape (N, H, W) or (N, H, W, 3), got {arr.shape}")
+    if 0 in arr.shape:
+        raise ValueError(f"images is empty (shape {arr.shape})")
+    arr = arr.astype(np.float64)
+    if not np.isfinite(arr).all():
+        raise ValueError("images contains NaN or infinite values")
+    n = arr.shape[0]
+    n_cols = math.ceil(math.sqrt(n)) if n_cols is None else check_positive_int(n_cols, "n_cols")
+    n_cols = min(n_cols, n)
+    n_rows = math.ceil(n / n_cols)
+    padding = check_positive_int(padding, "padding", minimum=0)
+    out = _check_path(path)
+    dpi = check_positive_int(dpi, "dpi")
+    lo = float(arr.min()) if vmin is None else float(vmin)
+    hi = float(arr.max()) if vmax is None else float(vmax)
+    if hi <= lo:
+        hi = lo + 1.0
+    h, w = arr.shape[1], arr.shape[2]
+    tile_h, tile_w = h + padding, w + padding
+    mosaic_shape = (n_rows * tile_h + padding, n_cols * tile_w + padding, *arr.shape[3:])
+    mosaic = np.full(mosaic_shape, hi if arr.ndim == 3 else 1.0)
+    for i in range(n):
+        r, c = divmod(i, n_cols)
+        y0, x0 = padding + r * tile_h, padding + c * tile_w
+        img = arr[i] if arr.ndim == 3 else np.clip((arr[i] - lo) / (hi - lo), 0.0, 1.0)
+        mosaic[y0 : y0 + h, x0 : x0 + w] = img
+    scale = max(1.0, 512.0 / max(mosaic.shape[0], mosaic.shape[1]))
+    fig = _new_figure(
+        mosaic.shape[1] * scale / dpi + 0.2, mosaic.shape[0] * scale / dpi + (0.5 if title else 0.2)
+    )
+    ax = fig.add_subplot()
+    if arr.ndim == 3:
+        ax.imshow(mosaic, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
+    else:
+        ax.imshow(mosaic, interpolation="nearest")
+    ax.set_axis_off()
+    if title is not None:
+        ax.set_title(title)
+    return _save_png(fig, out, dpi)
+
+
+# --------------------------------------------------------------------------- animations
+
+
+def _check_titles(titles: Sequence[str] | None, n_frames: int) -> list[str] | None:
+    if titles is None:
+        return None
+    titles = list(titles)
+    if len(titles) != n_frames:
+        raise ValueError(f"titles has {len(titles)} entries but there are {n_frames} frames")
+    return [str(t) for t in titles]
+
+
+def _write_gif(
+    fig: Figure, update: Callable[[int], object], n_frames: int, path: Path, fps: int, dpi: int
+) -> Path:
+    anim = FuncAnimation(fig, update, frames=n_frames, blit=False, repeat=False)
+    anim.save(str(path), writer=PillowWriter(fps=fps), dpi=dpi)
+    return path
+
+
+def animate_density(
+    frames: Sequence[object],
+    bounds: Bounds,
+    path: PathLike,
+    *,
+    fps: int = 5,
+    titles: Sequence[str] | None = None,
+    cmap: str = "viridis",
+    vmax: float | None = None,
+    dpi: int = 80,
+) -> Path:
+    """Animated GIF of density grids ``frames``, each (H, W) (e.g. from :func:`density_grid`).
+
+    Row 0 of a grid is the bottom edge ``ymin`` (as :func:`density_grid` returns it).
+    All frames share one colour scale, [0, ``vmax``] (default: the largest value).
+    """
+    if isinstance(frames, np.ndarray) and frames.ndim == 3:
+        frames = list(frames)
+    if not isinstance(frames, Sequence) or len(frames) == 0:
+        raise ValueError("frames must be a non-empty sequence of (H, W) density grids")
+    grids = [_to_numpy(f).astype(np.float64) for f in frames]
+    shape = grids[0].shape
+    for i, g in enumerate(grids):
+        if g.ndim != 2 or g.shape != shape or 0 in g.shape:
+            raise ValueError(
+                f"frames[{i}] has shape {g.shape}; every frame must be 2-D of shape {shape}"
+            )
+        if not np.isfinite(g).all() or (g < 0).any():
+            raise ValueError(f"frames[{i}] must hold finite, non-negative densities")
+    bounds = _check_bounds(bounds)
+    out = _check_path(path)
+    fps = check_positive_int(fps, "fps")
+    dpi = check_positive_int(dpi, "dpi")
+    names = _check_titles(titles, len(grids))
+    top = max(float(g.max()) for g in grids) if vmax is None else check_positive_float(vmax, "vmax")
+    top = top if top > 0 else 1.0
+    fig = _new_figure(5.0, 4.2)
+    ax = fig.add_subplot()
+    image = ax.imshow(
+        grids[0], origin="lower", extent=bounds, cmap=cmap, vmin=0.0, vmax=top, aspect="auto"
+    )
+    fig.colorbar(image, ax=ax, label="density")
+    heading = ax.set_title(names[0] if names else "frame 1")
+
+    def update(i: int) -> object:
+        image.set_data(grids[i])
+        heading.set_text(names[i] if names else f"frame {i + 1}")
+        return (image, heading)
+
+    return _write_gif(fig, update, len(grids), out, fps, dpi)
+
+
+def animate_assignments(
+    X: object,
+    label_frames: Sequence[object],
+    path: PathLike,
+    *,
+    fps: int = 5,
+    titles: Sequence[str] | None = None,
+    n_classes: int | None = None,
+    bounds: Bounds | None = None,
+    marker_size: float = 4.0,
+    dpi: int = 80,
+) -> Path:
+    """Animated GIF of fixed points ``X`` (N, 2) recoloured by each (N,) label array in turn.
+
+    Use it to watch component assignments evolve during training (-1 = grey).
+    """
+    pts = _check_points_2d(X)
+    if isinstance(label_frames, np.ndarray) and label_frames.ndim == 2:
+        label_frames = list(label_frames)
+    if not isinstance(label_frames, Sequence) or len(label_frames) == 0:
+        raise ValueError("label_frames must be a non-empty sequence of (N,) label arrays")
+    labs = [
+        _check_int_labels(f, pts.shape[0], f"label_frames[{i}]") for i, f in enumerate(label_frames)
+    ]
+    out = _check_path(path)
+    fps = check_positive_int(fps, "fps")
+    dpi = check_positive_int(dpi, "dpi")
+    marker_size = check_positive_float(marker_size, "marker_size")
+    names = _check_titles(titles, len(labs))
+    n_classes = _resolve_n_classes(n_classes, *labs)
+    fig = _new_figure(5.0, 4.6)
+    ax = fig.add_subplot()
+    scatter = ax.scatter(
+        pts[:, 0], pts[:, 1], s=marker_size, c=_label_colours(labs[0], n_classes), linewidths=0
+    )
+    if bounds is not None:
+        xmin, xmax, ymin, ymax = _check_bounds(bounds)
+        ax.set_xlim(xmin, xmax)
+        ax.set_ylim(ymin, ymax)
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
+    heading = ax.set_title(names[0] if names else "frame 1")
+
+    def update(i: int) -> object:
+        scatter.set_facecolors(_label_colours(labs[i], n_classes))
+        heading.set_text(names[i] if names else f"frame {i + 1}")
+        return (scatter, heading)
+
+    return _write_gif(fig, update, len(labs), out, fps, dpi)

@@ -1,0 +1,306 @@
+"""The one training loop: mini-batches, time budget, schedules, early stopping, NaN guard.
+
+Every estimator in vmonf and competitive trains through :func:`train`. What is
+optimised is given by an *objective*: a callable ``objective(batch, step) ->
+scalar mean loss`` over a tuple of tensors indexed along their first axis.
+
+Written so that it can later run data-parallel without a rewrite: the batch
+order comes from an injected sampler, the device from the data, and every
+cross-batch reduction goes through :func:`_reduce_mean`.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import sys
+import time
+import warnings
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+from tqdm.auto import tqdm
+
+from vmonf._validation import (
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+)
+
+__all__ = [
+    "NonFiniteLossError",
+    "RandomBatches",
+    "TrainConfig",
+    "TrainResult",
+    "evaluate",
+    "torch_threads",
+    "train",
+]
+
+Batch = tuple[Tensor, ...]
+Objective = Callable[[Batch, int], Tensor]
+
+
+class NonFiniteLossError(RuntimeError):
+    """Training kept producing non-finite losses or gradients and was stopped."""
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Settings of :func:`train` (validated on construction).
+
+    Args:
+        max_epochs: passes over the data.
+        max_time: wall-clock budget in seconds (None = no limit).
+        batch_size: points per step.
+        learning_rate: Adam step size.
+        weight_decay: Adam L2 penalty.
+        lr_schedule: ``"constant"`` or ``"cosine"`` (to ``lr_floor * learning_rate``).
+        grad_clip: max global gradient norm (None = no clipping).
+        patience: early stopping after this many epochs without a better
+            validation loss (None = no early stopping; needs validation data).
+        max_bad_steps: non-finite steps tolerated before giving up.
+        verbose: show a progress bar (only when stderr is a terminal).
+        desc: progress bar label.
+    """
+
+    max_epochs: int = 100
+    max_time: float | None = None
+    batch_size: int = 256
+    learning_rate: float = 1e-3
+    weight_decay: float = 0.0
+    lr_schedule: str = "cosine"
+    lr_floor: float = 0.05
+    grad_clip: float | None = 50.0
+    patience: int | None = None
+    max_bad_steps: int = 10
+    verbose: bool = False
+    desc: str = "fit"
+
+    def __post_init__(self) -> None:
+        check_positive_int(self.max_epochs, "max_epochs")
+        check_positive_float(self.max_time, "max_time", allow_none=True)
+        check_positive_int(self.batch_size, "batch_size")
+        check_positive_float(self.learning_rate, "learning_rate")
+        check_positive_float(self.weight_decay, "weight_decay", allow_zero=True)
+        check_choice(self.lr_schedule, "lr_schedule", ("constant", "cosine"))
+        check_positive_float(self.lr_floor, "lr_floor")
+        check_positive_float(self.grad_clip, "grad_clip", allow_none=True)
+        if self.patience is not None:
+            check_positive_int(self.patience, "patience")
+        check_positive_int(self.max_bad_steps, "max_bad_steps", minimum=0)
+
+
+@dataclass
+class TrainResult:
+    """What :func:`train` did: per-epoch history and counters."""
+
+    history: dict[str, list[float]] = field(default_factory=dict)
+    n_epochs: int = 0
+    n_steps: int = 0
+    n_bad_steps: int = 0
+    stop_reason: str = "max_epochs"
+    best_validation: float = math.inf
+
+
+class RandomBatches:
+    """Shuffled mini-batch indices from a seeded generator (the injectable sampler)."""
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+
+    def __len__(self) -> int:
+        return math.ceil(self.n / self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        order = torch.randperm(self.n, generator=self.generator)
+        yield from order.split(self.batch_size)
+
+
+@contextmanager
+def torch_threads(n_threads: int | None) -> Iterator[None]:
+    """Run the block with ``n_threads`` torch threads, restoring the old count after."""
+    if n_threads is None:
+        yield
+        return
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n_threads)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _reduce_mean(total: Tensor, count: int) -> float:
+    """Mean of a summed quantity; the one place a data-parallel run would all-reduce."""
+    return float(total) / max(count, 1)
+
+
+@torch.no_grad()
+def evaluate(objective: Objective, data: Batch, step: int, chunk_size: int = 65536) -> float:
+    """Mean objective over ``data`` in chunks (no gradients)."""
+    n = data[0].shape[0]
+    total = torch.zeros((), dtype=torch.float64)
+    for start in range(0, n, chunk_size):
+        batch = tuple(t[start : start + chunk_size] for t in data)
+        total += objective(batch, step).double() * batch[0].shape[0]
+    return _reduce_mean(total, n)
+
+
+def _snapshot(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
+    return {
+        "module": copy.deepcopy(module.state_dict()),
+        "optimizer": copy.deepcopy(optimizer.state_dict()),
+    }
+
+
+def _restore(snapshot: dict, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
+    module.load_state_dict(snapshot["module"])
+    optimizer.load_state_dict(snapshot["optimizer"])
+
+
+def _grads_finite(parameters: Sequence[nn.Parameter]) -> bool:
+    grads = [p.grad for p in parameters if p.grad is not None]
+    return all(bool(torch.isfinite(g).all()) for g in grads)
+
+
+def _cosine_factor(step: int, total_steps: int, floor: float) -> float:
+    progress = min(step / max(total_steps, 1), 1.0)
+    return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+def train(
+    module: nn.Module,
+    objective: Objective,
+    data: Batch,
+    config: TrainConfig,
+    *,
+    generator: torch.Generator,
+    validation: Batch | None = None,
+    parameters: Sequence[nn.Parameter] | None = None,
+    on_epoch_end: Callable[[int, int, dict[str, list[float]]], None] | None = None,
+    sampler: Callable[[int, int, torch.Generator], RandomBatches] = RandomBatches,
+    start_step: int = 0,
+) -> TrainResult:
+    """Minimise ``objective`` over ``data`` with Adam; returns the history.
+
+    Args:
+        module: what is trained (its state is restored on failures and, with
+            early stopping, to the best validation epoch at the end).
+        objective: ``objective(batch, step) -> scalar`` mean loss of the batch.
+        data: tensors with a common first axis N.
+        config: a :class:`TrainConfig`.
+        generator: seeds the batch order.
+        validation: held-out tensors for early stopping and ``val_loss``.
+        parameters: what to optimise (default: all of ``module``'s).
+        on_epoch_end: ``callback(epoch, step, history)``; may add entries to the history.
+        sampler: batch index source (injected; data-parallel runs shard here).
+        start_step: global step offset, e.g. for temperature schedules across stages.
+
+    A non-finite loss or gradient never reaches the weights: the step is skipped,
+    the state of the last good epoch restored, the learning rate halved and a
+    warning issued; after ``max_bad_steps`` such steps :class:`NonFiniteLossError`
+    is raised with the last good (or best) state kept in ``module``.
+    """
+    n = data[0].shape[0]
+    if n == 0:
+        raise ValueError("cannot train on zero points")
+    params = list(module.parameters() if parameters is None else parameters)
+    optimizer = torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    batches = sampler(n, config.batch_size, generator)
+    total_steps = config.max_epochs * len(batches)
+    result = TrainResult(history={"loss": [], "lr": [], "time": []})
+    if validation is not None:
+        result.history["val_loss"] = []
+    lr_scale = 1.0
+    step = start_step
+    good = _snapshot(module, optimizer)
+    best: dict | None = None
+    epochs_since_best = 0
+    started = time.perf_counter()
+    show = config.verbose and sys.stderr.isatty()
+    bar = tqdm(range(config.max_epochs), desc=config.desc, disable=not show, leave=False)
+    for epoch in bar:
+        module.train()
+        total = torch.zeros((), dtype=torch.float64)
+        seen = 0
+        for idx in batches:
+            if config.lr_schedule == "cosine":
+                factor = _cosine_factor(step - start_step, total_steps, config.lr_floor)
+            else:
+                factor = 1.0
+            for group in optimizer.param_groups:
+                group["lr"] = config.learning_rate * factor * lr_scale
+            batch = tuple(t[idx] for t in data)
+            optimizer.zero_grad(set_to_none=True)
+            loss = objective(batch, step)
+            finite = bool(torch.isfinite(loss))
+            if finite:
+                loss.backward()
+                finite = _grads_finite(params)
+            if not finite:
+                result.n_bad_steps += 1
+                _restore(good, module, optimizer)
+                lr_scale *= 0.5
+                warnings.warn(
+                    f"non-finite loss or gradient at step {step}: step skipped, last good "
+                    f"state restored, learning rate halved to "
+                    f"{config.learning_rate * lr_scale:.3g}",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                if result.n_bad_steps > config.max_bad_steps:
+                    if best is not None:
+                        _restore(best, module, optimizer)
+                    raise NonFiniteLossError(
+                        f"training stopped after {result.n_bad_steps} non-finite steps; the "
+                        "last good parameters were kept. Check the data for extreme values "
+                        "or lower learning_rate."
+                    )
+                step += 1
+                continue
+            if config.grad_clip is not None:
+                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            total += loss.detach().double() * idx.numel()
+            seen += idx.numel()
+            step += 1
+            if config.max_time is not None and time.perf_counter() - started > config.max_time:
+                break
+        result.n_epochs = epoch + 1
+        elapsed = time.perf_counter() - started
+        result.history["loss"].append(_reduce_mean(total, seen) if seen else math.nan)
+        result.history["lr"].append(optimizer.param_groups[0]["lr"])
+        result.history["time"].append(elapsed)
+        postfix = {"loss": f"{result.history['loss'][-1]:.4f}"}
+        if validation is not None:
+            module.eval()
+            val = evaluate(objective, validation, step)
+            result.history["val_loss"].append(val)
+            postfix["val"] = f"{val:.4f}"
+            if val < result.best_validation:
+                result.best_validation = val
+                best = _snapshot(module, optimizer)
+                epochs_since_best = 0
+            else:
+                epochs_since_best += 1
+        if on_epoch_end is not None:
+            on_epoch_end(epoch, step, result.history)
+        bar.set_postfix(postfix)
+        if seen:
+            good = _snapshot(module, optimizer)
+        if config.max_time is not None and elapsed > config.max_time:
+            result.stop_reason = "max_time"
+            break
+        if config.patience is not None and epochs_since_best >= config.patience:
+            result.stop_reason = "early_stopping"
+            break
+    bar.close()
+    result.n_steps = step - start_step
+    if best is not None:  # the best validation epoch, as the VMoNF authors kept
+        _restore(best, module, optimizer)
+    module.eval()
+    return result
