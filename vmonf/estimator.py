@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -62,6 +63,9 @@ class VMoNF(MixtureEstimator):
         random_state, verbose, device (``"cpu"``, ``"cuda"``, ``"auto"``), dtype
             (``"float32"``/``"float64"``), n_threads (torch threads while fitting and
             scoring; 1 is fastest for small flows on few cores, None = leave as is).
+        callback: ``callback(estimator, epoch)`` after every training epoch; inside
+            it the estimator's public methods (``score_samples``, ``predict``...) use
+            the model being trained (e.g. to record animation frames).
 
     Fitted attributes: ``weights_`` (K,), ``history_`` (per-epoch lists),
     ``n_iter_`` (epochs), ``n_features_in_``, ``elbo_`` (mean held-out ELBO, nats),
@@ -103,6 +107,7 @@ class VMoNF(MixtureEstimator):
         device: str = "cpu",
         dtype: str = "float32",
         n_threads: int | None = 1,
+        callback: Callable[[VMoNF, int], None] | None = None,
     ) -> None:
         self.n_components = n_components
         self.objective = objective
@@ -134,6 +139,7 @@ class VMoNF(MixtureEstimator):
         self.device = device
         self.dtype = dtype
         self.n_threads = n_threads
+        self.callback = callback
 
     # -- hooks -------------------------------------------------------------------------
     def _validate_params(self) -> None:
@@ -287,6 +293,9 @@ class VMoNF(MixtureEstimator):
                         [model.mixture.posterior(c).exp() for c in x.split(65536)]
                     )
                 model.mixture.update_weights(mean_post.mean(0))
+            if self.callback is not None:
+                self.model_ = model
+                self.callback(self, epoch)
 
         validation = (
             None if val is None else (val, torch.full_like(val[:, 0], -1, dtype=torch.long))
