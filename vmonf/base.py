@@ -237,7 +237,8 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         """Write the fitted estimator atomically (weights and plain data only)."""
         self._check_is_fitted()
         payload = {
-            "params": self.get_params(deep=False),
+            # Callables (e.g. a callback) are not data: they are not saved.
+            "params": {k: None if callable(v) else v for k, v in self.get_params(deep=False).items()},
             "model": {k: v.cpu() for k, v in self.model_.state_dict().items()},
             "standardizer": {k: v.cpu() for k, v in self.standardizer_.state_dict().items()},
             "fitted": {
