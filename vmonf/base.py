@@ -238,7 +238,9 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         self._check_is_fitted()
         payload = {
             # Callables (e.g. a callback) are not data: they are not saved.
-            "params": {k: None if callable(v) else v for k, v in self.get_params(deep=False).items()},
+            "params": {
+                k: None if callable(v) else v for k, v in self.get_params(deep=False).items()
+            },
             "model": {k: v.cpu() for k, v in self.model_.state_dict().items()},
             "standardizer": {k: v.cpu() for k, v in self.standardizer_.state_dict().items()},
             "fitted": {
