@@ -1,0 +1,178 @@
+"""The VMoNF estimator: scikit-learn conventions, units, persistence, seeds, bad input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from sklearn.base import clone
+from sklearn.metrics import adjusted_rand_score
+
+from vmonf import VMoNF
+from vmonf.base import NotFittedError
+from vmonf.checkpoint import CheckpointError
+
+FAST = dict(
+    max_epochs=4,
+    n_layers=2,
+    hidden_features=16,
+    init_steps=100,
+    posterior_hidden=(8,),
+    batch_size=64,
+    learning_rate=5e-3,
+)
+
+
+def blobs(n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    means = np.array([[0.0, 0.0], [8.0, 0.0], [0.0, 8.0]])
+    return means[y] + rng.normal(size=(n, 2)), y
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[VMoNF, np.ndarray, np.ndarray]:
+    X, y = blobs()
+    return VMoNF(3, random_state=0, **{**FAST, "max_epochs": 15}).fit(X), X, y
+
+
+def test_fit_returns_self_and_sets_fitted_attributes(fitted):
+    model, X, y = fitted
+    assert model.n_features_in_ == 2
+    assert model.weights_.shape == (3,)
+    assert model.n_iter_ == 15
+    assert set(model.history_) >= {"loss", "val_loss", "lr", "time", "temperature"}
+    assert np.isfinite(model.elbo_)
+    assert adjusted_rand_score(y, model.predict(X)) > 0.95
+
+
+def test_output_shapes_and_probabilities(fitted):
+    model, X, _ = fitted
+    proba = model.predict_proba(X[:10])
+    assert proba.shape == (10, 3)
+    np.testing.assert_allclose(proba.sum(1), 1.0, atol=1e-6)
+    exact = model.predict_proba(X[:10], posterior="exact")
+    np.testing.assert_allclose(exact.sum(1), 1.0, atol=1e-6)
+    assert model.score_samples(X[:10]).shape == (10,)
+    assert model.predict(X[:10]).dtype == np.int64
+    assert np.all(model.elbo(X[:50]) <= model.score_samples(X[:50]) + 1e-4)
+    samples, labels = model.sample(7, random_state=0)
+    assert samples.shape == (7, 2) and labels.shape == (7,)
+    assert np.isfinite(model.bic(X)) and np.isfinite(model.aic(X))
+    assert model.score(X) == pytest.approx(model.score_samples(X).mean())
+
+
+def test_scores_are_in_the_users_units():
+    """Scaling the data by s shifts every log density by -D log s (change of variables)."""
+    X, _ = blobs(300)
+    a = VMoNF(3, random_state=1, dtype="float64", **FAST).fit(X)
+    b = VMoNF(3, random_state=1, dtype="float64", **FAST).fit(X * 10.0)
+    np.testing.assert_allclose(
+        b.score_samples(X * 10.0), a.score_samples(X) - 2 * np.log(10.0), atol=1e-6
+    )
+
+
+def test_same_seed_same_results_different_seed_differs():
+    X, _ = blobs(300)
+    a = VMoNF(3, random_state=3, **FAST).fit(X)
+    b = VMoNF(3, random_state=3, **FAST).fit(X)
+    c = VMoNF(3, random_state=4, **FAST).fit(X)
+    np.testing.assert_array_equal(a.score_samples(X), b.score_samples(X))
+    np.testing.assert_array_equal(a.sample(5, random_state=0)[0], b.sample(5, random_state=0)[0])
+    assert not np.array_equal(a.score_samples(X), c.score_samples(X))
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    model, X, _ = fitted
+    path = model.save(tmp_path / "model.pt")
+    loaded = VMoNF.load(path)
+    np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
+    np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
+    assert loaded.get_params() == {**model.get_params(), "callback": None}
+    assert loaded.history_ == model.history_
+    np.testing.assert_array_equal(loaded.weights_, model.weights_)
+
+
+def test_load_refuses_foreign_and_corrupt_files(tmp_path):
+    with pytest.raises(CheckpointError, match="no checkpoint"):
+        VMoNF.load(tmp_path / "missing.pt")
+    junk = tmp_path / "junk.pt"
+    junk.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="not a loadable"):
+        VMoNF.load(junk)
+
+
+def test_sklearn_conventions():
+    model = VMoNF(4, learning_rate=1e-2)
+    assert model.get_params()["n_components"] == 4
+    assert clone(model).get_params() == model.get_params()
+    assert model.set_params(n_components=2) is model and model.n_components == 2
+    with pytest.raises(NotFittedError, match="not fitted"):
+        model.predict(np.zeros((2, 2)))
+    X, _ = blobs(200)
+    a = VMoNF(3, random_state=0, **FAST)
+    np.testing.assert_array_equal(a.fit_predict(X), a.predict(X))
+
+
+def test_semi_supervised_labels_name_the_components():
+    X, y = blobs(600, seed=2)
+    y_partial = np.full_like(y, -1)
+    for k in range(3):
+        y_partial[np.flatnonzero(y == k)[:5]] = k
+    model = VMoNF(3, random_state=0, **{**FAST, "max_epochs": 10}).fit(X, y_partial)
+    assert (model.predict(X) == y).mean() > 0.97
+    picks = model.suggest_labels(X, 5)
+    assert picks.shape == (5,) and len(set(picks.tolist())) == 5
+
+
+@pytest.mark.parametrize("objective", ["marginal"])
+@pytest.mark.parametrize("temperature", ["anneal"])
+@pytest.mark.parametrize("weights", ["learned", "responsibilities"])
+def test_options_run(objective, temperature, weights):
+    X, _ = blobs(300)
+    model = VMoNF(
+        3, objective=objective, temperature=temperature, weights=weights, random_state=0, **FAST
+    ).fit(X)
+    assert np.isfinite(model.score(X))
+    np.testing.assert_allclose(model.weights_.sum(), 1.0, atol=1e-6)
+    assert model.history_["temperature"][-1] < 1.0
+
+
+BAD_FIT = [
+    (np.array([[0.0, np.nan], [1.0, 2.0]]), None, {}, ValueError, "NaN"),
+    (np.array([[0.0, np.inf], [1.0, 2.0]]), None, {}, ValueError, "infinite"),
+    (np.zeros(5), None, {}, ValueError, "2-D"),
+    (np.zeros((3, 2, 2)), None, {}, ValueError, "2-D"),
+    (np.zeros((0, 2)), None, {}, ValueError, "at least"),
+    (np.array([["a", "b"]]), None, {}, TypeError, "numbers"),
+    (np.c_[np.arange(10.0), np.ones(10)], None, {}, ValueError, "constant column"),
+    (blobs(10)[0], None, {"n_components": 11}, ValueError, "larger than the number"),
+    (blobs(10)[0], np.full(10, 7), {}, ValueError, r"\[-1, 3\)"),
+    (blobs(10)[0], np.full(10, 0.5), {}, TypeError, "integer"),
+    (blobs(10)[0], np.zeros(9, dtype=int), {}, ValueError, "9 labels"),
+    (blobs(10)[0], None, {"n_components": 0}, ValueError, "n_components"),
+    (blobs(10)[0], None, {"learning_rate": -1.0}, ValueError, "learning_rate"),
+    (blobs(10)[0], None, {"batch_size": 0}, ValueError, "batch_size"),
+    (blobs(10)[0], None, {"max_time": 0}, ValueError, "max_time"),
+    (blobs(10)[0], None, {"objective": "wasserstein"}, ValueError, "objective"),
+    (blobs(10)[0], None, {"init": "magic"}, ValueError, "init"),
+    (blobs(10)[0], None, {"device": "tpu"}, ValueError, "device"),
+    (blobs(10)[0], None, {"validation_fraction": 0.7}, ValueError, "validation_fraction"),
+]
+
+
+@pytest.mark.parametrize(("X", "y", "params", "error", "match"), BAD_FIT)
+def test_bad_fit_input_gives_clear_errors(X, y, params, error, match):
+    with pytest.raises(error, match=match):
+        VMoNF(**{"n_components": 3, **FAST, **params}).fit(X, y)
+
+
+def test_bad_predict_input_gives_clear_errors(fitted):
+    model, _, _ = fitted
+    with pytest.raises(ValueError, match="3 features, but 2"):
+        model.predict(np.zeros((4, 3)))
+    with pytest.raises(ValueError, match="NaN"):
+        model.score_samples(np.array([[np.nan, 0.0]]))
+    with pytest.raises(ValueError, match="posterior"):
+        model.predict_proba(np.zeros((1, 2)), posterior="guess")
+    with pytest.raises(ValueError, match="n_samples"):
+        model.sample(0)

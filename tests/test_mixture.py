@@ -1,0 +1,121 @@
+"""Contract tests for MixtureOfFlows, PosteriorNet and the objectives (float64)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from vmonf.flows import ComponentFlows
+from vmonf.mixture import MixtureOfFlows
+from vmonf.model import VariationalMixture
+from vmonf.objectives import elbo, labelled_loss, marginal_nll, mixture_loss
+from vmonf.posterior import PosteriorNet, TemperatureSchedule
+
+
+def random_model(k: int = 3, weights: str = "learned") -> VariationalMixture:
+    flows = ComponentFlows(n_features=2, n_components=k, n_layers=3, hidden_features=8)
+    model = VariationalMixture(MixtureOfFlows(flows, weights), PosteriorNet(2, k, (8,)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.3)
+    return model.eval()
+
+
+def test_mixture_density_integrates_to_one():
+    mixture = random_model().mixture
+    grid = torch.linspace(-10, 10, 601)
+    xx, yy = torch.meshgrid(grid, grid, indexing="ij")
+    points = torch.stack([xx.flatten(), yy.flatten()], 1)
+    with torch.no_grad():
+        mass = mixture.log_prob(points).exp().sum() * (grid[1] - grid[0]) ** 2
+    assert abs(float(mass) - 1.0) < 5e-3
+
+
+def test_log_joint_log_prob_posterior_consistent():
+    mixture = random_model().mixture
+    x = torch.randn(20, 2)
+    joint = mixture.log_joint(x)
+    torch.testing.assert_close(torch.logsumexp(joint, 1), mixture.log_prob(x))
+    torch.testing.assert_close(mixture.posterior(x).exp().sum(1), torch.ones(20))
+    log_weights = mixture.log_weights().expand(20, 3)
+    torch.testing.assert_close(joint - mixture.flows.log_prob(x), log_weights)
+
+
+def test_elbo_is_a_bound_tight_at_the_exact_posterior():
+    model = random_model()
+    x = torch.randn(50, 2)
+    with torch.no_grad():
+        log_p = model.mixture.log_prob(x)
+        assert torch.all(model.elbo(x) <= log_p + 1e-12)
+        exact = elbo(model.mixture.log_joint(x), model.mixture.posterior(x))
+    torch.testing.assert_close(exact, log_p)
+
+
+def test_labelled_loss_minimises_the_cross_entropy():
+    log_joint = torch.log(torch.tensor([[0.2, 0.8]]))
+    good_q = torch.log(torch.tensor([[0.1, 0.9]]))
+    bad_q = torch.log(torch.tensor([[0.9, 0.1]]))
+    y = torch.tensor([1])
+    assert labelled_loss(log_joint, good_q, y, 1.0) < labelled_loss(log_joint, bad_q, y, 1.0)
+    torch.testing.assert_close(
+        labelled_loss(log_joint, good_q, y, 2.0), -torch.log(torch.tensor([0.8 * 0.9**2]))
+    )
+
+
+def test_mixture_loss_switches_on_labels_and_objective():
+    model = random_model()
+    x = torch.randn(6, 2)
+    y = torch.tensor([-1, 0, -1, 2, 1, -1])
+    with torch.no_grad():
+        joint, log_q = model.mixture.log_joint(x), model.posterior(x)
+        loss = mixture_loss(joint, log_q, y, alpha=0.5, objective="elbo")
+        torch.testing.assert_close(loss[y < 0], -elbo(joint, log_q)[y < 0])
+        torch.testing.assert_close(loss[y >= 0], labelled_loss(joint, log_q, y, 0.5)[y >= 0])
+        marginal = mixture_loss(joint, log_q, y, alpha=0.0, objective="marginal")
+        torch.testing.assert_close(marginal[y < 0], marginal_nll(joint)[y < 0])
+
+
+def test_every_parameter_gets_a_gradient():
+    model = random_model().train()
+    x = torch.randn(32, 2)
+    y = torch.tensor([-1] * 28 + [0, 1, 2, 0])
+    model.loss(x, y, alpha=1.0, objective="elbo").mean().backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None and torch.any(p.grad != 0), name
+
+
+def test_temperature_schedule():
+    assert TemperatureSchedule("constant", 0.5)(1000) == 0.5
+    annealed = TemperatureSchedule("exponential", 1.0, 1e-3, 0.01)
+    assert annealed(0) == 1.0
+    assert abs(annealed(1000) - torch.e**-1) < 1e-12
+    assert annealed(10**6) == 0.01
+    with pytest.raises(ValueError, match="schedule"):
+        TemperatureSchedule("linear")
+
+
+def test_low_temperature_sharpens_q():
+    posterior = random_model().posterior
+    x = torch.randn(10, 2)
+    with torch.no_grad():
+        sharp = posterior(x, 0.01).exp().amax(1)
+        soft = posterior(x, 1.0).exp().amax(1)
+    assert torch.all(sharp >= soft - 1e-12)
+
+
+def test_sampling_follows_the_weights():
+    mixture = random_model(weights="learned").mixture
+    with torch.no_grad():
+        mixture.weight_logits.copy_(torch.log(torch.tensor([0.7, 0.2, 0.1])))
+    x, c = mixture.sample(20000, torch.Generator().manual_seed(0))
+    assert x.shape == (20000, 2)
+    share = torch.bincount(c, minlength=3) / 20000.0
+    torch.testing.assert_close(share, torch.tensor([0.7, 0.2, 0.1]), atol=0.015, rtol=0)
+
+
+def test_responsibility_weights():
+    mixture = MixtureOfFlows(ComponentFlows(2, 2), "responsibilities")
+    mixture.update_weights(torch.tensor([0.25, 0.75]))
+    torch.testing.assert_close(mixture.log_weights().exp(), torch.tensor([0.25, 0.75]))
+    with pytest.raises(RuntimeError, match="responsibilities"):
+        MixtureOfFlows(ComponentFlows(2, 2), "uniform").update_weights(torch.tensor([0.5, 0.5]))
