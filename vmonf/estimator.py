@@ -23,7 +23,7 @@ from vmonf.base import MixtureEstimator
 from vmonf.flows import ComponentFlows
 from vmonf.mixture import WEIGHT_MODES, MixtureOfFlows
 from vmonf.model import VariationalMixture
-from vmonf.objectives import labelled_loss
+from vmonf.objectives import labelled_loss, marginal_nll
 from vmonf.posterior import PosteriorNet, TemperatureSchedule
 from vmonf.training import TrainConfig, evaluate, train
 
@@ -307,6 +307,9 @@ class VMoNF(MixtureEstimator):
             self._train_config(),
             generator=generator,
             validation=validation,
+            validation_objective=lambda batch, _: marginal_nll(
+                model.mixture.log_joint(batch[0])
+            ).mean(),
             on_epoch_end=on_epoch_end,
             start_step=step,
         )

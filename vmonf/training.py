@@ -162,11 +162,6 @@ def _restore(snapshot: dict, module: nn.Module, optimizer: torch.optim.Optimizer
     optimizer.load_state_dict(snapshot["optimizer"])
 
 
-def _grads_finite(parameters: Sequence[nn.Parameter]) -> bool:
-    grads = [p.grad for p in parameters if p.grad is not None]
-    return all(bool(torch.isfinite(g).all()) for g in grads)
-
-
 def _cosine_factor(step: int, total_steps: int, floor: float) -> float:
     progress = min(step / max(total_steps, 1), 1.0)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -180,6 +175,7 @@ def train(
     *,
     generator: torch.Generator,
     validation: Batch | None = None,
+    validation_objective: Objective | None = None,
     parameters: Sequence[nn.Parameter] | None = None,
     on_epoch_end: Callable[[int, int, dict[str, list[float]]], None] | None = None,
     sampler: Callable[[int, int, torch.Generator], RandomBatches] = RandomBatches,
@@ -195,6 +191,8 @@ def train(
         config: a :class:`TrainConfig`.
         generator: seeds the batch order.
         validation: held-out tensors for early stopping and ``val_loss``.
+        validation_objective: what ``val_loss`` measures (default: ``objective``),
+            e.g. the exact held-out NLL while training on a bound.
         parameters: what to optimise (default: all of ``module``'s).
         on_epoch_end: ``callback(epoch, step, history)``; may add entries to the history.
         sampler: batch index source (injected; data-parallel runs shard here).
@@ -209,7 +207,10 @@ def train(
     if n == 0:
         raise ValueError("cannot train on zero points")
     params = list(module.parameters() if parameters is None else parameters)
-    optimizer = torch.optim.Adam(params, lr=config.learning_rate, weight_decay=config.weight_decay)
+    optimizer = torch.optim.Adam(
+        params, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
+    )
+    max_norm = math.inf if config.grad_clip is None else config.grad_clip
     batches = sampler(n, config.batch_size, generator)
     total_steps = config.max_epochs * len(batches)
     result = TrainResult(history={"loss": [], "lr": [], "time": []})
@@ -240,7 +241,8 @@ def train(
             finite = bool(torch.isfinite(loss))
             if finite:
                 loss.backward()
-                finite = _grads_finite(params)
+                # One reduction both clips and detects non-finite gradients.
+                finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm)))
             if not finite:
                 result.n_bad_steps += 1
                 _restore(good, module, optimizer)
@@ -262,8 +264,6 @@ def train(
                     )
                 step += 1
                 continue
-            if config.grad_clip is not None:
-                torch.nn.utils.clip_grad_norm_(params, config.grad_clip)
             optimizer.step()
             total += loss.detach().double() * idx.numel()
             seen += idx.numel()
@@ -278,7 +278,7 @@ def train(
         postfix = {"loss": f"{result.history['loss'][-1]:.4f}"}
         if validation is not None:
             module.eval()
-            val = evaluate(objective, validation, step)
+            val = evaluate(validation_objective or objective, validation, step)
             result.history["val_loss"].append(val)
             postfix["val"] = f"{val:.4f}"
             if val < result.best_validation:
