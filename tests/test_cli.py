@@ -1,0 +1,186 @@
+"""The ``vmonf`` command: ``vmonf fit`` writes a complete run folder; bad input exits 2."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from vmonf import VMoNF
+from vmonf.cli import main, toy_param
+from vmonf.reporting import partial_labels
+
+BASE = [
+    "--epochs", "2", "--n-train", "200", "--n-test", "200",
+    "--layers", "2", "--hidden", "16", "--init-steps", "20", "--quiet",
+]  # fmt: skip
+TINY = [*BASE, "--no-animation"]
+
+FIGURES = ("density.png", "samples.png", "posterior.png", "training.png")
+METRICS = (
+    "log_likelihood",
+    "log_likelihood_stderr",
+    "true_log_likelihood",
+    "kl_to_truth",
+    "kl_to_truth_stderr",
+    "elbo",
+    "amortization_gap",
+    "ari",
+    "clustering_accuracy",
+    "bayes_accuracy",
+    "fit_time",
+)
+
+
+@pytest.fixture(scope="module")
+def moons_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("moons")
+    status = main(["fit", "moons", *TINY, "--out", str(out)])
+    return status, out
+
+
+def _report(out: Path) -> dict:
+    return json.loads((out / "metrics.json").read_text())
+
+
+def test_fit_writes_metrics_model_and_figures(moons_run, capsys):
+    status, out = moons_run
+    assert status == 0
+    report = _report(out)
+    for key in METRICS:
+        assert math.isfinite(report["metrics"][key]), key
+    assert report["metrics"]["accuracy"] is None  # unlabelled: component names are arbitrary
+    m = report["metrics"]
+    assert m["amortization_gap"] == pytest.approx(m["log_likelihood"] - m["elbo"])
+    assert m["kl_to_truth"] == pytest.approx(m["true_log_likelihood"] - m["log_likelihood"])
+    assert report["settings"]["toy"] == "moons"
+    assert report["settings"]["n_components"] == 2
+    assert report["settings"]["estimator_params"]["max_epochs"] == 2
+    assert {"python", "torch", "vmonf"} <= set(report["versions"])
+    for name in FIGURES:
+        assert (out / name).stat().st_size > 1000, name
+    assert not (out / "training.gif").exists()
+
+
+def test_fit_model_reloads_with_the_reported_score(moons_run):
+    from vmonf.datasets import toy
+
+    _, out = moons_run
+    model = VMoNF.load(out / "model.pt")
+    X_test, _ = toy("moons").sample(200, seed=1)  # --seed 0 -> test seed 1
+    assert model.score(X_test) == pytest.approx(_report(out)["metrics"]["log_likelihood"])
+
+
+def test_fit_prints_the_table(tmp_path, capsys):
+    status = main(["fit", "moons", *TINY, "--epochs", "1", "--out", str(tmp_path)])
+    printed = capsys.readouterr()
+    assert status == 0
+    for label in ("log-likelihood", "KL", "ELBO", "amortisation gap", "ARI", "clustering"):
+        assert label in printed.out
+    assert "accuracy  " not in printed.out.replace("clustering accuracy", "")
+    assert printed.err == ""  # --quiet
+
+
+def test_semi_supervised_fit_reports_accuracy(tmp_path, capsys):
+    status = main(["fit", "moons", *TINY, "--labels", "10", "--out", str(tmp_path)])
+    printed = capsys.readouterr().out
+    assert status == 0
+    report = _report(tmp_path)
+    assert 0.0 <= report["metrics"]["accuracy"] <= 1.0
+    assert report["settings"]["n_labelled"] == 10
+    assert "Bayes-optimal" in printed
+
+
+def test_animation_is_written(tmp_path):
+    status = main(["fit", "moons", *BASE, "--out", str(tmp_path)])
+    assert status == 0
+    gif = tmp_path / "training.gif"
+    assert gif.read_bytes()[:6] in (b"GIF87a", b"GIF89a")
+    VMoNF.load(tmp_path / "model.pt")  # the recorder callback is not saved
+
+
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["fit", "no_such_toy"], "no_such_toy"),
+        (["fit", "moons", "--epochs", "0"], "--epochs"),
+        (["fit", "moons", "--epochs", "two"], "--epochs"),
+        (["fit", "moons", "--objective", "mle"], "--objective"),
+        (["fit", "moons", "--toy-param", "noise"], "key=value"),
+        (["fit", "moons", "--toy-param", "sigma=1"], "sigma"),
+        (["fit", "moons", "--toy-param", "noise=-1"], "noise"),
+        (["fit", "moons", "--labels", "10", "--components", "1"], "--components"),
+        (["fit", "moons", "--n-train", "20", "--labels", "30"], "label"),
+        (["frobnicate"], "frobnicate"),
+        ([], "required"),
+    ],
+)
+def test_bad_input_exits_2_with_one_line(argv, needle, capsys, tmp_path):
+    status = main([*argv, *(["--out", str(tmp_path)] if argv[:1] == ["fit"] else [])])
+    err = capsys.readouterr().err
+    assert status == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("vmonf: error: ")
+    assert needle in lines[0]
+    assert "Traceback" not in err
+
+
+def test_help_returns_0(capsys):
+    assert main(["--help"]) == 0
+    assert "fit" in capsys.readouterr().out
+    assert main(["fit", "--help"]) == 0
+    text = capsys.readouterr().out
+    for option in ("--components", "--labels", "--toy-param", "--no-animation", "pinwheel"):
+        assert option in text
+
+
+def test_python_m_vmonf_help():
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root)}
+    done = subprocess.run(
+        [sys.executable, "-m", "vmonf", "--help"],
+        capture_output=True,
+        text=True,
+        cwd=root,
+        env=env,
+        timeout=120,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "usage: vmonf" in done.stdout
+    assert "fit" in done.stdout
+
+
+def test_toy_param_parsing():
+    assert toy_param("n_modes=6") == ("n_modes", 6)
+    assert toy_param("noise=0.2") == ("noise", 0.2)
+    assert toy_param("radii=0.5,1.0") == ("radii", (0.5, 1.0))
+    assert toy_param("name=abc") == ("name", "abc")
+
+
+def test_partial_labels_spread_evenly():
+    y = np.repeat(np.arange(3), 50)
+    part = partial_labels(y, 10, 3, seed=0)
+    counts = np.bincount(part[part >= 0], minlength=3)
+    assert counts.sum() == 10 and counts.max() - counts.min() <= 1
+    kept = part >= 0
+    assert np.array_equal(part[kept], y[kept])
+    assert np.array_equal(part, partial_labels(y, 10, 3, seed=0))
+    with pytest.raises(ValueError, match="class 2"):
+        partial_labels(np.array([0, 0, 1, 1, 0]), 3, 3, seed=0)
+
+
+def test_training_figure_survives_a_huge_first_epoch_and_no_validation(tmp_path):
+    from vmonf.reporting import plot_training
+
+    history = {"loss": [470.0, 1.2, 1.0, 0.9], "lr": [1e-3] * 4, "time": [0.1, 0.2, 0.3, 0.4]}
+    path = plot_training(history, tmp_path / "t.png")
+    assert path.stat().st_size > 1000
+    with pytest.raises(ValueError):
+        plot_training({"time": [1.0]}, tmp_path / "u.png")

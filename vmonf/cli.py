@@ -1,0 +1,428 @@
+"""The ``vmonf`` command: ``vmonf fit TOY`` trains VMoNF on a toy and reports against the truth.
+
+Subcommands register themselves through :data:`COMMANDS`: each entry adds its
+parser to the sub-parsers and sets ``handler=function(args) -> exit status``.
+Errors in the arguments or the input end in one line ``vmonf: error: ...`` on
+stderr and exit status 2; a failed training run exits with 1.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+import numpy as np
+import torch
+
+from vmonf import __version__, datasets, reporting
+from vmonf.estimator import VMoNF
+from vmonf.training import NonFiniteLossError
+
+__all__ = ["COMMANDS", "build_parser", "main"]
+
+PROG = "vmonf"
+
+
+class UsageError(Exception):
+    """Bad command-line arguments (exit status 2)."""
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """Appends ``(default: X)`` to an option's help unless it says so or there is none."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        text = action.help or ""
+        default = action.default
+        if (
+            "default" in text
+            or default in (None, False, [], argparse.SUPPRESS)
+            or action.option_strings == []
+        ):
+            return text
+        return f"{text} (default: %(default)s)".lstrip()
+
+
+class _Parser(argparse.ArgumentParser):
+    """ArgumentParser whose errors are exceptions, reported by :func:`main` in one line."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+# --------------------------------------------------------------------------- argument types
+
+
+def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
+        return value
+
+    return parse
+
+
+def _positive_float(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        value = math.nan
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+    return value
+
+
+def _scalar(text: str) -> object:
+    for convert in (int, float):
+        try:
+            return convert(text)
+        except ValueError:
+            pass
+    lowered = text.lower()
+    if lowered in ("true", "false"):
+        return lowered == "true"
+    if lowered == "none":
+        return None
+    return text
+
+
+def toy_param(text: str) -> tuple[str, object]:
+    """Parse ``key=value``: numbers become int/float, ``a,b,c`` a tuple, else a string."""
+    key, sep, raw = text.partition("=")
+    key = key.strip()
+    if not sep or not key.isidentifier():
+        raise argparse.ArgumentTypeError(f"expected key=value, got {text!r}")
+    raw = raw.strip()
+    if "," in raw:
+        return key, tuple(_scalar(part.strip()) for part in raw.split(",") if part.strip())
+    return key, _scalar(raw)
+
+
+positive_int = _int_at_least(1, "a positive integer")
+non_negative_int = _int_at_least(0, "a non-negative integer")
+
+
+# --------------------------------------------------------------------------- vmonf fit
+
+
+def _toy_names() -> str:
+    return ", ".join(datasets.available_toys())
+
+
+def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``vmonf fit``."""
+    p = subparsers.add_parser(
+        "fit",
+        help="fit VMoNF to a 2-D toy and compare it with the true density",
+        description=(
+            "Fit a variational mixture of normalizing flows (VMoNF) to samples of a "
+            "toy distribution with a known density, then report held-out "
+            "log-likelihood, KL to the truth, ELBO and amortisation gap, clustering "
+            "scores and (with --labels) accuracy. Writes metrics.json, model.pt and "
+            "figures to --out."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("toy", metavar="TOY", help=f"toy distribution: one of {_toy_names()}")
+    p.add_argument(
+        "--toy-param",
+        metavar="KEY=VALUE",
+        type=toy_param,
+        action="append",
+        default=[],
+        help="toy parameter, repeatable (e.g. n_modes=6, radii=0.5,1.0)",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--components",
+        "-k",
+        metavar="K",
+        type=positive_int,
+        default=None,
+        help="number of flows (default: the toy's number of classes)",
+    )
+    model.add_argument(
+        "--objective",
+        choices=("elbo", "marginal"),
+        default="elbo",
+        help="elbo: amortised q(c|x) (the paper); marginal: exact log p(x) (soft EM)",
+    )
+    model.add_argument(
+        "--temperature",
+        choices=("constant", "anneal"),
+        default="constant",
+        help="softmax temperature of q: 1, or annealed T = exp(-1e-3 step) as in the paper",
+    )
+    model.add_argument(
+        "--layers", metavar="L", type=positive_int, default=8, help="coupling layers per flow"
+    )
+    model.add_argument(
+        "--hidden", metavar="H", type=positive_int, default=64, help="hidden units of each coupling"
+    )
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--labels",
+        metavar="N",
+        type=non_negative_int,
+        default=0,
+        help="label N training points, spread evenly over classes (semi-supervised)",
+    )
+    data.add_argument(
+        "--n-train",
+        metavar="N",
+        type=positive_int,
+        default=2560,
+        help="training points (drawn with --seed)",
+    )
+    data.add_argument(
+        "--n-test",
+        metavar="N",
+        type=positive_int,
+        default=4096,
+        help="held-out points (drawn with --seed + 1)",
+    )
+    data.add_argument(
+        "--seed",
+        type=non_negative_int,
+        default=0,
+        help="seed of the data, the labelled subset and the model",
+    )
+    train = p.add_argument_group("training")
+    train.add_argument(
+        "--epochs", metavar="E", type=positive_int, default=200, help="maximum training epochs"
+    )
+    train.add_argument(
+        "--max-time",
+        metavar="S",
+        type=_positive_float,
+        default=None,
+        help="training time budget in seconds (default: no limit)",
+    )
+    train.add_argument(
+        "--batch-size", metavar="B", type=positive_int, default=256, help="points per step"
+    )
+    train.add_argument(
+        "--lr",
+        metavar="LR",
+        type=_positive_float,
+        default=1e-3,
+        help="Adam learning rate (cosine schedule)",
+    )
+    train.add_argument(
+        "--init-steps",
+        metavar="S",
+        type=non_negative_int,
+        default=300,
+        help="pre-training steps on k-means clusters (or the labels); 0 = none",
+    )
+    train.add_argument(
+        "--device",
+        choices=("cpu", "cuda", "auto"),
+        default="cpu",
+        help="where to train (auto: cuda when available)",
+    )
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--out",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="output folder (default: runs/TOY-SEED)",
+    )
+    out.add_argument(
+        "--no-animation",
+        action="store_true",
+        help="skip training.gif (no density frames recorded while training)",
+    )
+    out.add_argument(
+        "--quiet",
+        "-q",
+        action="store_true",
+        help="no progress bar or status lines; only the results table",
+    )
+    p.set_defaults(handler=run_fit)
+
+
+def _status(args: argparse.Namespace, message: str) -> None:
+    if not args.quiet:
+        print(message, file=sys.stderr, flush=True)
+
+
+def run_fit(args: argparse.Namespace) -> int:
+    """``vmonf fit``: sample, fit, evaluate, print the table and write the run folder."""
+    toy = datasets.toy(args.toy, **dict(args.toy_param))
+    n_components = toy.n_classes if args.components is None else args.components
+    if args.labels and n_components < toy.n_classes:
+        raise ValueError(
+            f"--labels needs --components >= the toy's {toy.n_classes} classes, got {n_components}"
+        )
+    out: Path = args.out if args.out is not None else Path("runs") / f"{toy.name}-{args.seed}"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+    X, y = toy.sample(args.n_train, seed=args.seed)
+    X_test, y_test = toy.sample(args.n_test, seed=args.seed + 1)
+    labelled = args.labels > 0
+    y_fit = reporting.partial_labels(y, args.labels, toy.n_classes, args.seed) if labelled else None
+    bounds = reporting.plot_bounds(np.concatenate([X, X_test]))
+
+    estimator = VMoNF(
+        n_components,
+        objective=args.objective,
+        temperature=args.temperature,
+        max_epochs=args.epochs,
+        max_time=args.max_time,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        n_layers=args.layers,
+        hidden_features=args.hidden,
+        init_steps=args.init_steps,
+        random_state=args.seed,
+        verbose=not args.quiet,
+        device=args.device,
+    )
+    recorder = None
+    if not args.no_animation:
+        if "callback" in estimator.get_params():
+            every = max(1, math.ceil(args.epochs / 40))  # at most ~40 frames
+            recorder = reporting.DensityRecorder(bounds, every=every)
+            estimator.set_params(callback=recorder)
+        else:
+            print("vmonf: note: training.gif skipped: VMoNF has no callback hook", file=sys.stderr)
+
+    _status(
+        args,
+        f"fitting VMoNF (K={n_components}, {args.objective}, {args.temperature} temperature) "
+        f"to {args.n_train} points of {toy!r}"
+        + (f", {args.labels} labelled" if labelled else "")
+        + f"; writing to {out}",
+    )
+    started = time.perf_counter()
+    estimator.fit(X, y_fit)
+    wall = time.perf_counter() - started
+    recording = 0.0 if recorder is None else recorder.seconds  # frames drawn during the fit
+    if recorder is not None:
+        estimator.set_params(callback=None)  # a callable cannot go into model.pt
+        recorder.add(estimator.score_samples, "final model (best validation epoch)")
+
+    results = reporting.evaluate_on_toy(estimator, toy, X_test, y_test, labelled=labelled)
+    results["fit_time"] = wall - recording
+    results["n_epochs"] = estimator.n_iter_
+    header = (
+        f"{toy.name}: VMoNF K={n_components}, {args.n_train} training points"
+        + (f" ({args.labels} labelled)" if labelled else "")
+        + f", {args.n_test} held-out, seed {args.seed}"
+    )
+    print(header)
+    print(reporting.format_table(results, labelled=labelled), flush=True)
+
+    estimator.save(out / "model.pt")
+    files = reporting.write_figures(
+        estimator,
+        toy,
+        X_test,
+        y_test,
+        out,
+        bounds,
+        labelled=labelled,
+        history=estimator.history_,
+        recorder=recorder,
+        seed=args.seed,
+    )
+    params = {k: v for k, v in estimator.get_params().items() if k != "callback"}
+    report: dict[str, Any] = {
+        "command": "fit",
+        "metrics": {**results, "recording_time": recording},
+        "settings": {
+            "toy": toy.name,
+            "toy_params": toy.params,
+            "n_classes": toy.n_classes,
+            "n_components": n_components,
+            "n_train": args.n_train,
+            "n_test": args.n_test,
+            "n_labelled": args.labels,
+            "seed": args.seed,
+            "train_seed": args.seed,
+            "test_seed": args.seed + 1,
+            "estimator": "VMoNF",
+            "estimator_params": params,
+            "torch_threads": torch.get_num_threads(),
+        },
+        "fitted": {
+            "weights": estimator.weights_,
+            "n_epochs": estimator.n_iter_,
+            "validation_elbo": estimator.elbo_,
+            "converged": estimator.converged_,
+        },
+        "history": estimator.history_,
+        "files": sorted(p.name for p in [*files, out / "model.pt", out / "metrics.json"]),
+        "versions": reporting.versions(),
+    }
+    reporting.write_json(report, out / "metrics.json")
+    _status(args, f"wrote {out}/: {', '.join(report['files'])}")
+    return 0
+
+
+# --------------------------------------------------------------------------- entry point
+
+#: Subcommand registrars, in help order: ``register(subparsers)`` adds one command.
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_fit_command]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``vmonf`` parser with every subcommand in :data:`COMMANDS`."""
+    parser = _Parser(
+        prog=PROG,
+        description=(
+            "Mixtures of normalizing flows: fit VMoNF (variational mixture of flows) "
+            "and compare it with a known truth."
+        ),
+        epilog=f"Run '{PROG} COMMAND --help' for a command's options.",
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    subparsers = parser.add_subparsers(
+        title="commands", dest="command", metavar="COMMAND", required=True
+    )
+    for register in COMMANDS:
+        register(subparsers)
+    return parser
+
+
+def _fail(message: object, status: int) -> int:
+    text = " ".join(str(message).split()) or "failed"
+    print(f"{PROG}: error: {text}", file=sys.stderr)
+    return status
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run ``vmonf`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(None if argv is None else list(argv))
+        return int(args.handler(args))
+    except SystemExit as exc:  # --help, --version
+        return exc.code if isinstance(exc.code, int) else 0
+    except UsageError as exc:
+        return _fail(exc, 2)
+    except (ValueError, TypeError) as exc:
+        return _fail(exc, 2)
+    except NonFiniteLossError as exc:
+        return _fail(f"training failed: {exc}", 1)
+    except OSError as exc:
+        return _fail(exc, 1)
+    except KeyboardInterrupt:
+        print(f"{PROG}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

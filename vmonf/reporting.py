@@ -1,0 +1,416 @@
+"""Evaluate a fitted mixture on a toy with a known density, and write the run's report.
+
+The pieces the ``vmonf`` command strings together, usable on their own:
+:func:`partial_labels` (semi-supervised splits), :func:`evaluate_on_toy` (the
+metrics dict), :class:`DensityRecorder` (animation frames during training),
+:func:`write_figures`, :func:`format_table` and :func:`write_json`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import platform
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from vmonf import metrics, plots
+from vmonf._validation import check_array, check_positive_int
+
+__all__ = [
+    "DensityRecorder",
+    "FittedMixture",
+    "Toy",
+    "evaluate_on_toy",
+    "format_table",
+    "partial_labels",
+    "plot_bounds",
+    "plot_training",
+    "versions",
+    "write_figures",
+    "write_json",
+]
+
+Bounds = tuple[float, float, float, float]
+
+
+class Toy(Protocol):
+    """What is used of a ground-truth toy (see :mod:`vmonf.datasets`)."""
+
+    name: str
+    n_classes: int
+
+    def log_prob(self, X: object) -> np.ndarray: ...
+    def predict(self, X: object) -> np.ndarray: ...
+
+
+class FittedMixture(Protocol):
+    """What is used of a fitted estimator (``VMoNF``; ``elbo`` is optional)."""
+
+    n_components: int
+
+    def score_samples(self, X: object) -> np.ndarray: ...
+    def predict(self, X: object) -> np.ndarray: ...
+    def predict_proba(self, X: object) -> np.ndarray: ...
+    def sample(
+        self, n_samples: int = 1, random_state: int | None = None
+    ) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+# --------------------------------------------------------------------------- data
+
+
+def partial_labels(y: object, n_labelled: int, n_classes: int, seed: int) -> np.ndarray:
+    """Keep ``n_labelled`` labels of ``y`` spread evenly over the classes; the rest become -1.
+
+    Each class gets ``n_labelled // n_classes`` labels and a random ``n_labelled %
+    n_classes`` of them one more; which points keep their label is drawn with ``seed``.
+    Raises ``ValueError`` when a class has too few points.
+    """
+    labels = np.asarray(y, dtype=np.int64)
+    n_labelled = check_positive_int(n_labelled, "n_labelled", minimum=0)
+    n_classes = check_positive_int(n_classes, "n_classes")
+    if n_labelled > labels.shape[0]:
+        raise ValueError(
+            f"cannot label {n_labelled} points: the training set has {labels.shape[0]}"
+        )
+    rng = np.random.default_rng([seed, 2])  # a stream apart from the data's
+    per_class = np.full(n_classes, n_labelled // n_classes)
+    per_class[rng.permutation(n_classes)[: n_labelled % n_classes]] += 1
+    out = np.full(labels.shape[0], -1, dtype=np.int64)
+    for c in range(n_classes):
+        members = np.flatnonzero(labels == c)
+        if per_class[c] > members.size:
+            raise ValueError(
+                f"cannot label {per_class[c]} points of class {c}: the training set has "
+                f"{members.size}"
+            )
+        chosen = rng.choice(members, size=per_class[c], replace=False)
+        out[chosen] = c
+    return out
+
+
+def plot_bounds(X: object, margin: float = 0.1) -> Bounds:
+    """Square-ish plotting window around 2-D points: their range plus ``margin`` on each side."""
+    pts = check_array(X, "X", n_features=2)
+    lo, hi = pts.min(axis=0), pts.max(axis=0)
+    pad = margin * np.maximum(hi - lo, 1e-6)
+    lo, hi = lo - pad, hi + pad
+    return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _stderr(values: np.ndarray) -> float:
+    if values.shape[0] < 2 or not np.isfinite(values).all():
+        return math.inf
+    return float(np.std(values, ddof=1) / math.sqrt(values.shape[0]))
+
+
+def evaluate_on_toy(
+    estimator: FittedMixture,
+    toy: Toy,
+    X_test: object,
+    y_test: object,
+    *,
+    labelled: bool = False,
+) -> dict[str, float]:
+    """Held-out metrics of a fitted mixture against the toy's truth (nats per point).
+
+    Keys: ``log_likelihood`` (+ ``_stderr``), ``true_log_likelihood``,
+    ``kl_to_truth`` (+ ``_stderr``), ``elbo`` and ``amortization_gap`` (mean log p -
+    mean ELBO; NaN without ``elbo``), ``ari`` and ``clustering_accuracy``
+    (Hungarian) of ``predict``, ``accuracy`` (``predict`` == class; NaN unless
+    ``labelled``, i.e. labels fixed the component names), ``bayes_accuracy`` (the
+    toy's optimal classifier), ``exact_agreement`` (share of points where ``predict`` equals the
+    argmax of the exact posterior ``pi_k p_k(x) / p(x)``; NaN when unavailable).
+    """
+    X = check_array(X_test, "X_test", n_features=2)
+    y = np.asarray(y_test, dtype=np.int64)
+    model_lp = estimator.score_samples(X)
+    true_lp = toy.log_prob(X)
+    kl = metrics.kl_to_truth_estimate(true_lp, model_lp)
+    pred = estimator.predict(X)
+    elbo = getattr(estimator, "elbo", None)
+    mean_elbo = float(np.mean(elbo(X))) if callable(elbo) else math.nan
+    mean_lp = metrics.mean_log_likelihood(model_lp)
+    try:
+        exact = np.argmax(estimator.predict_proba(X, posterior="exact"), axis=1)  # type: ignore[call-arg]
+        agreement = float(np.mean(exact == pred))
+    except TypeError:
+        agreement = math.nan
+    return {
+        "log_likelihood": mean_lp,
+        "log_likelihood_stderr": _stderr(model_lp),
+        "true_log_likelihood": metrics.mean_log_likelihood(true_lp),
+        "kl_to_truth": kl.value,
+        "kl_to_truth_stderr": kl.stderr,
+        "elbo": mean_elbo,
+        "amortization_gap": mean_lp - mean_elbo,
+        "ari": metrics.adjusted_rand_index(y, pred),
+        "clustering_accuracy": metrics.clustering_accuracy(y, pred),
+        "accuracy": float(np.mean(pred == y)) if labelled else math.nan,
+        "bayes_accuracy": float(np.mean(toy.predict(X) == y)),
+        "exact_agreement": agreement,
+    }
+
+
+def _epochs(n: object) -> str:
+    return f"{n} epoch" if n == 1 else f"{n} epochs"
+
+
+def format_table(results: Mapping[str, Any], *, labelled: bool) -> str:
+    """The short human-readable summary of :func:`evaluate_on_toy` results (+ ``fit_time``)."""
+
+    def num(key: str, digits: int = 3) -> str:
+        value = results.get(key)
+        return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+    rows = [
+        (
+            "held-out log-likelihood",
+            f"model {num('log_likelihood')} ± {num('log_likelihood_stderr')}   "
+            f"truth {num('true_log_likelihood')}  nats",
+        ),
+        ("KL(truth || model)", f"{num('kl_to_truth')} ± {num('kl_to_truth_stderr')}  nats"),
+        (
+            "mean ELBO",
+            f"{num('elbo')} nats   amortisation gap {num('amortization_gap')} nats",
+        ),
+        ("ARI", num("ari")),
+        ("clustering accuracy", f"{num('clustering_accuracy')}  (Hungarian matching)"),
+    ]
+    if labelled:
+        rows.append(("accuracy", f"{num('accuracy')}  (Bayes-optimal {num('bayes_accuracy')})"))
+    if "fit_time" in results:
+        rows.append(("fit time", f"{num('fit_time', 1)} s  ({_epochs(results.get('n_epochs'))})"))
+    width = max(len(name) for name, _ in rows)
+    return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def _robust_top(values: np.ndarray) -> float:
+    """Upper y-limit that keeps a few early, huge losses from flattening the curve."""
+    lo, p90, top = np.min(values), np.percentile(values, 90), np.max(values)
+    limit = p90 + (p90 - lo)
+    return float(top if top <= limit else limit)
+
+
+def plot_training(history: Mapping[str, list[float]], path: Path, dpi: int = 100) -> Path:
+    """Training curves: train and validation loss on one panel, then lr, temperature, others.
+
+    The loss axis is clipped to the bulk of the values (a first epoch right after
+    pre-training can be orders of magnitude higher); clipped values are noted.
+    """
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    losses = {
+        k: np.asarray(history[k], dtype=np.float64)
+        for k in ("loss", "val_loss")
+        if k in history and len(history[k])
+    }
+    others = [k for k, v in history.items() if k not in ("loss", "val_loss", "time") and len(v)]
+    n = int(bool(losses)) + len(others)
+    if n == 0:
+        raise ValueError("history holds no curves to plot")
+    fig = Figure(figsize=(3.8 * n, 3.0), layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    panel = 0
+    if losses:
+        ax = axes[0]
+        for key, label in (("loss", "train"), ("val_loss", "validation")):
+            if key in losses:
+                ax.plot(np.arange(1, losses[key].size + 1), losses[key], label=label)
+        finite = np.concatenate([v[np.isfinite(v)] for v in losses.values()])
+        note = ""
+        if finite.size:
+            top, bottom = _robust_top(finite), float(finite.min())
+            pad = 0.05 * max(top - bottom, 1e-9)
+            ax.set_ylim(bottom - pad, top + pad)
+            clipped = int((finite > top).sum())
+            if clipped:
+                note = f"\n{clipped} value(s) off scale, max {finite.max():.3g}"
+        ax.set_title(f"loss (nats, standardised data){note}", fontsize="medium")
+        ax.legend(loc="upper right", fontsize="small")
+        panel = 1
+    for key, ax in zip(others, axes[panel:], strict=True):
+        values = np.asarray(history[key], dtype=np.float64)
+        ax.plot(np.arange(1, values.size + 1), values)
+        ax.set_title({"lr": "learning rate", "temperature": "temperature of q"}.get(key, key))
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(alpha=0.3)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=dpi)
+    return path
+
+
+class DensityRecorder:
+    """Per-epoch callback ``recorder(estimator, epoch)`` keeping model-density frames.
+
+    Records every ``every``-th epoch (epoch 0 included) on a ``resolution``² grid
+    over ``bounds``; pass it as ``VMoNF(callback=recorder)``. ``seconds`` is the
+    time spent recording (it is part of the fit's wall time).
+    """
+
+    def __init__(self, bounds: Bounds, *, every: int = 1, resolution: int = 64) -> None:
+        self.bounds = bounds
+        self.every = check_positive_int(every, "every")
+        self.resolution = check_positive_int(resolution, "resolution", minimum=2)
+        self.frames: list[np.ndarray] = []
+        self.titles: list[str] = []
+        self.seconds = 0.0
+
+    def add(self, log_prob: Callable[[np.ndarray], np.ndarray], title: str) -> None:
+        """Evaluate ``log_prob`` on the grid and keep it as a frame titled ``title``."""
+        started = time.perf_counter()
+
+        def safe(points: np.ndarray) -> np.ndarray:
+            values = np.asarray(log_prob(points), dtype=np.float64)
+            return np.nan_to_num(values, nan=-np.inf, posinf=-np.inf)
+
+        density = plots.density_grid(safe, self.bounds, self.resolution)[2]
+        self.frames.append(density)
+        self.titles.append(title)
+        self.seconds += time.perf_counter() - started
+
+    def __call__(self, estimator: FittedMixture, epoch: int) -> None:
+        if epoch % self.every == 0:
+            self.add(estimator.score_samples, f"epoch {epoch + 1}")
+
+
+def write_figures(
+    estimator: FittedMixture,
+    toy: Toy | None,
+    X_test: object,
+    y_test: object,
+    out: Path,
+    bounds: Bounds,
+    *,
+    labelled: bool,
+    history: Mapping[str, list[float]] | None = None,
+    recorder: DensityRecorder | None = None,
+    seed: int = 0,
+    max_points: int = 1500,
+) -> list[Path]:
+    """Write density.png, samples.png, posterior.png, training.png and training.gif.
+
+    ``training.png`` needs ``history`` and ``training.gif`` a ``recorder`` with frames;
+    in posterior.png the test points are coloured by their true class, renamed to
+    the matched component (Hungarian) unless ``labelled`` fixed the names (classes
+    left unmatched when K < classes get colours of their own).
+    """
+    X = check_array(X_test, "X_test", n_features=2)
+    y = np.asarray(y_test, dtype=np.int64)
+    k = int(estimator.n_components)
+    written = [
+        plots.plot_density_comparison(
+            None if toy is None else toy.log_prob,
+            estimator.score_samples,
+            bounds,
+            out / "density.png",
+        )
+    ]
+    Xs, comp = estimator.sample(max(X.shape[0], 2000), random_state=seed)
+    written.append(
+        plots.plot_samples(
+            Xs,
+            comp,
+            out / "samples.png",
+            title="model samples by component",
+            bounds=bounds,
+            n_classes=k,
+        )
+    )
+    shown = np.random.default_rng(seed).permutation(X.shape[0])[:max_points]
+    colours = y[shown]
+    if not labelled:
+        # Name each class after its matched component; unmatched classes get new ids >= K.
+        matching = metrics.best_matching(y, estimator.predict(X))  # component -> class
+        rename = {c: comp_id for comp_id, c in matching.items()}
+        for c in sorted(set(y.tolist()) - set(rename)):
+            rename[c] = k + len(rename) - len(matching)
+        colours = np.array([rename[int(c)] for c in colours], dtype=np.int64)
+    written.append(
+        plots.plot_decision_regions(
+            estimator.predict_proba,
+            bounds,
+            out / "posterior.png",
+            X=X[shown],
+            y=colours,
+            n_classes=max(k, int(colours.max()) + 1),
+            title="q(c|x) regions; test points by true class",
+        )
+    )
+    if history:
+        written.append(plot_training(history, out / "training.png"))
+    if recorder is not None and recorder.frames:
+        vmax = max(float(recorder.frames[-1].max()), 1e-12)
+        if toy is not None:
+            truth = plots.density_grid(toy.log_prob, bounds, recorder.resolution)[2]
+            vmax = max(vmax, float(truth.max()))
+        written.append(
+            plots.animate_density(
+                recorder.frames,
+                bounds,
+                out / "training.gif",
+                titles=recorder.titles,
+                vmax=vmax,
+            )
+        )
+    return written
+
+
+# --------------------------------------------------------------------------- files
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the libraries a result depends on."""
+    import matplotlib
+    import sklearn
+    import torch
+
+    import vmonf
+
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "vmonf": vmonf.__version__,
+        "torch": torch.__version__,
+        "numpy": np.__version__,
+        "scikit-learn": sklearn.__version__,
+        "matplotlib": matplotlib.__version__,
+    }
+
+
+def _plain(value: object) -> object:
+    """JSON-ready copy: numpy -> Python, tuples -> lists, non-finite floats -> None."""
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple | np.ndarray):
+        return [_plain(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
+    if isinstance(value, np.generic):
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, Path):
+        return str(value)
+    return value
+
+
+def write_json(data: Mapping[str, Any], path: Path) -> Path:
+    """Write ``data`` as strict JSON (NaN/inf become null), indented, atomically enough."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(_plain(data), indent=2, allow_nan=False) + "\n")
+    tmp.replace(path)
+    return path
