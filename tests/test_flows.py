@@ -10,9 +10,10 @@ from nflows.distributions.normal import StandardNormal
 from nflows.flows.base import Flow
 from nflows.transforms.base import CompositeTransform
 from nflows.transforms.coupling import AffineCouplingTransform
+from nflows.transforms.lu import LULinear as NflowsLULinear
 from torch import nn
 
-from vmonf.coupling import bounded_log_scale
+from vmonf.coupling import LULinear, bounded_log_scale
 from vmonf.flows import ComponentFlows
 
 CONFIGS = [
@@ -20,6 +21,7 @@ CONFIGS = [
     dict(n_features=3, n_components=2, n_layers=3, hidden_features=8, activation="tanh"),
     dict(n_features=2, n_components=2, n_layers=2, hidden_features=8, actnorm=True),
     dict(n_features=5, n_components=1, n_layers=5, hidden_features=8, n_hidden_layers=1),
+    dict(n_features=3, n_components=2, n_layers=3, hidden_features=8, linear=True),
 ]
 
 
@@ -132,20 +134,36 @@ class _BoundedAffineCoupling(AffineCouplingTransform):
         return torch.exp(bounded_log_scale(raw, self._bound)), shift
 
 
-@pytest.mark.parametrize("config", CONFIGS[:2] + CONFIGS[3:], ids=["2d", "3d", "5d"])
+def _nflows_lu_linear(layer: LULinear, k: int) -> NflowsLULinear:
+    """nflows' own LULinear carrying component k's factors."""
+    d = layer.lower.shape[-1]
+    reference = NflowsLULinear(d, eps=layer.eps)
+    lower_idx, upper_idx = torch.tril_indices(d, d, -1), torch.triu_indices(d, d, 1)
+    with torch.no_grad():
+        reference.lower_entries.copy_(layer.lower[k][lower_idx[0], lower_idx[1]])
+        reference.upper_entries.copy_(layer.upper[k][upper_idx[0], upper_idx[1]])
+        reference.unconstrained_upper_diag.copy_(layer.unconstrained_diag[k])
+        reference.bias.copy_(layer.bias[k, 0])
+    return reference
+
+
+def _nflows_layer(layer, k: int, n_features: int):
+    if isinstance(layer, LULinear):
+        return _nflows_lu_linear(layer, k)
+    return _BoundedAffineCoupling(
+        torch.zeros(n_features).index_fill(0, layer.transform_idx, 1),
+        _NflowsConditioner(layer.conditioner, k),
+        layer.max_log_scale,
+    )
+
+
+@pytest.mark.parametrize("config", CONFIGS[:2] + CONFIGS[3:], ids=["2d", "3d", "5d", "3d-linear"])
 def test_equals_separate_nflows_flows_with_the_same_weights(config):
     flows = randomised(config)
     x = torch.randn(9, flows.n_features)
     ours = flows.log_prob(x)
     for k in range(flows.n_components):
-        transforms = [
-            _BoundedAffineCoupling(
-                torch.zeros(flows.n_features).index_fill(0, layer.transform_idx, 1),
-                _NflowsConditioner(layer.conditioner, k),
-                layer.max_log_scale,
-            )
-            for layer in flows.layers
-        ]
+        transforms = [_nflows_layer(layer, k, flows.n_features) for layer in flows.layers]
         reference = Flow(CompositeTransform(transforms), StandardNormal([flows.n_features]))
         torch.testing.assert_close(ours[:, k], reference.log_prob(x), atol=1e-6, rtol=0)
 

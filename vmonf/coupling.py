@@ -15,10 +15,18 @@ import math
 from itertools import pairwise
 
 import torch
+import torch.nn.functional as F
 from nflows.transforms.base import Transform
 from torch import Tensor, nn
 
-__all__ = ["ACTIVATIONS", "ActNorm", "AffineCoupling", "BatchedMLP", "bounded_log_scale"]
+__all__ = [
+    "ACTIVATIONS",
+    "ActNorm",
+    "AffineCoupling",
+    "BatchedMLP",
+    "LULinear",
+    "bounded_log_scale",
+]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
     "relu": nn.ReLU,
@@ -191,3 +199,46 @@ class ActNorm(Transform):
         outputs = inputs * torch.exp(self.log_scale) + self.loc
         logabsdet = self.log_scale.sum(-1).expand(inputs.shape[0], inputs.shape[1])
         return outputs, logabsdet
+
+
+class LULinear(Transform):
+    r"""Invertible linear map per component, :math:`z = L U x + b`, as nflows' ``LULinear``.
+
+    L is unit lower-triangular, U upper-triangular with diagonal
+    softplus(u) + eps > 0, so :math:`\log|\det| = \sum \log \mathrm{diag}(U)`. It
+    starts as the identity and lets each flow rotate and shear the axes its
+    couplings split along.
+    """
+
+    def __init__(self, n_components: int, n_features: int, eps: float = 1e-3) -> None:
+        super().__init__()
+        self.eps = eps
+        shape = (n_components, n_features, n_features)
+        self.lower = nn.Parameter(torch.zeros(shape))
+        self.upper = nn.Parameter(torch.zeros(shape))
+        identity_diag = math.log(math.expm1(1.0 - eps))
+        self.unconstrained_diag = nn.Parameter(
+            torch.full((n_components, n_features), identity_diag)
+        )
+        self.bias = nn.Parameter(torch.zeros(n_components, 1, n_features))
+        self.register_buffer("eye", torch.eye(n_features), persistent=False)
+
+    def _factors(self) -> tuple[Tensor, Tensor, Tensor]:
+        diag = F.softplus(self.unconstrained_diag) + self.eps
+        lower = torch.tril(self.lower, -1) + self.eye
+        upper = torch.triu(self.upper, 1) + torch.diag_embed(diag)
+        return lower, upper, torch.log(diag).sum(-1, keepdim=True)
+
+    def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Data -> noise. (K, N, D) -> ((K, N, D), logabsdet (K, N))."""
+        lower, upper, logdet = self._factors()
+        outputs = torch.baddbmm(self.bias, inputs, (lower @ upper).transpose(1, 2))
+        return outputs, logdet.expand(inputs.shape[0], inputs.shape[1])
+
+    def inverse(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """Noise -> data. (K, N, D) -> ((K, N, D), logabsdet (K, N))."""
+        lower, upper, logdet = self._factors()
+        rhs = (inputs - self.bias).transpose(1, 2)
+        y = torch.linalg.solve_triangular(lower, rhs, upper=False, unitriangular=True)
+        outputs = torch.linalg.solve_triangular(upper, y, upper=True).transpose(1, 2)
+        return outputs, (-logdet).expand(inputs.shape[0], inputs.shape[1])

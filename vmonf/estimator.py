@@ -51,7 +51,7 @@ class VMoNF(MixtureEstimator):
         n_init: restarts; the one with the best final ELBO is kept.
         init_steps: optimiser steps of pre-training.
         n_layers, hidden_features, n_hidden_layers, activation, max_log_scale,
-            actnorm: architecture of each flow (see :class:`ComponentFlows`).
+            actnorm, linear: architecture of each flow (see :class:`ComponentFlows`).
         posterior_hidden: hidden widths of q's MLP.
         temperature: ``"constant"`` or ``"anneal"`` (T = exp(-temperature_decay *
             step), floored at ``min_temperature``) for q's softmax.
@@ -89,6 +89,7 @@ class VMoNF(MixtureEstimator):
         activation: str = "relu",
         max_log_scale: float = 3.0,
         actnorm: bool = False,
+        linear: bool = True,
         posterior_hidden: tuple[int, ...] = (32, 32),
         temperature: str = "constant",
         temperature_decay: float = 1e-3,
@@ -121,6 +122,7 @@ class VMoNF(MixtureEstimator):
         self.activation = activation
         self.max_log_scale = max_log_scale
         self.actnorm = actnorm
+        self.linear = linear
         self.posterior_hidden = posterior_hidden
         self.temperature = temperature
         self.temperature_decay = temperature_decay
@@ -191,6 +193,7 @@ class VMoNF(MixtureEstimator):
             activation=self.activation,
             max_log_scale=self.max_log_scale,
             actnorm=self.actnorm,
+            linear=self.linear,
         )
         posterior = PosteriorNet(
             d, self.n_components, tuple(self.posterior_hidden), self.activation

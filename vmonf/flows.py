@@ -9,7 +9,7 @@ from nflows.distributions.normal import StandardNormal
 from torch import Tensor, nn
 
 from vmonf._validation import check_choice, check_positive_float, check_positive_int
-from vmonf.coupling import ACTIVATIONS, ActNorm, AffineCoupling
+from vmonf.coupling import ACTIVATIONS, ActNorm, AffineCoupling, LULinear
 
 __all__ = ["ComponentFlows", "alternating_masks"]
 
@@ -39,6 +39,8 @@ class ComponentFlows(nn.Module):
         activation: conditioner non-linearity, one of ``ACTIVATIONS``.
         max_log_scale: bound c on each layer's log-scale, c * tanh(u / c).
         actnorm: put an ActNorm layer before every coupling.
+        linear: put a learnable invertible linear map (:class:`LULinear`) before
+            every coupling, so each flow can orient the axes its couplings split.
     """
 
     def __init__(
@@ -51,6 +53,7 @@ class ComponentFlows(nn.Module):
         activation: str = "relu",
         max_log_scale: float = 3.0,
         actnorm: bool = False,
+        linear: bool = False,
     ) -> None:
         super().__init__()
         self.n_features = check_positive_int(n_features, "n_features", minimum=2)
@@ -61,10 +64,13 @@ class ComponentFlows(nn.Module):
         self.activation = check_choice(activation, "activation", ACTIVATIONS)
         self.max_log_scale = check_positive_float(max_log_scale, "max_log_scale")
         self.actnorm = bool(actnorm)
+        self.linear = bool(linear)
         layers: list[nn.Module] = []
         for mask in alternating_masks(self.n_features, self.n_layers):
             if self.actnorm:
                 layers.append(ActNorm(self.n_components, self.n_features))
+            if self.linear:
+                layers.append(LULinear(self.n_components, self.n_features))
             layers.append(
                 AffineCoupling(
                     self.n_components,
@@ -89,11 +95,12 @@ class ComponentFlows(nn.Module):
             "activation": self.activation,
             "max_log_scale": self.max_log_scale,
             "actnorm": self.actnorm,
+            "linear": self.linear,
         }
 
     @property
     def _reference(self) -> Tensor:
-        return self.layers[-1].conditioner.weights[0]
+        return next(self.parameters())
 
     def _check(self, x: Tensor, name: str) -> None:
         if not isinstance(x, Tensor):

@@ -1,0 +1,67 @@
+"""Shared by the benchmarks: machine description, process pool, JSON + markdown output."""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+from collections.abc import Callable, Iterable, Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from vmonf.reporting import versions
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+def machine() -> dict[str, Any]:
+    """Where the numbers were measured."""
+    return {
+        "cpu_cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "processor": platform.processor() or platform.machine(),
+        "torch_threads_per_fit": 1,
+        **versions(),
+    }
+
+
+def _init_worker() -> None:
+    torch.set_num_threads(1)
+
+
+def run_parallel(fn: Callable[..., dict], jobs: Iterable[tuple], n_workers: int) -> list[dict]:
+    """Run ``fn(*job)`` for every job, ``n_workers`` processes of one torch thread each."""
+    jobs = list(jobs)
+    if n_workers <= 1:
+        _init_worker()
+        return [fn(*job) for job in jobs]
+    with ProcessPoolExecutor(n_workers, initializer=_init_worker) as pool:
+        futures = [pool.submit(fn, *job) for job in jobs]
+        return [f.result() for f in futures]
+
+
+def summarise(values: Sequence[float]) -> str:
+    """'mean ± sd' of finite values, or 'n/a'."""
+    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
+    if arr.size == 0:
+        return "n/a"
+    return f"{arr.mean():.3f} ± {arr.std():.3f}" if arr.size > 1 else f"{arr[0]:.3f}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_results(name: str, payload: dict[str, Any], table: str) -> Path:
+    """Write results/<name>.json and results/<name>.md; returns the JSON path."""
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    path = RESULTS / f"{name}.json"
+    path.write_text(json.dumps({"machine": machine(), **payload}, indent=2, default=float))
+    (RESULTS / f"{name}.md").write_text(table + "\n")
+    return path
