@@ -32,7 +32,8 @@ def blobs(n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
 @pytest.fixture(scope="module")
 def fitted() -> tuple[VMoNF, np.ndarray, np.ndarray]:
     X, y = blobs()
-    return VMoNF(3, random_state=0, **{**FAST, "max_epochs": 15}).fit(X), X, y
+    params = {**FAST, "max_epochs": 15, "validation_fraction": 0.1}
+    return VMoNF(3, random_state=0, **params).fit(X), X, y
 
 
 def test_fit_returns_self_and_sets_fitted_attributes(fitted):

@@ -58,8 +58,10 @@ class VMoNF(MixtureEstimator):
         alpha: weight of the labelled cross-entropy.
         max_epochs, max_time, batch_size, learning_rate, weight_decay, lr_schedule:
             optimisation (``max_time`` in seconds, None = no limit).
-        validation_fraction: share of points held out to pick the best epoch and
-            restart; ``patience`` stops after that many epochs without improvement.
+        validation_fraction: share of points held out to monitor the exact NLL
+            (``history_["val_loss"]``) and choose among restarts; with ``patience``,
+            training stops after that many epochs without improvement and the best
+            epoch is restored.
         random_state, verbose, device (``"cpu"``, ``"cuda"``, ``"auto"``), dtype
             (``"float32"``/``"float64"``), n_threads (torch threads while fitting and
             scoring; 1 is fastest for small flows on few cores, None = leave as is).
@@ -84,12 +86,12 @@ class VMoNF(MixtureEstimator):
         n_init: int = 1,
         init_steps: int = 300,
         n_layers: int = 8,
-        hidden_features: int = 64,
+        hidden_features: int = 32,
         n_hidden_layers: int = 2,
-        activation: str = "relu",
+        activation: str = "tanh",
         max_log_scale: float = 3.0,
         actnorm: bool = False,
-        linear: bool = True,
+        linear: bool = False,
         posterior_hidden: tuple[int, ...] = (32, 32),
         temperature: str = "constant",
         temperature_decay: float = 1e-3,
@@ -98,10 +100,10 @@ class VMoNF(MixtureEstimator):
         max_epochs: int = 200,
         max_time: float | None = None,
         batch_size: int = 256,
-        learning_rate: float = 1e-3,
-        weight_decay: float = 0.0,
+        learning_rate: float = 2e-3,
+        weight_decay: float = 1e-4,
         lr_schedule: str = "cosine",
-        validation_fraction: float = 0.1,
+        validation_fraction: float = 0.0,
         patience: int | None = None,
         random_state: int | None = None,
         verbose: bool = False,

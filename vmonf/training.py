@@ -57,6 +57,7 @@ class TrainConfig:
         max_time: wall-clock budget in seconds (None = no limit).
         batch_size: points per step.
         learning_rate: Adam step size.
+        adam_betas: Adam's (beta1, beta2).
         weight_decay: Adam L2 penalty.
         lr_schedule: ``"constant"`` or ``"cosine"`` (to ``lr_floor * learning_rate``).
         grad_clip: max global gradient norm (None = no clipping).
@@ -71,6 +72,7 @@ class TrainConfig:
     max_time: float | None = None
     batch_size: int = 256
     learning_rate: float = 1e-3
+    adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     lr_schedule: str = "cosine"
     lr_floor: float = 0.05
@@ -85,6 +87,8 @@ class TrainConfig:
         check_positive_float(self.max_time, "max_time", allow_none=True)
         check_positive_int(self.batch_size, "batch_size")
         check_positive_float(self.learning_rate, "learning_rate")
+        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
+            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         check_positive_float(self.weight_decay, "weight_decay", allow_zero=True)
         check_choice(self.lr_schedule, "lr_schedule", ("constant", "cosine"))
         check_positive_float(self.lr_floor, "lr_floor")
@@ -185,7 +189,7 @@ def train(
 
     Args:
         module: what is trained (its state is restored on failures and, with
-            early stopping, to the best validation epoch at the end).
+            early stopping (``patience``), to the best validation epoch at the end).
         objective: ``objective(batch, step) -> scalar`` mean loss of the batch.
         data: tensors with a common first axis N.
         config: a :class:`TrainConfig`.
@@ -208,7 +212,11 @@ def train(
         raise ValueError("cannot train on zero points")
     params = list(module.parameters() if parameters is None else parameters)
     optimizer = torch.optim.Adam(
-        params, lr=config.learning_rate, weight_decay=config.weight_decay, foreach=True
+        params,
+        lr=config.learning_rate,
+        betas=config.adam_betas,
+        weight_decay=config.weight_decay,
+        foreach=True,
     )
     max_norm = math.inf if config.grad_clip is None else config.grad_clip
     batches = sampler(n, config.batch_size, generator)
@@ -300,7 +308,7 @@ def train(
             break
     bar.close()
     result.n_steps = step - start_step
-    if best is not None:  # the best validation epoch, as the VMoNF authors kept
+    if best is not None and config.patience is not None:
         _restore(best, module, optimizer)
     module.eval()
     return result

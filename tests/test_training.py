@@ -1,0 +1,168 @@
+"""The one training loop: budgets, early stopping, the non-finite guard, determinism."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from vmonf.training import NonFiniteLossError, TrainConfig, train
+
+
+def quadratic_problem():
+    target = torch.tensor([3.0, -2.0])
+    module = nn.Linear(2, 1)
+    x = torch.randn(256, 2)
+    y = x @ target[:, None] + 0.1 * torch.randn(256, 1)
+
+    def objective(batch, step):
+        xb, yb = batch
+        return ((module(xb) - yb) ** 2).mean()
+
+    return module, objective, (x, y)
+
+
+def test_training_reduces_the_loss_and_records_history():
+    module, objective, data = quadratic_problem()
+    result = train(
+        module,
+        objective,
+        data,
+        TrainConfig(max_epochs=30, batch_size=32, learning_rate=0.05),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert result.n_epochs == 30 and result.n_steps == 30 * 8
+    assert result.history["loss"][-1] < 0.05 < result.history["loss"][0]
+    assert len(result.history["lr"]) == len(result.history["time"]) == 30
+    assert result.history["lr"][-1] < result.history["lr"][0]  # cosine schedule
+
+
+def test_same_generator_same_weights():
+    weights = []
+    for _ in range(2):
+        torch.manual_seed(1)
+        module, objective, data = quadratic_problem()
+        train(
+            module,
+            objective,
+            data,
+            TrainConfig(max_epochs=3, batch_size=16),
+            generator=torch.Generator().manual_seed(7),
+        )
+        weights.append(module.weight.detach().clone())
+    torch.testing.assert_close(weights[0], weights[1], rtol=0, atol=0)
+
+
+def test_time_budget_stops_training():
+    module, objective, data = quadratic_problem()
+    result = train(
+        module,
+        objective,
+        data,
+        TrainConfig(max_epochs=10**6, max_time=0.2),
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert result.stop_reason == "max_time"
+    assert result.history["time"][-1] < 5.0
+
+
+def test_early_stopping_restores_the_best_epoch():
+    module, objective, data = quadratic_problem()
+    calls = []
+
+    def validation_objective(batch, step):
+        calls.append(step)
+        # Best at the second evaluation, worse afterwards.
+        return torch.tensor(float(abs(len(calls) - 2)))
+
+    snapshots = []
+    result = train(
+        module,
+        objective,
+        data,
+        TrainConfig(max_epochs=50, patience=3),
+        generator=torch.Generator().manual_seed(0),
+        validation=data,
+        validation_objective=validation_objective,
+        on_epoch_end=lambda e, s, h: snapshots.append(module.weight.detach().clone()),
+    )
+    assert result.stop_reason == "early_stopping"
+    assert result.n_epochs == 5
+    assert result.best_validation == 0.0
+    torch.testing.assert_close(module.weight.detach(), snapshots[1])
+
+
+def test_a_nan_loss_is_skipped_and_never_reaches_the_weights():
+    module, objective, data = quadratic_problem()
+    seen = []
+
+    def faulty(batch, step):
+        loss = objective(batch, step)
+        if step == 5:  # fault hook: one NaN
+            return loss * math.nan
+        seen.append(step)
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="non-finite loss"):
+        result = train(
+            module,
+            faulty,
+            data,
+            TrainConfig(max_epochs=4, batch_size=32),
+            generator=torch.Generator().manual_seed(0),
+        )
+    assert result.n_bad_steps == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+    assert result.history["loss"][-1] < result.history["loss"][0]
+
+
+def test_a_nan_gradient_is_caught_too():
+    module, objective, data = quadratic_problem()
+
+    def nan_gradient(batch, step):
+        loss = objective(batch, step)
+        if step == 2:
+            return loss + 0.0 * torch.sqrt(-module.weight.sum().abs() - 1.0)  # NaN grad
+        return loss
+
+    with pytest.warns(RuntimeWarning):
+        result = train(
+            module,
+            nan_gradient,
+            data,
+            TrainConfig(max_epochs=2, batch_size=64),
+            generator=torch.Generator().manual_seed(0),
+        )
+    assert result.n_bad_steps == 1
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_repeated_failures_stop_with_a_clear_error_and_finite_weights():
+    module, objective, data = quadratic_problem()
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError, match="non-finite"):
+        train(
+            module,
+            lambda b, s: objective(b, s) * math.nan,
+            data,
+            TrainConfig(max_epochs=3, batch_size=16, max_bad_steps=4),
+            generator=torch.Generator(),
+        )
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+@pytest.mark.parametrize(
+    ("field", "value", "match"),
+    [
+        ("max_epochs", 0, "max_epochs"),
+        ("batch_size", -1, "batch_size"),
+        ("learning_rate", 0.0, "learning_rate"),
+        ("max_time", -5.0, "max_time"),
+        ("lr_schedule", "step", "lr_schedule"),
+        ("patience", 0, "patience"),
+    ],
+)
+def test_bad_config_is_rejected(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**{field: value})
