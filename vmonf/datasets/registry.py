@@ -1,0 +1,42 @@
+"""Name -> toy class registry and the ``toy(name, **params)`` factory."""
+
+from __future__ import annotations
+
+import inspect
+
+from vmonf.datasets.base import ToyDistribution
+from vmonf.datasets.circles import Rings, TwoCircles
+from vmonf.datasets.gaussians import EightGaussians, SkewedGMM
+from vmonf.datasets.moons import Moons
+from vmonf.datasets.pinwheel import Pinwheel
+
+__all__ = ["TOYS", "available_toys", "toy"]
+
+TOYS: dict[str, type[ToyDistribution]] = {
+    cls.name: cls for cls in (Pinwheel, TwoCircles, Rings, Moons, EightGaussians, SkewedGMM)
+}
+
+
+def available_toys() -> list[str]:
+    """Names accepted by ``toy``, sorted."""
+    return sorted(TOYS)
+
+
+def toy(name: str, **params: object) -> ToyDistribution:
+    """Build the toy distribution ``name`` with keyword ``params`` (defaults otherwise).
+
+    Raises ``ValueError`` for an unknown name and ``TypeError`` for an unknown parameter.
+    """
+    if not isinstance(name, str):
+        raise TypeError(f"toy name must be a string, got {type(name).__name__}")
+    if name not in TOYS:
+        raise ValueError(f"unknown toy {name!r}; available toys: {', '.join(available_toys())}")
+    cls = TOYS[name]
+    valid = [p for p in inspect.signature(cls.__init__).parameters if p != "self"]
+    unknown = sorted(set(params) - set(valid))
+    if unknown:
+        raise TypeError(
+            f"toy {name!r} got unknown parameter(s) {', '.join(unknown)}; "
+            f"valid parameters: {', '.join(valid)}"
+        )
+    return cls(**params)
