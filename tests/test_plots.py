@@ -164,13 +164,13 @@ def test_bad_bounds_raise(tmp_path, bounds):
 
 def test_mismatched_lengths_raise(tmp_path):
     X, y = _data()
-    with pytest.raises(ValueError, match="labels has 59 entries but X has 60 rows"):
+    with pytest.raises(ValueError, match="labels has 59 labels but X has 60 rows"):
         plot_samples(X, y[:-1], tmp_path / "x.png")
-    with pytest.raises(ValueError, match="y has 59 entries"):
+    with pytest.raises(ValueError, match="y has 59 labels"):
         plot_decision_regions(
             lambda x: np.zeros(len(x), int), BOUNDS, tmp_path / "x.png", X=X, y=y[:-1]
         )
-    with pytest.raises(ValueError, match=r"label_frames\[1\] has 59 entries"):
+    with pytest.raises(ValueError, match=r"label_frames\[1\] has 59 labels"):
         animate_assignments(X, [y, y[:-1]], tmp_path / "x.gif")
 
 

@@ -14,6 +14,7 @@ import numpy as np
 __all__ = [
     "check_array",
     "check_choice",
+    "check_integer_labels",
     "check_labels",
     "check_positive_float",
     "check_positive_int",
@@ -65,21 +66,32 @@ def check_array(
     return arr
 
 
-def check_labels(y: object, n_samples: int, n_classes: int, name: str = "y") -> np.ndarray:
-    """Return labels as int64 of shape (N,), each in [-1, n_classes); -1 = unlabelled."""
+def check_integer_labels(y: object, name: str = "y", n_samples: int | None = None) -> np.ndarray:
+    """Return labels as int64 of shape (N,); floats must be whole numbers.
+
+    ``n_samples`` (the rows of the matching X) is checked when given; otherwise an
+    empty vector is an error.
+    """
     if hasattr(y, "detach"):
         y = y.detach().cpu().numpy()
     arr = np.asarray(y)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D of shape (n_samples,), got shape {arr.shape}")
-    if arr.shape[0] != n_samples:
+    if n_samples is not None and arr.shape[0] != n_samples:
         raise ValueError(f"{name} has {arr.shape[0]} labels but X has {n_samples} rows")
+    if n_samples is None and arr.shape[0] == 0:
+        raise ValueError(f"{name} is empty")
     if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all() or not np.all(arr == np.round(arr)):
             raise TypeError(f"{name} must hold integer labels, got non-integer values")
-    elif not np.issubdtype(arr.dtype, np.integer):
+    elif not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
         raise TypeError(f"{name} must hold integer labels, got dtype {arr.dtype}")
-    arr = arr.astype(np.int64)
+    return arr.astype(np.int64)
+
+
+def check_labels(y: object, n_samples: int, n_classes: int, name: str = "y") -> np.ndarray:
+    """Return labels as int64 of shape (N,), each in [-1, n_classes); -1 = unlabelled."""
+    arr = check_integer_labels(y, name, n_samples)
     bad = (arr < -1) | (arr >= n_classes)
     if bad.any():
         raise ValueError(

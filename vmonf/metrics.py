@@ -19,7 +19,13 @@ import numpy as np
 from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
-from vmonf._validation import check_array, check_positive_float, check_positive_int, check_seed
+from vmonf._validation import (
+    check_array,
+    check_integer_labels,
+    check_positive_float,
+    check_positive_int,
+    check_seed,
+)
 
 __all__ = [
     "Estimate",
@@ -73,25 +79,10 @@ def _check_log_probs(values: object, name: str) -> np.ndarray:
     return arr
 
 
-def _check_label_vector(y: object, name: str) -> np.ndarray:
-    """Return integer labels as int64 (N,)."""
-    arr = np.asarray(_as_numpy(y))
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D of shape (n_samples,), got shape {arr.shape}")
-    if arr.shape[0] == 0:
-        raise ValueError(f"{name} is empty")
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all() or not np.all(arr == np.round(arr)):
-            raise TypeError(f"{name} must hold integer labels, got non-integer values")
-    elif not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
-        raise TypeError(f"{name} must hold integer labels, got dtype {arr.dtype}")
-    return arr.astype(np.int64)
-
-
 def _check_label_pair(y_true: object, y_pred: object) -> tuple[np.ndarray, np.ndarray]:
     """Validate a (classes, clusters) pair of equal-length integer label vectors."""
-    t = _check_label_vector(y_true, "y_true")
-    p = _check_label_vector(y_pred, "y_pred")
+    t = check_integer_labels(y_true, "y_true")
+    p = check_integer_labels(y_pred, "y_pred")
     if t.shape[0] != p.shape[0]:
         raise ValueError(
             f"y_true and y_pred must have the same length, got {t.shape[0]} and {p.shape[0]}"

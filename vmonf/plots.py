@@ -23,7 +23,12 @@ from matplotlib.colors import BoundaryNorm, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
-from vmonf._validation import check_array, check_positive_float, check_positive_int
+from vmonf._validation import (
+    check_array,
+    check_integer_labels,
+    check_positive_float,
+    check_positive_int,
+)
 
 __all__ = [
     "animate_assignments",
@@ -81,21 +86,6 @@ def _to_numpy(x: object) -> np.ndarray:
     if hasattr(x, "detach"):
         x = x.detach().cpu().numpy()  # type: ignore[attr-defined]
     return np.asarray(x)
-
-
-def _check_int_labels(labels: object, n: int, name: str) -> np.ndarray:
-    """Return (n,) int64 labels; -1 (unlabelled) and other negatives are allowed."""
-    arr = _to_numpy(labels)
-    if arr.ndim != 1:
-        raise ValueError(f"{name} must be 1-D of shape (n_samples,), got shape {arr.shape}")
-    if arr.shape[0] != n:
-        raise ValueError(f"{name} has {arr.shape[0]} entries but X has {n} rows")
-    if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all() or not np.all(arr == np.round(arr)):
-            raise TypeError(f"{name} must hold integer labels, got non-integer values")
-    elif not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
-        raise TypeError(f"{name} must hold integer labels, got dtype {arr.dtype}")
-    return arr.astype(np.int64)
 
 
 def _check_points_2d(X: object, name: str = "X") -> np.ndarray:
@@ -238,7 +228,7 @@ def plot_samples(
     fixes the palette so colours match other figures (default: largest label + 1).
     """
     pts = _check_points_2d(X)
-    lab = None if labels is None else _check_int_labels(labels, pts.shape[0], "labels")
+    lab = None if labels is None else check_integer_labels(labels, "labels", pts.shape[0])
     out = _check_path(path)
     marker_size = check_positive_float(marker_size, "marker_size")
     dpi = check_positive_int(dpi, "dpi")
@@ -315,7 +305,7 @@ def plot_decision_regions(
     pts = None if X is None else _check_points_2d(X)
     if y is not None and pts is None:
         raise ValueError("y was given without X")
-    lab = None if y is None or pts is None else _check_int_labels(y, pts.shape[0], "y")
+    lab = None if y is None or pts is None else check_integer_labels(y, "y", pts.shape[0])
     xx, yy = grid_points(bounds, resolution)
     grid = np.column_stack([xx.ravel(), yy.ravel()])
     raw = _to_numpy(predict(grid))
@@ -323,7 +313,7 @@ def plot_decision_regions(
         region = np.argmax(raw, axis=1)
         n_from_proba = raw.shape[1]
     else:
-        region = _check_int_labels(raw, grid.shape[0], "predict(...) output")
+        region = check_integer_labels(raw, "predict(...) output", grid.shape[0])
         n_from_proba = 0
     if (region < 0).any():
         raise ValueError("predict returned negative labels on the grid")
@@ -578,7 +568,8 @@ def animate_assignments(
     if not isinstance(label_frames, Sequence) or len(label_frames) == 0:
         raise ValueError("label_frames must be a non-empty sequence of (N,) label arrays")
     labs = [
-        _check_int_labels(f, pts.shape[0], f"label_frames[{i}]") for i, f in enumerate(label_frames)
+        check_integer_labels(f, f"label_frames[{i}]", pts.shape[0])
+        for i, f in enumerate(label_frames)
     ]
     out = _check_path(path)
     fps = check_positive_int(fps, "fps")
