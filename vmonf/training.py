@@ -11,7 +11,6 @@ cross-batch reduction goes through :func:`_reduce_mean`.
 
 from __future__ import annotations
 
-import copy
 import math
 import sys
 import time
@@ -154,16 +153,19 @@ def evaluate(objective: Objective, data: Batch, step: int, chunk_size: int = 655
     return _reduce_mean(total, n)
 
 
-def _snapshot(module: nn.Module, optimizer: torch.optim.Optimizer) -> dict:
-    return {
-        "module": copy.deepcopy(module.state_dict()),
-        "optimizer": copy.deepcopy(optimizer.state_dict()),
-    }
+class _Snapshot:
+    """A copy of a module's state, refreshed in place (no allocation after the first)."""
 
+    def __init__(self, module: nn.Module) -> None:
+        self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
-def _restore(snapshot: dict, module: nn.Module, optimizer: torch.optim.Optimizer) -> None:
-    module.load_state_dict(snapshot["module"])
-    optimizer.load_state_dict(snapshot["optimizer"])
+    @torch.no_grad()
+    def take(self, module: nn.Module) -> None:
+        current = module.state_dict()
+        torch._foreach_copy_(list(self.state.values()), [current[k] for k in self.state])
+
+    def restore(self, module: nn.Module) -> None:
+        module.load_state_dict(self.state)
 
 
 def _cosine_factor(step: int, total_steps: int, floor: float) -> float:
@@ -203,7 +205,8 @@ def train(
         start_step: global step offset, e.g. for temperature schedules across stages.
 
     A non-finite loss or gradient never reaches the weights: the step is skipped,
-    the state of the last good epoch restored, the learning rate halved and a
+    the weights of the last good epoch restored (Adam's moments reset), the
+    learning rate halved and a
     warning issued; after ``max_bad_steps`` such steps :class:`NonFiniteLossError`
     is raised with the last good (or best) state kept in ``module``.
     """
@@ -226,8 +229,8 @@ def train(
         result.history["val_loss"] = []
     lr_scale = 1.0
     step = start_step
-    good = _snapshot(module, optimizer)
-    best: dict | None = None
+    good = _Snapshot(module)
+    best: _Snapshot | None = None
     epochs_since_best = 0
     started = time.perf_counter()
     show = config.verbose and sys.stderr.isatty()
@@ -253,7 +256,8 @@ def train(
                 finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm)))
             if not finite:
                 result.n_bad_steps += 1
-                _restore(good, module, optimizer)
+                good.restore(module)
+                optimizer.state.clear()  # Adam's moments may hold the blow-up
                 lr_scale *= 0.5
                 warnings.warn(
                     f"non-finite loss or gradient at step {step}: step skipped, last good "
@@ -264,7 +268,7 @@ def train(
                 )
                 if result.n_bad_steps > config.max_bad_steps:
                     if best is not None:
-                        _restore(best, module, optimizer)
+                        best.restore(module)
                     raise NonFiniteLossError(
                         f"training stopped after {result.n_bad_steps} non-finite steps; the "
                         "last good parameters were kept. Check the data for extreme values "
@@ -291,7 +295,10 @@ def train(
             postfix["val"] = f"{val:.4f}"
             if val < result.best_validation:
                 result.best_validation = val
-                best = _snapshot(module, optimizer)
+                if best is None:
+                    best = _Snapshot(module)
+                else:
+                    best.take(module)
                 epochs_since_best = 0
             else:
                 epochs_since_best += 1
@@ -299,7 +306,7 @@ def train(
             on_epoch_end(epoch, step, result.history)
         bar.set_postfix(postfix)
         if seen:
-            good = _snapshot(module, optimizer)
+            good.take(module)
         if config.max_time is not None and elapsed > config.max_time:
             result.stop_reason = "max_time"
             break
@@ -309,6 +316,6 @@ def train(
     bar.close()
     result.n_steps = step - start_step
     if best is not None and config.patience is not None:
-        _restore(best, module, optimizer)
+        best.restore(module)
     module.eval()
     return result
