@@ -206,8 +206,7 @@ def train(
 
     A non-finite loss or gradient never reaches the weights: the step is skipped,
     the weights of the last good epoch restored (Adam's moments reset), the
-    learning rate halved and a
-    warning issued; after ``max_bad_steps`` such steps :class:`NonFiniteLossError`
+    learning rate halved and a warning issued; after ``max_bad_steps`` such steps :class:`NonFiniteLossError`
     is raised with the last good (or best) state kept in ``module``.
     """
     n = data[0].shape[0]
