@@ -36,6 +36,8 @@ __all__ = ["MixtureEstimator", "NotFittedError"]
 
 CHUNK = 65536
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+# Standardised magnitudes beyond these overflow the model's arithmetic (z**2, MLPs).
+MAX_STANDARDISED = {torch.float32: 1e15, torch.float64: 1e150}
 
 
 def _to_plain(value: object) -> object:
@@ -136,11 +138,22 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 f"This {type(self).__name__} instance is not fitted yet; call fit(X) first"
             )
 
+    def _standardise(self, x: np.ndarray, name: str = "X") -> Tensor:
+        """Standardise in float64 (the standardiser is kept in float64), then cast to
+        the model's dtype, refusing values so far out that they would overflow it."""
+        u = self.standardizer_(self._tensor(x, torch.float64))
+        limit = MAX_STANDARDISED[self._torch_dtype]
+        if bool((u.abs() > limit).any()):
+            raise ValueError(
+                f"{name} has values more than {limit:.0e} standard deviations from the "
+                f"training data, which overflow dtype={self.dtype!r}"
+            )
+        return u.to(self._torch_dtype)
+
     def _validate_X(self, X: object) -> Tensor:
         """Validate X for a fitted model and return it standardised, as a tensor."""
         self._check_is_fitted()
-        x = check_array(X, "X", n_features=self.n_features_in_)
-        return self.standardizer_(self._tensor(x))
+        return self._standardise(check_array(X, "X", n_features=self.n_features_in_))
 
     def _chunked(self, fn: Callable[[Tensor], Tensor], u: Tensor) -> np.ndarray:
         """Apply ``fn`` in chunks without gradients; numpy float64 out."""
@@ -170,10 +183,11 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             seed = int(np.random.SeedSequence().generate_state(1)[0])
         generator = torch.Generator().manual_seed(seed)
         with torch_threads(self.n_threads), self._seeded(seed):
-            xt = self._tensor(x)
-            self.standardizer_ = Standardizer(x.shape[1]).to(xt).fit(xt)
+            x64 = self._tensor(x, torch.float64)
+            self.standardizer_ = Standardizer(x.shape[1]).to(x64).fit(x64)
             self.n_features_in_ = x.shape[1]
-            self._fit(self.standardizer_(xt), torch.as_tensor(labels, device=xt.device), generator)
+            u = self._standardise(x)
+            self._fit(u, torch.as_tensor(labels, device=u.device), generator)
         return self
 
     def fit_predict(self, X: object, y: object | None = None) -> np.ndarray:
@@ -214,7 +228,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         self.model_.eval()
         with torch.no_grad(), torch_threads(self.n_threads):
             u, labels = self._sample(n, generator)
-            x = self.standardizer_.inverse(u)
+            x = self.standardizer_.inverse(u.double())
         return x.double().cpu().numpy(), labels.cpu().numpy().astype(np.int64)
 
     def n_parameters(self) -> int:
@@ -270,6 +284,6 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 f"{path} holds an incompatible {cls.__name__} checkpoint: {exc}"
             ) from None
         device, dtype = estimator._torch_device, estimator._torch_dtype
-        estimator.standardizer_.to(device=device, dtype=dtype)
+        estimator.standardizer_.to(device=device, dtype=torch.float64)
         estimator.model_.to(device=device, dtype=dtype).eval()
         return estimator

@@ -80,7 +80,7 @@ class FlowComponent(dist.TorchDistribution):
         points = value.shape[:-1]
         u = value.reshape(-1, d)
         if self.standardizer is not None:
-            u = self.standardizer(u)
+            u = self.standardizer(u).to(value.dtype)
         every = self.flows.log_prob(u).reshape(*points, self.flows.n_components)
         if self.standardizer is not None:
             every = every + self.standardizer.log_abs_det()
@@ -94,7 +94,7 @@ class FlowComponent(dist.TorchDistribution):
         components = self.component.expand(shape[:-1]).reshape(-1)
         x = self.flows.sample_components(components)
         if self.standardizer is not None:
-            x = self.standardizer.inverse(x)
+            x = self.standardizer.inverse(x).to(x.dtype)
         return x.reshape(shape)
 
     def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
@@ -149,7 +149,7 @@ class PyroMixture:
         """q(c | x) at ``temperature``, enumerated in parallel over the K components."""
         self._check(x)
         posterior = pyro.module(f"{self.name}_posterior", self.vm.posterior)
-        u = x if self.standardizer is None else self.standardizer(x)
+        u = x if self.standardizer is None else self.standardizer(x).to(x.dtype)
         with pyro.plate("data", x.shape[0], dim=-1):
             log_q = posterior(u, temperature)
             pyro.sample("c", dist.Categorical(logits=log_q), infer={"enumerate": "parallel"})

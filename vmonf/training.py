@@ -206,8 +206,8 @@ def train(
 
     A non-finite loss or gradient never reaches the weights: the step is skipped,
     the weights of the last good epoch restored (Adam's moments reset), the
-    learning rate halved and a warning issued; after ``max_bad_steps`` such steps :class:`NonFiniteLossError`
-    is raised with the last good (or best) state kept in ``module``.
+    learning rate halved and a warning issued; after ``max_bad_steps`` such steps
+    :class:`NonFiniteLossError` is raised with the last good (or best) state kept.
     """
     n = data[0].shape[0]
     if n == 0:
