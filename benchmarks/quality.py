@@ -82,11 +82,13 @@ SINGLE_FLOW = Case(
     n_components=1,
     params=dict(
         objective="marginal",
+        activation="relu",
+        weight_decay=0.0,
         n_layers=8,
         hidden_features=64,
         batch_size=512,
         learning_rate=2e-3,
-        max_epochs=40,
+        max_epochs=80,
     ),
     targets={"kl_max": 0.03},
 )
