@@ -174,13 +174,3 @@ def test_partial_labels_spread_evenly():
     assert np.array_equal(part, partial_labels(y, 10, 3, seed=0))
     with pytest.raises(ValueError, match="class 2"):
         partial_labels(np.array([0, 0, 1, 1, 0]), 3, 3, seed=0)
-
-
-def test_training_figure_survives_a_huge_first_epoch_and_no_validation(tmp_path):
-    from vmonf.reporting import plot_training
-
-    history = {"loss": [470.0, 1.2, 1.0, 0.9], "lr": [1e-3] * 4, "time": [0.1, 0.2, 0.3, 0.4]}
-    path = plot_training(history, tmp_path / "t.png")
-    assert path.stat().st_size > 1000
-    with pytest.raises(ValueError):
-        plot_training({"time": [1.0]}, tmp_path / "u.png")

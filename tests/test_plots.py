@@ -196,3 +196,14 @@ def test_other_bad_arguments_raise(tmp_path):
         plot_decision_regions(lambda x: np.zeros(len(x), int), BOUNDS, tmp_path / "x.png", y=y)
     with pytest.raises(TypeError, match="path must be a str"):
         plot_samples(X, y, 123)
+
+
+def test_training_curves_clip_a_huge_first_epoch_and_pair_validation(tmp_path):
+    history = {
+        "loss": [470.0, 1.2, 1.0, 0.9, 0.85],
+        "val_loss": [400.0, 1.3, 1.1, 1.0, 0.95],
+        "lr": [1e-3] * 5,
+    }
+    path = plot_training_curves(history, tmp_path / "t.png")
+    with Image.open(path) as image:
+        assert image.size[0] > image.size[1]  # two panels side by side: loss (+val), lr

@@ -390,17 +390,25 @@ def plot_training_curves(
         raise ValueError(f"log_scale names keys not in history: {sorted(unknown)}")
     out = _check_path(path)
     dpi = check_positive_int(dpi, "dpi")
-    n = len(series)
+    # "val_loss" is drawn on the "loss" panel, so the two can be compared.
+    panels: dict[str, list[tuple[str, np.ndarray]]] = {}
+    for key, arr in series:
+        panel = "loss" if key == "val_loss" and "loss" in history else key
+        panels.setdefault(panel, []).append((key, arr))
+    n = len(panels)
     n_cols = min(n, 3)
     n_rows = math.ceil(n / n_cols)
     fig = _new_figure(3.6 * n_cols, 2.8 * n_rows)
     axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
-    for ax, (key, arr) in zip(axes, series, strict=False):
-        epochs = np.arange(1, arr.shape[0] + 1)
-        ax.plot(epochs, arr, marker="." if arr.shape[0] <= 30 else None)
-        ax.set_title(key)
+    for ax, (name, curves) in zip(axes, panels.items(), strict=False):
+        for key, arr in curves:
+            epochs = np.arange(1, arr.shape[0] + 1)
+            ax.plot(epochs, arr, marker="." if arr.shape[0] <= 30 else None, label=key)
+        if len(curves) > 1:
+            ax.legend(fontsize="small")
+        ax.set_title(name + _clip_to_bulk(ax, np.concatenate([a for _, a in curves])))
         ax.set_xlabel("epoch")
-        if key in log_scale:
+        if name in log_scale:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)
     for ax in axes[n:]:
@@ -408,6 +416,21 @@ def plot_training_curves(
     if title is not None:
         fig.suptitle(title)
     return _save_png(fig, out, dpi)
+
+
+def _clip_to_bulk(ax: object, values: np.ndarray) -> str:
+    """Clip the y axis to the bulk of ``values`` (a first epoch after pre-training
+    can be orders of magnitude higher); returns a title note on what was clipped."""
+    finite = values[np.isfinite(values)]
+    if finite.size < 3:
+        return ""
+    low, p90, high = finite.min(), np.percentile(finite, 90), finite.max()
+    limit = p90 + (p90 - low)
+    if high <= limit:
+        return ""
+    pad = 0.05 * max(limit - low, 1e-9)
+    ax.set_ylim(low - pad, limit + pad)  # type: ignore[attr-defined]
+    return f" ({int((finite > limit).sum())} off scale, max {high:.3g})"
 
 
 def plot_image_grid(

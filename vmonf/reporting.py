@@ -29,7 +29,6 @@ __all__ = [
     "format_table",
     "partial_labels",
     "plot_bounds",
-    "plot_training",
     "versions",
     "write_figures",
     "write_json",
@@ -196,64 +195,6 @@ def format_table(results: Mapping[str, Any], *, labelled: bool) -> str:
 # --------------------------------------------------------------------------- figures
 
 
-def _robust_top(values: np.ndarray) -> float:
-    """Upper y-limit that keeps a few early, huge losses from flattening the curve."""
-    lo, p90, top = np.min(values), np.percentile(values, 90), np.max(values)
-    limit = p90 + (p90 - lo)
-    return float(top if top <= limit else limit)
-
-
-def plot_training(history: Mapping[str, list[float]], path: Path, dpi: int = 100) -> Path:
-    """Training curves: train and validation loss on one panel, then lr, temperature, others.
-
-    The loss axis is clipped to the bulk of the values (a first epoch right after
-    pre-training can be orders of magnitude higher); clipped values are noted.
-    """
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    losses = {
-        k: np.asarray(history[k], dtype=np.float64)
-        for k in ("loss", "val_loss")
-        if k in history and len(history[k])
-    }
-    others = [k for k, v in history.items() if k not in ("loss", "val_loss", "time") and len(v)]
-    n = int(bool(losses)) + len(others)
-    if n == 0:
-        raise ValueError("history holds no curves to plot")
-    fig = Figure(figsize=(3.8 * n, 3.0), layout="constrained")
-    FigureCanvasAgg(fig)
-    axes = fig.subplots(1, n, squeeze=False)[0]
-    panel = 0
-    if losses:
-        ax = axes[0]
-        for key, label in (("loss", "train"), ("val_loss", "validation")):
-            if key in losses:
-                ax.plot(np.arange(1, losses[key].size + 1), losses[key], label=label)
-        finite = np.concatenate([v[np.isfinite(v)] for v in losses.values()])
-        note = ""
-        if finite.size:
-            top, bottom = _robust_top(finite), float(finite.min())
-            pad = 0.05 * max(top - bottom, 1e-9)
-            ax.set_ylim(bottom - pad, top + pad)
-            clipped = int((finite > top).sum())
-            if clipped:
-                note = f"\n{clipped} value(s) off scale, max {finite.max():.3g}"
-        ax.set_title(f"loss (nats, standardised data){note}", fontsize="medium")
-        ax.legend(loc="upper right", fontsize="small")
-        panel = 1
-    for key, ax in zip(others, axes[panel:], strict=True):
-        values = np.asarray(history[key], dtype=np.float64)
-        ax.plot(np.arange(1, values.size + 1), values)
-        ax.set_title({"lr": "learning rate", "temperature": "temperature of q"}.get(key, key))
-    for ax in axes:
-        ax.set_xlabel("epoch")
-        ax.grid(alpha=0.3)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=dpi)
-    return path
-
-
 class DensityRecorder:
     """Per-epoch callback ``recorder(estimator, epoch)`` keeping model-density frames.
 
@@ -352,7 +293,7 @@ def write_figures(
         )
     )
     if history:
-        written.append(plot_training(history, out / "training.png"))
+        written.append(plots.plot_training_curves(history, out / "training.png"))
     if recorder is not None and recorder.frames:
         vmax = max(float(recorder.frames[-1].max()), 1e-12)
         if toy is not None:
