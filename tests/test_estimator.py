@@ -177,3 +177,10 @@ def test_bad_predict_input_gives_clear_errors(fitted):
         model.predict_proba(np.zeros((1, 2)), posterior="guess")
     with pytest.raises(ValueError, match="n_samples"):
         model.sample(0)
+
+
+def test_restarts_keep_the_best_elbo():
+    X, _ = blobs(300)
+    one = VMoNF(3, random_state=5, init="random", **FAST).fit(X)
+    two = VMoNF(3, random_state=5, init="random", n_init=2, **FAST).fit(X)
+    assert two.elbo_ >= one.elbo_
