@@ -1,4 +1,6 @@
-"""The ``vmonf`` command: ``vmonf fit TOY`` trains VMoNF on a toy and reports against the truth.
+"""The ``vmonf`` command: ``vmonf fit TOY`` trains VMoNF on a toy and reports against the truth;
+``vmonf compete TOY`` does the same for competitive training (the ``competitive`` package,
+imported only when that command runs: vmonf never depends on it).
 
 Subcommands register themselves through :data:`COMMANDS`: each entry adds its
 parser to the sub-parsers and sets ``handler=function(args) -> exit status``.
@@ -372,10 +374,277 @@ def run_fit(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- vmonf compete
+
+
+def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``vmonf compete`` (competitive training; the ``competitive`` package)."""
+    p = subparsers.add_parser(
+        "compete",
+        help="train a mixture competitively (Locatello et al.) on a 2-D toy",
+        description=(
+            "Competitive (hard-assignment) training of K flows or VAEs on samples of a "
+            "toy distribution: rounds of training each generator on the points it owns "
+            "and re-assigning every point by exact likelihood or by discriminators. "
+            "Reports held-out KL to the truth (flows) or the KDE protocol score (VAEs) "
+            "and clustering scores; writes metrics.json, model.pt and figures to --out."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    p.add_argument("toy", metavar="TOY", help=f"toy distribution: one of {_toy_names()}")
+    p.add_argument(
+        "--toy-param",
+        metavar="KEY=VALUE",
+        type=toy_param,
+        action="append",
+        default=[],
+        help="toy parameter, repeatable (e.g. n_modes=9)",
+    )
+    model = p.add_argument_group("model")
+    model.add_argument(
+        "--components",
+        "-k",
+        metavar="K",
+        type=positive_int,
+        default=None,
+        help="number of generators (default: the toy's number of classes)",
+    )
+    model.add_argument(
+        "--generator", choices=("flow", "vae", "kmeans"), default="flow", help="generator kind"
+    )
+    model.add_argument(
+        "--assignment",
+        choices=("exact", "discriminator"),
+        default="exact",
+        help="re-assign by exact likelihood or by discriminators (density-ratio trick)",
+    )
+    model.add_argument(
+        "--init",
+        choices=("uniform", "random_split"),
+        default="uniform",
+        help="pre-train every generator on all points, or each on a random 1/K",
+    )
+    model.add_argument(
+        "--layers", metavar="L", type=positive_int, default=6, help="coupling layers per flow"
+    )
+    model.add_argument(
+        "--hidden",
+        metavar="H",
+        type=positive_int,
+        default=None,
+        help="hidden units (default: 64 for flows, 50 for VAEs)",
+    )
+    data = p.add_argument_group("data")
+    data.add_argument(
+        "--n-train", metavar="N", type=positive_int, default=20000, help="training points"
+    )
+    data.add_argument(
+        "--n-test", metavar="N", type=positive_int, default=6400, help="held-out points"
+    )
+    data.add_argument("--seed", type=non_negative_int, default=0, help="seed of data and model")
+    train = p.add_argument_group("training")
+    train.add_argument(
+        "--rounds", metavar="R", type=non_negative_int, default=20, help="maximum rounds"
+    )
+    train.add_argument(
+        "--epochs", metavar="E", type=positive_int, default=10, help="generator epochs per round"
+    )
+    train.add_argument(
+        "--pretrain-epochs",
+        metavar="E",
+        type=positive_int,
+        default=10,
+        help="epochs of pre-training",
+    )
+    train.add_argument(
+        "--max-time",
+        metavar="S",
+        type=_positive_float,
+        default=None,
+        help="time budget of the fit in seconds (default: no limit)",
+    )
+    train.add_argument(
+        "--batch-size", metavar="B", type=positive_int, default=256, help="points per step"
+    )
+    train.add_argument(
+        "--lr", metavar="LR", type=_positive_float, default=1e-3, help="Adam learning rate"
+    )
+    train.add_argument(
+        "--device", choices=("cpu", "cuda", "auto"), default="cpu", help="where to train"
+    )
+    out = p.add_argument_group("output")
+    out.add_argument(
+        "--out",
+        metavar="DIR",
+        type=Path,
+        default=None,
+        help="output folder (default: runs/compete-TOY-SEED)",
+    )
+    out.add_argument("--quiet", "-q", action="store_true", help="only the results table")
+    p.set_defaults(handler=run_compete)
+
+
+def run_compete(args: argparse.Namespace) -> int:
+    """``vmonf compete``: sample, fit competitively, evaluate, print, write the run folder."""
+    from competitive import CompetitiveMixture  # vmonf never imports competitive at import
+    from competitive.figures import plot_assignment_rounds, plot_shares
+    from vmonf import metrics, plots
+
+    toy = datasets.toy(args.toy, **dict(args.toy_param))
+    k = toy.n_classes if args.components is None else args.components
+    out: Path = (
+        args.out if args.out is not None else Path("runs") / f"compete-{toy.name}-{args.seed}"
+    )
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+    X, _ = toy.sample(args.n_train, seed=args.seed)
+    X_test, y_test = toy.sample(args.n_test, seed=args.seed + 1)
+    bounds = reporting.plot_bounds(np.concatenate([X, X_test]))
+    shown = X_test[: min(2000, X_test.shape[0])]
+    frames: list[np.ndarray] = []
+    titles: list[str] = []
+
+    def record(estimator: CompetitiveMixture, round_: int) -> None:
+        frames.append(estimator.predict(shown))
+        titles.append("after pre-training" if round_ == 0 else f"round {round_}")
+
+    estimator = CompetitiveMixture(
+        k,
+        generator=args.generator,
+        assignment=args.assignment,
+        init=args.init,
+        pretrain_epochs=args.pretrain_epochs,
+        max_rounds=args.rounds,
+        max_epochs=args.epochs,
+        max_time=args.max_time,
+        n_layers=args.layers,
+        hidden_features=args.hidden,
+        batch_size=args.batch_size,
+        learning_rate=args.lr,
+        random_state=args.seed,
+        verbose=not args.quiet,
+        device=args.device,
+        callback=record if args.rounds > 0 else None,
+    )
+    _status(
+        args,
+        f"competitive training ({k} {args.generator} generators, {args.assignment} "
+        f"assignment) on {args.n_train} points of {toy!r}; writing to {out}",
+    )
+    started = time.perf_counter()
+    estimator.fit(X)
+    wall = time.perf_counter() - started
+    estimator.set_params(callback=None)  # a callable cannot go into model.pt
+    pred = estimator.predict(X_test)
+    results: dict[str, Any] = {
+        "ari": metrics.adjusted_rand_index(y_test, pred),
+        "clustering_accuracy": metrics.clustering_accuracy(y_test, pred),
+        "true_log_likelihood": metrics.mean_log_likelihood(toy.log_prob(X_test)),
+        "fit_time": wall,
+        "pretrain_time": estimator.pretrain_time_,
+        "n_rounds": estimator.n_iter_,
+        "time_per_round": float(np.mean(estimator.history_["round_time"]))
+        if estimator.n_iter_
+        else math.nan,
+    }
+    if args.generator != "vae":
+        model_lp = estimator.score_samples(X_test)
+        kl = metrics.kl_to_truth_estimate(toy.log_prob(X_test), model_lp)
+        results |= {
+            "log_likelihood": metrics.mean_log_likelihood(model_lp),
+            "kl_to_truth": kl.value,
+            "kl_to_truth_stderr": kl.stderr,
+        }
+    n_kde = min(10000, max(1000, args.n_test))
+    generated, generated_by = estimator.sample(n_kde, random_state=args.seed)
+    perfect, _ = toy.sample(n_kde, seed=args.seed + 2)
+    n_kde_test = min(500, X_test.shape[0])
+    results["kde_score"] = metrics.kde_log_likelihood(
+        generated, X_test, n_select=min(500, n_kde // 2), n_test=n_kde_test, seed=args.seed
+    ).score
+    results["kde_perfect_generator"] = metrics.kde_log_likelihood(
+        perfect, X_test, n_select=min(500, n_kde // 2), n_test=n_kde_test, seed=args.seed
+    ).score
+
+    def num(key: str, digits: int = 3) -> str:
+        value = results.get(key)
+        return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+
+    print(
+        f"{toy.name}: competitive K={k} {args.generator} generators, {args.assignment} "
+        f"assignment, {args.n_train} training points, {args.n_test} held-out, seed {args.seed}"
+    )
+    rows = [
+        ("KL(truth || model)", f"{num('kl_to_truth')} ± {num('kl_to_truth_stderr')}  nats"),
+        (
+            "KDE protocol score",
+            f"{num('kde_score')}  (perfect generator {num('kde_perfect_generator')})",
+        ),
+        ("ARI", num("ari")),
+        ("clustering accuracy", f"{num('clustering_accuracy')}  (Hungarian matching)"),
+        ("rounds", f"{estimator.n_iter_}  (converged: {estimator.converged_})"),
+        ("fit time", f"{num('fit_time', 1)} s  ({num('time_per_round', 2)} s per round)"),
+    ]
+    width = max(len(name) for name, _ in rows)
+    print("\n".join(f"  {name:<{width}}  {value}" for name, value in rows), flush=True)
+
+    estimator.save(out / "model.pt")
+    files = [out / "model.pt", out / "metrics.json"]
+    files.append(
+        plots.plot_samples(
+            generated[:2000],
+            generated_by[:2000],
+            out / "samples.png",
+            title="samples by component",
+            bounds=bounds,
+            n_classes=k,
+        )
+    )
+    if frames:
+        files.append(
+            plot_assignment_rounds(
+                shown, frames, titles, out / "assignments.png", n_components=k, bounds=bounds
+            )
+        )
+        files.append(plot_shares(estimator.history_["share"], out / "shares.png"))
+    params = {key: v for key, v in estimator.get_params().items() if key != "callback"}
+    report: dict[str, Any] = {
+        "command": "compete",
+        "metrics": results,
+        "settings": {
+            "toy": toy.name,
+            "toy_params": toy.params,
+            "n_components": k,
+            "n_train": args.n_train,
+            "n_test": args.n_test,
+            "seed": args.seed,
+            "test_seed": args.seed + 1,
+            "estimator": "CompetitiveMixture",
+            "estimator_params": params,
+        },
+        "fitted": {
+            "weights": estimator.weights_,
+            "n_rounds": estimator.n_iter_,
+            "converged": estimator.converged_,
+        },
+        "history": estimator.history_,
+        "files": sorted(f.name for f in files),
+        "versions": reporting.versions(),
+    }
+    reporting.write_json(report, out / "metrics.json")
+    _status(args, f"wrote {out}/: {', '.join(report['files'])}")
+    return 0
+
+
 # --------------------------------------------------------------------------- entry point
 
 #: Subcommand registrars, in help order: ``register(subparsers)`` adds one command.
-COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [add_fit_command]
+COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
+    add_fit_command,
+    add_compete_command,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -384,7 +653,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog=PROG,
         description=(
             "Mixtures of normalizing flows: fit VMoNF (variational mixture of flows) "
-            "and compare it with a known truth."
+            "or train one competitively, and compare it with a known truth."
         ),
         epilog=f"Run '{PROG} COMMAND --help' for a command's options.",
     )

@@ -1,0 +1,67 @@
+"""Hard assignment: argmax with deterministic ties, load balancing, mixing weights.
+
+All functions take tensors: ``scores`` (N, K) are per-point log-likelihood
+estimates (nats, or any monotone transform), ``assignment`` (N,) int64 owners.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+__all__ = ["hard_assign", "min_count", "mixing_weights", "training_weights"]
+
+
+def hard_assign(scores: Tensor, previous: Tensor | None = None) -> Tensor:
+    """Owner of every point: argmax_k scores[i, k] -> (N,) int64.
+
+    Ties are broken deterministically: a point keeps its ``previous`` owner when
+    that owner is among the maxima, otherwise it goes to the lowest index. NaN
+    scores count as -inf.
+    """
+    scores = torch.nan_to_num(scores, nan=-math.inf)
+    is_max = scores == scores.max(dim=1, keepdim=True).values
+    owner = is_max.to(torch.uint8).argmax(dim=1)  # first (lowest) maximal index
+    if previous is not None:
+        keep = is_max.gather(1, previous[:, None]).squeeze(1)
+        owner = torch.where(keep, previous, owner)
+    return owner
+
+
+def min_count(n_points: int, min_share: float) -> int:
+    """Fewest points a component must win to keep a mixing weight: ceil(min_share * N)."""
+    return math.ceil(min_share * n_points)
+
+
+def training_weights(assignment: Tensor, scores: Tensor, minimum: int) -> Tensor:
+    """(N, K) training weights: one-hot owners, plus load balancing.
+
+    A component that owns fewer than ``minimum`` points also trains on its
+    ``minimum`` best-scoring points (which keep their owner), so it can recover.
+    """
+    n, k = scores.shape
+    weights = F.one_hot(assignment, k).to(scores.dtype)
+    minimum = min(minimum, n)
+    if minimum == 0:
+        return weights
+    starved = weights.sum(0) < minimum  # (K,)
+    if not bool(starved.any()):
+        return weights
+    best = torch.nan_to_num(scores, nan=-math.inf).topk(minimum, dim=0).indices  # (minimum, K)
+    lent = torch.zeros_like(weights).scatter_(0, best, 1.0)
+    return torch.where(starved, torch.maximum(weights, lent), weights)
+
+
+def mixing_weights(assignment: Tensor, n_components: int, minimum: int) -> Tensor:
+    """Share of points each component won, (K,); components under ``minimum`` get 0.
+
+    The remaining shares are renormalised to sum to 1.
+    """
+    counts = torch.bincount(assignment, minlength=n_components).to(torch.float64)
+    kept = torch.where(counts >= max(minimum, 1), counts, torch.zeros_like(counts))
+    if float(kept.sum()) == 0.0:  # nobody reaches the minimum: fall back to plain shares
+        kept = counts
+    return kept / kept.sum()

@@ -1,0 +1,109 @@
+r"""The density-ratio trick: K discriminators estimate each generator's likelihood.
+
+Discriminator k is trained to tell data (real, label 1) from samples of
+generator k (fake, label 0). At the optimum :math:`D_k = p_{data} / (p_{data} +
+p_k)`, so with logit :math:`\ell_k = \log D_k - \log(1 - D_k)`
+
+.. math:: \log \frac{1 - D_k(x)}{D_k(x)} = -\ell_k(x) \approx \log p_k(x) - \log p_{data}(x).
+
+Locatello et al. normalise :math:`(1 - D_k)/D_k` over the training set and assign
+each point to the argmax; here the normaliser is the training-set *mean* (the
+paper's sum divided by N, the same argmax), so the estimate stays an estimate
+of :math:`\log p_k - \log p_{data}` — compare it with that quantity, never with
+:math:`\log p_k` alone.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from vmonf._validation import check_positive_int
+from vmonf.coupling import BatchedMLP
+from vmonf.training import TrainConfig, TrainResult, train
+
+__all__ = ["Discriminators", "fit_discriminators", "log_ratio_normaliser"]
+
+
+class Discriminators(nn.Module):
+    """K binary classifiers (data vs generator k) evaluated together.
+
+    Paper defaults: MLP D -> 500 -> 500 -> 1 with ReLU, batched as
+    :class:`vmonf.coupling.BatchedMLP` (K, in, out) weights.
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        n_components: int,
+        hidden_features: int = 500,
+        n_hidden_layers: int = 2,
+        activation: str = "relu",
+    ) -> None:
+        super().__init__()
+        self.n_features = check_positive_int(n_features, "n_features")
+        self.n_components = check_positive_int(n_components, "n_components")
+        self.net = BatchedMLP(
+            n_components,
+            n_features,
+            1,
+            check_positive_int(hidden_features, "hidden_features"),
+            check_positive_int(n_hidden_layers, "n_hidden_layers", minimum=0),
+            activation,
+            zero_last=False,
+        )
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits log D/(1-D): x (N, D) shared by all, or (K, N, D) one slice each -> (N, K)."""
+        xs = x.expand(self.n_components, *x.shape) if x.dim() == 2 else x
+        return self.net(xs).squeeze(-1).transpose(0, 1)
+
+    def log_ratio(self, x: Tensor) -> Tensor:
+        """Unnormalised log (1 - D_k)/D_k ~ log p_k(x) - log p_data(x): (N, D) -> (N, K)."""
+        return -self(x)
+
+
+def fit_discriminators(
+    discriminators: Discriminators,
+    real: Tensor,
+    fake: Tensor,
+    config: TrainConfig,
+    generator: torch.Generator,
+) -> TrainResult:
+    """Train all K discriminators at once with the logistic loss.
+
+    Args:
+        real: (N, D) data, shared by every discriminator (label 1).
+        fake: (K, N, D) samples, slice k from generator k (label 0).
+    Each step takes the same B real points and B samples of every generator; the
+    K losses are summed (separate weights, so they do not interact).
+    """
+    k, n, d = fake.shape
+    if real.shape != (n, d) or k != discriminators.n_components:
+        raise ValueError(
+            f"real must be (N, D) and fake (K, N, D) with K = {discriminators.n_components}; "
+            f"got {tuple(real.shape)} and {tuple(fake.shape)}"
+        )
+
+    def objective(batch: tuple[Tensor, ...], _: int) -> Tensor:
+        xr, xf = batch  # (B, D), (B, K, D)
+        loss = F.softplus(-discriminators(xr)) + F.softplus(discriminators(xf.transpose(0, 1)))
+        return loss.mean(0).sum()
+
+    return train(
+        discriminators, objective, (real, fake.transpose(0, 1)), config, generator=generator
+    )
+
+
+@torch.no_grad()
+def log_ratio_normaliser(discriminators: Discriminators, x: Tensor, chunk: int = 65536) -> Tensor:
+    """log mean_i (1 - D_k(x_i))/D_k(x_i) over the training points x (N, D) -> (K,).
+
+    Subtracting it makes the ratio estimate average 1 over the data, as
+    p_k / p_data does; the paper's Z_k is N times this mean.
+    """
+    log_r = torch.cat([discriminators.log_ratio(c) for c in x.split(chunk)])
+    return torch.logsumexp(log_r, dim=0) - math.log(x.shape[0])

@@ -1,0 +1,534 @@
+"""``CompetitiveMixture``: Locatello et al.'s competitive training as a scikit-learn estimator."""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+import warnings
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
+from torch import Tensor, nn
+
+from competitive.assignment import hard_assign, min_count, mixing_weights, training_weights
+from competitive.discriminators import Discriminators, fit_discriminators, log_ratio_normaliser
+from competitive.generators import (
+    FlowGenerators,
+    Generators,
+    KMeansGenerators,
+    NoExactLikelihoodError,
+    VAEGenerators,
+)
+from vmonf._validation import (
+    check_array,
+    check_choice,
+    check_positive_float,
+    check_positive_int,
+)
+from vmonf.base import MixtureEstimator
+from vmonf.training import TrainConfig
+
+__all__ = ["ASSIGNMENTS", "GENERATORS", "INITS", "CompetitiveMixture", "CompetitiveModel"]
+
+GENERATORS = ("flow", "vae", "kmeans")
+ASSIGNMENTS = ("exact", "discriminator")
+INITS = ("uniform", "random_split", "kmeans", "bootstrap")
+
+
+class CompetitiveModel(nn.Module):
+    """What a fitted :class:`CompetitiveMixture` holds: generators, optional discriminators,
+    log mixing weights (K,) and the discriminators' log normalisers (K,)."""
+
+    def __init__(self, generators: Generators, discriminators: Discriminators | None) -> None:
+        super().__init__()
+        self.generators = generators
+        self.discriminators = discriminators
+        k = generators.n_components
+        self.register_buffer("log_weights", torch.full((k,), -math.log(k)))
+        self.register_buffer("log_norm", torch.zeros(k))
+
+
+class CompetitiveMixture(MixtureEstimator):
+    """Competitive training of K generators (Locatello et al. 2018, Algorithm 1).
+
+    After pre-training (``init``), each round trains every generator on the points
+    it owns (one batched computation with an (N, K) one-hot mask) for
+    ``max_epochs`` epochs, then re-assigns every point to the generator with the
+    highest likelihood estimate: the exact log p_k(x) (``assignment="exact"``) or
+    the discriminators' density-ratio estimate (``"discriminator"``). It stops when
+    no more than ``tol * N`` points change owner, or after ``max_rounds`` rounds.
+    Mixing weights are the shares of points won.
+
+    Args:
+        n_components: number of generators K.
+        generator: ``"flow"`` (exact likelihood), ``"vae"`` (no exact likelihood:
+            ``score_samples`` raises; use the KDE protocol) or ``"kmeans"`` (the
+            degenerate generator x = mu_k + eps: competitive training is k-means).
+        assignment: ``"exact"`` (argmax log p_k(x); flows and k-means only) or
+            ``"discriminator"`` (argmax of the normalised (1 - D_k)/D_k).
+        assign_with_weights: add log pi_k to the scores before the argmax.
+        init: ``"uniform"`` (pre-train every generator on all points),
+            ``"random_split"`` (each on a random 1/K of them), ``"kmeans"`` (each on
+            one k-means cluster of the standardised points), ``"bootstrap"`` (each on
+            a bootstrap of N/K points: bagging) or an (N,) array of initial owners.
+        pretrain_epochs: epochs of pre-training.
+        max_rounds: rounds of Algorithm 1 (0 = keep the pre-trained generators with
+            equal weights: bagging or a single model, see :mod:`competitive.baselines`).
+        tol: converged when at most ``tol * N`` points change owner in a round.
+        min_share: load balancing: a generator winning fewer than ``min_share * N``
+            points keeps training on its best ``min_share * N`` points with mixing
+            weight 0 (default 0.1 / K).
+        n_layers, hidden_features, n_hidden_layers, activation, max_log_scale,
+            linear: flow architecture (see :class:`vmonf.ComponentFlows`);
+            ``hidden_features`` and ``n_hidden_layers`` also size the VAEs'
+            encoder and decoder (default width 64 for flows, 50 for VAEs).
+        latent_features, decoder_noise: VAE latent size; sample p(x|z) or its mean.
+        discriminator_hidden, discriminator_layers, discriminator_epochs,
+            discriminator_batch_size, discriminator_learning_rate,
+            discriminator_betas: the paper's defaults (2-500-500-1 ReLU MLP, 2
+            epochs, batch 32, Adam 8e-4 with beta1 0.5), real = all training
+            points, fake = as many samples of each generator.
+        keep_discriminators: continue training the same discriminators every round
+            instead of fresh ones.
+        max_epochs: generator epochs per round (the paper: 10).
+        max_time: wall-clock budget of the whole fit in seconds (None = no limit).
+        batch_size, learning_rate, adam_betas, weight_decay, lr_schedule: generator
+            optimiser (Adam; ``"constant"`` or ``"cosine"``, restarted every round).
+        validation_fraction: share of points held out for ``history_["val_score"]``.
+        random_state, verbose, device, dtype, n_threads: as :class:`vmonf.VMoNF`.
+        callback: ``callback(estimator, round)`` after every round (round 0 = after
+            pre-training); inside it the public methods use the current model.
+
+    Fitted attributes: ``weights_`` (K,), ``labels_`` (owners of the training
+    points, (N_train,)), ``history_`` (per round: ``share`` (K,), ``n_changed``,
+    ``val_score`` (held-out mean log p(x), nats; an ELBO bound for VAEs),
+    ``round_time`` and ``time`` (s)), ``n_iter_`` (rounds), ``converged_``,
+    ``pretrain_time_`` (s), ``n_features_in_``.
+    """
+
+    _checkpoint_kind = "CompetitiveMixture"
+
+    def __init__(
+        self,
+        n_components: int = 3,
+        *,
+        generator: str = "flow",
+        assignment: str = "exact",
+        assign_with_weights: bool = False,
+        init: str | Any = "uniform",
+        pretrain_epochs: int = 10,
+        max_rounds: int = 20,
+        tol: float = 0.0,
+        min_share: float | None = None,
+        n_layers: int = 6,
+        hidden_features: int | None = None,
+        n_hidden_layers: int = 2,
+        activation: str = "relu",
+        max_log_scale: float = 3.0,
+        linear: bool = True,
+        latent_features: int = 5,
+        decoder_noise: bool = True,
+        discriminator_hidden: int = 500,
+        discriminator_layers: int = 2,
+        discriminator_epochs: int = 2,
+        discriminator_batch_size: int = 32,
+        discriminator_learning_rate: float = 8e-4,
+        discriminator_betas: tuple[float, float] = (0.5, 0.999),
+        keep_discriminators: bool = False,
+        max_epochs: int = 10,
+        max_time: float | None = None,
+        batch_size: int = 256,
+        learning_rate: float = 1e-3,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        weight_decay: float = 0.0,
+        lr_schedule: str = "constant",
+        validation_fraction: float = 0.1,
+        random_state: int | None = None,
+        verbose: bool = False,
+        device: str = "cpu",
+        dtype: str = "float32",
+        n_threads: int | None = 1,
+        callback: Callable[[CompetitiveMixture, int], None] | None = None,
+    ) -> None:
+        self.n_components = n_components
+        self.generator = generator
+        self.assignment = assignment
+        self.assign_with_weights = assign_with_weights
+        self.init = init
+        self.pretrain_epochs = pretrain_epochs
+        self.max_rounds = max_rounds
+        self.tol = tol
+        self.min_share = min_share
+        self.n_layers = n_layers
+        self.hidden_features = hidden_features
+        self.n_hidden_layers = n_hidden_layers
+        self.activation = activation
+        self.max_log_scale = max_log_scale
+        self.linear = linear
+        self.latent_features = latent_features
+        self.decoder_noise = decoder_noise
+        self.discriminator_hidden = discriminator_hidden
+        self.discriminator_layers = discriminator_layers
+        self.discriminator_epochs = discriminator_epochs
+        self.discriminator_batch_size = discriminator_batch_size
+        self.discriminator_learning_rate = discriminator_learning_rate
+        self.discriminator_betas = discriminator_betas
+        self.keep_discriminators = keep_discriminators
+        self.max_epochs = max_epochs
+        self.max_time = max_time
+        self.batch_size = batch_size
+        self.learning_rate = learning_rate
+        self.adam_betas = adam_betas
+        self.weight_decay = weight_decay
+        self.lr_schedule = lr_schedule
+        self.validation_fraction = validation_fraction
+        self.random_state = random_state
+        self.verbose = verbose
+        self.device = device
+        self.dtype = dtype
+        self.n_threads = n_threads
+        self.callback = callback
+
+    # -- validation ----------------------------------------------------------------------
+    def _validate_params(self) -> None:
+        check_choice(self.generator, "generator", GENERATORS)
+        check_choice(self.assignment, "assignment", ASSIGNMENTS)
+        if self.assignment == "exact" and self.generator == "vae":
+            raise ValueError(
+                "assignment='exact' needs generators with an exact likelihood; VAEs have "
+                "none: use assignment='discriminator'"
+            )
+        if isinstance(self.init, str):
+            check_choice(self.init, "init", INITS)
+        check_positive_int(self.pretrain_epochs, "pretrain_epochs")
+        check_positive_int(self.max_rounds, "max_rounds", minimum=0)
+        tol = check_positive_float(self.tol, "tol", allow_zero=True)
+        if tol >= 1.0:
+            raise ValueError(f"tol must be < 1, got {tol}")
+        if self.min_share is not None:
+            share = check_positive_float(self.min_share, "min_share", allow_zero=True)
+            if share * self.n_components >= 1.0:
+                raise ValueError(
+                    f"min_share must be < 1 / n_components = {1 / self.n_components:.4g}, "
+                    f"got {share}"
+                )
+        check_positive_int(self.discriminator_epochs, "discriminator_epochs")
+        check_positive_int(self.discriminator_batch_size, "discriminator_batch_size")
+        check_positive_float(self.discriminator_learning_rate, "discriminator_learning_rate")
+        fraction = check_positive_float(
+            self.validation_fraction, "validation_fraction", allow_zero=True
+        )
+        if fraction >= 0.5:
+            raise ValueError(f"validation_fraction must be < 0.5, got {fraction}")
+        # Architectures and optimiser settings are checked by their constructors.
+        self._generator_config(1, None)
+        self._discriminator_config(None)
+
+    def _min_share(self) -> float:
+        return 0.1 / self.n_components if self.min_share is None else float(self.min_share)
+
+    def _generator_config(self, epochs: int, max_time: float | None) -> TrainConfig:
+        return TrainConfig(
+            max_epochs=epochs,
+            max_time=max_time,
+            batch_size=self.batch_size,
+            learning_rate=self.learning_rate,
+            adam_betas=tuple(self.adam_betas),
+            weight_decay=self.weight_decay,
+            lr_schedule=self.lr_schedule,
+            verbose=self.verbose,
+            desc=f"{self.generator} generators",
+        )
+
+    def _discriminator_config(self, max_time: float | None) -> TrainConfig:
+        return TrainConfig(
+            max_epochs=self.discriminator_epochs,
+            max_time=max_time,
+            batch_size=self.discriminator_batch_size,
+            learning_rate=self.discriminator_learning_rate,
+            adam_betas=tuple(self.discriminator_betas),
+            lr_schedule="constant",
+            verbose=self.verbose,
+            desc="discriminators",
+        )
+
+    # -- building ----------------------------------------------------------------------
+    def _build_generators(self) -> Generators:
+        d, k = self.n_features_in_, self.n_components
+        if self.generator == "kmeans":
+            return KMeansGenerators(d, k)
+        if self.generator == "vae":
+            return VAEGenerators(
+                d,
+                k,
+                hidden_features=self.hidden_features or 50,
+                n_hidden_layers=self.n_hidden_layers,
+                latent_features=self.latent_features,
+                activation=self.activation,
+                decoder_noise=self.decoder_noise,
+            )
+        return FlowGenerators(
+            d,
+            k,
+            n_layers=self.n_layers,
+            hidden_features=self.hidden_features or 64,
+            n_hidden_layers=self.n_hidden_layers,
+            activation=self.activation,
+            max_log_scale=self.max_log_scale,
+            linear=self.linear,
+        )
+
+    def _build_discriminators(self) -> Discriminators:
+        module = Discriminators(
+            self.n_features_in_,
+            self.n_components,
+            self.discriminator_hidden,
+            self.discriminator_layers,
+        )
+        return module.to(device=self._torch_device, dtype=self._torch_dtype)
+
+    def _build(self) -> CompetitiveModel:
+        discriminators = (
+            self._build_discriminators() if self.assignment == "discriminator" else None
+        )
+        model = CompetitiveModel(self._build_generators(), discriminators)
+        return model.to(device=self._torch_device, dtype=self._torch_dtype)
+
+    # -- hooks ---------------------------------------------------------------------------
+    def _log_joint(self, u: Tensor) -> Tensor:
+        return self.model_.log_weights + self.model_.generators.log_prob(u)
+
+    def _scores(self, u: Tensor) -> Tensor:
+        """Log-likelihood estimates (N, K) that assignments maximise (standardised units)."""
+        model = self.model_
+        if self.assignment == "exact":
+            scores = model.generators.log_prob(u)
+        else:
+            if model.discriminators is None:
+                raise ValueError("no discriminators were trained (max_rounds=0): cannot assign")
+            scores = model.discriminators.log_ratio(u) - model.log_norm
+        return scores + model.log_weights if self.assign_with_weights else scores
+
+    def _log_proba(self, u: Tensor) -> Tensor:
+        return torch.log_softmax(self._scores(u), dim=1)
+
+    def _sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+        probs = self.model_.log_weights.exp().double().cpu()
+        components = torch.multinomial(probs, n, replacement=True, generator=generator)
+        components = components.to(self._torch_device)
+        return self.model_.generators.sample_components(components, generator), components
+
+    def _fitted_state(self) -> dict[str, Any]:
+        return {
+            "weights_": self.weights_,
+            "labels_": self.labels_,
+            "history_": self.history_,
+            "n_iter_": self.n_iter_,
+            "converged_": self.converged_,
+            "pretrain_time_": self.pretrain_time_,
+        }
+
+    # -- public API ----------------------------------------------------------------------
+    def save(self, path: str | os.PathLike) -> Path:
+        """Write the fitted estimator atomically (an array ``init`` is saved as a list)."""
+        init = self.init
+        if isinstance(init, np.ndarray):
+            self.init = init.tolist()  # torch.load(weights_only=True) reads lists, not arrays
+        try:
+            return super().save(path)
+        finally:
+            self.init = init
+
+    def score_samples(self, X: object) -> np.ndarray:
+        """Exact log p(x) of each row, (N,), nats, user's units (flows and k-means only)."""
+        if self.generator == "vae":
+            raise NoExactLikelihoodError(
+                "VAE generators have no exact likelihood, so score_samples is undefined; "
+                "evaluate samples with the KDE protocol instead: "
+                "vmonf.metrics.kde_log_likelihood(model.sample(n)[0], X_test)"
+            )
+        return super().score_samples(X)
+
+    def log_ratio(self, X: object) -> np.ndarray:
+        """Discriminators' estimate of log p_k(x) - log p_data(x), (N, K), nats.
+
+        The normalised density-ratio trick (see :mod:`competitive.discriminators`);
+        the difference of log densities is the same in any units. Compare it with
+        the exact ``log p_k - log p_data``, not with log p_k alone.
+        """
+        u = self._validate_X(X)
+        if self.model_.discriminators is None:
+            raise ValueError("log_ratio needs assignment='discriminator' and max_rounds >= 1")
+        return self._chunked(
+            lambda c: self.model_.discriminators.log_ratio(c) - self.model_.log_norm, u
+        )
+
+    def elbo(self, X: object) -> np.ndarray:
+        """log sum_k pi_k exp(bound_k(x)), (N,), nats, user's units: exact log p(x) for
+        flows, a one-sample ELBO lower bound for VAEs."""
+        u = self._validate_X(X)
+        return self._chunked(self._bound, u)
+
+    def _bound(self, u: Tensor) -> Tensor:
+        joint = self.model_.log_weights + self.model_.generators.log_likelihood_bound(u)
+        return torch.logsumexp(joint, dim=1) + self.standardizer_.log_abs_det()
+
+    # -- fitting -------------------------------------------------------------------------
+    def _split(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """Train and held-out indices; no shuffling when nothing is held out."""
+        n_val = round(self.validation_fraction * n)
+        if n_val < 1 or n - n_val < self.n_components:
+            return torch.arange(n), None
+        order = torch.randperm(n, generator=generator)
+        return order[n_val:], order[:n_val]
+
+    def _initial_weights(
+        self, n: int, train_idx: Tensor, x_train: Tensor, generator: torch.Generator
+    ) -> Tensor:
+        """(N_train, K) pre-training weights of ``init``."""
+        k = self.n_components
+        if not isinstance(self.init, str):
+            owners = check_array(self.init, "init", allow_1d=True)[:, 0]
+            if owners.shape[0] != n or np.any(owners != np.round(owners)):
+                raise ValueError(f"init as an array must hold {n} integer owners, one per row of X")
+            if owners.min() < 0 or owners.max() >= k:
+                raise ValueError(f"init owners must lie in [0, {k})")
+            owners_t = torch.as_tensor(owners.astype(np.int64))[train_idx]
+            return F.one_hot(owners_t, k).to(self._torch_dtype)
+        m = train_idx.numel()
+        if self.init == "uniform":
+            return torch.ones(m, k, dtype=self._torch_dtype)
+        if self.init == "kmeans":
+            seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+            km = KMeans(k, n_init=10, random_state=seed)
+            owners_t = torch.as_tensor(km.fit_predict(x_train.double().cpu().numpy()))
+            return F.one_hot(owners_t.long(), k).to(self._torch_dtype)
+        if self.init == "random_split":
+            return F.one_hot(torch.randint(0, k, (m,), generator=generator), k).to(
+                self._torch_dtype
+            )
+        # bootstrap: each generator gets N/K points drawn with replacement (counts = weights)
+        draws = torch.randint(0, m, (k, max(1, m // k)), generator=generator)
+        counts = torch.zeros(k, m, dtype=self._torch_dtype)
+        counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=self._torch_dtype))
+        return counts.T
+
+    def _remaining(self, started: float) -> float | None:
+        if self.max_time is None:
+            return None
+        return max(self.max_time - (time.perf_counter() - started), 1e-3)
+
+    def _assignment_scores(self, x: Tensor, generator: torch.Generator, started: float) -> Tensor:
+        """Train the discriminators if needed, then the (N, K) scores of the training points."""
+        model = self.model_
+        if self.assignment == "discriminator":
+            if model.discriminators is None or not self.keep_discriminators:
+                model.discriminators = self._build_discriminators()
+            model.generators.eval()
+            with torch.no_grad():
+                fake = model.generators.sample(x.shape[0], generator)
+            fit_discriminators(
+                model.discriminators,
+                x,
+                fake,
+                self._discriminator_config(self._remaining(started)),
+                generator,
+            )
+            model.log_norm.copy_(log_ratio_normaliser(model.discriminators, x))
+        model.eval()
+        with torch.no_grad():
+            return torch.cat([self._scores(c) for c in x.split(65536)])
+
+    def _held_out_score(self, x_val: Tensor | None) -> float:
+        if x_val is None:
+            return math.nan
+        self.model_.eval()
+        with torch.no_grad():
+            return float(torch.cat([self._bound(c) for c in x_val.split(65536)]).mean())
+
+    def _notify(self, round_: int) -> None:
+        if self.callback is not None:
+            self.callback(self, round_)
+            self.model_.eval()
+
+    def _fit(self, x: Tensor, y: Tensor, generator: torch.Generator) -> None:
+        if bool((y >= 0).any()):
+            raise ValueError("CompetitiveMixture is unsupervised: fit(X) takes no labels y")
+        started = time.perf_counter()
+        n, k = x.shape[0], self.n_components
+        train_idx, val_idx = self._split(n, generator)
+        x_train = x[train_idx]
+        x_val = None if val_idx is None else x[val_idx]
+        init = self._initial_weights(n, train_idx.cpu(), x_train, generator).to(x.device)
+        minimum = min_count(x_train.shape[0], self._min_share())
+
+        self.model_ = model = self._build()
+        gens = model.generators
+        gens.fit_weighted(
+            x_train,
+            init,
+            self._generator_config(self.pretrain_epochs, self._remaining(started)),
+            generator,
+        )
+        self.pretrain_time_ = time.perf_counter() - started
+        history: dict[str, list[Any]] = {
+            "share": [], "n_changed": [], "val_score": [], "round_time": [], "time": [],
+        }  # fmt: skip
+        owners = init.argmax(1)
+        converged = False
+        n_rounds = 0
+        if self.max_rounds > 0:
+            scores = self._assignment_scores(x_train, generator, started)
+            owners = hard_assign(scores)
+            model.log_weights.copy_(mixing_weights(owners, k, minimum).log())
+            self._notify(0)
+            for _ in range(self.max_rounds):
+                if self.max_time is not None and time.perf_counter() - started > self.max_time:
+                    break
+                round_started = time.perf_counter()
+                gens.fit_weighted(
+                    x_train,
+                    training_weights(owners, scores, minimum),
+                    self._generator_config(self.max_epochs, self._remaining(started)),
+                    generator,
+                )
+                scores = self._assignment_scores(x_train, generator, started)
+                new = hard_assign(scores, previous=owners)
+                changed = int((new != owners).sum())
+                owners = new
+                n_rounds += 1
+                model.log_weights.copy_(mixing_weights(owners, k, minimum).log())
+                history["share"].append(
+                    (torch.bincount(owners, minlength=k).double() / owners.numel()).tolist()
+                )
+                history["n_changed"].append(changed)
+                history["val_score"].append(self._held_out_score(x_val))
+                history["round_time"].append(time.perf_counter() - round_started)
+                history["time"].append(time.perf_counter() - started)
+                self._notify(n_rounds)
+                if changed <= self.tol * x_train.shape[0]:
+                    converged = True
+                    break
+        else:
+            converged = True  # nothing to converge: bagging / a single model
+        self.labels_ = owners.cpu().numpy().astype(np.int64)
+        self.weights_ = model.log_weights.exp().double().cpu().numpy()
+        self.history_ = history
+        self.n_iter_ = n_rounds
+        self.converged_ = converged
+        model.eval()
+        if not converged:
+            warnings.warn(
+                f"CompetitiveMixture: assignments still changed after {n_rounds} round(s) "
+                f"({history['n_changed'][-1] if history['n_changed'] else 'n/a'} points in "
+                "the last); raise max_rounds or tol",
+                ConvergenceWarning,
+                stacklevel=3,
+            )

@@ -1,0 +1,264 @@
+"""K generators behind one small protocol: train on weighted points, sample, optional log p.
+
+Every class here holds K independent generators evaluated together (weights of
+shape (K, ...), one batched computation, no Python loop over K):
+
+* :class:`FlowGenerators` — K affine-coupling flows (:class:`vmonf.ComponentFlows`),
+  exact log-likelihood;
+* :class:`VAEGenerators` — K Gaussian VAEs (Locatello et al.: encoder and
+  decoder 2 x 50 ReLU, latent 5); no exact likelihood, an ELBO instead;
+* :class:`KMeansGenerators` — the degenerate generator x = mu_k + eps (constant
+  encoder, identity decoder) with which competitive training *is* k-means.
+
+Training takes an (N, K) weight per point and generator (a one-hot assignment,
+plus the extra points load balancing lends; bootstrap counts for bagging) and
+minimises ``sum_k weight_k(x) * loss_k(x)`` averaged over points.
+"""
+
+from __future__ import annotations
+
+import math
+from abc import ABC, abstractmethod
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from vmonf._validation import check_positive_int
+from vmonf.coupling import BatchedMLP, bounded_log_scale
+from vmonf.flows import ComponentFlows
+from vmonf.training import TrainConfig, TrainResult, train
+
+__all__ = [
+    "FlowGenerators",
+    "Generators",
+    "KMeansGenerators",
+    "NoExactLikelihoodError",
+    "VAEGenerators",
+]
+
+LOG_2PI = math.log(2.0 * math.pi)
+
+
+class NoExactLikelihoodError(NotImplementedError):
+    """The generators have no exact likelihood (VAEs): use the KDE protocol or an ELBO."""
+
+
+def _gaussian_log_prob(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
+    """log N(x; mean, diag exp(log_var)) summed over the last axis, nats."""
+    return -0.5 * ((x - mean) ** 2 * torch.exp(-log_var) + log_var + LOG_2PI).sum(-1)
+
+
+class Generators(nn.Module, ABC):
+    """K generators of D-dimensional points, trained and evaluated together.
+
+    Subclasses implement :meth:`per_point_loss` and :meth:`sample`; those with an
+    exact density set ``exact = True`` and implement :meth:`log_prob`.
+    """
+
+    exact: ClassVar[bool] = False
+
+    def __init__(self, n_features: int, n_components: int) -> None:
+        super().__init__()
+        self.n_features = check_positive_int(n_features, "n_features")
+        self.n_components = check_positive_int(n_components, "n_components")
+
+    @abstractmethod
+    def per_point_loss(self, x: Tensor) -> Tensor:
+        """Training loss of every generator at every point: x (N, D) -> (N, K), nats."""
+
+    @abstractmethod
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        """``n`` points from every generator: (K, n, D)."""
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        """Exact log p_k(x): (N, D) -> (N, K), nats."""
+        raise NoExactLikelihoodError(
+            f"{type(self).__name__} have no exact likelihood; score their samples with the "
+            "KDE protocol (vmonf.metrics.kde_log_likelihood)"
+        )
+
+    def log_likelihood_bound(self, x: Tensor) -> Tensor:
+        """log p_k(x) or a lower bound on it (N, K), nats: what held-out scores report."""
+        return self.log_prob(x)
+
+    def sample_components(self, components: Tensor, generator: torch.Generator | None) -> Tensor:
+        """One point from generator ``components[i]`` for each i: (n,) -> (n, D)."""
+        n = components.numel()
+        return self.sample(n, generator)[components, torch.arange(n, device=components.device)]
+
+    def fit_weighted(
+        self, x: Tensor, weights: Tensor, config: TrainConfig, generator: torch.Generator
+    ) -> TrainResult:
+        """Minimise mean_i sum_k weights[i, k] * loss_k(x_i) with :func:`vmonf.training.train`.
+
+        Args:
+            x: (N, D) points.
+            weights: (N, K) non-negative weights (a one-hot assignment mask, bootstrap
+                counts, ...); one batched computation trains all K generators.
+        """
+
+        def objective(batch: tuple[Tensor, ...], _: int) -> Tensor:
+            xb, wb = batch
+            return (wb * self.per_point_loss(xb)).sum(1).mean()
+
+        return train(self, objective, (x, weights), config, generator=generator)
+
+    @property
+    def _reference(self) -> Tensor:
+        return next(self.parameters())
+
+
+class FlowGenerators(Generators):
+    """K affine-coupling flows (exact likelihood); see :class:`vmonf.ComponentFlows`."""
+
+    exact = True
+
+    def __init__(
+        self,
+        n_features: int,
+        n_components: int,
+        *,
+        n_layers: int = 6,
+        hidden_features: int = 64,
+        n_hidden_layers: int = 2,
+        activation: str = "relu",
+        max_log_scale: float = 3.0,
+        linear: bool = True,
+    ) -> None:
+        super().__init__(n_features, n_components)
+        self.flows = ComponentFlows(
+            n_features,
+            n_components,
+            n_layers=n_layers,
+            hidden_features=hidden_features,
+            n_hidden_layers=n_hidden_layers,
+            activation=activation,
+            max_log_scale=max_log_scale,
+            linear=linear,
+        )
+
+    def per_point_loss(self, x: Tensor) -> Tensor:
+        return -self.flows.log_prob(x)
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        return self.flows.log_prob(x)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        return self.flows.sample(n, generator=generator)
+
+    def sample_components(self, components: Tensor, generator: torch.Generator | None) -> Tensor:
+        return self.flows.sample_components(components, generator)
+
+
+class VAEGenerators(Generators):
+    r"""K Gaussian VAEs: q(z|x) = N(mu(x), diag sigma^2(x)), p(x|z) = N(m(z), diag s^2(z)).
+
+    Encoder D -> hidden^L -> 2 * latent and decoder latent -> hidden^L -> 2 * D, ReLU,
+    as :class:`vmonf.coupling.BatchedMLP` (K, in, out) weights. The training loss
+    is the negative ELBO with one reparameterised sample of z; log-variances are
+    soft-clamped to (-``max_log_var``, ``max_log_var``).
+
+    Args:
+        decoder_noise: sample x ~ p(x|z) (True, the model's marginal) or return the
+            decoder mean m(z) (False).
+    """
+
+    def __init__(
+        self,
+        n_features: int,
+        n_components: int,
+        *,
+        hidden_features: int = 50,
+        n_hidden_layers: int = 2,
+        latent_features: int = 5,
+        activation: str = "relu",
+        decoder_noise: bool = True,
+        max_log_var: float = 8.0,
+    ) -> None:
+        super().__init__(n_features, n_components)
+        self.latent_features = check_positive_int(latent_features, "latent_features")
+        hidden = check_positive_int(hidden_features, "hidden_features")
+        layers = check_positive_int(n_hidden_layers, "n_hidden_layers", minimum=0)
+        self.decoder_noise = bool(decoder_noise)
+        self.max_log_var = float(max_log_var)
+        k, d, z = n_components, n_features, self.latent_features
+        self.encoder = BatchedMLP(k, d, 2 * z, hidden, layers, activation, zero_last=False)
+        self.decoder = BatchedMLP(k, z, 2 * d, hidden, layers, activation, zero_last=False)
+
+    def _split(self, params: Tensor) -> tuple[Tensor, Tensor]:
+        half = params.shape[-1] // 2
+        return params[..., :half], bounded_log_scale(params[..., half:], self.max_log_var)
+
+    def elbo(self, x: Tensor) -> Tensor:
+        """One-sample ELBO of every VAE at every point: (N, D) -> (N, K), nats."""
+        xs = x.expand(self.n_components, *x.shape)
+        mu, log_var = self._split(self.encoder(xs))
+        z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
+        mean, dec_log_var = self._split(self.decoder(z))
+        kl = 0.5 * (mu**2 + torch.exp(log_var) - 1.0 - log_var).sum(-1)
+        return (_gaussian_log_prob(xs, mean, dec_log_var) - kl).transpose(0, 1)
+
+    def per_point_loss(self, x: Tensor) -> Tensor:
+        return -self.elbo(x)
+
+    def log_likelihood_bound(self, x: Tensor) -> Tensor:
+        return self.elbo(x)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        ref = self._reference
+        z = torch.randn(
+            self.n_components, n, self.latent_features,
+            generator=generator, dtype=ref.dtype, device=ref.device,
+        )  # fmt: skip
+        mean, log_var = self._split(self.decoder(z))
+        if not self.decoder_noise:
+            return mean
+        eps = torch.randn(mean.shape, generator=generator, dtype=ref.dtype, device=ref.device)
+        return mean + torch.exp(0.5 * log_var) * eps
+
+
+class KMeansGenerators(Generators):
+    """The degenerate generator x = mu_k + eps, eps ~ N(0, I): competitive training = k-means.
+
+    ``log p_k(x) = -|x - mu_k|^2 / 2 - D/2 log 2 pi``, so the argmax assignment is
+    the nearest centre, and :meth:`fit_weighted` sets each centre to the weighted
+    mean of its points (the exact minimiser of its loss), as Lloyd's step does.
+    """
+
+    exact = True
+
+    def __init__(self, n_features: int, n_components: int, centres: Tensor | None = None) -> None:
+        super().__init__(n_features, n_components)
+        initial = torch.randn(n_components, n_features) if centres is None else centres
+        if tuple(initial.shape) != (n_components, n_features):
+            raise ValueError(
+                f"centres must have shape ({n_components}, {n_features}), "
+                f"got {tuple(initial.shape)}"
+            )
+        self.centres = nn.Parameter(initial.clone())
+
+    def log_prob(self, x: Tensor) -> Tensor:
+        sq = (x[:, None, :] - self.centres).square().sum(-1)  # exact, unlike cdist's matmul
+        return -0.5 * sq - 0.5 * self.n_features * LOG_2PI
+
+    def per_point_loss(self, x: Tensor) -> Tensor:
+        return -self.log_prob(x)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        c = self.centres
+        noise = torch.randn(
+            self.n_components, n, self.n_features, generator=generator, dtype=c.dtype,
+            device=c.device,
+        )  # fmt: skip
+        return c[:, None, :] + noise
+
+    @torch.no_grad()
+    def fit_weighted(
+        self, x: Tensor, weights: Tensor, config: TrainConfig, generator: torch.Generator
+    ) -> TrainResult:
+        """Closed form: mu_k = sum_i w_ik x_i / sum_i w_ik (a centre with no weight stays)."""
+        total = weights.sum(0)
+        means = (weights.T @ x) / total.clamp_min(1e-300)[:, None]
+        self.centres.copy_(torch.where(total[:, None] > 0, means, self.centres))
+        return TrainResult(n_epochs=1, n_steps=1)

@@ -1,0 +1,345 @@
+"""Competitive training: generators, discriminators, assignment, the estimator, the k-means case."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
+
+from competitive import (
+    CompetitiveMixture,
+    Discriminators,
+    FlowGenerators,
+    KMeansGenerators,
+    NoExactLikelihoodError,
+    VAEGenerators,
+    bagging,
+    single_model,
+)
+from competitive.assignment import hard_assign, mixing_weights, training_weights
+from competitive.discriminators import fit_discriminators, log_ratio_normaliser
+from vmonf.cli import main
+from vmonf.training import TrainConfig
+
+FAST = dict(
+    n_layers=2,
+    hidden_features=16,
+    pretrain_epochs=2,
+    max_epochs=2,
+    max_rounds=4,
+    batch_size=128,
+    learning_rate=5e-3,
+    dtype="float64",
+)
+MEANS = np.array([[0.0, 0.0], [8.0, 0.0], [0.0, 8.0]])
+
+
+def blobs(n: int = 600, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    return MEANS[y] + rng.normal(size=(n, 2)), y
+
+
+def gaussian_log_prob(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
+    """log N(x; mean_k, I), (N, K)."""
+    return -0.5 * (x[:, None, :] - means).square().sum(-1) - math.log(2 * math.pi)
+
+
+@pytest.fixture(scope="module")
+def fitted() -> tuple[CompetitiveMixture, np.ndarray, np.ndarray]:
+    X, y = blobs()
+    return CompetitiveMixture(3, random_state=0, **FAST).fit(X), X, y
+
+
+# --------------------------------------------------------------------------- generators
+
+
+@pytest.mark.parametrize(
+    "module",
+    [
+        lambda: FlowGenerators(2, 3, n_layers=2, hidden_features=8),
+        lambda: VAEGenerators(2, 3, hidden_features=8),
+        lambda: KMeansGenerators(2, 3),
+    ],
+    ids=["flow", "vae", "kmeans"],
+)
+def test_generators_shapes_and_every_parameter_gets_a_gradient(module):
+    gens = module()
+    with torch.no_grad():  # leave the zero-initialised (identity) last layers of couplings
+        for p in gens.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(20, 2)
+    loss = gens.per_point_loss(x)
+    assert loss.shape == (20, 3) and loss.dtype == torch.float64
+    loss.sum().backward()
+    for name, p in gens.named_parameters():
+        assert p.grad is not None and torch.isfinite(p.grad).all(), name
+        assert p.grad.abs().sum() > 0, name
+    assert gens.sample(5).shape == (3, 5, 2)
+    components = torch.tensor([2, 0, 0, 1, 2])
+    assert gens.sample_components(components, None).shape == (5, 2)
+
+
+def test_discriminators_every_parameter_gets_a_gradient():
+    disc = Discriminators(2, 3, hidden_features=8)
+    assert disc(torch.randn(10, 2)).shape == (10, 3)
+    assert disc(torch.randn(3, 10, 2)).shape == (10, 3)
+    disc(torch.randn(10, 2)).sum().backward()
+    for name, p in disc.named_parameters():
+        assert p.grad is not None and p.grad.abs().sum() > 0, name
+
+
+def test_one_hot_mask_trains_only_the_owning_flow():
+    """A component with no weighted point gets no gradient: the mask selects components."""
+    gens = FlowGenerators(2, 3, n_layers=2, hidden_features=8)
+    with torch.no_grad():
+        for p in gens.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(40, 2)
+    weights = torch.zeros(40, 3)
+    weights[:20, 0] = 1.0
+    weights[20:, 2] = 1.0
+    (weights * gens.per_point_loss(x)).sum(1).mean().backward()
+    for name, p in gens.named_parameters():
+        grad = p.grad.reshape(3, -1) if p.shape[0] == 3 else None
+        if grad is not None:
+            assert grad[1].abs().max() == 0, name
+            assert grad[0].abs().max() > 0 or grad[2].abs().max() > 0, name
+
+
+def test_flow_log_prob_is_exact_and_vae_has_none():
+    gens = FlowGenerators(2, 2, n_layers=2, hidden_features=8)
+    assert gens.log_prob(torch.randn(4, 2)).shape == (4, 2)
+    vae = VAEGenerators(2, 2, hidden_features=8)
+    with pytest.raises(NoExactLikelihoodError, match="KDE protocol"):
+        vae.log_prob(torch.randn(4, 2))
+    assert vae.log_likelihood_bound(torch.randn(4, 2)).shape == (4, 2)
+
+
+# --------------------------------------------------------------------------- assignment
+
+
+def test_hard_assign_breaks_ties_deterministically():
+    scores = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [3.0, 1.0, 3.0], [math.nan, 0.0, 1.0]])
+    np.testing.assert_array_equal(hard_assign(scores).numpy(), [0, 1, 0, 2])
+    previous = torch.tensor([1, 2, 1, 0])
+    # keep the previous owner when it is among the maxima, else the lowest maximal index
+    np.testing.assert_array_equal(hard_assign(scores, previous).numpy(), [1, 2, 0, 2])
+
+
+def test_load_balancing_lends_best_points_and_zeroes_the_weight():
+    scores = torch.tensor(
+        [[0.0, -1.0, -5.0], [0.0, -2.0, -1.0], [0.0, -3.0, -2.0], [-4.0, 0.0, -3.0]]
+    )
+    owners = hard_assign(scores)  # [0, 0, 0, 1]: component 2 starves
+    weights = training_weights(owners, scores, minimum=1)
+    expected = torch.tensor([[1.0, 0, 0], [1, 0, 1], [1, 0, 0], [0, 1, 0]])
+    torch.testing.assert_close(weights, expected)  # 2 trains on its best point, owner kept
+    pi = mixing_weights(owners, 3, minimum=1)
+    torch.testing.assert_close(pi, torch.tensor([0.75, 0.25, 0.0], dtype=torch.float64))
+    pi = mixing_weights(owners, 3, minimum=2)  # component 1 (one point) is now starved too
+    torch.testing.assert_close(pi, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_starved_component_recovers(fitted):
+    """With load balancing every component keeps (or regains) points on separated blobs."""
+    model, X, y = fitted
+    assert np.all(np.bincount(model.labels_, minlength=3) > 0)
+    assert adjusted_rand_score(y, model.predict(X)) > 0.99
+
+
+# --------------------------------------------------------------------------- k-means case
+
+
+def test_kmeans_generator_reproduces_sklearn_kmeans_from_the_same_centres(tmp_path):
+    rng = np.random.default_rng(1)
+    X = np.concatenate([rng.normal(c, 1.5, size=(200, 2)) for c in ([0, 0], [4, 1], [1, 4])])
+    Z = (X - X.mean(0)) / X.std(0)  # the estimator clusters in standardised units
+    centres = Z[[0, 1, 2]]  # three points of the first blob: a poor start, many Lloyd steps
+    owners0 = np.argmin(((Z[:, None] - centres) ** 2).sum(-1), axis=1)
+    km = KMeans(3, init=centres, n_init=1, algorithm="lloyd", tol=0.0, max_iter=300).fit(Z)
+    model = CompetitiveMixture(
+        3,
+        generator="kmeans",
+        init=owners0,  # pre-training = the first centre update from `centres`
+        max_rounds=300,
+        min_share=0.0,
+        validation_fraction=0.0,
+        dtype="float64",
+        random_state=0,
+    ).fit(X)
+    assert model.converged_ and model.n_iter_ > 2
+    np.testing.assert_array_equal(model.labels_, km.labels_)
+    np.testing.assert_array_equal(model.predict(X), km.labels_)
+    np.testing.assert_allclose(
+        model.model_.generators.centres.detach().numpy(), km.cluster_centers_, atol=1e-10
+    )
+    loaded = CompetitiveMixture.load(model.save(tmp_path / "kmeans.pt"))
+    np.testing.assert_array_equal(loaded.predict(X), km.labels_)
+
+
+# --------------------------------------------------------------------------- discriminators
+
+
+def test_discriminator_estimate_agrees_with_exact_argmax_for_true_generators():
+    """Generators equal to the true modes: the density-ratio argmax is the exact argmax."""
+    torch.manual_seed(0)
+    means = torch.tensor(MEANS) / 4.0
+    y = torch.randint(0, 3, (1500,))
+    x = means[y] + torch.randn(1500, 2) / 4.0
+    fake = means[:, None, :] + torch.randn(3, 1500, 2) / 4.0  # samples of each true mode
+    disc = Discriminators(2, 3, hidden_features=64)
+    config = TrainConfig(
+        max_epochs=6, batch_size=64, learning_rate=3e-3, adam_betas=(0.5, 0.999),
+        lr_schedule="constant",
+    )  # fmt: skip
+    fit_discriminators(disc, x, fake, config, torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        estimate = disc.log_ratio(x) - log_ratio_normaliser(disc, x)
+    exact = gaussian_log_prob(x * 4.0, means * 4.0)
+    agreement = (estimate.argmax(1) == exact.argmax(1)).double().mean()
+    assert agreement >= 0.99
+    # the normalised ratio estimates log p_k - log p_data, which averages ~0 on the owner
+    p_data = torch.logsumexp(exact - math.log(3), 1)
+    owner_err = estimate.gather(1, y[:, None]).squeeze(1) - (exact[torch.arange(1500), y] - p_data)
+    assert owner_err.median().abs() < 0.5
+
+
+def test_fit_discriminators_rejects_mismatched_shapes():
+    disc = Discriminators(2, 3, hidden_features=8)
+    with pytest.raises(ValueError, match="fake"):
+        fit_discriminators(disc, torch.randn(10, 2), torch.randn(2, 10, 2), TrainConfig(), None)
+
+
+# --------------------------------------------------------------------------- estimator
+
+
+def test_fit_sets_history_and_weights(fitted):
+    model, X, _ = fitted
+    h = model.history_
+    assert set(h) == {"share", "n_changed", "val_score", "round_time", "time"}
+    assert len(h["share"]) == model.n_iter_ and all(len(s) == 3 for s in h["share"])
+    assert all(np.isfinite(h["val_score"]))
+    np.testing.assert_allclose(model.weights_.sum(), 1.0)
+    np.testing.assert_allclose(np.sort(model.weights_), np.sort(h["share"][-1]), atol=1e-12)
+    assert model.score_samples(X[:7]).shape == (7,)
+    np.testing.assert_allclose(model.elbo(X[:7]), model.score_samples(X[:7]), atol=1e-10)
+    samples, labels = model.sample(11, random_state=0)
+    assert samples.shape == (11, 2) and labels.shape == (11,)
+    np.testing.assert_allclose(model.predict_proba(X[:5]).sum(1), 1.0)
+
+
+def test_save_load_round_trip(fitted, tmp_path):
+    model, X, _ = fitted
+    loaded = CompetitiveMixture.load(model.save(tmp_path / "m.pt"))
+    np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+    np.testing.assert_array_equal(loaded.sample(5, random_state=1)[0], model.sample(5, 1)[0])
+    assert loaded.history_ == model.history_ and loaded.n_iter_ == model.n_iter_
+
+
+def test_same_seed_reproduces_different_seed_differs():
+    X, _ = blobs(300)
+    params = {**FAST, "max_rounds": 2}
+    a = CompetitiveMixture(3, random_state=5, **params).fit(X)
+    b = CompetitiveMixture(3, random_state=5, **params).fit(X)
+    c = CompetitiveMixture(3, random_state=6, **params).fit(X)
+    np.testing.assert_array_equal(a.score_samples(X), b.score_samples(X))
+    assert a.history_["n_changed"] == b.history_["n_changed"]
+    assert not np.array_equal(a.score_samples(X), c.score_samples(X))
+
+
+def test_discriminator_assignment_with_vaes_and_its_save_load(tmp_path):
+    X, _ = blobs(300)
+    model = CompetitiveMixture(
+        3, generator="vae", assignment="discriminator", hidden_features=16,
+        discriminator_hidden=32, discriminator_batch_size=64, pretrain_epochs=3, max_epochs=2,
+        max_rounds=2, batch_size=64, learning_rate=5e-3, keep_discriminators=True,
+        random_state=0, dtype="float64",
+    ).fit(X)  # fmt: skip
+    with pytest.raises(NoExactLikelihoodError, match="KDE protocol"):
+        model.score_samples(X)
+    assert np.all(np.isfinite(model.elbo(X)))
+    assert model.predict(X).shape == (300,)
+    ratio = model.log_ratio(X)
+    assert ratio.shape == (300, 3) and np.all(np.isfinite(ratio))
+    np.testing.assert_array_equal(ratio.argmax(1), model.predict(X))
+    loaded = CompetitiveMixture.load(model.save(tmp_path / "vae.pt"))
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+    np.testing.assert_array_equal(loaded.sample(4, random_state=0)[0], model.sample(4, 0)[0])
+
+
+def test_baselines_bagging_and_single_model():
+    X, _ = blobs(300)
+    bag = bagging(3, epochs=2, n_layers=2, hidden_features=8, random_state=0).fit(X)
+    np.testing.assert_allclose(bag.weights_, 1 / 3)
+    assert bag.n_iter_ == 0 and bag.converged_
+    one = single_model(generator="vae", epochs=2, random_state=0).fit(X)
+    assert one.weights_.tolist() == [1.0]
+    assert one.model_.generators.encoder.weights[0].shape == (1, 2, 150)
+    assert one.sample(10, random_state=0)[0].shape == (10, 2)
+
+
+@pytest.mark.parametrize(
+    ("params", "error", "match"),
+    [
+        ({"generator": "gan"}, ValueError, "generator"),
+        ({"assignment": "soft"}, ValueError, "assignment"),
+        ({"generator": "vae", "assignment": "exact"}, ValueError, "discriminator"),
+        ({"init": "kmeans++"}, ValueError, "init"),
+        ({"min_share": 0.5}, ValueError, "min_share"),
+        ({"tol": 1.0}, ValueError, "tol"),
+        ({"max_rounds": -1}, ValueError, "max_rounds"),
+        ({"pretrain_epochs": 1.5}, TypeError, "pretrain_epochs"),
+        ({"discriminator_batch_size": 0}, ValueError, "discriminator_batch_size"),
+        ({"adam_betas": (0.9, 1.5)}, ValueError, "adam_betas"),
+        ({"init": np.zeros(5)}, ValueError, "init"),
+    ],
+)
+def test_bad_parameters_name_the_argument(params, error, match):
+    X, _ = blobs(60)
+    with pytest.raises(error, match=match):
+        CompetitiveMixture(3, **{**FAST, **params}).fit(X)
+
+
+def test_bad_input_and_labels():
+    X, y = blobs(60)
+    with pytest.raises(ValueError, match="unsupervised"):
+        CompetitiveMixture(3, **FAST).fit(X, y)
+    with pytest.raises(ValueError, match="NaN"):
+        CompetitiveMixture(3, **FAST).fit(np.full((10, 2), np.nan))
+    with pytest.raises(ValueError, match="not fitted"):
+        CompetitiveMixture(3).predict(X)
+
+
+# --------------------------------------------------------------------------- the command
+
+
+def test_compete_command_writes_metrics_checkpoint_and_figures(tmp_path):
+    out = tmp_path / "run"
+    argv = [
+        "compete", "skewed_gmm", "--toy-param", "n_modes=3", "--n-train", "600",
+        "--n-test", "600", "--rounds", "2", "--epochs", "1", "--pretrain-epochs", "1",
+        "--layers", "2", "--hidden", "8", "--quiet", "--out", str(out),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    report = json.loads((out / "metrics.json").read_text())
+    assert report["command"] == "compete"
+    assert math.isfinite(report["metrics"]["kl_to_truth"])
+    assert len(report["history"]["share"]) == report["fitted"]["n_rounds"]
+    for name in ("model.pt", "assignments.png", "samples.png", "shares.png"):
+        assert (out / name).is_file(), name
+    assert CompetitiveMixture.load(out / "model.pt").n_components == 3
+
+
+def test_vmonf_never_imports_competitive():
+    code = "import sys, vmonf, vmonf.cli; assert 'competitive' not in sys.modules"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
