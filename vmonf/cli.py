@@ -119,20 +119,9 @@ def _toy_names() -> str:
     return ", ".join(datasets.available_toys())
 
 
-def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``vmonf fit``."""
-    p = subparsers.add_parser(
-        "fit",
-        help="fit VMoNF to a 2-D toy and compare it with the true density",
-        description=(
-            "Fit a variational mixture of normalizing flows (VMoNF) to samples of a "
-            "toy distribution with a known density, then report held-out "
-            "log-likelihood, KL to the truth, ELBO and amortisation gap, clustering "
-            "scores and (with --labels) accuracy. Writes metrics.json, model.pt and "
-            "figures to --out."
-        ),
-        formatter_class=_HelpFormatter,
-    )
+def _add_toy_arguments(p: argparse.ArgumentParser, unit: str) -> argparse._ArgumentGroup:
+    """TOY, --toy-param and --components (shared by fit and compete); returns the
+    "model" argument group for further options."""
     p.add_argument("toy", metavar="TOY", help=f"toy distribution: one of {_toy_names()}")
     p.add_argument(
         "--toy-param",
@@ -149,8 +138,36 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
         metavar="K",
         type=positive_int,
         default=None,
-        help="number of flows (default: the toy's number of classes)",
+        help=f"number of {unit} (default: the toy's number of classes)",
     )
+    return model
+
+
+def _estimator_overrides(args: argparse.Namespace, **names: str) -> dict[str, Any]:
+    """Estimator keyword -> value for each option the user gave; options left at None
+    fall back to the estimator's own defaults (one place for them)."""
+    return {
+        param: getattr(args, option)
+        for param, option in names.items()
+        if getattr(args, option) is not None
+    }
+
+
+def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``vmonf fit``."""
+    p = subparsers.add_parser(
+        "fit",
+        help="fit VMoNF to a 2-D toy and compare it with the true density",
+        description=(
+            "Fit a variational mixture of normalizing flows (VMoNF) to samples of a "
+            "toy distribution with a known density, then report held-out "
+            "log-likelihood, KL to the truth, ELBO and amortisation gap, clustering "
+            "scores and (with --labels) accuracy. Writes metrics.json, model.pt and "
+            "figures to --out."
+        ),
+        formatter_class=_HelpFormatter,
+    )
+    model = _add_toy_arguments(p, "flows")
     model.add_argument(
         "--objective",
         choices=("elbo", "marginal"),
@@ -164,10 +181,16 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
         help="softmax temperature of q: 1, or annealed T = exp(-1e-3 step) as in the paper",
     )
     model.add_argument(
-        "--layers", metavar="L", type=positive_int, default=8, help="coupling layers per flow"
+        "--layers",
+        metavar="L",
+        type=positive_int,
+        help="coupling layers per flow (default: VMoNF's)",
     )
     model.add_argument(
-        "--hidden", metavar="H", type=positive_int, default=64, help="hidden units of each coupling"
+        "--hidden",
+        metavar="H",
+        type=positive_int,
+        help="hidden units of each coupling (default: VMoNF's)",
     )
     data = p.add_argument_group("data")
     data.add_argument(
@@ -199,7 +222,10 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
     )
     train = p.add_argument_group("training")
     train.add_argument(
-        "--epochs", metavar="E", type=positive_int, default=200, help="maximum training epochs"
+        "--epochs",
+        metavar="E",
+        type=positive_int,
+        help="maximum training epochs (default: VMoNF's)",
     )
     train.add_argument(
         "--max-time",
@@ -209,21 +235,19 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
         help="training time budget in seconds (default: no limit)",
     )
     train.add_argument(
-        "--batch-size", metavar="B", type=positive_int, default=256, help="points per step"
+        "--batch-size", metavar="B", type=positive_int, help="points per step (default: VMoNF's)"
     )
     train.add_argument(
         "--lr",
         metavar="LR",
         type=_positive_float,
-        default=1e-3,
-        help="Adam learning rate (cosine schedule)",
+        help="Adam learning rate, cosine schedule (default: VMoNF's)",
     )
     train.add_argument(
         "--init-steps",
         metavar="S",
         type=non_negative_int,
-        default=300,
-        help="pre-training steps on k-means clusters (or the labels); 0 = none",
+        help="pre-training steps on k-means clusters (or the labels); 0 = none (default: VMoNF's)",
     )
     train.add_argument(
         "--device",
@@ -281,21 +305,24 @@ def run_fit(args: argparse.Namespace) -> int:
         n_components,
         objective=args.objective,
         temperature=args.temperature,
-        max_epochs=args.epochs,
-        max_time=args.max_time,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
-        n_layers=args.layers,
-        hidden_features=args.hidden,
-        init_steps=args.init_steps,
         random_state=args.seed,
         verbose=not args.quiet,
         device=args.device,
+        **_estimator_overrides(
+            args,
+            max_epochs="epochs",
+            max_time="max_time",
+            batch_size="batch_size",
+            learning_rate="lr",
+            n_layers="layers",
+            hidden_features="hidden",
+            init_steps="init_steps",
+        ),
     )
     recorder = None
     if not args.no_animation:
         if "callback" in estimator.get_params():
-            every = max(1, math.ceil(args.epochs / 40))  # at most ~40 frames
+            every = max(1, math.ceil(estimator.max_epochs / 40))  # at most ~40 frames
             recorder = reporting.DensityRecorder(bounds, every=every)
             estimator.set_params(callback=recorder)
         else:
@@ -391,24 +418,7 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
         ),
         formatter_class=_HelpFormatter,
     )
-    p.add_argument("toy", metavar="TOY", help=f"toy distribution: one of {_toy_names()}")
-    p.add_argument(
-        "--toy-param",
-        metavar="KEY=VALUE",
-        type=toy_param,
-        action="append",
-        default=[],
-        help="toy parameter, repeatable (e.g. n_modes=9)",
-    )
-    model = p.add_argument_group("model")
-    model.add_argument(
-        "--components",
-        "-k",
-        metavar="K",
-        type=positive_int,
-        default=None,
-        help="number of generators (default: the toy's number of classes)",
-    )
+    model = _add_toy_arguments(p, "generators")
     model.add_argument(
         "--generator", choices=("flow", "vae", "kmeans"), default="flow", help="generator kind"
     )
@@ -420,12 +430,16 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
     )
     model.add_argument(
         "--init",
-        choices=("uniform", "random_split"),
+        choices=("uniform", "random_split", "kmeans"),
         default="uniform",
-        help="pre-train every generator on all points, or each on a random 1/K",
+        help="pre-train every generator on all points (the paper), each on a random 1/K, "
+        "or each on a k-means cluster",
     )
     model.add_argument(
-        "--layers", metavar="L", type=positive_int, default=6, help="coupling layers per flow"
+        "--layers",
+        metavar="L",
+        type=positive_int,
+        help="coupling layers per flow (default: CompetitiveMixture's)",
     )
     model.add_argument(
         "--hidden",
@@ -464,10 +478,16 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
         help="time budget of the fit in seconds (default: no limit)",
     )
     train.add_argument(
-        "--batch-size", metavar="B", type=positive_int, default=256, help="points per step"
+        "--batch-size",
+        metavar="B",
+        type=positive_int,
+        help="points per step (default: CompetitiveMixture's)",
     )
     train.add_argument(
-        "--lr", metavar="LR", type=_positive_float, default=1e-3, help="Adam learning rate"
+        "--lr",
+        metavar="LR",
+        type=_positive_float,
+        help="Adam learning rate (default: CompetitiveMixture's)",
     )
     train.add_argument(
         "--device", choices=("cpu", "cuda", "auto"), default="cpu", help="where to train"
@@ -519,14 +539,14 @@ def run_compete(args: argparse.Namespace) -> int:
         max_rounds=args.rounds,
         max_epochs=args.epochs,
         max_time=args.max_time,
-        n_layers=args.layers,
         hidden_features=args.hidden,
-        batch_size=args.batch_size,
-        learning_rate=args.lr,
         random_state=args.seed,
         verbose=not args.quiet,
         device=args.device,
         callback=record if args.rounds > 0 else None,
+        **_estimator_overrides(
+            args, n_layers="layers", batch_size="batch_size", learning_rate="lr"
+        ),
     )
     _status(
         args,
