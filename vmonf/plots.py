@@ -211,6 +211,16 @@ def plot_density_comparison(
     return _save_png(fig, out, dpi)
 
 
+def _plane_axes(ax: object, bounds: Bounds | None) -> None:
+    """Label a 2-D scatter's axes and, when given, fix its window to ``bounds``."""
+    if bounds is not None:
+        xmin, xmax, ymin, ymax = _check_bounds(bounds)
+        ax.set_xlim(xmin, xmax)  # type: ignore[attr-defined]
+        ax.set_ylim(ymin, ymax)  # type: ignore[attr-defined]
+    ax.set_xlabel("$x_1$")  # type: ignore[attr-defined]
+    ax.set_ylabel("$x_2$")  # type: ignore[attr-defined]
+
+
 def plot_samples(
     X: object,
     labels: object | None,
@@ -242,12 +252,7 @@ def plot_samples(
             pts[:, 0], pts[:, 1], s=marker_size, c=_label_colours(lab, n_classes), linewidths=0
         )
         _add_legend(ax, lab, n_classes)
-    if bounds is not None:
-        xmin, xmax, ymin, ymax = _check_bounds(bounds)
-        ax.set_xlim(xmin, xmax)
-        ax.set_ylim(ymin, ymax)
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
+    _plane_axes(ax, bounds)
     if title is not None:
         ax.set_title(title)
     return _save_png(fig, out, dpi)
@@ -605,12 +610,7 @@ def animate_assignments(
     scatter = ax.scatter(
         pts[:, 0], pts[:, 1], s=marker_size, c=_label_colours(labs[0], n_classes), linewidths=0
     )
-    if bounds is not None:
-        xmin, xmax, ymin, ymax = _check_bounds(bounds)
-        ax.set_xlim(xmin, xmax)
-        ax.set_ylim(ymin, ymax)
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
+    _plane_axes(ax, bounds)
     heading = ax.set_title(names[0] if names else "frame 1")
 
     def update(i: int) -> object:
