@@ -231,10 +231,14 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             x = self.standardizer_.inverse(u.double())
         return x.double().cpu().numpy(), labels.cpu().numpy().astype(np.int64)
 
+    def _density_module(self) -> nn.Module:
+        """The part of the model that defines p(x) (what BIC/AIC count)."""
+        return self.model_
+
     def n_parameters(self) -> int:
-        """Number of trained scalars (for BIC/AIC)."""
+        """Number of trained scalars that define p(x) (for BIC/AIC)."""
         self._check_is_fitted()
-        return sum(p.numel() for p in self.model_.parameters() if p.requires_grad)
+        return sum(p.numel() for p in self._density_module().parameters() if p.requires_grad)
 
     def bic(self, X: object) -> float:
         """Bayesian information criterion on X (lower is better)."""

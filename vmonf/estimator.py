@@ -209,6 +209,9 @@ class VMoNF(MixtureEstimator):
     def _log_proba(self, u: Tensor) -> Tensor:
         return self.model_.posterior(u)
 
+    def _density_module(self) -> MixtureOfFlows:
+        return self.model_.mixture  # q(c|x) does not enter p(x)
+
     def _sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return self.model_.mixture.sample(n, generator)
 
