@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import time
 import warnings
 from collections.abc import Callable
 from typing import Any
@@ -19,7 +20,7 @@ from vmonf._validation import (
     check_positive_float,
     check_positive_int,
 )
-from vmonf.base import MixtureEstimator
+from vmonf.base import CHUNK, MixtureEstimator
 from vmonf.flows import ComponentFlows
 from vmonf.mixture import WEIGHT_MODES, MixtureOfFlows
 from vmonf.model import VariationalMixture
@@ -57,7 +58,8 @@ class VMoNF(MixtureEstimator):
             step), floored at ``min_temperature``) for q's softmax.
         alpha: weight of the labelled cross-entropy.
         max_epochs, max_time, batch_size, learning_rate, weight_decay, lr_schedule:
-            optimisation (``max_time`` in seconds, None = no limit).
+            optimisation (``max_time``: seconds per restart, pre-training included;
+            None = no limit).
         validation_fraction: share of points held out to monitor the exact NLL
             (``history_["val_loss"]``) and choose among restarts; with ``patience``,
             training stops after that many epochs without improvement and the best
@@ -259,6 +261,7 @@ class VMoNF(MixtureEstimator):
     def _fit_once(
         self, x: Tensor, y: Tensor, val: Tensor | None, generator: torch.Generator, seed: int
     ) -> tuple[VariationalMixture, dict[str, list[float]], int, float]:
+        started = time.perf_counter()
         model = self._build()
         init_labels = self._initial_labels(x, y, seed)
         step = 0
@@ -275,6 +278,7 @@ class VMoNF(MixtureEstimator):
             )
 
             def pretrain(batch: tuple[Tensor, ...], _: int) -> Tensor:
+                # alpha is floored at 1 so q learns the initial labels even when alpha = 0.
                 xb, yb = batch
                 log_joint = model.mixture.log_joint(xb)
                 return labelled_loss(
@@ -298,7 +302,7 @@ class VMoNF(MixtureEstimator):
                 model.eval()
                 with torch.no_grad():
                     mean_post = torch.cat(
-                        [model.mixture.posterior(c).exp() for c in x.split(65536)]
+                        [model.mixture.posterior(c).exp() for c in x.split(CHUNK)]
                     )
                 model.mixture.update_weights(mean_post.mean(0))
             if self.callback is not None:
@@ -308,11 +312,14 @@ class VMoNF(MixtureEstimator):
         validation = (
             None if val is None else (val, torch.full_like(val[:, 0], -1, dtype=torch.long))
         )
+        remaining = (
+            None if self.max_time is None else self.max_time - (time.perf_counter() - started)
+        )
         result = train(
             model,
             objective,
             (x, y),
-            self._train_config(),
+            self._train_config(max_time=None if remaining is None else max(remaining, 1e-3)),
             generator=generator,
             validation=validation,
             validation_objective=lambda batch, _: marginal_nll(
