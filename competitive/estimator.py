@@ -222,11 +222,6 @@ class CompetitiveMixture(MixtureEstimator):
         check_positive_int(self.discriminator_epochs, "discriminator_epochs")
         check_positive_int(self.discriminator_batch_size, "discriminator_batch_size")
         check_positive_float(self.discriminator_learning_rate, "discriminator_learning_rate")
-        fraction = check_positive_float(
-            self.validation_fraction, "validation_fraction", allow_zero=True
-        )
-        if fraction >= 0.5:
-            raise ValueError(f"validation_fraction must be < 0.5, got {fraction}")
         # Architectures and optimiser settings are checked by their constructors.
         self._generator_config(1, None)
         self._discriminator_config(None)

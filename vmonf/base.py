@@ -62,7 +62,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     Subclasses store hyper-parameters in ``__init__`` only (at least
     ``n_components, max_epochs, max_time, batch_size, learning_rate, random_state,
-    verbose, device``, plus ``dtype`` and ``n_threads``), and implement:
+    verbose, device``, plus ``dtype``, ``n_threads`` and ``validation_fraction``), and implement:
 
     * ``_validate_params()`` -> None
     * ``_fit(x: Tensor, y: Tensor, generator) -> None``: train on standardised x;
@@ -109,6 +109,11 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         check_choice(self.dtype, "dtype", tuple(DTYPES))
         if self.n_threads is not None:
             check_positive_int(self.n_threads, "n_threads")
+        fraction = check_positive_float(
+            self.validation_fraction, "validation_fraction", allow_zero=True
+        )
+        if fraction >= 0.5:
+            raise ValueError(f"validation_fraction must be < 0.5, got {fraction}")
 
     @property
     def _torch_device(self) -> torch.device:

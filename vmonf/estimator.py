@@ -158,11 +158,6 @@ class VMoNF(MixtureEstimator):
         check_positive_float(self.temperature_decay, "temperature_decay", allow_zero=True)
         check_positive_float(self.min_temperature, "min_temperature")
         check_positive_float(self.alpha, "alpha", allow_zero=True)
-        fraction = check_positive_float(
-            self.validation_fraction, "validation_fraction", allow_zero=True
-        )
-        if fraction >= 0.5:
-            raise ValueError(f"validation_fraction must be < 0.5, got {fraction}")
         # Architecture and optimisation settings are checked by their constructors.
         self._train_config(max_epochs=1)
         self._schedule()

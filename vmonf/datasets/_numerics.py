@@ -26,9 +26,7 @@ def log_isotropic_normal(X: FloatArray, means: FloatArray, std: float) -> FloatA
     return -0.5 * np.maximum(sq_dist, 0.0) / std**2 - dim * (np.log(std) + _LOG_SQRT_2PI)
 
 
-def in_chunks(
-    fn: Callable[[FloatArray], FloatArray], X: FloatArray, rows: int
-) -> FloatArray:
+def in_chunks(fn: Callable[[FloatArray], FloatArray], X: FloatArray, rows: int) -> FloatArray:
     """Apply a row-wise ``fn`` to ``X`` (N, D) in blocks of ``rows`` rows; bounds peak memory."""
     if len(X) <= rows:
         return fn(X)
