@@ -23,6 +23,7 @@ from torch import Tensor, nn
 
 from vmonf._validation import check_positive_int
 from vmonf.coupling import BatchedMLP
+from vmonf.resume import Checkpointer
 from vmonf.training import TrainConfig, TrainResult, train
 
 __all__ = ["Discriminators", "fit_discriminators", "log_ratio_normaliser"]
@@ -72,6 +73,7 @@ def fit_discriminators(
     fake: Tensor,
     config: TrainConfig,
     generator: torch.Generator,
+    checkpointer: Checkpointer | None = None,
 ) -> TrainResult:
     """Train all K discriminators at once with the logistic loss.
 
@@ -94,7 +96,12 @@ def fit_discriminators(
         return loss.mean(0).sum()
 
     return train(
-        discriminators, objective, (real, fake.transpose(0, 1)), config, generator=generator
+        discriminators,
+        objective,
+        (real, fake.transpose(0, 1)),
+        config,
+        generator=generator,
+        checkpointer=checkpointer,
     )
 
 

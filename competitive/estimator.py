@@ -33,7 +33,8 @@ from vmonf._validation import (
     check_positive_int,
 )
 from vmonf.base import MixtureEstimator
-from vmonf.training import TrainConfig
+from vmonf.resume import Checkpointer
+from vmonf.training import NonFiniteLossError, TrainConfig
 
 __all__ = ["ASSIGNMENTS", "GENERATORS", "INITS", "CompetitiveMixture", "CompetitiveModel"]
 
@@ -102,7 +103,8 @@ class CompetitiveMixture(MixtureEstimator):
         batch_size, learning_rate, adam_betas, weight_decay, lr_schedule: generator
             optimiser (Adam; ``"constant"`` or ``"cosine"``, restarted every round).
         validation_fraction: share of points held out for ``history_["val_score"]``.
-        random_state, verbose, device, dtype, n_threads: as :class:`vmonf.VMoNF`.
+        random_state, verbose, device, dtype, n_threads, checkpoint, checkpoint_every,
+            checkpoint_seconds: as :class:`vmonf.VMoNF` (``fit(X, resume=True)``).
         callback: ``callback(estimator, round)`` after every round (round 0 = after
             pre-training); inside it the public methods use the current model.
 
@@ -155,6 +157,9 @@ class CompetitiveMixture(MixtureEstimator):
         device: str = "cpu",
         dtype: str = "float32",
         n_threads: int | None = 1,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int | None = 100,
+        checkpoint_seconds: float | None = 60.0,
         callback: Callable[[CompetitiveMixture, int], None] | None = None,
     ) -> None:
         self.n_components = n_components
@@ -194,6 +199,9 @@ class CompetitiveMixture(MixtureEstimator):
         self.device = device
         self.dtype = dtype
         self.n_threads = n_threads
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_seconds = checkpoint_seconds
         self.callback = callback
 
     # -- validation ----------------------------------------------------------------------
@@ -290,10 +298,13 @@ class CompetitiveMixture(MixtureEstimator):
         return module.to(device=self._torch_device, dtype=self._torch_dtype)
 
     def _build(self) -> CompetitiveModel:
+        # Generators first: one seed pre-trains the same generators whatever the
+        # assignment, so exact and discriminator runs part only from the first round.
+        generators = self._build_generators()
         discriminators = (
             self._build_discriminators() if self.assignment == "discriminator" else None
         )
-        model = CompetitiveModel(self._build_generators(), discriminators)
+        model = CompetitiveModel(generators, discriminators)
         return model.to(device=self._torch_device, dtype=self._torch_dtype)
 
     # -- hooks ---------------------------------------------------------------------------
@@ -420,7 +431,13 @@ class CompetitiveMixture(MixtureEstimator):
             return None
         return max(self.max_time - (time.perf_counter() - started), 1e-3)
 
-    def _assignment_scores(self, x: Tensor, generator: torch.Generator, started: float) -> Tensor:
+    def _assignment_scores(
+        self,
+        x: Tensor,
+        generator: torch.Generator,
+        started: float,
+        checkpointer: Checkpointer | None,
+    ) -> Tensor:
         """Train the discriminators if needed, then the (N, K) scores of the training points."""
         model = self.model_
         if self.assignment == "discriminator":
@@ -435,6 +452,7 @@ class CompetitiveMixture(MixtureEstimator):
                 fake,
                 self._discriminator_config(self._remaining(started)),
                 generator,
+                checkpointer,
             )
             model.log_norm.copy_(log_ratio_normaliser(model.discriminators, x))
         model.eval()
@@ -453,34 +471,79 @@ class CompetitiveMixture(MixtureEstimator):
             self.callback(self, round_)
             self.model_.eval()
 
-    def _fit(self, x: Tensor, y: Tensor, generator: torch.Generator) -> None:
+    def _fit(
+        self, x: Tensor, y: Tensor, generator: torch.Generator, checkpointer: Checkpointer | None
+    ) -> None:
         if bool((y >= 0).any()):
             raise ValueError("CompetitiveMixture is unsupervised: fit(X) takes no labels y")
         started = time.perf_counter()
-        n, k = x.shape[0], self.n_components
-        train_idx, val_idx = self._split(n, generator)
+        train_idx, val_idx = self._split(x.shape[0], generator)
         x_train = x[train_idx]
         x_val = None if val_idx is None else x[val_idx]
-        init = self._initial_weights(n, train_idx.cpu(), x_train, generator).to(x.device)
+        init = self._initial_weights(x.shape[0], train_idx.cpu(), x_train, generator).to(x.device)
         minimum = min_count(x_train.shape[0], self._min_share())
 
-        self.model_ = model = self._build()
+        self.model_ = self._build()
+        self.pretrain_time_ = math.nan  # set when pre-training ends
+        history: dict[str, list[Any]] = {
+            "share": [], "n_changed": [], "val_score": [], "round_time": [], "time": [],
+        }  # fmt: skip
+        owners = init.argmax(1)
+        try:
+            owners, n_rounds, converged = self._rounds(
+                x_train, x_val, init, minimum, history, generator, checkpointer, started
+            )
+        except NonFiniteLossError:
+            self._set_fitted(owners, history, len(history["n_changed"]), converged=False)
+            raise  # the generators keep their last good state
+        self._set_fitted(owners, history, n_rounds, converged)
+        if not converged:
+            warnings.warn(
+                f"CompetitiveMixture: assignments still changed after {n_rounds} round(s) "
+                f"({history['n_changed'][-1] if history['n_changed'] else 'n/a'} points in "
+                "the last); raise max_rounds or tol",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+
+    def _set_fitted(
+        self, owners: Tensor, history: dict[str, list[Any]], n_rounds: int, converged: bool
+    ) -> None:
+        self.labels_ = owners.cpu().numpy().astype(np.int64)
+        self.weights_ = self.model_.log_weights.exp().double().cpu().numpy()
+        self.history_ = history
+        self.n_iter_ = n_rounds
+        self.converged_ = converged
+        self.model_.eval()
+
+    def _rounds(
+        self,
+        x_train: Tensor,
+        x_val: Tensor | None,
+        init: Tensor,
+        minimum: int,
+        history: dict[str, list[Any]],
+        generator: torch.Generator,
+        checkpointer: Checkpointer | None,
+        started: float,
+    ) -> tuple[Tensor, int, bool]:
+        """Pre-training, then rounds of training and re-assignment; -> (owners, rounds,
+        converged). Appends each round to ``history``."""
+        model, k = self.model_, self.n_components
         gens = model.generators
         gens.fit_weighted(
             x_train,
             init,
             self._generator_config(self.pretrain_epochs, self._remaining(started)),
             generator,
+            checkpointer,
         )
         self.pretrain_time_ = time.perf_counter() - started
-        history: dict[str, list[Any]] = {
-            "share": [], "n_changed": [], "val_score": [], "round_time": [], "time": [],
-        }  # fmt: skip
         owners = init.argmax(1)
         converged = False
         n_rounds = 0
         if self.max_rounds > 0:
-            scores = self._assignment_scores(x_train, generator, started)
+            scores = self._assignment_scores(x_train, generator, started, checkpointer)
             owners = hard_assign(scores)
             model.log_weights.copy_(mixing_weights(owners, k, minimum).log())
             self._notify(0)
@@ -493,8 +556,9 @@ class CompetitiveMixture(MixtureEstimator):
                     training_weights(owners, scores, minimum),
                     self._generator_config(self.max_epochs, self._remaining(started)),
                     generator,
+                    checkpointer,
                 )
-                scores = self._assignment_scores(x_train, generator, started)
+                scores = self._assignment_scores(x_train, generator, started, checkpointer)
                 new = hard_assign(scores, previous=owners)
                 changed = int((new != owners).sum())
                 owners = new
@@ -513,17 +577,4 @@ class CompetitiveMixture(MixtureEstimator):
                     break
         else:
             converged = True  # nothing to converge: bagging / a single model
-        self.labels_ = owners.cpu().numpy().astype(np.int64)
-        self.weights_ = model.log_weights.exp().double().cpu().numpy()
-        self.history_ = history
-        self.n_iter_ = n_rounds
-        self.converged_ = converged
-        model.eval()
-        if not converged:
-            warnings.warn(
-                f"CompetitiveMixture: assignments still changed after {n_rounds} round(s) "
-                f"({history['n_changed'][-1] if history['n_changed'] else 'n/a'} points in "
-                "the last); raise max_rounds or tol",
-                ConvergenceWarning,
-                stacklevel=3,
-            )
+        return owners, n_rounds, converged

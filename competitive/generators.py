@@ -27,6 +27,7 @@ from torch import Tensor, nn
 from vmonf._validation import check_positive_int
 from vmonf.coupling import BatchedMLP, bounded_log_scale
 from vmonf.flows import ComponentFlows
+from vmonf.resume import Checkpointer
 from vmonf.training import TrainConfig, TrainResult, train
 
 __all__ = [
@@ -88,7 +89,12 @@ class Generators(nn.Module, ABC):
         return self.sample(n, generator)[components, torch.arange(n, device=components.device)]
 
     def fit_weighted(
-        self, x: Tensor, weights: Tensor, config: TrainConfig, generator: torch.Generator
+        self,
+        x: Tensor,
+        weights: Tensor,
+        config: TrainConfig,
+        generator: torch.Generator,
+        checkpointer: Checkpointer | None = None,
     ) -> TrainResult:
         """Minimise mean_i sum_k weights[i, k] * loss_k(x_i) with :func:`vmonf.training.train`.
 
@@ -102,7 +108,9 @@ class Generators(nn.Module, ABC):
             xb, wb = batch
             return (wb * self.per_point_loss(xb)).sum(1).mean()
 
-        return train(self, objective, (x, weights), config, generator=generator)
+        return train(
+            self, objective, (x, weights), config, generator=generator, checkpointer=checkpointer
+        )
 
     @property
     def _reference(self) -> Tensor:
@@ -255,9 +263,15 @@ class KMeansGenerators(Generators):
 
     @torch.no_grad()
     def fit_weighted(
-        self, x: Tensor, weights: Tensor, config: TrainConfig, generator: torch.Generator
+        self,
+        x: Tensor,
+        weights: Tensor,
+        config: TrainConfig,
+        generator: torch.Generator,
+        checkpointer: Checkpointer | None = None,
     ) -> TrainResult:
-        """Closed form: mu_k = sum_i w_ik x_i / sum_i w_ik (a centre with no weight stays)."""
+        """Closed form: mu_k = sum_i w_ik x_i / sum_i w_ik (a centre with no weight stays;
+        deterministic, so there is nothing to checkpoint)."""
         total = weights.sum(0)
         means = (weights.T @ x) / total.clamp_min(1e-300)[:, None]
         self.centres.copy_(torch.where(total[:, None] > 0, means, self.centres))

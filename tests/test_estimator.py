@@ -145,7 +145,7 @@ BAD_FIT = [
     (np.array([[0.0, np.nan], [1.0, 2.0]]), None, {}, ValueError, "NaN"),
     (np.array([[0.0, np.inf], [1.0, 2.0]]), None, {}, ValueError, "infinite"),
     (np.zeros(5), None, {}, ValueError, "2-D"),
-    (np.zeros((3, 2, 2)), None, {}, ValueError, "2-D"),
+    (np.float64(1.0), None, {}, ValueError, "2-D"),
     (np.zeros((0, 2)), None, {}, ValueError, "at least"),
     (np.array([["a", "b"]]), None, {}, TypeError, "numbers"),
     (np.c_[np.arange(10.0), np.ones(10)], None, {}, ValueError, "constant column"),

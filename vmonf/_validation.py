@@ -19,6 +19,7 @@ __all__ = [
     "check_positive_float",
     "check_positive_int",
     "check_seed",
+    "image_shape",
 ]
 
 
@@ -29,11 +30,14 @@ def check_array(
     n_features: int | None = None,
     min_samples: int = 1,
     allow_1d: bool = False,
+    allow_images: bool = False,
 ) -> np.ndarray:
     """Return ``X`` as a finite float64 array of shape (N, D).
 
-    Raises ``TypeError`` for non-numeric input and ``ValueError`` for wrong
-    dimensionality, too few rows, a feature-count mismatch or non-finite values.
+    With ``allow_images``, arrays of 3 or more dimensions (images (N, H, W) or
+    (N, H, W, C)) are flattened to (N, H*W*C). Raises ``TypeError`` for non-numeric
+    input and ``ValueError`` for wrong dimensionality, too few rows, a feature-count
+    mismatch or non-finite values.
     """
     if hasattr(X, "detach"):  # torch tensors
         X = X.detach().cpu().numpy()
@@ -49,6 +53,8 @@ def check_array(
         raise TypeError(f"{name} must be real-valued, got dtype {arr.dtype}")
     if arr.ndim == 1 and allow_1d:
         arr = arr[:, None]
+    if arr.ndim >= 3 and allow_images:
+        arr = arr.reshape(arr.shape[0], -1)
     if arr.ndim != 2:
         raise ValueError(
             f"{name} must be 2-D of shape (n_samples, n_features), got shape {arr.shape}"
@@ -64,6 +70,11 @@ def check_array(
         bad = int((~np.isfinite(arr)).any(axis=1).sum())
         raise ValueError(f"{name} contains NaN or infinite values ({bad} row(s))")
     return arr
+
+
+def image_shape(X: object) -> tuple[int, ...] | None:
+    """Shape of one image, ``X.shape[1:]``, when X has 3 or more dimensions; else None."""
+    return tuple(int(s) for s in np.shape(X)[1:]) if np.ndim(X) >= 3 else None
 
 
 def check_integer_labels(y: object, name: str = "y", n_samples: int | None = None) -> np.ndarray:

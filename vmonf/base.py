@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, Self
 
@@ -27,9 +27,11 @@ from vmonf._validation import (
     check_positive_float,
     check_positive_int,
     check_seed,
+    image_shape,
 )
 from vmonf.checkpoint import load_checkpoint, save_checkpoint
 from vmonf.preprocessing import Standardizer
+from vmonf.resume import Checkpointer, fingerprint
 from vmonf.training import torch_threads
 
 __all__ = ["MixtureEstimator", "NotFittedError"]
@@ -38,6 +40,11 @@ CHUNK = 65536
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Standardised magnitudes beyond these overflow the model's arithmetic (z**2, MLPs).
 MAX_STANDARDISED = {torch.float32: 1e15, torch.float64: 1e150}
+# Settings that do not change what a fit computes: a fit may resume under other values.
+RESUMABLE_CHANGES = frozenset(
+    {"callback", "verbose", "n_threads", "max_time", "checkpoint", "checkpoint_every",
+     "checkpoint_seconds"}
+)  # fmt: skip
 
 
 def _to_plain(value: object) -> object:
@@ -62,11 +69,13 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     Subclasses store hyper-parameters in ``__init__`` only (at least
     ``n_components, max_epochs, max_time, batch_size, learning_rate, random_state,
-    verbose, device``, plus ``dtype``, ``n_threads`` and ``validation_fraction``), and implement:
+    verbose, device``, plus ``dtype``, ``n_threads``, ``validation_fraction``,
+    ``checkpoint``, ``checkpoint_every`` and ``checkpoint_seconds``), and implement:
 
     * ``_validate_params()`` -> None
-    * ``_fit(x: Tensor, y: Tensor, generator) -> None``: train on standardised x;
-      set ``self.model_`` (an ``nn.Module``) and fitted attributes;
+    * ``_fit(x: Tensor, y: Tensor, generator, checkpointer) -> None``: train on
+      standardised x, passing ``checkpointer`` to every :func:`vmonf.training.train`
+      call; set ``self.model_`` (an ``nn.Module``) and fitted attributes;
     * ``_build() -> nn.Module``: an untrained model of the right shape (for load);
     * ``_log_joint(u) -> (N, K)``: log pi_k + log p_k(u) in standardised units;
     * ``_log_proba(u) -> (N, K)``: the log responsibilities used by ``predict``.
@@ -79,7 +88,9 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     def _validate_params(self) -> None: ...
 
     @abstractmethod
-    def _fit(self, x: Tensor, y: Tensor, generator: torch.Generator) -> None: ...
+    def _fit(
+        self, x: Tensor, y: Tensor, generator: torch.Generator, checkpointer: Checkpointer | None
+    ) -> None: ...
 
     @abstractmethod
     def _build(self) -> nn.Module: ...
@@ -114,6 +125,13 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         )
         if fraction >= 0.5:
             raise ValueError(f"validation_fraction must be < 0.5, got {fraction}")
+        if self.checkpoint is not None and not isinstance(self.checkpoint, str | os.PathLike):
+            raise TypeError(
+                f"checkpoint must be a file path or None, got {type(self.checkpoint).__name__}"
+            )
+        if self.checkpoint_every is not None:
+            check_positive_int(self.checkpoint_every, "checkpoint_every")
+        check_positive_float(self.checkpoint_seconds, "checkpoint_seconds", allow_none=True)
 
     @property
     def _torch_device(self) -> torch.device:
@@ -158,7 +176,8 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     def _validate_X(self, X: object) -> Tensor:
         """Validate X for a fitted model and return it standardised, as a tensor."""
         self._check_is_fitted()
-        return self._standardise(check_array(X, "X", n_features=self.n_features_in_))
+        x = check_array(X, "X", n_features=self.n_features_in_, allow_images=True)
+        return self._standardise(x)
 
     def _chunked(self, fn: Callable[[Tensor], Tensor], u: Tensor) -> np.ndarray:
         """Apply ``fn`` in chunks without gradients; numpy float64 out."""
@@ -167,12 +186,39 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             parts = [fn(u[i : i + CHUNK]).double().cpu() for i in range(0, u.shape[0], CHUNK)]
         return torch.cat(parts).numpy() if parts else np.empty((0,))
 
+    def _checkpointer(
+        self, x: np.ndarray, labels: np.ndarray, seed: int, resume: bool
+    ) -> Checkpointer | None:
+        if self.checkpoint is None:
+            if resume:
+                raise ValueError("resume=True needs a checkpoint path (the checkpoint parameter)")
+            return None
+        settings = {
+            k: v for k, v in self.get_params(deep=False).items() if k not in RESUMABLE_CHANGES
+        }
+        return Checkpointer(
+            self.checkpoint,
+            fingerprint(x, labels, settings={"estimator": type(self).__name__, **settings}),
+            every_steps=self.checkpoint_every,
+            every_seconds=self.checkpoint_seconds,
+            resume=resume,
+            seed=seed,
+        )
+
     # -- public API --------------------------------------------------------------------
-    def fit(self, X: object, y: object | None = None) -> Self:
-        """Fit to X (N, D); ``y`` (N,) optional labels in [-1, K), -1 = unlabelled."""
+    def fit(self, X: object, y: object | None = None, *, resume: bool = False) -> Self:
+        """Fit to X (N, D) or images (N, H, W), flattened; ``y`` (N,) optional labels in
+        [-1, K), -1 = unlabelled. For pixel data see :class:`vmonf.images.ImageMixture`.
+
+        With a ``checkpoint`` path the training state is saved there every
+        ``checkpoint_every`` steps / ``checkpoint_seconds`` seconds and on Ctrl-C
+        (which then raises :class:`vmonf.resume.TrainingInterrupted`);
+        ``resume=True`` continues from that file when it exists and ends with the
+        same weights as an uninterrupted fit.
+        """
         self._validate_common()
         self._validate_params()
-        x = check_array(X, "X", min_samples=2)
+        x = check_array(X, "X", min_samples=2, allow_images=True)
         if self.n_components > x.shape[0]:
             raise ValueError(
                 f"n_components={self.n_components} is larger than the number of samples "
@@ -186,13 +232,18 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         seed = self.random_state
         if seed is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
+        checkpointer = self._checkpointer(x, labels, seed, resume)
+        if checkpointer is not None:
+            seed = checkpointer.seed  # a resumed fit continues with the stored seed
         generator = torch.Generator().manual_seed(seed)
-        with torch_threads(self.n_threads), self._seeded(seed):
+        interruptible = nullcontext() if checkpointer is None else checkpointer.interruptible()
+        with torch_threads(self.n_threads), self._seeded(seed), interruptible:
             x64 = self._tensor(x, torch.float64)
             self.standardizer_ = Standardizer(x.shape[1]).to(x64).fit(x64)
             self.n_features_in_ = x.shape[1]
+            self.image_shape_ = image_shape(X)  # (H, W[, C]) when fitted to images
             u = self._standardise(x)
-            self._fit(u, torch.as_tensor(labels, device=u.device), generator)
+            self._fit(u, torch.as_tensor(labels, device=u.device), generator, checkpointer)
         return self
 
     def fit_predict(self, X: object, y: object | None = None) -> np.ndarray:
@@ -221,7 +272,10 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     def sample(
         self, n_samples: int = 1, random_state: int | None = None
     ) -> tuple[np.ndarray, np.ndarray]:
-        """Draw points from the fitted mixture -> (X (n, D), component labels (n,))."""
+        """Draw points from the fitted mixture -> (X (n, D), component labels (n,)).
+
+        A model fitted to images (N, H, W) returns X as images (n, H, W).
+        """
         self._check_is_fitted()
         n = check_positive_int(n_samples, "n_samples", minimum=1)
         seed = check_seed(random_state, "random_state")
@@ -234,7 +288,11 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         with torch.no_grad(), torch_threads(self.n_threads):
             u, labels = self._sample(n, generator)
             x = self.standardizer_.inverse(u.double())
-        return x.double().cpu().numpy(), labels.cpu().numpy().astype(np.int64)
+        x_np = x.double().cpu().numpy()
+        shape = getattr(self, "image_shape_", None)
+        if shape is not None:  # fitted to images: samples are images
+            x_np = x_np.reshape(n, *shape)
+        return x_np, labels.cpu().numpy().astype(np.int64)
 
     def _density_module(self) -> nn.Module:
         """The part of the model that defines p(x) (what BIC/AIC count)."""
@@ -247,12 +305,12 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     def bic(self, X: object) -> float:
         """Bayesian information criterion on X (lower is better)."""
-        n = check_array(X, "X").shape[0]
+        n = check_array(X, "X", allow_images=True).shape[0]
         return float(-2.0 * self.score(X) * n + self.n_parameters() * np.log(n))
 
     def aic(self, X: object) -> float:
         """Akaike information criterion on X (lower is better)."""
-        n = check_array(X, "X").shape[0]
+        n = check_array(X, "X", allow_images=True).shape[0]
         return float(-2.0 * self.score(X) * n + 2.0 * self.n_parameters())
 
     # -- persistence -------------------------------------------------------------------
@@ -270,6 +328,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 name: _to_plain(value)
                 for name, value in {
                     "n_features_in_": self.n_features_in_,
+                    "image_shape_": getattr(self, "image_shape_", None),
                     **self._fitted_state(),
                 }.items()
             },

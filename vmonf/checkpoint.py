@@ -1,11 +1,18 @@
-"""Atomic, safe checkpoint files: plain tensors and config only, loaded with weights_only."""
+"""Atomic, safe checkpoint files: plain tensors and config only, loaded with weights_only.
+
+A file is a ``torch.save`` archive of ``{format, sha256, payload}``, where
+``payload`` holds the bytes of a second ``torch.save`` archive (the content) and
+``sha256`` their digest: torch's archives carry no checksum of tensor data, so a
+flipped byte would otherwise load as silently wrong weights.
+"""
 
 from __future__ import annotations
 
+import hashlib
+import io
 import os
-import pickle
 import tempfile
-import zipfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -28,10 +35,15 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike, kind: str)
     """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
+    content = io.BytesIO()
+    torch.save(payload, content)
+    data = torch.frombuffer(bytearray(content.getbuffer()), dtype=torch.uint8)
+    digest = hashlib.sha256(content.getbuffer()).hexdigest()
     fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600: give a data file's usual permissions
         with os.fdopen(fd, "wb") as handle:
-            torch.save({**payload, FORMAT_KEY: kind}, handle)
+            torch.save({FORMAT_KEY: kind, "sha256": digest, "payload": data}, handle)
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp_name, path)
@@ -55,15 +67,30 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"no checkpoint file at {path}")
+    wrapper = _safe_load(path, path)
+    if not isinstance(wrapper, dict) or wrapper.get(FORMAT_KEY) != kind:
+        found = wrapper.get(FORMAT_KEY) if isinstance(wrapper, dict) else type(wrapper).__name__
+        raise CheckpointError(f"{path} does not hold a {kind} checkpoint (found {found!r})")
+    data = wrapper.get("payload")
+    if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:
+        raise CheckpointError(f"{path} is a damaged {kind} checkpoint: no payload")
+    content = data.numpy().tobytes()
+    if hashlib.sha256(content).hexdigest() != wrapper.get("sha256"):
+        raise CheckpointError(f"{path} is corrupted: its content does not match its checksum")
+    payload = _safe_load(io.BytesIO(content), path)
+    if not isinstance(payload, dict):
+        raise CheckpointError(f"{path} is a damaged {kind} checkpoint: no content")
+    return payload
+
+
+def _safe_load(source: Path | io.BytesIO, path: Path) -> Any:
     try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, zipfile.BadZipFile, OSError) as exc:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # torch's notes on odd pickles: we raise instead
+            return torch.load(source, map_location="cpu", weights_only=True)
+    except Exception as exc:  # a damaged archive fails in many ways (decode, index, zip...)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"{path} is not a loadable vmonf checkpoint (truncated, corrupted or unsafe): "
             f"{first_line}"
         ) from None
-    if not isinstance(payload, dict) or payload.get(FORMAT_KEY) != kind:
-        found = payload.get(FORMAT_KEY) if isinstance(payload, dict) else type(payload).__name__
-        raise CheckpointError(f"{path} does not hold a {kind} checkpoint (found {found!r})")
-    return payload

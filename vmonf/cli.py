@@ -23,11 +23,13 @@ import torch
 
 from vmonf import __version__, datasets, reporting
 from vmonf.estimator import VMoNF
+from vmonf.resume import TrainingInterrupted
 from vmonf.training import NonFiniteLossError
 
 __all__ = ["COMMANDS", "build_parser", "main"]
 
 PROG = "vmonf"
+TRAIN_STATE = "train_state.pt"  # resumable training state inside the run folder
 
 
 class UsageError(Exception):
@@ -141,6 +143,32 @@ def _add_toy_arguments(p: argparse.ArgumentParser, unit: str) -> argparse._Argum
         help=f"number of {unit} (default: the toy's number of classes)",
     )
     return model
+
+
+def _add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
+    """--checkpoint-every and --resume (shared by fit and compete)."""
+    group = p.add_argument_group("checkpoints")
+    group.add_argument(
+        "--checkpoint-every",
+        metavar="STEPS",
+        type=positive_int,
+        default=100,
+        help=f"save the training state to OUT/{TRAIN_STATE} every STEPS optimiser steps, "
+        "every 60 s and on Ctrl-C",
+    )
+    group.add_argument(
+        "--resume",
+        action="store_true",
+        help=f"continue from OUT/{TRAIN_STATE} (same data and settings); the result "
+        "equals an uninterrupted run's",
+    )
+
+
+def _checkpoint_settings(args: argparse.Namespace, out: Path) -> dict[str, Any]:
+    if args.resume:
+        state = out / TRAIN_STATE
+        _status(args, f"resuming from {state}" if state.exists() else f"no {state}: starting")
+    return {"checkpoint": str(out / TRAIN_STATE), "checkpoint_every": args.checkpoint_every}
 
 
 def _estimator_overrides(args: argparse.Namespace, **names: str) -> dict[str, Any]:
@@ -274,6 +302,7 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
         action="store_true",
         help="no progress bar or status lines; only the results table",
     )
+    _add_checkpoint_arguments(p)
     p.set_defaults(handler=run_fit)
 
 
@@ -318,6 +347,7 @@ def run_fit(args: argparse.Namespace) -> int:
             hidden_features="hidden",
             init_steps="init_steps",
         ),
+        **_checkpoint_settings(args, out),
     )
     recorder = None
     if not args.no_animation:
@@ -336,7 +366,7 @@ def run_fit(args: argparse.Namespace) -> int:
         + f"; writing to {out}",
     )
     started = time.perf_counter()
-    estimator.fit(X, y_fit)
+    estimator.fit(X, y_fit, resume=args.resume)
     wall = time.perf_counter() - started
     recording = 0.0 if recorder is None else recorder.seconds  # frames drawn during the fit
     if recorder is not None:
@@ -501,6 +531,7 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
         help="output folder (default: runs/compete-TOY-SEED)",
     )
     out.add_argument("--quiet", "-q", action="store_true", help="only the results table")
+    _add_checkpoint_arguments(p)
     p.set_defaults(handler=run_compete)
 
 
@@ -547,6 +578,7 @@ def run_compete(args: argparse.Namespace) -> int:
         **_estimator_overrides(
             args, n_layers="layers", batch_size="batch_size", learning_rate="lr"
         ),
+        **_checkpoint_settings(args, out),
     )
     _status(
         args,
@@ -554,7 +586,7 @@ def run_compete(args: argparse.Namespace) -> int:
         f"assignment) on {args.n_train} points of {toy!r}; writing to {out}",
     )
     started = time.perf_counter()
-    estimator.fit(X)
+    estimator.fit(X, resume=args.resume)
     wall = time.perf_counter() - started
     estimator.set_params(callback=None)  # a callable cannot go into model.pt
     pred = estimator.predict(X_test)
@@ -708,6 +740,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(f"training failed: {exc}", 1)
     except OSError as exc:
         return _fail(exc, 1)
+    except TrainingInterrupted as exc:
+        print(f"{PROG}: {exc}; run the same command with --resume to continue", file=sys.stderr)
+        return 130
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 import time
 import warnings
 from collections.abc import Callable
@@ -26,7 +27,8 @@ from vmonf.mixture import WEIGHT_MODES, MixtureOfFlows
 from vmonf.model import VariationalMixture
 from vmonf.objectives import labelled_loss, marginal_nll
 from vmonf.posterior import PosteriorNet, TemperatureSchedule
-from vmonf.training import TrainConfig, evaluate, train
+from vmonf.resume import Checkpointer
+from vmonf.training import NonFiniteLossError, TrainConfig, TrainResult, evaluate, train
 
 __all__ = ["VMoNF"]
 
@@ -67,6 +69,10 @@ class VMoNF(MixtureEstimator):
         random_state, verbose, device (``"cpu"``, ``"cuda"``, ``"auto"``), dtype
             (``"float32"``/``"float64"``), n_threads (torch threads while fitting and
             scoring; 1 is fastest for small flows on few cores, None = leave as is).
+        checkpoint: file for resumable training state (None = none): written
+            atomically every ``checkpoint_every`` steps or ``checkpoint_seconds``
+            seconds, whichever comes first, and on Ctrl-C; ``fit(X, resume=True)``
+            continues from it (see :mod:`vmonf.resume`).
         callback: ``callback(estimator, epoch)`` after every training epoch; inside
             it the estimator's public methods (``score_samples``, ``predict``...) use
             the model being trained (e.g. to record animation frames).
@@ -112,6 +118,9 @@ class VMoNF(MixtureEstimator):
         device: str = "cpu",
         dtype: str = "float32",
         n_threads: int | None = 1,
+        checkpoint: str | os.PathLike | None = None,
+        checkpoint_every: int | None = 100,
+        checkpoint_seconds: float | None = 60.0,
         callback: Callable[[VMoNF, int], None] | None = None,
     ) -> None:
         self.n_components = n_components
@@ -145,6 +154,9 @@ class VMoNF(MixtureEstimator):
         self.device = device
         self.dtype = dtype
         self.n_threads = n_threads
+        self.checkpoint = checkpoint
+        self.checkpoint_every = checkpoint_every
+        self.checkpoint_seconds = checkpoint_seconds
         self.callback = callback
 
     # -- hooks -------------------------------------------------------------------------
@@ -254,10 +266,17 @@ class VMoNF(MixtureEstimator):
         return clusters
 
     def _fit_once(
-        self, x: Tensor, y: Tensor, val: Tensor | None, generator: torch.Generator, seed: int
+        self,
+        model: VariationalMixture,
+        x: Tensor,
+        y: Tensor,
+        val: Tensor | None,
+        generator: torch.Generator,
+        seed: int,
+        checkpointer: Checkpointer | None,
     ) -> tuple[VariationalMixture, dict[str, list[float]], int, float]:
+        """Pre-train (optionally) and train ``model``; -> (model, history, epochs, ELBO)."""
         started = time.perf_counter()
-        model = self._build()
         init_labels = self._initial_labels(x, y, seed)
         step = 0
         if init_labels is not None:
@@ -280,7 +299,9 @@ class VMoNF(MixtureEstimator):
                     log_joint, model.posterior(xb), yb, max(self.alpha, 1.0)
                 ).mean()
 
-            step = train(model, pretrain, (xi, yi), config, generator=generator).n_steps
+            step = train(
+                model, pretrain, (xi, yi), config, generator=generator, checkpointer=checkpointer
+            ).n_steps
 
         schedule = self._schedule()
 
@@ -322,6 +343,7 @@ class VMoNF(MixtureEstimator):
             ).mean(),
             on_epoch_end=on_epoch_end,
             start_step=step,
+            checkpointer=checkpointer,
         )
         final_t = schedule(step + result.n_steps)
         model.posterior.temperature.fill_(final_t)
@@ -330,7 +352,9 @@ class VMoNF(MixtureEstimator):
         final_elbo = -evaluate(lambda b, _: -model.elbo(b[0]).mean(), (scored,), 0)
         return model, result.history, result.n_epochs, final_elbo
 
-    def _fit(self, x: Tensor, y: Tensor, generator: torch.Generator) -> None:
+    def _fit(
+        self, x: Tensor, y: Tensor, generator: torch.Generator, checkpointer: Checkpointer | None
+    ) -> None:
         train_idx, val_idx = self._split(x.shape[0], generator)
         x_train, y_train = x[train_idx], y[train_idx]
         x_val = None if val_idx is None else x[val_idx]
@@ -345,19 +369,39 @@ class VMoNF(MixtureEstimator):
         best = None
         for restart in range(self.n_init):
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            fitted = self._fit_once(x_train, y_train, x_val, generator, seed + restart)
+            model = self._build()
+            try:
+                fitted = self._fit_once(
+                    model, x_train, y_train, x_val, generator, seed + restart, checkpointer
+                )
+            except NonFiniteLossError as exc:
+                # Keep the best model so far (a failed one holds its last good state).
+                if best is None:
+                    partial = exc.result or TrainResult()
+                    best = (model, partial.history, partial.n_epochs, math.nan)
+                self._set_fitted(*best, warn=False)
+                raise
             if best is None or fitted[3] > best[3]:
                 best = fitted
-        model, history, n_epochs, final_elbo = best
+        self._set_fitted(*best)
+
+    def _set_fitted(
+        self,
+        model: VariationalMixture,
+        history: dict[str, list[float]],
+        n_epochs: int,
+        final_elbo: float,
+        warn: bool = True,
+    ) -> None:
         self.model_ = model
         self.history_ = {k: [float(v) for v in vs] for k, vs in history.items()}
         self.n_iter_ = n_epochs
         self.elbo_ = float(final_elbo)
         self.weights_ = model.mixture.log_weights().exp().detach().double().cpu().numpy()
         self.converged_ = bool(np.isfinite(self.elbo_))
-        if not self.converged_:
+        if warn and not self.converged_:
             warnings.warn(
-                "VMoNF fit ended with a non-finite ELBO", ConvergenceWarning, stacklevel=3
+                "VMoNF fit ended with a non-finite ELBO", ConvergenceWarning, stacklevel=4
             )
 
     # -- VMoNF-specific API ------------------------------------------------------------

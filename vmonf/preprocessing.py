@@ -22,12 +22,20 @@ class Standardizer(nn.Module):
 
     @torch.no_grad()
     def fit(self, x: Tensor) -> Standardizer:
-        """Set mean and scale from x (N, D); constant columns are an error."""
-        scale = x.std(dim=0, unbiased=False)
-        constant = (scale <= 1e-12 * (1.0 + x.abs().amax(dim=0))).nonzero().flatten().tolist()
+        """Set mean and scale from x (N, D); constant columns are an error.
+
+        Moments are taken of x divided by each column's largest magnitude, so that
+        neither squares (x ~ 1e160) nor sums overflow and tiny units (x ~ 1e-30) are
+        not mistaken for constants.
+        """
+        magnitude = x.abs().amax(dim=0)
+        unit = torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
+        scaled = x / unit
+        scale = scaled.std(dim=0, unbiased=False) * unit
+        constant = (scale <= 1e-12 * magnitude).nonzero().flatten().tolist()
         if constant:
             raise ValueError(f"X has constant column(s) {constant}: no density can be fitted there")
-        self.mean.copy_(x.mean(dim=0))
+        self.mean.copy_(scaled.mean(dim=0) * unit)
         self.scale.copy_(scale)
         return self
 

@@ -28,6 +28,8 @@ from vmonf._validation import (
     check_positive_float,
     check_positive_int,
 )
+from vmonf.checkpoint import CheckpointError
+from vmonf.resume import Checkpointer
 
 __all__ = [
     "NonFiniteLossError",
@@ -44,7 +46,15 @@ Objective = Callable[[Batch, int], Tensor]
 
 
 class NonFiniteLossError(RuntimeError):
-    """Training kept producing non-finite losses or gradients and was stopped."""
+    """Training kept producing non-finite losses or gradients and was stopped.
+
+    ``result`` holds the history up to the failure; the trained module was left
+    in its best (or last good) state.
+    """
+
+    def __init__(self, message: str, result: TrainResult | None = None) -> None:
+        super().__init__(message)
+        self.result = result
 
 
 @dataclass(frozen=True)
@@ -137,7 +147,7 @@ def torch_threads(n_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _reduce_mean(total: Tensor, count: int) -> float:
+def _reduce_mean(total: Tensor | float, count: int) -> float:
     """Mean of a summed quantity; the one place a data-parallel run would all-reduce."""
     return float(total) / max(count, 1)
 
@@ -159,6 +169,12 @@ class _Snapshot:
     def __init__(self, module: nn.Module) -> None:
         self.state = {k: v.detach().clone() for k, v in module.state_dict().items()}
 
+    @classmethod
+    def from_state(cls, state: dict[str, Tensor]) -> _Snapshot:
+        snapshot = cls.__new__(cls)
+        snapshot.state = dict(state)
+        return snapshot
+
     @torch.no_grad()
     def take(self, module: nn.Module) -> None:
         current = module.state_dict()
@@ -171,6 +187,32 @@ class _Snapshot:
 def _cosine_factor(step: int, total_steps: int, floor: float) -> float:
     progress = min(step / max(total_steps, 1), 1.0)
     return floor + (1.0 - floor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass
+class _LoopState:
+    """Everything :func:`train` changes as it goes: checkpointed to resume a stage."""
+
+    step: int
+    epoch: int = 0
+    batch: int = 0  # batches finished in the current epoch
+    lr_scale: float = 1.0
+    epoch_total: float = 0.0  # summed loss and points of the current epoch so far
+    epoch_seen: int = 0
+    epochs_since_best: int = 0
+    elapsed: float = 0.0  # seconds trained before the current session
+    epoch_order_state: Tensor | None = None  # generator state that draws the epoch's order
+
+
+def _result_fields(result: TrainResult) -> dict[str, object]:
+    return {
+        "history": result.history,
+        "n_epochs": result.n_epochs,
+        "n_steps": result.n_steps,
+        "n_bad_steps": result.n_bad_steps,
+        "stop_reason": result.stop_reason,
+        "best_validation": result.best_validation,
+    }
 
 
 def train(
@@ -186,6 +228,7 @@ def train(
     on_epoch_end: Callable[[int, int, dict[str, list[float]]], None] | None = None,
     sampler: Callable[[int, int, torch.Generator], RandomBatches] = RandomBatches,
     start_step: int = 0,
+    checkpointer: Checkpointer | None = None,
 ) -> TrainResult:
     """Minimise ``objective`` over ``data`` with Adam; returns the history.
 
@@ -203,6 +246,8 @@ def train(
         on_epoch_end: ``callback(epoch, step, history)``; may add entries to the history.
         sampler: batch index source (injected; data-parallel runs shard here).
         start_step: global step offset, e.g. for temperature schedules across stages.
+        checkpointer: periodic training-state checkpoints (:mod:`vmonf.resume`); a
+            stage it finished before is replayed, one it was in is continued.
 
     A non-finite loss or gradient never reaches the weights: the step is skipped,
     the weights of the last good epoch restored (Adam's moments reset), the
@@ -212,6 +257,9 @@ def train(
     n = data[0].shape[0]
     if n == 0:
         raise ValueError("cannot train on zero points")
+    stage = None if checkpointer is None else checkpointer.open_stage()
+    if stage is not None and stage.finished is not None:
+        return TrainResult(**stage.replay(module, generator))
     params = list(module.parameters() if parameters is None else parameters)
     optimizer = torch.optim.Adam(
         params,
@@ -226,70 +274,105 @@ def train(
     result = TrainResult(history={"loss": [], "lr": [], "time": []})
     if validation is not None:
         result.history["val_loss"] = []
-    lr_scale = 1.0
-    step = start_step
+    state = _LoopState(step=start_step)
     good = _Snapshot(module)
     best: _Snapshot | None = None
-    epochs_since_best = 0
-    started = time.perf_counter()
+    if stage is not None and stage.progress is not None:
+        best = _resume(stage.progress, module, optimizer, good, state, result)
+        stage.last_saved_step = state.step
+    started = time.perf_counter() - state.elapsed
+
+    def snapshot() -> dict[str, object]:
+        state.elapsed = time.perf_counter() - started
+        return {
+            "loop": dict(vars(state)),
+            "result": _result_fields(result),
+            "module": module.state_dict(),  # serialised at once: no copies needed
+            "optimizer": optimizer.state_dict(),
+            "good": good.state,
+            "best": None if best is None else best.state,
+        }
+
     show = config.verbose and sys.stderr.isatty()
-    bar = tqdm(range(config.max_epochs), desc=config.desc, disable=not show, leave=False)
+    bar = tqdm(
+        range(state.epoch, config.max_epochs),
+        desc=config.desc,
+        disable=not show,
+        leave=False,
+        initial=state.epoch,
+        total=config.max_epochs,
+    )
     for epoch in bar:
         module.train()
-        total = torch.zeros((), dtype=torch.float64)
-        seen = 0
-        for idx in batches:
+        state.epoch = epoch
+        if state.batch == 0:
+            state.epoch_order_state = generator.get_state()
+            state.epoch_total, state.epoch_seen = 0.0, 0
+        else:  # continuing a checkpointed epoch: redraw its order, skip what was done
+            generator.set_state(state.epoch_order_state)
+        out_of_time = False
+        for position, idx in enumerate(batches):
+            if position < state.batch:
+                continue
             if config.lr_schedule == "cosine":
-                factor = _cosine_factor(step - start_step, total_steps, config.lr_floor)
+                factor = _cosine_factor(state.step - start_step, total_steps, config.lr_floor)
             else:
                 factor = 1.0
             for group in optimizer.param_groups:
-                group["lr"] = config.learning_rate * factor * lr_scale
+                group["lr"] = config.learning_rate * factor * state.lr_scale
             batch = tuple(t[idx] for t in data)
             optimizer.zero_grad(set_to_none=True)
-            loss = objective(batch, step)
+            loss = objective(batch, state.step)
             finite = bool(torch.isfinite(loss))
             if finite:
                 loss.backward()
                 # One reduction both clips and detects non-finite gradients.
                 finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+            state.batch = position + 1
             if not finite:
                 result.n_bad_steps += 1
                 good.restore(module)
                 optimizer.state.clear()  # Adam's moments may hold the blow-up
-                lr_scale *= 0.5
+                state.lr_scale *= 0.5
                 warnings.warn(
-                    f"non-finite loss or gradient at step {step}: step skipped, last good "
-                    f"state restored, learning rate halved to "
-                    f"{config.learning_rate * lr_scale:.3g}",
+                    f"non-finite loss or gradient at step {state.step}: step skipped, last "
+                    f"good state restored, learning rate halved to "
+                    f"{config.learning_rate * state.lr_scale:.3g}",
                     RuntimeWarning,
                     stacklevel=2,
                 )
                 if result.n_bad_steps > config.max_bad_steps:
                     if best is not None:
                         best.restore(module)
+                    result.n_steps = state.step - start_step
                     raise NonFiniteLossError(
                         f"training stopped after {result.n_bad_steps} non-finite steps; the "
                         "last good parameters were kept. Check the data for extreme values "
-                        "or lower learning_rate."
+                        "or lower learning_rate.",
+                        result,
                     )
-                step += 1
+                state.step += 1
                 continue
             optimizer.step()
-            total += loss.detach().double() * idx.numel()
-            seen += idx.numel()
-            step += 1
+            state.epoch_total += float(loss.detach()) * idx.numel()
+            state.epoch_seen += idx.numel()
+            state.step += 1
+            if stage is not None and stage.due(state.step):
+                stage.save(state.step, snapshot())
             if config.max_time is not None and time.perf_counter() - started > config.max_time:
+                out_of_time = True
                 break
+        state.batch = 0
         result.n_epochs = epoch + 1
         elapsed = time.perf_counter() - started
-        result.history["loss"].append(_reduce_mean(total, seen) if seen else math.nan)
+        seen = state.epoch_seen
+        result.history["loss"].append(_reduce_mean(state.epoch_total, seen) if seen else math.nan)
         result.history["lr"].append(optimizer.param_groups[0]["lr"])
         result.history["time"].append(elapsed)
         postfix = {"loss": f"{result.history['loss'][-1]:.4f}"}
         if validation is not None:
             module.eval()
-            val = evaluate(validation_objective or objective, validation, step)
+            val = evaluate(validation_objective or objective, validation, state.step)
             result.history["val_loss"].append(val)
             postfix["val"] = f"{val:.4f}"
             if val < result.best_validation:
@@ -298,23 +381,51 @@ def train(
                     best = _Snapshot(module)
                 else:
                     best.take(module)
-                epochs_since_best = 0
+                state.epochs_since_best = 0
             else:
-                epochs_since_best += 1
+                state.epochs_since_best += 1
         if on_epoch_end is not None:
-            on_epoch_end(epoch, step, result.history)
+            on_epoch_end(epoch, state.step, result.history)
         bar.set_postfix(postfix)
         if seen:
             good.take(module)
-        if config.max_time is not None and elapsed > config.max_time:
+        if out_of_time or (config.max_time is not None and elapsed > config.max_time):
             result.stop_reason = "max_time"
             break
-        if config.patience is not None and epochs_since_best >= config.patience:
+        if config.patience is not None and state.epochs_since_best >= config.patience:
             result.stop_reason = "early_stopping"
             break
+        state.epoch = epoch + 1
     bar.close()
-    result.n_steps = step - start_step
+    result.n_steps = state.step - start_step
     if best is not None and config.patience is not None:
         best.restore(module)
     module.eval()
+    if stage is not None:
+        stage.finish(_result_fields(result), module, generator)
     return result
+
+
+def _resume(
+    progress: dict[str, object],
+    module: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    good: _Snapshot,
+    state: _LoopState,
+    result: TrainResult,
+) -> _Snapshot | None:
+    """Load a checkpointed stage into the loop's objects; returns the best snapshot."""
+    try:
+        module.load_state_dict(progress["module"])
+        optimizer.load_state_dict(progress["optimizer"])
+        good.state = dict(progress["good"])
+        for key, value in progress["loop"].items():
+            setattr(state, key, value)
+        for key, value in progress["result"].items():
+            setattr(result, key, value)
+        torch.set_rng_state(progress["rng"])
+    except (KeyError, TypeError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(f"the training state does not fit this model: {exc}") from None
+    if progress["best"] is None:
+        return None
+    return _Snapshot.from_state(progress["best"])

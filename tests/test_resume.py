@@ -1,0 +1,322 @@
+"""Interrupted runs: periodic atomic checkpoints, exact resume, SIGINT and SIGKILL."""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from competitive import CompetitiveMixture
+from vmonf import VMoNF
+from vmonf.checkpoint import CheckpointError, load_checkpoint
+from vmonf.resume import KIND, Checkpointer, TrainingInterrupted
+from vmonf.training import TrainConfig, train
+
+VMONF = dict(
+    n_components=3,
+    max_epochs=6,
+    n_layers=2,
+    hidden_features=8,
+    posterior_hidden=(8,),
+    init_steps=12,
+    batch_size=64,
+    learning_rate=5e-3,
+    random_state=0,
+    dtype="float64",
+)
+
+
+def blobs(n: int = 300, seed: int = 0) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    means = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]])
+    return means[rng.integers(0, 3, n)] + rng.normal(size=(n, 2))
+
+
+class Stop(Exception):
+    """Raised by a callback to cut a fit short, as a crash would."""
+
+
+def stop_at(n_calls: int):
+    calls = []
+
+    def callback(estimator, epoch) -> None:
+        calls.append(epoch)
+        if len(calls) == n_calls:
+            raise Stop
+
+    return callback
+
+
+def assert_same_weights(a: nn.Module, b: nn.Module, atol: float = 1e-6) -> None:
+    sa, sb = a.state_dict(), b.state_dict()
+    assert sa.keys() == sb.keys()
+    for key in sa:
+        torch.testing.assert_close(sa[key], sb[key], atol=atol, rtol=0, msg=key)
+
+
+def without_times(history: dict[str, list]) -> dict[str, list]:
+    return {k: v for k, v in history.items() if k not in ("time", "round_time")}
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+def regression(seed: int = 1):
+    torch.manual_seed(seed)
+    module = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1))
+    x = torch.randn(200, 2)
+    y = (x[:, :1] - 2 * x[:, 1:]).sin()
+
+    def objective(batch, step):
+        xb, yb = batch
+        return (module(xb) - yb).square().mean()
+
+    return module, objective, (x, y)
+
+
+@pytest.mark.parametrize("every", [1, 7, 13])  # mid-epoch, across epochs (7 steps each)
+def test_a_stage_resumed_from_any_checkpoint_ends_like_an_uninterrupted_one(tmp_path, every):
+    config = TrainConfig(max_epochs=5, batch_size=32, learning_rate=0.02, patience=100)
+
+    def run(checkpointer=None, crash_at=None):
+        module, objective, data = regression()
+        steps = []
+
+        def crashing(batch, step):
+            steps.append(step)
+            if step == crash_at:
+                raise Stop
+            return objective(batch, step)
+
+        result = train(
+            module, crashing, data, config, generator=torch.Generator().manual_seed(3),
+            validation=data, validation_objective=objective, checkpointer=checkpointer,
+        )  # fmt: skip
+        return module, result
+
+    reference, expected = run()
+    path = tmp_path / "state.pt"
+    with pytest.raises(Stop):
+        run(Checkpointer(path, "id", every_steps=every, every_seconds=None), crash_at=30)
+    saved = load_checkpoint(path, KIND)["progress"]["loop"]["step"]
+    assert 30 - every <= saved <= 30  # at most one interval of work lost
+    resumed, result = run(Checkpointer(path, "id", every_steps=every, resume=True))
+    assert_same_weights(reference, resumed, atol=0)
+    assert without_times(result.history) == without_times(expected.history)
+    assert result.n_steps == expected.n_steps
+
+
+def test_checkpoint_is_written_atomically_and_a_failed_write_keeps_the_old_file(
+    tmp_path, monkeypatch
+):
+    path = tmp_path / "state.pt"
+    checkpointer = Checkpointer(path, "id")
+    checkpointer.write(progress={"step": 1})
+    before = path.read_bytes()
+
+    def torn_save(obj, handle, *args, **kwargs):
+        handle.write(b"half a file")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(torch, "save", torn_save)
+    with pytest.raises(OSError, match="disk full"):
+        checkpointer.write(progress={"step": 2})
+    assert path.read_bytes() == before
+    assert [p.name for p in tmp_path.iterdir()] == ["state.pt"]  # no temporary left behind
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+@pytest.mark.parametrize(
+    ("params", "n_calls"),
+    [
+        ({}, 3),  # in the training stage
+        ({"n_init": 2, "validation_fraction": 0.2, "patience": 50}, 8),  # second restart
+        ({"weights": "responsibilities", "temperature": "anneal"}, 2),
+    ],
+)
+def test_vmonf_resumed_fit_equals_an_uninterrupted_one(tmp_path, params, n_calls):
+    X = blobs()
+    reference = VMoNF(**VMONF, **params).fit(X)
+    path = tmp_path / "state.pt"
+    with pytest.raises(Stop):
+        VMoNF(**VMONF, **params, checkpoint=path, checkpoint_every=5,
+              callback=stop_at(n_calls)).fit(X)  # fmt: skip
+    resumed = VMoNF(**VMONF, **params, checkpoint=path, checkpoint_every=5).fit(X, resume=True)
+    assert_same_weights(reference.model_, resumed.model_)
+    np.testing.assert_allclose(resumed.score_samples(X), reference.score_samples(X), atol=1e-6)
+    assert without_times(resumed.history_) == without_times(reference.history_)
+
+
+def test_resuming_a_finished_fit_replays_it(tmp_path):
+    X = blobs()
+    path = tmp_path / "state.pt"
+    first = VMoNF(**VMONF, checkpoint=path).fit(X)
+    again = VMoNF(**VMONF, checkpoint=path).fit(X, resume=True)
+    assert_same_weights(first.model_, again.model_, atol=0)
+
+
+def test_a_seedless_fit_resumes_with_its_stored_seed(tmp_path):
+    X = blobs()
+    params = {**VMONF, "random_state": None}
+    path = tmp_path / "state.pt"
+    with pytest.raises(Stop):
+        VMoNF(**params, checkpoint=path, callback=stop_at(2)).fit(X)
+    seed = load_checkpoint(path, KIND)["seed"]
+    resumed = VMoNF(**params, checkpoint=path).fit(X, resume=True)
+    reference = VMoNF(**{**params, "random_state": seed}).fit(X)
+    assert_same_weights(reference.model_, resumed.model_)
+
+
+def test_competitive_resumed_fit_equals_an_uninterrupted_one(tmp_path):
+    X = blobs()
+    params = dict(
+        n_components=3, assignment="discriminator", n_layers=2, hidden_features=8,
+        discriminator_hidden=16, discriminator_batch_size=64, pretrain_epochs=2,
+        max_epochs=2, max_rounds=3, batch_size=64, learning_rate=5e-3, random_state=0,
+        dtype="float64",
+    )  # fmt: skip
+    reference = CompetitiveMixture(**params).fit(X)
+    path = tmp_path / "state.pt"
+    with pytest.raises(Stop):
+        CompetitiveMixture(**params, checkpoint=path, checkpoint_every=3,
+                           callback=stop_at(2)).fit(X)  # fmt: skip
+    resumed = CompetitiveMixture(**params, checkpoint=path).fit(X, resume=True)
+    assert_same_weights(reference.model_, resumed.model_)
+    assert resumed.history_["n_changed"] == reference.history_["n_changed"]
+
+
+def test_resume_refuses_other_data_or_settings_and_needs_a_path(tmp_path):
+    X = blobs()
+    path = tmp_path / "state.pt"
+    VMoNF(**VMONF, checkpoint=path).fit(X)
+    with pytest.raises(ValueError, match="other data or settings"):
+        VMoNF(**VMONF, checkpoint=path).fit(X + 1.0, resume=True)
+    with pytest.raises(ValueError, match="other data or settings"):
+        VMoNF(**{**VMONF, "hidden_features": 4}, checkpoint=path).fit(X, resume=True)
+    # Settings that do not change the computation may differ.
+    VMoNF(**VMONF, checkpoint=path, verbose=True, n_threads=2).fit(X, resume=True)
+    with pytest.raises(ValueError, match="needs a checkpoint path"):
+        VMoNF(**VMONF).fit(X, resume=True)
+
+
+@pytest.mark.parametrize(
+    ("params", "error", "match"),
+    [
+        ({"checkpoint": 3}, TypeError, "checkpoint must be a file path"),
+        ({"checkpoint_every": 0}, ValueError, "checkpoint_every"),
+        ({"checkpoint_seconds": -1.0}, ValueError, "checkpoint_seconds"),
+    ],
+)
+def test_bad_checkpoint_settings(tmp_path, params, error, match):
+    with pytest.raises(error, match=match):
+        VMoNF(**{**VMONF, "checkpoint": tmp_path / "s.pt", **params}).fit(blobs())
+
+
+def test_a_damaged_training_state_is_refused(tmp_path):
+    path = tmp_path / "state.pt"
+    path.write_bytes(b"\x00" * 100)
+    with pytest.raises(CheckpointError, match="not a loadable"):
+        VMoNF(**VMONF, checkpoint=path).fit(blobs(), resume=True)
+
+
+def test_sigint_saves_the_state_and_raises_training_interrupted(tmp_path):
+    X = blobs()
+    path = tmp_path / "state.pt"
+
+    def ctrl_c(estimator, epoch):
+        if epoch == 1:
+            os.kill(os.getpid(), signal.SIGINT)
+
+    with pytest.raises(TrainingInterrupted, match="saved to"):
+        VMoNF(**VMONF, checkpoint=path, checkpoint_every=10**6, callback=ctrl_c).fit(X)
+    assert load_checkpoint(path, KIND)["progress"] is not None
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
+    resumed = VMoNF(**VMONF, checkpoint=path).fit(X, resume=True)
+    assert_same_weights(VMoNF(**VMONF).fit(X).model_, resumed.model_)
+
+
+# --------------------------------------------------------------------------- the command
+
+FIT = [
+    "fit", "moons", "--n-train", "1024", "--n-test", "256", "--epochs", "60",
+    "--layers", "2", "--hidden", "8", "--init-steps", "10", "--no-animation", "--quiet",
+    "--checkpoint-every", "5",
+]  # fmt: skip
+
+
+def vmonf(*argv: str) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
+    return subprocess.Popen(
+        [sys.executable, "-m", "vmonf", *argv], env=env,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )  # fmt: skip
+
+
+def saved_step(path: Path) -> int:
+    progress = load_checkpoint(path, KIND)["progress"]
+    return -1 if progress is None else int(progress["loop"]["step"])
+
+
+def wait_for_step(process: subprocess.Popen, path: Path, step: int, timeout: float = 120) -> int:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, process.communicate()
+        if path.exists():  # replaced atomically: whenever it exists, it loads
+            seen = saved_step(path)
+            if seen >= step:
+                return seen
+        time.sleep(0.02)
+    raise TimeoutError(f"no checkpoint at step {step} within {timeout} s")
+
+
+def model_weights(out: Path) -> dict[str, torch.Tensor]:
+    return load_checkpoint(out / "model.pt", "VMoNF")["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory) -> dict[str, torch.Tensor]:
+    out = tmp_path_factory.mktemp("whole")
+    process = vmonf(*FIT, "--out", str(out))
+    assert process.wait(timeout=300) == 0, process.communicate()
+    return model_weights(out)
+
+
+def test_sigkill_mid_training_then_resume_loses_at_most_one_interval(tmp_path, uninterrupted):
+    process = vmonf(*FIT, "--out", str(tmp_path))
+    seen = wait_for_step(process, tmp_path / "train_state.pt", 40)
+    process.kill()  # SIGKILL: no chance to clean up
+    process.wait(timeout=30)
+    assert process.returncode == -signal.SIGKILL
+    assert saved_step(tmp_path / "train_state.pt") >= seen  # loadable, and nothing went back
+    assert not (tmp_path / "model.pt").exists()
+    resumed = vmonf(*FIT, "--out", str(tmp_path), "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.communicate()
+    weights = model_weights(tmp_path)
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(weights[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_sigint_exits_cleanly_with_a_checkpoint_and_a_hint(tmp_path, uninterrupted):
+    process = vmonf(*FIT, "--out", str(tmp_path))
+    wait_for_step(process, tmp_path / "train_state.pt", 30)
+    process.send_signal(signal.SIGINT)
+    _, err = process.communicate(timeout=60)
+    assert process.returncode == 130
+    assert "Traceback" not in err and "--resume" in err
+    assert math.isfinite(saved_step(tmp_path / "train_state.pt"))
+    resumed = vmonf(*FIT, "--out", str(tmp_path), "--resume")
+    assert resumed.wait(timeout=300) == 0, resumed.communicate()
+    weights = model_weights(tmp_path)
+    for key, value in uninterrupted.items():
+        torch.testing.assert_close(weights[key], value, atol=1e-6, rtol=0, msg=key)

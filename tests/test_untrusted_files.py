@@ -1,0 +1,119 @@
+"""Untrusted files: code-running pickles are refused; truncated, corrupted or foreign files
+give a clear error; loading never executes anything from the file."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import pickle
+import zipfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from competitive import CompetitiveMixture
+from vmonf import VMoNF
+from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+
+class RunsCode:
+    """Unpickling this calls ``Path.touch(marker)``: what a malicious file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+@pytest.fixture(scope="module")
+def model_file(tmp_path_factory) -> Path:
+    X = np.random.default_rng(0).normal(size=(100, 2))
+    model = VMoNF(2, max_epochs=1, n_layers=2, hidden_features=8, init_steps=5, random_state=0)
+    return model.fit(X).save(tmp_path_factory.mktemp("model") / "model.pt")
+
+
+def evil_files(tmp_path: Path, marker: Path) -> dict[str, Path]:
+    files = {}
+    raw = tmp_path / "raw.pkl"  # a plain pickle stream
+    raw.write_bytes(pickle.dumps({"vmonf_format": "VMoNF", "x": RunsCode(marker)}))
+    files["raw pickle"] = raw
+    archive = tmp_path / "archive.pt"  # torch's own format with a hostile object inside
+    torch.save({"vmonf_format": "VMoNF", "x": RunsCode(marker)}, archive)
+    files["torch archive"] = archive
+    # Our wrapper around a hostile inner archive (with a correct checksum).
+    inner = io.BytesIO()
+    torch.save({"params": RunsCode(marker)}, inner)
+    data = torch.frombuffer(bytearray(inner.getvalue()), dtype=torch.uint8)
+    wrapped = tmp_path / "wrapped.pt"
+    digest = hashlib.sha256(inner.getvalue()).hexdigest()
+    torch.save({"vmonf_format": "VMoNF", "sha256": digest, "payload": data}, wrapped)
+    files["hostile content, valid checksum"] = wrapped
+    return files
+
+
+@pytest.mark.parametrize("loader", [VMoNF.load, CompetitiveMixture.load], ids=["vmonf", "comp"])
+def test_a_pickle_that_would_run_code_is_refused(tmp_path, loader):
+    marker = tmp_path / "pwned"
+    pickle.loads(pickle.dumps(RunsCode(marker)))  # the payload works when unpickled...
+    assert marker.exists()
+    marker.unlink()
+    for name, path in evil_files(tmp_path, marker).items():
+        with pytest.raises(CheckpointError, match=r"unsafe|does not hold"):
+            loader(path)
+        assert not marker.exists(), f"{name}: code ran on load"
+
+
+def test_truncated_files_are_refused(model_file, tmp_path):
+    data = model_file.read_bytes()
+    for keep in (0, 10, len(data) // 3, len(data) - 100):
+        cut = tmp_path / f"cut{keep}.pt"
+        cut.write_bytes(data[:keep])
+        with pytest.raises(CheckpointError, match=r"not a loadable|corrupted|damaged"):
+            VMoNF.load(cut)
+
+
+def test_every_corrupted_byte_is_caught_or_harmless(model_file, tmp_path):
+    """Flip bytes all over the file: each load either fails with CheckpointError or gives
+    exactly the original model (the byte was padding); never silently different weights."""
+    data = bytearray(model_file.read_bytes())
+    original = load_checkpoint(model_file, "VMoNF")["model"]
+    rng = np.random.default_rng(0)
+    failures = 0
+    for position in rng.choice(len(data), size=60, replace=False):
+        corrupted = bytearray(data)
+        corrupted[position] ^= 0xFF
+        path = tmp_path / "flipped.pt"
+        path.write_bytes(bytes(corrupted))
+        try:
+            loaded = load_checkpoint(path, "VMoNF")["model"]
+        except CheckpointError:
+            failures += 1
+            continue
+        for key, value in original.items():
+            assert torch.equal(loaded[key], value), f"byte {position} changed {key} silently"
+    assert failures > 40
+
+
+def test_foreign_files_are_refused(model_file, tmp_path):
+    with pytest.raises(CheckpointError, match="does not hold a CompetitiveMixture"):
+        CompetitiveMixture.load(model_file)  # a VMoNF file
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.zeros(3)}, plain)  # someone else's torch file
+    with pytest.raises(CheckpointError, match="does not hold a VMoNF"):
+        VMoNF.load(plain)
+    archive = tmp_path / "zip.pt"
+    with zipfile.ZipFile(archive, "w") as z:
+        z.writestr("hello.txt", "not torch")
+    with pytest.raises(CheckpointError, match="not a loadable"):
+        VMoNF.load(archive)
+    with pytest.raises(CheckpointError, match="no checkpoint file"):
+        VMoNF.load(tmp_path)  # a folder
+
+
+def test_valid_file_with_wrong_content_gives_a_clear_error(tmp_path):
+    path = save_checkpoint({"params": {"n_components": 2}}, tmp_path / "m.pt", "VMoNF")
+    with pytest.raises(ValueError, match="incompatible VMoNF checkpoint"):
+        VMoNF.load(path)

@@ -1,0 +1,228 @@
+"""Resumable fits: periodic atomic checkpoints of the whole training state.
+
+A fit is a fixed sequence of :func:`vmonf.training.train` calls ("stages"; e.g.
+pre-training, then training, per restart). A :class:`Checkpointer` numbers the
+stages as they open and writes, every ``every_steps`` steps or ``every_seconds``
+seconds, one file holding
+
+* for each finished stage: its result, the trained module's final state and the
+  batch generator's state (so a resumed fit can replay it in no time), and
+* for the stage in progress: module, Adam, the loop's counters and schedules,
+  snapshots for the non-finite guard and early stopping, the state that draws the
+  current epoch's batch order, and the global torch RNG.
+
+Resuming runs the fit from the start: finished stages are replayed from the file,
+the stage in progress continues at its last checkpointed step, so the resumed fit
+ends with the same weights as an uninterrupted one. Files go through
+:func:`vmonf.checkpoint.save_checkpoint` (temporary file, fsync, rename) and load
+with ``weights_only=True``.
+
+SIGINT (Ctrl-C) during :meth:`Checkpointer.interruptible` does not tear a step: a
+flag is raised, the training loop saves at the next step boundary and raises
+:class:`TrainingInterrupted`. A second Ctrl-C interrupts at once.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from vmonf._validation import check_positive_float, check_positive_int
+from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+
+__all__ = ["Checkpointer", "Stage", "TrainingInterrupted", "fingerprint"]
+
+KIND = "vmonf-training-state"
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Training was interrupted (SIGINT); the training state was saved first."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(f"training interrupted; its state was saved to {path}")
+        self.path = path
+
+
+def fingerprint(*arrays: np.ndarray, settings: dict[str, Any]) -> str:
+    """SHA-256 of the data and the settings a resumed fit must share with the first."""
+    digest = hashlib.sha256()
+    for array in arrays:
+        array = np.ascontiguousarray(array)
+        digest.update(f"{array.dtype}{array.shape}".encode())
+        digest.update(array.tobytes())
+    digest.update(repr(sorted(settings.items())).encode())
+    return digest.hexdigest()
+
+
+def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+class Stage:
+    """One :func:`train` call as the checkpointer sees it.
+
+    ``finished`` holds the stored result of a stage completed before an
+    interruption (replay it); ``progress`` the state of the stage that was in
+    progress (continue it); both are None for a new stage.
+    """
+
+    def __init__(
+        self,
+        checkpointer: Checkpointer,
+        index: int,
+        finished: dict[str, Any] | None,
+        progress: dict[str, Any] | None,
+    ) -> None:
+        self.checkpointer = checkpointer
+        self.index = index
+        self.finished = finished
+        self.progress = progress
+        self.last_saved_step = 0
+
+    def replay(self, module: nn.Module, generator: torch.Generator) -> dict[str, Any]:
+        """Put ``module`` and ``generator`` where the finished stage left them; returns
+        its stored result fields."""
+        assert self.finished is not None
+        module.load_state_dict(self.finished["module"])
+        generator.set_state(self.finished["generator"])
+        torch.set_rng_state(self.finished["rng"])
+        return self.finished["result"]
+
+    def due(self, step: int) -> bool:
+        """Whether a checkpoint is due after ``step`` (or an interruption is pending)."""
+        return self.checkpointer.due(step - self.last_saved_step)
+
+    def save(self, step: int, progress: dict[str, Any]) -> None:
+        """Write the in-progress state (from :func:`train`, at a step boundary)."""
+        self.last_saved_step = step
+        self.checkpointer.write(progress={**progress, "rng": torch.get_rng_state()})
+        if self.checkpointer.interrupt_requested:
+            raise TrainingInterrupted(self.checkpointer.path)
+
+    def finish(self, result: dict[str, Any], module: nn.Module, generator: torch.Generator) -> None:
+        """Record the stage as finished (result, final module and generator states)."""
+        self.checkpointer.finished.append(
+            {
+                "result": result,
+                "module": _cpu_state(module),
+                "generator": generator.get_state(),
+                "rng": torch.get_rng_state(),
+            }
+        )
+        self.checkpointer.write(progress=None)
+
+
+class Checkpointer:
+    """Periodic, atomic training-state checkpoints for one fit (see the module doc).
+
+    Args:
+        path: the training-state file.
+        identity: what a resumed fit must match (e.g. :func:`fingerprint` of data
+            and settings); a file written for another identity is refused.
+        every_steps: checkpoint after this many optimiser steps (None = never by count).
+        every_seconds: ... or after this many seconds (None = never by time).
+        resume: continue from ``path`` if it exists (else start afresh).
+        seed: the fit's seed; a resumed fit uses the seed stored in the file.
+    """
+
+    def __init__(
+        self,
+        path: str | os.PathLike,
+        identity: str,
+        *,
+        every_steps: int | None = 100,
+        every_seconds: float | None = 60.0,
+        resume: bool = False,
+        seed: int = 0,
+    ) -> None:
+        if every_steps is not None:
+            check_positive_int(every_steps, "checkpoint_every")
+        check_positive_float(every_seconds, "checkpoint_seconds", allow_none=True)
+        self.path = Path(path)
+        self.identity = identity
+        self.every_steps = every_steps
+        self.every_seconds = every_seconds
+        self.seed = seed
+        self.finished: list[dict[str, Any]] = []
+        self.resumed = False
+        self.interrupt_requested = False
+        self._progress: dict[str, Any] | None = None
+        self._next_stage = 0
+        self._last_write = time.monotonic()
+        if resume and self.path.exists():
+            payload = load_checkpoint(self.path, KIND)
+            if payload.get("identity") != identity:
+                raise ValueError(
+                    f"cannot resume from {self.path}: it was written for other data or "
+                    "settings (start without resume, or use another checkpoint path)"
+                )
+            try:
+                self.seed = int(payload["seed"])
+                self.finished = list(payload["finished"])
+                self._progress = payload["progress"]
+            except (KeyError, TypeError, ValueError) as exc:
+                raise CheckpointError(f"{self.path} is a damaged training state: {exc}") from None
+            self.resumed = True
+
+    @property
+    def n_finished(self) -> int:
+        return len(self.finished)
+
+    def open_stage(self) -> Stage:
+        """The next stage of the fit: a replay, a continuation or a new one."""
+        index = self._next_stage
+        self._next_stage += 1
+        if index < len(self.finished):
+            return Stage(self, index, self.finished[index], None)
+        progress = self._progress if index == len(self.finished) else None
+        self._progress = None
+        return Stage(self, index, None, progress)
+
+    def due(self, steps_since: int) -> bool:
+        if self.interrupt_requested:
+            return True
+        if self.every_steps is not None and steps_since >= self.every_steps:
+            return True
+        return (
+            self.every_seconds is not None
+            and time.monotonic() - self._last_write >= self.every_seconds
+        )
+
+    def write(self, progress: dict[str, Any] | None) -> None:
+        payload = {
+            "identity": self.identity,
+            "seed": self.seed,
+            "finished": self.finished,
+            "progress": progress,
+        }
+        save_checkpoint(payload, self.path, KIND)
+        self._last_write = time.monotonic()
+
+    @contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """Within the block, the first SIGINT asks for a checkpoint and a clean stop."""
+        if threading.current_thread() is not threading.main_thread():
+            yield  # signal handlers can only be set from the main thread
+            return
+
+        def request(signum: int, frame: object) -> None:
+            if self.interrupt_requested:
+                raise KeyboardInterrupt
+            self.interrupt_requested = True
+
+        previous = signal.signal(signal.SIGINT, request)
+        try:
+            yield
+        finally:
+            signal.signal(signal.SIGINT, previous)
