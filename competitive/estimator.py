@@ -33,6 +33,7 @@ from vmonf._validation import (
     check_positive_int,
 )
 from vmonf.base import MixtureEstimator
+from vmonf.distributed import gather_rows
 from vmonf.resume import Checkpointer
 from vmonf.training import NonFiniteLossError, TrainConfig
 
@@ -456,8 +457,8 @@ class CompetitiveMixture(MixtureEstimator):
             )
             model.log_norm.copy_(log_ratio_normaliser(model.discriminators, x))
         model.eval()
-        with torch.no_grad():
-            return torch.cat([self._scores(c) for c in x.split(65536)])
+        with torch.no_grad():  # data-parallel: each rank scores its shard, all get all
+            return gather_rows(lambda xs: torch.cat([self._scores(c) for c in xs.split(65536)]), x)
 
     def _held_out_score(self, x_val: Tensor | None) -> float:
         if x_val is None:

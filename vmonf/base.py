@@ -30,6 +30,7 @@ from vmonf._validation import (
     image_shape,
 )
 from vmonf.checkpoint import load_checkpoint, save_checkpoint
+from vmonf.distributed import init_from_env
 from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer, fingerprint
 from vmonf.training import torch_threads
@@ -218,6 +219,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         """
         self._validate_common()
         self._validate_params()
+        init_from_env(self._torch_device)  # under torchrun: train data-parallel
         x = check_array(X, "X", min_samples=2, allow_images=True)
         if self.n_components > x.shape[0]:
             raise ValueError(

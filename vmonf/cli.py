@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
+import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -22,6 +24,7 @@ import numpy as np
 import torch
 
 from vmonf import __version__, datasets, reporting
+from vmonf.distributed import init_from_env, is_main_process
 from vmonf.estimator import VMoNF
 from vmonf.resume import TrainingInterrupted
 from vmonf.training import NonFiniteLossError
@@ -146,7 +149,8 @@ def _add_toy_arguments(p: argparse.ArgumentParser, unit: str) -> argparse._Argum
 
 
 def _add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
-    """--checkpoint-every and --resume (shared by fit and compete)."""
+    """--checkpoint-every, --resume and --nproc (shared by fit and compete)."""
+    _add_parallel_argument(p)
     group = p.add_argument_group("checkpoints")
     group.add_argument(
         "--checkpoint-every",
@@ -162,6 +166,45 @@ def _add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
         help=f"continue from OUT/{TRAIN_STATE} (same data and settings); the result "
         "equals an uninterrupted run's",
     )
+
+
+def _add_parallel_argument(p: argparse.ArgumentParser) -> None:
+    """--nproc (shared by fit and compete): data-parallel through torchrun."""
+    p.add_argument(
+        "--nproc",
+        metavar="N",
+        type=positive_int,
+        default=1,
+        help="train data-parallel in N processes on this machine (launches torchrun; "
+        "for several machines run torchrun yourself, see the README)",
+    )
+
+
+def _relaunch_under_torchrun(argv: Sequence[str], nproc: int) -> int:
+    """Run this same command in ``nproc`` processes via ``torch.distributed.run``."""
+    rest, skip = [], False
+    for token in argv:
+        if skip:
+            skip = False
+        elif token == "--nproc":
+            skip = True
+        elif not token.startswith("--nproc="):
+            rest.append(token)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", "-m", "vmonf", *rest,
+    ]  # fmt: skip
+    return subprocess.call(command)
+
+
+def _join_process_group(args: argparse.Namespace) -> bool:
+    """Under torchrun, join the process group; returns whether this is the rank that
+    prints and writes (the others only train)."""
+    init_from_env(torch.device("cuda" if args.device == "cuda" else "cpu"))
+    main_rank = is_main_process()
+    if not main_rank:
+        args.quiet = True
+    return main_rank
 
 
 def _checkpoint_settings(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -320,6 +363,7 @@ def run_fit(args: argparse.Namespace) -> int:
             f"--labels needs --components >= the toy's {toy.n_classes} classes, got {n_components}"
         )
     out: Path = args.out if args.out is not None else Path("runs") / f"{toy.name}-{args.seed}"
+    main_rank = _join_process_group(args)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -350,7 +394,7 @@ def run_fit(args: argparse.Namespace) -> int:
         **_checkpoint_settings(args, out),
     )
     recorder = None
-    if not args.no_animation:
+    if not args.no_animation and main_rank:
         if "callback" in estimator.get_params():
             every = max(1, math.ceil(estimator.max_epochs / 40))  # at most ~40 frames
             recorder = reporting.DensityRecorder(bounds, every=every)
@@ -368,6 +412,8 @@ def run_fit(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     estimator.fit(X, y_fit, resume=args.resume)
     wall = time.perf_counter() - started
+    if not main_rank:
+        return 0  # rank 0 evaluates and writes the run folder
     recording = 0.0 if recorder is None else recorder.seconds  # frames drawn during the fit
     if recorder is not None:
         estimator.set_params(callback=None)  # a callable cannot go into model.pt
@@ -546,6 +592,7 @@ def run_compete(args: argparse.Namespace) -> int:
     out: Path = (
         args.out if args.out is not None else Path("runs") / f"compete-{toy.name}-{args.seed}"
     )
+    main_rank = _join_process_group(args)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -588,6 +635,8 @@ def run_compete(args: argparse.Namespace) -> int:
     started = time.perf_counter()
     estimator.fit(X, resume=args.resume)
     wall = time.perf_counter() - started
+    if not main_rank:
+        return 0  # rank 0 evaluates and writes the run folder
     estimator.set_params(callback=None)  # a callable cannot go into model.pt
     pred = estimator.predict(X_test)
     results: dict[str, Any] = {
@@ -728,7 +777,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vmonf`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     parser = build_parser()
     try:
-        args = parser.parse_args(None if argv is None else list(argv))
+        argv = sys.argv[1:] if argv is None else list(argv)
+        args = parser.parse_args(argv)
+        if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+            return _relaunch_under_torchrun(argv, args.nproc)
         return int(args.handler(args))
     except SystemExit as exc:  # --help, --version
         return exc.code if isinstance(exc.code, int) else 0

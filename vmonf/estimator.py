@@ -14,6 +14,7 @@ import torch
 from scipy.optimize import linear_sum_assignment
 from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
+from sklearn.semi_supervised import LabelSpreading
 from torch import Tensor
 
 from vmonf._validation import (
@@ -32,7 +33,7 @@ from vmonf.training import NonFiniteLossError, TrainConfig, TrainResult, evaluat
 
 __all__ = ["VMoNF"]
 
-INITS = ("auto", "kmeans", "labels", "random")
+INITS = ("auto", "kmeans", "labels", "propagate", "random")
 OBJECTIVES = ("elbo", "marginal")
 
 
@@ -49,8 +50,10 @@ class VMoNF(MixtureEstimator):
             -log p(x), i.e. soft EM; q is distilled from the exact posterior).
         weights: mixing weights, ``"uniform"``, ``"learned"`` or ``"responsibilities"``.
         init: ``"kmeans"`` (pre-train each flow and q on a k-means cluster),
-            ``"labels"`` (pre-train on the labelled points), ``"random"`` (none) or
-            ``"auto"`` (labels when every class has one, else k-means).
+            ``"labels"`` (pre-train on the labelled points, as in the paper),
+            ``"propagate"`` (spread the labels to every point along a k-nearest-
+            neighbour graph, then pre-train on all points), ``"random"`` (none) or
+            ``"auto"`` (propagate when every class has a label, else k-means).
         n_init: restarts; the one with the best final ELBO is kept.
         init_steps: optimiser steps of pre-training.
         n_layers, hidden_features, n_hidden_layers, activation, max_log_scale,
@@ -247,13 +250,15 @@ class VMoNF(MixtureEstimator):
         has_every_class = bool(torch.unique(y[labelled]).numel() == self.n_components)
         init = self.init
         if init == "auto":
-            init = "labels" if has_every_class else "kmeans"
+            init = "propagate" if has_every_class else "kmeans"
         if init == "random" or self.init_steps == 0:
             return None
+        if init in ("labels", "propagate") and not labelled.any():
+            raise ValueError(f"init={init!r} needs labelled points (y >= 0)")
         if init == "labels":
-            if not labelled.any():
-                raise ValueError("init='labels' needs labelled points (y >= 0)")
             return y
+        if init == "propagate":
+            return _propagate_labels(x, y)
         km = KMeans(self.n_components, n_init=10, random_state=seed)
         clusters = torch.as_tensor(km.fit_predict(x.double().cpu().numpy()), device=x.device)
         if labelled.any():
@@ -359,11 +364,11 @@ class VMoNF(MixtureEstimator):
         x_train, y_train = x[train_idx], y[train_idx]
         x_val = None if val_idx is None else x[val_idx]
         labelled = y_train >= 0
-        if labelled.any() and self.init == "labels":
+        if labelled.any() and self.init in ("labels", "propagate"):
             missing = set(range(self.n_components)) - set(y_train[labelled].tolist())
             if missing:
                 raise ValueError(
-                    "init='labels' needs a labelled point of every class; "
+                    f"init={self.init!r} needs a labelled point of every class; "
                     f"none for {sorted(missing)}"
                 )
         best = None
@@ -429,3 +434,17 @@ class VMoNF(MixtureEstimator):
         proba = self.predict_proba(X)
         entropy = -(proba * np.log(np.clip(proba, 1e-300, None))).sum(axis=1)
         return np.argsort(-entropy, kind="stable")[: min(n, proba.shape[0])]
+
+
+def _propagate_labels(x: Tensor, y: Tensor, n_neighbors: int = 10) -> Tensor:
+    """Labels for every row of x (N, D) spread from the labelled ones (y >= 0) along a
+    k-nearest-neighbour graph (scikit-learn's LabelSpreading); labelled rows keep theirs.
+
+    alpha = 0.99 lets labels travel far along thin manifolds: scikit-learn's default
+    (0.2) left 10-18 % of two_circles and over half of pinwheel wrongly labelled."""
+    spreading = LabelSpreading(
+        kernel="knn", n_neighbors=min(n_neighbors, x.shape[0] - 1), alpha=0.99, max_iter=1000
+    )
+    spreading.fit(x.double().cpu().numpy(), y.cpu().numpy())
+    spread = torch.as_tensor(spreading.transduction_, device=y.device, dtype=y.dtype)
+    return torch.where(y >= 0, y, spread)

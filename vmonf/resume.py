@@ -40,6 +40,7 @@ from torch import nn
 
 from vmonf._validation import check_positive_float, check_positive_int
 from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vmonf.distributed import is_main_process
 
 __all__ = ["Checkpointer", "Stage", "TrainingInterrupted", "fingerprint"]
 
@@ -206,7 +207,8 @@ class Checkpointer:
             "finished": self.finished,
             "progress": progress,
         }
-        save_checkpoint(payload, self.path, KIND)
+        if is_main_process():  # data-parallel ranks hold the same state: rank 0 writes it
+            save_checkpoint(payload, self.path, KIND)
         self._last_write = time.monotonic()
 
     @contextmanager

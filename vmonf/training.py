@@ -4,9 +4,9 @@ Every estimator in vmonf and competitive trains through :func:`train`. What is
 optimised is given by an *objective*: a callable ``objective(batch, step) ->
 scalar mean loss`` over a tuple of tensors indexed along their first axis.
 
-Written so that it can later run data-parallel without a rewrite: the batch
-order comes from an injected sampler, the device from the data, and every
-cross-batch reduction goes through :func:`_reduce_mean`.
+Data-parallel under torchrun without a rewrite: the batch order comes from an
+injected sampler that shards every global batch over ranks, the device from the
+data, and every cross-process reduction goes through :mod:`vmonf.distributed`.
 """
 
 from __future__ import annotations
@@ -29,11 +29,19 @@ from vmonf._validation import (
     check_positive_int,
 )
 from vmonf.checkpoint import CheckpointError
+from vmonf.distributed import (
+    ShardedBatches,
+    all_reduce_gradients,
+    all_reduce_sum,
+    any_rank,
+    broadcast_module,
+    shard_range,
+)
 from vmonf.resume import Checkpointer
 
 __all__ = [
     "NonFiniteLossError",
-    "RandomBatches",
+    "ShardedBatches",
     "TrainConfig",
     "TrainResult",
     "evaluate",
@@ -119,20 +127,6 @@ class TrainResult:
     best_validation: float = math.inf
 
 
-class RandomBatches:
-    """Shuffled mini-batch indices from a seeded generator (the injectable sampler)."""
-
-    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
-        self.n, self.batch_size, self.generator = n, batch_size, generator
-
-    def __len__(self) -> int:
-        return math.ceil(self.n / self.batch_size)
-
-    def __iter__(self) -> Iterator[Tensor]:
-        order = torch.randperm(self.n, generator=self.generator)
-        yield from order.split(self.batch_size)
-
-
 @contextmanager
 def torch_threads(n_threads: int | None) -> Iterator[None]:
     """Run the block with ``n_threads`` torch threads, restoring the old count after."""
@@ -147,20 +141,18 @@ def torch_threads(n_threads: int | None) -> Iterator[None]:
         torch.set_num_threads(previous)
 
 
-def _reduce_mean(total: Tensor | float, count: int) -> float:
-    """Mean of a summed quantity; the one place a data-parallel run would all-reduce."""
-    return float(total) / max(count, 1)
-
-
 @torch.no_grad()
 def evaluate(objective: Objective, data: Batch, step: int, chunk_size: int = 65536) -> float:
-    """Mean objective over ``data`` in chunks (no gradients)."""
-    n = data[0].shape[0]
-    total = torch.zeros((), dtype=torch.float64)
-    for start in range(0, n, chunk_size):
-        batch = tuple(t[start : start + chunk_size] for t in data)
-        total += objective(batch, step).double() * batch[0].shape[0]
-    return _reduce_mean(total, n)
+    """Mean objective over ``data`` in chunks (no gradients); data-parallel runs score
+    one shard per rank and all-reduce the sum."""
+    start, stop = shard_range(data[0].shape[0])
+    total = torch.zeros(2, dtype=torch.float64, device=data[0].device)  # sum, count
+    for first in range(start, stop, chunk_size):
+        batch = tuple(t[first : min(first + chunk_size, stop)] for t in data)
+        total[0] += objective(batch, step).double() * batch[0].shape[0]
+        total[1] += batch[0].shape[0]
+    total = all_reduce_sum(total)
+    return float(total[0] / total[1].clamp_min(1))
 
 
 class _Snapshot:
@@ -182,6 +174,11 @@ class _Snapshot:
 
     def restore(self, module: nn.Module) -> None:
         module.load_state_dict(self.state)
+
+
+def _zero(params: Sequence[nn.Parameter]) -> Tensor:
+    """A zero loss that still reaches every parameter (an empty shard's contribution)."""
+    return sum((p.sum() * 0.0 for p in params), params[0].new_zeros(()))
 
 
 def _cosine_factor(step: int, total_steps: int, floor: float) -> float:
@@ -226,7 +223,7 @@ def train(
     validation_objective: Objective | None = None,
     parameters: Sequence[nn.Parameter] | None = None,
     on_epoch_end: Callable[[int, int, dict[str, list[float]]], None] | None = None,
-    sampler: Callable[[int, int, torch.Generator], RandomBatches] = RandomBatches,
+    sampler: Callable[[int, int, torch.Generator], ShardedBatches] = ShardedBatches,
     start_step: int = 0,
     checkpointer: Checkpointer | None = None,
 ) -> TrainResult:
@@ -244,7 +241,8 @@ def train(
             e.g. the exact held-out NLL while training on a bound.
         parameters: what to optimise (default: all of ``module``'s).
         on_epoch_end: ``callback(epoch, step, history)``; may add entries to the history.
-        sampler: batch index source (injected; data-parallel runs shard here).
+        sampler: batch index source: yields this rank's indices of each global batch
+            and tells the global batch's size (:class:`ShardedBatches`).
         start_step: global step offset, e.g. for temperature schedules across stages.
         checkpointer: periodic training-state checkpoints (:mod:`vmonf.resume`); a
             stage it finished before is replayed, one it was in is continued.
@@ -269,6 +267,7 @@ def train(
         foreach=True,
     )
     max_norm = math.inf if config.grad_clip is None else config.grad_clip
+    device = params[0].device if params else data[0].device
     batches = sampler(n, config.batch_size, generator)
     total_steps = config.max_epochs * len(batches)
     result = TrainResult(history={"loss": [], "lr": [], "time": []})
@@ -280,6 +279,7 @@ def train(
     if stage is not None and stage.progress is not None:
         best = _resume(stage.progress, module, optimizer, good, state, result)
         stage.last_saved_step = state.step
+    broadcast_module(module)  # data-parallel ranks start from rank 0's weights
     started = time.perf_counter() - state.elapsed
 
     def snapshot() -> dict[str, object]:
@@ -322,12 +322,14 @@ def train(
                 group["lr"] = config.learning_rate * factor * state.lr_scale
             batch = tuple(t[idx] for t in data)
             optimizer.zero_grad(set_to_none=True)
-            loss = objective(batch, state.step)
-            finite = bool(torch.isfinite(loss))
-            if finite:
-                loss.backward()
-                # One reduction both clips and detects non-finite gradients.
-                finite = bool(torch.isfinite(torch.nn.utils.clip_grad_norm_(params, max_norm)))
+            # This rank's share of the global batch's mean loss (the whole of it in one
+            # process); every rank back-propagates and joins the all-reduce, even on NaN.
+            share = idx.numel() / batches.global_size
+            loss = objective(batch, state.step) * share if idx.numel() else _zero(params)
+            loss.backward()
+            loss = all_reduce_gradients(params, loss)
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            finite = bool(torch.isfinite(loss) & torch.isfinite(norm))
             state.batch = position + 1
             if not finite:
                 result.n_bad_steps += 1
@@ -354,19 +356,21 @@ def train(
                 state.step += 1
                 continue
             optimizer.step()
-            state.epoch_total += float(loss.detach()) * idx.numel()
-            state.epoch_seen += idx.numel()
+            state.epoch_total += float(loss) * batches.global_size
+            state.epoch_seen += batches.global_size
             state.step += 1
             if stage is not None and stage.due(state.step):
                 stage.save(state.step, snapshot())
-            if config.max_time is not None and time.perf_counter() - started > config.max_time:
+            if config.max_time is not None and any_rank(
+                time.perf_counter() - started > config.max_time, device
+            ):
                 out_of_time = True
                 break
         state.batch = 0
         result.n_epochs = epoch + 1
         elapsed = time.perf_counter() - started
         seen = state.epoch_seen
-        result.history["loss"].append(_reduce_mean(state.epoch_total, seen) if seen else math.nan)
+        result.history["loss"].append(state.epoch_total / seen if seen else math.nan)
         result.history["lr"].append(optimizer.param_groups[0]["lr"])
         result.history["time"].append(elapsed)
         postfix = {"loss": f"{result.history['loss'][-1]:.4f}"}
@@ -389,7 +393,9 @@ def train(
         bar.set_postfix(postfix)
         if seen:
             good.take(module)
-        if out_of_time or (config.max_time is not None and elapsed > config.max_time):
+        if out_of_time or (
+            config.max_time is not None and any_rank(elapsed > config.max_time, device)
+        ):
             result.stop_reason = "max_time"
             break
         if config.patience is not None and state.epochs_since_best >= config.patience:

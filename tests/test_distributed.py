@@ -1,0 +1,113 @@
+"""Data-parallel training under torchrun (gloo, 2 CPU processes on loopback)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from vmonf.checkpoint import load_checkpoint
+from vmonf.distributed import ShardedBatches, gather_rows, rank_and_size, shard_range
+
+ROOT = Path(__file__).parents[1]
+WORKER = ROOT / "tests" / "helpers" / "distributed_fit.py"
+KINDS = {"vmonf": "VMoNF", "competitive": "CompetitiveMixture"}
+ENV = {**os.environ, "PYTHONPATH": str(ROOT), "VMONF_DIST_TIMEOUT": "60", "OMP_NUM_THREADS": "1"}
+
+
+def torchrun(*argv: str, nproc: int = 2, timeout: float = 240) -> subprocess.CompletedProcess:
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone",
+        f"--nproc-per-node={nproc}", *argv,
+    ]  # fmt: skip
+    return subprocess.run(command, env=ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def weights(path: Path, kind: str) -> dict[str, torch.Tensor]:
+    return load_checkpoint(path, kind)["model"]
+
+
+def test_sharding_helpers_in_one_process():
+    assert rank_and_size() == (0, 1)
+    assert [shard_range(10, r, 3) for r in range(3)] == [(0, 4), (4, 7), (7, 10)]
+    batches = ShardedBatches(10, 4, torch.Generator().manual_seed(0))
+    seen = [i for batch in batches for i in batch.tolist()]
+    assert sorted(seen) == list(range(10)) and batches.global_size == 2
+    x = torch.arange(12.0).reshape(6, 2)
+    torch.testing.assert_close(gather_rows(lambda t: t * 2, x), x * 2)
+
+
+@pytest.mark.parametrize("estimator", list(KINDS))
+def test_two_processes_end_with_the_weights_of_one(estimator, tmp_path):
+    one = subprocess.run(
+        [sys.executable, str(WORKER), estimator, str(tmp_path / "one.pt")],
+        env=ENV, capture_output=True, text=True, timeout=240,
+    )  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    two = torchrun(str(WORKER), estimator, str(tmp_path / "two.pt"))
+    assert two.returncode == 0, two.stderr
+    a, b = (
+        weights(tmp_path / "one.pt", KINDS[estimator]),
+        weights(tmp_path / "two.pt", KINDS[estimator]),
+    )
+    assert a.keys() == b.keys()
+    for key in a:  # float64: only the order of the sums differs
+        torch.testing.assert_close(b[key], a[key], atol=1e-9, rtol=0, msg=key)
+
+
+def test_a_crashing_rank_fails_the_run_with_its_error_not_a_hang(tmp_path):
+    run = torchrun(str(WORKER), "vmonf", str(tmp_path / "m.pt"), "--crash-rank", "1")
+    assert run.returncode != 0
+    assert "rank      : 1" in run.stderr  # torchrun names the rank that failed first
+    assert not (tmp_path / "m.pt").exists()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_without_torchrun_a_dead_peer_is_an_error_within_the_timeout(tmp_path):
+    """Ranks started by hand (as on several machines): when one dies, the other must
+    stop with an error instead of waiting for ever."""
+    env = {**ENV, "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+           "WORLD_SIZE": "2", "VMONF_DIST_TIMEOUT": "20"}  # fmt: skip
+    ranks = [
+        subprocess.Popen(
+            [sys.executable, str(WORKER), "vmonf", str(tmp_path / "m.pt"), "--crash-rank", "1"],
+            env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(2)
+    ]
+    outputs = [p.communicate(timeout=180) for p in ranks]
+    assert ranks[1].returncode != 0 and "injected crash on rank 1" in outputs[1][1]
+    assert ranks[0].returncode != 0, "the surviving rank finished as if nothing happened"
+
+
+def test_vmonf_fit_nproc_2_equals_one_process(tmp_path):
+    argv = [
+        "fit", "moons", "--n-train", "512", "--n-test", "256", "--epochs", "3",
+        "--layers", "2", "--hidden", "8", "--init-steps", "10", "--no-animation", "--quiet",
+    ]  # fmt: skip
+    runs = {}
+    for nproc in (1, 2):
+        out = tmp_path / f"n{nproc}"
+        done = subprocess.run(
+            [sys.executable, "-m", "vmonf", *argv, "--out", str(out), "--nproc", str(nproc)],
+            env=ENV, capture_output=True, text=True, timeout=240,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr
+        assert done.stdout.count("KL(truth || model)") == 1  # only rank 0 reports
+        runs[nproc] = weights(out / "model.pt", "VMoNF")
+    for key, value in runs[1].items():  # float32
+        np.testing.assert_allclose(runs[2][key], value, atol=1e-5, err_msg=key)

@@ -1,0 +1,165 @@
+"""Data parallelism on torch.distributed: every cross-process step of training lives here.
+
+Under ``torchrun`` each process (rank) holds the whole data set and the same model.
+Every global mini-batch is drawn from a generator seeded identically on all ranks
+and split into contiguous shards, one per rank (:class:`ShardedBatches`, the
+training loop's sampler, which is plain shuffled batching in one process). Each rank scales
+its shard's mean loss by its share of the global batch, gradients are summed with
+one all-reduce per step, and metrics are sums all-reduced before dividing; so a
+distributed step computes the same update as one process on the global batch (up
+to the order of floating-point sums). Only rank 0 writes files.
+
+Backends: gloo on CPU, NCCL when the model is on CUDA. Outside a process group
+every function here is the identity, so single-process code pays nothing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Iterator, Sequence
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+__all__ = [
+    "DEFAULT_TIMEOUT",
+    "ShardedBatches",
+    "all_reduce_gradients",
+    "all_reduce_sum",
+    "any_rank",
+    "broadcast_module",
+    "gather_rows",
+    "init_from_env",
+    "is_main_process",
+    "rank_and_size",
+    "shard_range",
+]
+
+#: Seconds a collective waits for the other ranks before failing (VMONF_DIST_TIMEOUT).
+DEFAULT_TIMEOUT = 300.0
+
+
+def rank_and_size() -> tuple[int, int]:
+    """(rank, world size) of this process; (0, 1) outside a process group."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def is_main_process() -> bool:
+    """True on rank 0 (and outside a process group): the process that writes files."""
+    return rank_and_size()[0] == 0
+
+
+def init_from_env(device: torch.device | None = None) -> bool:
+    """Join the process group that ``torchrun`` describes in the environment.
+
+    Does nothing when already joined or when WORLD_SIZE is absent or 1. Uses NCCL
+    for CUDA devices, gloo otherwise, and a timeout of VMONF_DIST_TIMEOUT seconds
+    (default 300) so that a crashed rank makes the others fail instead of hang.
+    Returns whether this process is one of several.
+    """
+    if not dist.is_available():
+        return False
+    if not dist.is_initialized():
+        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+            return False
+        timeout = float(os.environ.get("VMONF_DIST_TIMEOUT", DEFAULT_TIMEOUT))
+        cuda = device is not None and device.type == "cuda"
+        if cuda:
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
+    return dist.get_world_size() > 1
+
+
+def shard_range(n: int, rank: int | None = None, size: int | None = None) -> tuple[int, int]:
+    """[start, stop) of a rank's contiguous share of n items (sizes differ by <= 1);
+    this process's share by default."""
+    if rank is None or size is None:
+        rank, size = rank_and_size()
+    base, extra = divmod(n, size)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (rank < extra)
+
+
+class ShardedBatches:
+    """Global mini-batches in a seeded order, each cut into one contiguous shard per rank.
+
+    Yields this rank's indices; ``global_size`` is the size of the global batch the
+    last shard came from. With one process it is plain shuffled batching.
+    """
+
+    def __init__(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+        self.n, self.batch_size, self.generator = n, batch_size, generator
+        self.global_size = 0
+
+    def __len__(self) -> int:
+        return -(-self.n // self.batch_size)
+
+    def __iter__(self) -> Iterator[Tensor]:
+        rank, size = rank_and_size()
+        order = torch.randperm(self.n, generator=self.generator)
+        for batch in order.split(self.batch_size):
+            self.global_size = batch.numel()
+            yield batch.tensor_split(size)[rank] if size > 1 else batch
+
+
+def all_reduce_sum(values: Tensor) -> Tensor:
+    """Sum ``values`` over ranks, in place; returns it."""
+    if rank_and_size()[1] > 1:
+        dist.all_reduce(values)
+    return values
+
+
+def any_rank(flag: bool, device: torch.device) -> bool:
+    """Whether ``flag`` holds on any rank (a collective decision, e.g. to stop)."""
+    if rank_and_size()[1] == 1:
+        return flag
+    value = torch.tensor([float(flag)], device=device)
+    return bool(all_reduce_sum(value) > 0)
+
+
+def all_reduce_gradients(parameters: Sequence[nn.Parameter], loss: Tensor) -> Tensor:
+    """Sum the gradients of ``parameters`` (missing = 0) and the scalar ``loss`` over
+    ranks with one all-reduce; returns the summed loss (``loss`` in one process)."""
+    if rank_and_size()[1] == 1:
+        return loss.detach()
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
+    flat = torch.cat([*(g.reshape(-1) for g in grads), loss.detach().reshape(1).to(grads[0])])
+    dist.all_reduce(flat)
+    offset = 0
+    for p in parameters:
+        count = p.numel()
+        p.grad = flat[offset : offset + count].view_as(p).clone()
+        offset += count
+    return flat[-1]
+
+
+def broadcast_module(module: nn.Module) -> None:
+    """Copy rank 0's parameters and buffers to every rank."""
+    if rank_and_size()[1] == 1:
+        return
+    for tensor in module.state_dict().values():
+        dist.broadcast(tensor, src=0)
+
+
+def gather_rows(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn`` applied to this rank's rows of x (N, ...), results gathered in order (N, ...).
+
+    Each rank evaluates only its shard (e.g. assignment scores of its points); all
+    ranks end with the whole result.
+    """
+    size = rank_and_size()[1]
+    if size == 1:
+        return fn(x)
+    start, stop = shard_range(x.shape[0])
+    local = fn(x[start:stop])
+    longest = -(-x.shape[0] // size)
+    padded = local.new_zeros((longest, *local.shape[1:]))
+    padded[: local.shape[0]] = local
+    parts = [torch.empty_like(padded) for _ in range(size)]
+    dist.all_gather(parts, padded.contiguous())
+    bounds = [shard_range(x.shape[0], r, size) for r in range(size)]
+    return torch.cat([part[: b - a] for part, (a, b) in zip(parts, bounds, strict=True)])
