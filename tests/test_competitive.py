@@ -253,6 +253,9 @@ def test_same_seed_reproduces_different_seed_differs():
     b = CompetitiveMixture(3, random_state=5, **params).fit(X)
     c = CompetitiveMixture(3, random_state=6, **params).fit(X)
     np.testing.assert_array_equal(a.score_samples(X), b.score_samples(X))
+    np.testing.assert_array_equal(a.predict(X), b.predict(X))
+    for x, y in zip(a.sample(20, random_state=3), b.sample(20, random_state=3), strict=True):
+        np.testing.assert_array_equal(x, y)
     assert a.history_["n_changed"] == b.history_["n_changed"]
     assert not np.array_equal(a.score_samples(X), c.score_samples(X))
 
