@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from matplotlib.animation import FuncAnimation, PillowWriter
@@ -35,6 +36,7 @@ __all__ = [
     "animate_density",
     "density_grid",
     "grid_points",
+    "plot_component_images",
     "plot_decision_regions",
     "plot_density_comparison",
     "plot_image_grid",
@@ -448,12 +450,14 @@ def plot_image_grid(
     vmax: float | None = None,
     padding: int = 1,
     title: str | None = None,
+    row_labels: Sequence[str] | None = None,
     dpi: int = 100,
 ) -> Path:
     """Tile ``images`` (N, H, W) grey or (N, H, W, 3) RGB into one mosaic PNG.
 
     ``n_cols`` defaults to ceil(sqrt(N)); the colour range defaults to the data range
-    (RGB arrays are clipped to it and rescaled to [0, 1]).
+    (RGB arrays are clipped to it and rescaled to [0, 1]). ``row_labels`` (one per
+    row of the mosaic) are written left of the rows.
     """
     arr = _to_numpy(images)
     if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
@@ -496,10 +500,58 @@ def plot_image_grid(
         ax.imshow(mosaic, cmap=cmap, vmin=lo, vmax=hi, interpolation="nearest")
     else:
         ax.imshow(mosaic, interpolation="nearest")
-    ax.set_axis_off()
+    if row_labels is None:
+        ax.set_axis_off()
+    else:
+        labels = [str(label) for label in row_labels]
+        if len(labels) != n_rows:
+            raise ValueError(f"row_labels has {len(labels)} entries for {n_rows} rows")
+        ax.set_xticks([])
+        ax.set_yticks([padding + r * tile_h + h / 2 - 0.5 for r in range(n_rows)], labels)
+        ax.tick_params(length=0)
+        for spine in ax.spines.values():
+            spine.set_visible(False)
     if title is not None:
         ax.set_title(title)
     return _save_png(fig, out, dpi)
+
+
+def plot_component_images(
+    images: object,
+    components: object,
+    path: PathLike,
+    *,
+    n_per_component: int = 10,
+    n_components: int | None = None,
+    title: str | None = None,
+    **grid_options: Any,
+) -> Path:
+    """One row per mixture component: up to ``n_per_component`` of its images.
+
+    ``images`` (N, H, W) (or RGB) and ``components`` (N,) non-negative integer labels
+    (the component that generated each sample, or the cluster of each real image).
+    Rows are labelled ``k (count)``; missing tiles stay blank (zero). Other keyword
+    options go to :func:`plot_image_grid`.
+    """
+    arr = _to_numpy(images)
+    labels = check_integer_labels(components, "components", arr.shape[0] if arr.ndim else 0)
+    if (labels < 0).any():
+        raise ValueError("components must be non-negative")
+    n_per_component = check_positive_int(n_per_component, "n_per_component")
+    k = _resolve_n_classes(n_components, labels)
+    counts = np.bincount(labels, minlength=k)
+    tiles = np.zeros((k * n_per_component, *arr.shape[1:]), dtype=np.float64)
+    for c in range(k):
+        chosen = arr[labels == c][:n_per_component]
+        tiles[c * n_per_component : c * n_per_component + chosen.shape[0]] = chosen
+    return plot_image_grid(
+        tiles,
+        path,
+        n_cols=n_per_component,
+        title=title,
+        row_labels=[f"{c} ({counts[c]})" for c in range(k)],
+        **grid_options,
+    )
 
 
 # --------------------------------------------------------------------------- animations

