@@ -1,4 +1,6 @@
-"""Figures of a competitive run: owners per round and shares over rounds.
+"""Figures of a competitive run (owners per round, shares over rounds) and of the
+comparison of discriminator estimates with exact likelihoods (estimate vs exact per
+component, argmax agreement over rounds, where the two assignments disagree).
 
 Same conventions as :mod:`vmonf.plots`: each function draws on its own Agg
 figure, writes a PNG at ``path`` and returns the ``Path``.
@@ -7,17 +9,25 @@ figure, writes a PNG at ``path`` and returns the ``Path``.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib import colormaps
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
 
 from vmonf._validation import check_array
 
-__all__ = ["plot_assignment_rounds", "plot_shares"]
+__all__ = [
+    "plot_agreement_rounds",
+    "plot_assignment_rounds",
+    "plot_disagreement",
+    "plot_estimate_vs_exact",
+    "plot_shares",
+]
 
 Bounds = tuple[float, float, float, float]
 
@@ -30,6 +40,21 @@ def _figure(width: float, height: float) -> Figure:
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
+
+
+def _plane(ax: Axes, bounds: Bounds | None) -> None:
+    """A bare 2-D scatter panel: no ticks, window fixed to ``bounds`` when given."""
+    if bounds is not None:
+        ax.set_xlim(bounds[0], bounds[1])
+        ax.set_ylim(bounds[2], bounds[3])
+    ax.set_xticks([])
+    ax.set_yticks([])
+
+
+def _save(fig: Figure, path: Path, dpi: int) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=dpi)
+    return path
 
 
 def plot_assignment_rounds(
@@ -59,16 +84,10 @@ def plot_assignment_rounds(
     for ax, i in zip(axes, shown.astype(int), strict=False):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, c=palette[np.asarray(owners[i])], linewidths=0)
         ax.set_title(titles[i], fontsize="small")
-        if bounds is not None:
-            ax.set_xlim(bounds[0], bounds[1])
-            ax.set_ylim(bounds[2], bounds[3])
-        ax.set_xticks([])
-        ax.set_yticks([])
+        _plane(ax, bounds)
     for ax in axes[shown.size :]:
         ax.set_axis_off()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=dpi)
-    return path
+    return _save(fig, path, dpi)
 
 
 def plot_shares(shares: Sequence[Sequence[float]], path: Path, *, dpi: int = 100) -> Path:
@@ -88,6 +107,123 @@ def plot_shares(shares: Sequence[Sequence[float]], path: Path, *, dpi: int = 100
     ax.grid(alpha=0.3)
     if arr.shape[1] <= 12:
         ax.legend(title="component", fontsize="small", ncols=2)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=dpi)
-    return path
+    return _save(fig, path, dpi)
+
+
+def _check_pair(a: object, b: object, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
+    x, y = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
+    if x.ndim != 2 or x.shape != y.shape or x.shape[0] == 0:
+        raise ValueError(
+            f"{names[0]} and {names[1]} must be (N, K) of one shape, got {x.shape} and {y.shape}"
+        )
+    return x, y
+
+
+def plot_estimate_vs_exact(
+    estimate: object,
+    exact: object,
+    path: Path,
+    *,
+    titles: Sequence[str] | None = None,
+    xlabel: str = "exact log p_k - log p_data (nats)",
+    ylabel: str = "discriminator estimate (nats)",
+    max_points: int = 2000,
+    dpi: int = 90,
+) -> Path:
+    """One scatter per component k: ``exact[:, k]`` (x) against ``estimate[:, k]`` (y),
+    (N, K) each, with the identity line, both axes symmetric-log (linear within 1 nat
+    of 0), so that the points near 0 and those tens of nats below are both visible.
+    At most ``max_points`` evenly spaced rows are drawn."""
+    est, ref = _check_pair(estimate, exact, ("estimate", "exact"))
+    k = est.shape[1]
+    if titles is not None and len(titles) != k:
+        raise ValueError(f"titles must name the {k} components, got {len(titles)}")
+    rows = np.unique(np.linspace(0, est.shape[0] - 1, min(max_points, est.shape[0])).astype(int))
+    est, ref = est[rows], ref[rows]
+    values = np.concatenate([est.ravel(), ref.ravel()])
+    values = values[np.isfinite(values)]
+    lo, hi = (float(values.min()), float(values.max())) if values.size else (-1.0, 1.0)
+    diagonal = -np.geomspace(max(-lo, 1.0) + 1.0, 1.0, 200) + 1.0  # dense near 0
+    diagonal = np.concatenate([diagonal, np.linspace(0.0, max(hi, 0.0), 20)])
+    cols = min(k, 5)
+    n_rows = math.ceil(k / cols)
+    fig = _figure(2.8 * cols, 2.7 * n_rows)
+    axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
+    palette = _palette(k)
+    for j, ax in enumerate(axes[:k]):
+        ax.scatter(ref[:, j], est[:, j], s=3, color=palette[j], alpha=0.5, linewidths=0)
+        ax.plot(diagonal, diagonal, color="0.3", linestyle="--", linewidth=0.8)
+        ax.set_xscale("symlog", linthresh=1.0)
+        ax.set_yscale("symlog", linthresh=1.0)
+        ax.set_title(titles[j] if titles is not None else f"component {j}", fontsize="small")
+        ax.grid(alpha=0.3)
+    for ax in axes[k:]:
+        ax.set_axis_off()
+    fig.supxlabel(xlabel + ", symlog", fontsize="small")
+    fig.supylabel(ylabel + ", symlog", fontsize="small")
+    return _save(fig, path, dpi)
+
+
+def plot_agreement_rounds(
+    curves: Mapping[str, Sequence[float]],
+    path: Path,
+    *,
+    ylabel: str = "argmax agreement",
+    title: str | None = None,
+    dpi: int = 100,
+) -> Path:
+    """One line per run: a value per round (index 0 = right after pre-training)."""
+    if not curves or any(len(v) == 0 for v in curves.values()):
+        raise ValueError("curves must map each label to at least one value")
+    fig = _figure(5.6, 3.6)
+    ax = fig.add_subplot()
+    palette = _palette(len(curves))
+    for colour, (label, values) in zip(palette, curves.items(), strict=True):
+        arr = np.asarray(values, dtype=np.float64)
+        ax.plot(np.arange(arr.size), arr, marker="o", markersize=3, color=colour, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set_xlabel("round (0 = after pre-training)")
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize="small", ncols=2 if len(curves) > 4 else 1)
+    if title is not None:
+        ax.set_title(title, fontsize="small")
+    return _save(fig, path, dpi)
+
+
+def plot_disagreement(
+    X: object,
+    exact: object,
+    estimated: object,
+    path: Path,
+    *,
+    n_components: int,
+    bounds: Bounds | None = None,
+    title: str | None = None,
+    dpi: int = 90,
+) -> Path:
+    """Three panels over points ``X`` (N, 2): the exact owners (N,), the estimated
+    owners (N,), and the points where the two disagree (red) among the rest (grey)."""
+    pts = check_array(X, "X", n_features=2)
+    a, b = np.asarray(exact), np.asarray(estimated)
+    if a.shape != (pts.shape[0],) or b.shape != a.shape:
+        raise ValueError(f"exact and estimated must be ({pts.shape[0]},) owners, one per point")
+    if min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n_components:
+        raise ValueError(f"owners must lie in [0, {n_components})")
+    differ = a != b
+    fig = _figure(9.0, 3.2)
+    axes = fig.subplots(1, 3)
+    palette = _palette(n_components)
+    for ax, owners, name in zip(
+        axes, (a, b), ("exact argmax", "discriminator argmax"), strict=False
+    ):
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, c=palette[owners], linewidths=0)
+        ax.set_title(name, fontsize="small")
+    axes[2].scatter(pts[~differ, 0], pts[~differ, 1], s=2, color="0.8", linewidths=0)
+    axes[2].scatter(pts[differ, 0], pts[differ, 1], s=4, color="tab:red", linewidths=0)
+    axes[2].set_title(f"disagree: {differ.mean():.1%} of points", fontsize="small")
+    for ax in axes:
+        _plane(ax, bounds)
+    if title is not None:
+        fig.suptitle(title, fontsize="small")
+    return _save(fig, path, dpi)

@@ -739,12 +739,30 @@ def run_compete(args: argparse.Namespace) -> int:
     return 0
 
 
+# --------------------------------------------------------------------------- vmonf report
+
+
+def add_report_command(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``vmonf report`` (options and work live in :mod:`competitive.report`)."""
+    from competitive import report  # imported when the parser is built, never with vmonf
+
+    p = subparsers.add_parser(
+        "report",
+        help="soft vs hard assignment and discriminator vs exact likelihoods on the toy suite",
+        description=report.DESCRIPTION,
+        formatter_class=_HelpFormatter,
+    )
+    report.add_arguments(p)
+    p.set_defaults(handler=report.run)
+
+
 # --------------------------------------------------------------------------- entry point
 
 #: Subcommand registrars, in help order: ``register(subparsers)`` adds one command.
 COMMANDS: list[Callable[[argparse._SubParsersAction], None]] = [
     add_fit_command,
     add_compete_command,
+    add_report_command,
 ]
 
 

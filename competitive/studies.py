@@ -1,0 +1,370 @@
+"""The two comparison studies, one (toy, seed) at a time: what ``vmonf report`` runs.
+
+* **Soft vs hard** — on the same data, seed and time budget: VMoNF with the ELBO
+  (soft, amortised), with annealed temperature (soft towards hard) and with the
+  exact marginal (soft, exact posterior); competitive training with exact and with
+  discriminator assignment (hard); scikit-learn's GaussianMixture, one larger flow
+  and bagging. Held-out KL to the truth, ARI, accuracy where labels are given,
+  components used, fit time.
+* **Discriminator vs exact** — discriminators trained on the fitted competitive
+  (exact) and VMoNF (ELBO) mixtures, their estimates set beside the exact
+  log-ratios (:mod:`competitive.compare`); the same figures after every round of
+  competitive runs with discriminator assignment (k-means and the paper's uniform
+  pre-training), and the held-out log-likelihood each assignment ends with when
+  both start from the same pre-trained flows.
+
+Every flow mixture uses the same flows (VMoNF's defaults: 8 couplings, 32 wide,
+tanh). :func:`run_study` returns plain data (JSON-ready) and, for the first seed,
+writes the figures.
+"""
+
+from __future__ import annotations
+
+import time
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sklearn.exceptions import ConvergenceWarning
+from sklearn.mixture import GaussianMixture
+
+from competitive import figures
+from competitive.baselines import bagging, single_model
+from competitive.compare import RoundTracker, compare_with_exact
+from competitive.estimator import CompetitiveMixture
+from vmonf import datasets, metrics
+from vmonf.estimator import VMoNF
+from vmonf.reporting import evaluate_on_toy, partial_labels, plot_bounds
+
+__all__ = ["COMPARED", "FULL_CASES", "METHODS", "Case", "StudySettings", "run_study"]
+
+#: Methods of the soft-vs-hard table, in order (name -> kind of assignment).
+METHODS = {
+    "VMoNF (ELBO)": "soft, amortised q(c|x)",
+    "VMoNF (annealed T)": "soft towards hard",
+    "VMoNF (exact marginal)": "soft, exact posterior",
+    "competitive (exact)": "hard, exact likelihood",
+    "competitive (discriminator)": "hard, estimated likelihood",
+    "GaussianMixture": "baseline: sklearn, K Gaussians",
+    "single flow (larger)": "baseline: one flow, 12 couplings x 64",
+    "bagging": "baseline: K flows on bootstraps",
+}
+#: Fitted mixtures whose discriminator estimates are compared with the exact log-ratios.
+COMPARED = ("competitive (exact)", "VMoNF (ELBO)")
+#: The flows every mixture uses (VMoNF's defaults), and the larger single flow.
+FLOW = dict(n_layers=8, hidden_features=32, activation="tanh", weight_decay=1e-4)
+LARGE_FLOW = dict(n_layers=12, hidden_features=64, activation="tanh", weight_decay=1e-4)
+MIN_SHARE_USED = 0.01  # a component is "used" when it owns >= 1 % of held-out points
+PRETRAIN_SHARE, ROUND_SHARE = 0.2, 0.4  # competitive epochs, as shares of a case's epochs
+TOL = 1e-3  # competitive runs stop when at most this share of points change owner
+
+
+@dataclass(frozen=True)
+class Case:
+    """One toy of the suite: data sizes, labels and the epochs every method is given."""
+
+    name: str
+    toy: str
+    toy_params: dict[str, Any] = field(default_factory=dict)
+    n_train: int = 2560
+    n_test: int = 4096
+    n_labelled: int = 0
+    epochs: int = 100
+    batch_size: int = 256
+
+
+# Epochs: what one torch thread of the (shared) 2-core machine gets through in about
+# 10 s, measured per toy (0.05-0.33 s per epoch); the 15 s budget caps every fit.
+FULL_CASES = (
+    Case("pinwheel", "pinwheel", n_train=2560, epochs=100),
+    Case("two_circles", "two_circles", n_train=1056, n_labelled=32, epochs=150, batch_size=128),
+    Case("moons", "moons", n_train=2048, epochs=150),
+    *(
+        Case(
+            f"skewed_gmm_{m}", "skewed_gmm", {"n_modes": m}, n_train=4000, epochs=e, batch_size=512
+        )
+        for m, e in ((3, 100), (5, 60), (6, 50), (9, 35))
+    ),
+)
+
+
+@dataclass(frozen=True)
+class StudySettings:
+    """What both studies share: the per-fit time budget (s), data and epoch scales,
+    the discriminators (CompetitiveMixture's ``discriminator_*`` parameters; empty =
+    the paper's) and competitive rounds."""
+
+    budget: float = 15.0
+    data_scale: float = 1.0
+    epoch_scale: float = 1.0
+    n_test: int | None = None
+    discriminator: dict[str, Any] = field(default_factory=dict)
+    max_rounds: int = 5
+    figure_points: int = 2000
+
+    def scaled(self, case: Case) -> Case:
+        """``case`` with this study's data size and epochs."""
+        return Case(
+            case.name,
+            case.toy,
+            case.toy_params,
+            n_train=max(case.n_labelled + 100, round(case.n_train * self.data_scale)),
+            n_test=self.n_test or case.n_test,
+            n_labelled=case.n_labelled,
+            epochs=max(4, round(case.epochs * self.epoch_scale)),
+            batch_size=case.batch_size,
+        )
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+def _competitive(case: Case, k: int, seed: int, settings: StudySettings, **params: Any) -> Any:
+    """Competitive training with VMoNF's flows: 20 % of the epochs pre-training, 40 % per
+    round (a run that converges after two rounds trains them all); pre-training leaves
+    most of the budget to the rounds, which a slow (shared) machine would otherwise lose."""
+    rounds = settings.max_rounds
+    return CompetitiveMixture(
+        k,
+        **FLOW,
+        linear=False,
+        init=params.pop("init", "kmeans"),
+        pretrain_epochs=max(1, round(PRETRAIN_SHARE * case.epochs)),
+        max_epochs=max(1, round(ROUND_SHARE * case.epochs)),
+        max_rounds=rounds,
+        tol=TOL,
+        batch_size=case.batch_size,
+        learning_rate=2e-3,
+        lr_schedule="cosine",
+        max_time=settings.budget,
+        random_state=seed,
+        **{f"discriminator_{key}": value for key, value in settings.discriminator.items()},
+        **params,
+    )
+
+
+def _builders(case: Case, k: int, seed: int, settings: StudySettings) -> dict[str, Callable]:
+    """name -> () -> unfitted estimator, one per row of the soft-vs-hard table."""
+    budget = settings.budget
+    vmonf = dict(
+        max_epochs=case.epochs, max_time=budget, batch_size=case.batch_size, random_state=seed
+    )
+    baseline = dict(
+        epochs=case.epochs, max_time=budget, batch_size=case.batch_size, linear=False,
+        learning_rate=2e-3, lr_schedule="cosine", random_state=seed,
+    )  # fmt: skip
+    return {
+        "VMoNF (ELBO)": lambda: VMoNF(k, **vmonf),
+        "VMoNF (annealed T)": lambda: VMoNF(k, temperature="anneal", **vmonf),
+        "VMoNF (exact marginal)": lambda: VMoNF(k, objective="marginal", **vmonf),
+        "competitive (exact)": lambda: _competitive(case, k, seed, settings),
+        "competitive (discriminator)": lambda: _competitive(
+            case, k, seed, settings, assignment="discriminator"
+        ),
+        "GaussianMixture": lambda: GaussianMixture(k, n_init=3, random_state=seed),
+        "single flow (larger)": lambda: single_model(**LARGE_FLOW, **baseline),
+        "bagging": lambda: bagging(k, **FLOW, **baseline),
+    }
+
+
+# --------------------------------------------------------------------------- metrics
+
+
+def _accuracy_via_labels(
+    pred_train: np.ndarray, y_fit: np.ndarray, pred_test: np.ndarray, y_test: np.ndarray
+) -> float:
+    """Accuracy of an unsupervised fit whose clusters are named by the labelled training
+    points (Hungarian matching on them); clusters left unnamed count as errors."""
+    known = y_fit >= 0
+    naming = metrics.best_matching(y_fit[known], pred_train[known])  # cluster -> class
+    named = np.array([naming.get(int(c), -1) for c in pred_test])
+    return float(np.mean(named == y_test))
+
+
+def _evaluate(
+    model: Any,
+    toy: Any,
+    data: dict[str, np.ndarray],
+    uses_labels: bool,
+) -> dict[str, Any]:
+    X_test, y_test = data["X_test"], data["y_test"]
+    scores = evaluate_on_toy(model, toy, X_test, y_test, labelled=uses_labels)
+    pred = model.predict(X_test)
+    shares = np.bincount(pred, minlength=int(pred.max()) + 1) / pred.size
+    out = {
+        "kl_to_truth": scores["kl_to_truth"],
+        "log_likelihood": scores["log_likelihood"],
+        "ari": scores["ari"],
+        "accuracy": scores["accuracy"],
+        "components_used": int((shares >= MIN_SHARE_USED).sum()),
+    }
+    y_fit = data.get("y_fit")
+    if y_fit is not None and not uses_labels:
+        out["accuracy"] = _accuracy_via_labels(model.predict(data["X"]), y_fit, pred, y_test)
+    return out
+
+
+def _fit(model: Any, X: np.ndarray, y: np.ndarray | None) -> float:
+    started = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)  # time budgets stop runs early
+        model.fit(X) if y is None else model.fit(X, y)
+    return time.perf_counter() - started
+
+
+# --------------------------------------------------------------------------- the study
+
+
+def _tracked_run(
+    model: CompetitiveMixture, data: dict[str, np.ndarray]
+) -> tuple[RoundTracker, float]:
+    tracker = RoundTracker(data["X_test"], true_log_prob=data["true_test"])
+    model.set_params(callback=tracker)
+    seconds = _fit(model, data["X"], None)
+    model.set_params(callback=None)
+    return tracker, seconds
+
+
+def _rounds_entry(
+    tracker: RoundTracker, disc: CompetitiveMixture, exact_score: float, X_test: np.ndarray
+) -> dict[str, Any]:
+    return {
+        "history": tracker.history,
+        "n_changed": disc.history_["n_changed"],
+        "log_likelihood_discriminator": disc.score(X_test),
+        "log_likelihood_exact": exact_score,
+    }
+
+
+def run_study(
+    case: Case, seed: int, settings: StudySettings, figures_dir: Path | None = None
+) -> dict[str, Any]:
+    """Both studies on one toy and seed; writes figures to ``figures_dir`` when given.
+
+    Returns ``{"case", "seed", "truth", "methods": {name: metrics}, "comparisons":
+    {fitted mixture: {"truth"/"mixture": means, "per_component": ..., "train_time"}},
+    "rounds": {"kmeans"/"uniform": per-round history and final held-out scores},
+    "wall_time"}`` (nats per point, seconds).
+    """
+    started = time.perf_counter()
+    case = settings.scaled(case)
+    toy = datasets.toy(case.toy, **case.toy_params)
+    k = toy.n_classes
+    X, y = toy.sample(case.n_train, seed=seed)
+    X_test, y_test = toy.sample(case.n_test, seed=seed + 10_000)
+    data = {"X": X, "X_test": X_test, "y_test": y_test, "true_test": toy.log_prob(X_test)}
+    if case.n_labelled:
+        data["y_fit"] = partial_labels(y, case.n_labelled, k, seed)
+    truth = {
+        "log_likelihood": metrics.mean_log_likelihood(data["true_test"]),
+        "bayes_accuracy": float(np.mean(toy.predict(X_test) == y_test)),
+    }
+    fitted: dict[str, Any] = {}
+    results: dict[str, dict[str, Any]] = {}
+    tracker = None
+    for name, build in _builders(case, k, seed, settings).items():
+        model = build()
+        uses_labels = "y_fit" in data and isinstance(model, VMoNF)
+        if name == "competitive (discriminator)":
+            tracker, seconds = _tracked_run(model, data)
+            seconds -= tracker.seconds
+        else:
+            seconds = _fit(model, X, data["y_fit"] if uses_labels else None)
+        results[name] = {
+            **_evaluate(model, toy, data, uses_labels),
+            "fit_time": seconds,
+            "n_iter": int(getattr(model, "n_iter_", 0)),  # epochs (VMoNF), rounds, EM steps
+        }
+        fitted[name] = model
+
+    comparisons = {}
+    bounds = plot_bounds(np.concatenate([X, X_test]))
+    for name in COMPARED:
+        comparison = compare_with_exact(
+            fitted[name], X, X_test, true_log_prob=data["true_test"],
+            settings=_competitive(case, k, seed, settings, assignment="discriminator"),
+            random_state=seed, max_time=settings.budget,
+        )  # fmt: skip
+        comparisons[name] = {key: stats.summary() for key, stats in comparison.stats.items()} | {
+            "per_component": comparison.stats["truth"].as_dict(),
+            "train_time": comparison.estimate.train_time,
+        }
+        if figures_dir is not None:
+            _comparison_figures(comparison, case, name, X_test, bounds, figures_dir, settings)
+
+    rounds = {
+        "kmeans": _rounds_entry(
+            tracker,
+            fitted["competitive (discriminator)"],
+            results["competitive (exact)"]["log_likelihood"],
+            X_test,
+        )
+    }
+    uniform_disc = _competitive(case, k, seed, settings, init="uniform", assignment="discriminator")
+    uniform_tracker, _ = _tracked_run(uniform_disc, data)
+    uniform_exact = _competitive(case, k, seed, settings, init="uniform")
+    _fit(uniform_exact, X, None)
+    rounds["uniform"] = _rounds_entry(
+        uniform_tracker, uniform_disc, uniform_exact.score(X_test), X_test
+    )
+    if figures_dir is not None:
+        exact_owner, disc_owner = uniform_tracker.owners[0]
+        shown = slice(0, settings.figure_points)
+        figures.plot_disagreement(
+            X_test[shown], exact_owner[shown], disc_owner[shown],
+            figures_dir / f"{case.name}_disagreement_uniform_pretraining.png",
+            n_components=k, bounds=bounds,
+            title=f"{case.name}: uniform pre-training, round 0 (held-out points)",
+        )  # fmt: skip
+    return {
+        "case": case.name,
+        "seed": seed,
+        "k": k,
+        "n_train": case.n_train,
+        "n_test": case.n_test,
+        "n_labelled": case.n_labelled,
+        "epochs": case.epochs,
+        "truth": truth,
+        "methods": results,
+        "comparisons": comparisons,
+        "rounds": rounds,
+        "wall_time": time.perf_counter() - started,
+    }
+
+
+def _slug(name: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in name.lower()).strip("_").replace("__", "_")
+
+
+def _comparison_figures(
+    comparison: Any,
+    case: Case,
+    model_name: str,
+    X_test: np.ndarray,
+    bounds: tuple[float, float, float, float],
+    out: Path,
+    settings: StudySettings,
+) -> None:
+    stats = comparison.stats["truth"]
+    titles = [
+        f"k={j}: Spearman {stats.spearman[j]:.2f}, MAE {stats.mae[j]:.2f}"
+        for j in range(stats.mae.size)
+    ]
+    stem = f"{case.name}_{_slug(model_name)}"
+    figures.plot_estimate_vs_exact(
+        comparison.estimate.log_ratio,
+        comparison.exact["truth"],
+        out / f"{stem}_estimate_vs_exact.png",
+        titles=titles,
+        max_points=settings.figure_points,
+    )
+    exact_owner, disc_owner = comparison.owners()
+    shown = slice(0, settings.figure_points)
+    figures.plot_disagreement(
+        X_test[shown], exact_owner[shown], disc_owner[shown], out / f"{stem}_disagreement.png",
+        n_components=stats.mae.size, bounds=bounds,
+        title=f"{case.name}, {model_name}: argmax of exact log p_k vs of the discriminators",
+    )  # fmt: skip

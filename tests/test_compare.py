@@ -1,0 +1,284 @@
+"""The comparison module: discriminator estimates vs exact likelihoods, its figures, the report."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from scipy.special import logsumexp
+
+from competitive import CompetitiveMixture, NoExactLikelihoodError
+from competitive.compare import (
+    RoundTracker,
+    compare_log_ratios,
+    compare_with_exact,
+    component_log_prob,
+    discriminator_estimate,
+    exact_log_ratios,
+)
+from competitive.figures import plot_agreement_rounds, plot_disagreement, plot_estimate_vs_exact
+from competitive.studies import _accuracy_via_labels
+from vmonf import VMoNF
+from vmonf.base import NotFittedError
+from vmonf.cli import main
+
+pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+
+MEANS = np.array([[0.0, 0.0], [8.0, 0.0], [0.0, 8.0]])
+SMALL_DISCRIMINATORS = CompetitiveMixture(
+    3,
+    discriminator_hidden=64,
+    discriminator_epochs=4,
+    discriminator_batch_size=64,
+    discriminator_learning_rate=3e-3,
+)
+FAST = dict(
+    n_layers=2, hidden_features=8, pretrain_epochs=2, max_epochs=1, max_rounds=2,
+    batch_size=128, dtype="float64", discriminator_hidden=16, discriminator_batch_size=128,
+)  # fmt: skip
+
+
+def blobs(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, 3, n)
+    return MEANS[y] + rng.normal(size=(n, 2)), y
+
+
+def true_log_prob(x: np.ndarray) -> np.ndarray:
+    """log (1/3) sum_k N(x; mean_k, I)."""
+    log_joint = -0.5 * ((x[:, None, :] - MEANS) ** 2).sum(-1) - math.log(2 * math.pi * 3)
+    return logsumexp(log_joint, axis=1)
+
+
+@pytest.fixture(scope="module")
+def true_modes() -> tuple[CompetitiveMixture, np.ndarray, np.ndarray]:
+    """A fitted mixture whose generators ARE the true modes: N(mean_k, I), weights 1/3."""
+    X, _ = blobs(900, 0)
+    est = CompetitiveMixture(3, generator="kmeans", max_rounds=0, dtype="float64").fit(X)
+    with torch.no_grad():
+        est.standardizer_.mean.zero_()
+        est.standardizer_.scale.fill_(1.0)
+        est.model_.generators.centres.copy_(torch.tensor(MEANS))
+    return est, X, blobs(1000, 1)[0]
+
+
+# --------------------------------------------------------------------------- known answer
+
+
+def test_exact_log_ratios_of_true_modes_equal_the_analytic_values(true_modes):
+    est, _, X_eval = true_modes
+    log_pk = -0.5 * ((X_eval[:, None, :] - MEANS) ** 2).sum(-1) - math.log(2 * math.pi)
+    np.testing.assert_allclose(component_log_prob(est, X_eval), log_pk, atol=1e-10)
+    exact = exact_log_ratios(est, X_eval, true_log_prob(X_eval))
+    np.testing.assert_allclose(exact["truth"], log_pk - true_log_prob(X_eval)[:, None], atol=1e-10)
+    np.testing.assert_allclose(exact["mixture"], exact["truth"], atol=1e-10)  # mixture = truth
+
+
+def test_discriminators_on_true_modes_agree_with_the_exact_argmax(true_modes):
+    """Generators equal to the true modes: discriminator argmax = exact argmax on >= 99 %."""
+    est, X, X_eval = true_modes
+    result = compare_with_exact(
+        est, X, X_eval, true_log_prob=true_log_prob(X_eval), settings=SMALL_DISCRIMINATORS
+    )
+    stats = result.stats["truth"]
+    assert stats.agreement >= 0.99
+    assert stats.ari >= 0.97
+    # Where it matters (each component's own points) the estimate is within a fraction of
+    # a nat of log p_k - log p_data (about log 3 there); far away it is compressed.
+    assert np.all(stats.mae_owned < 0.5)
+    assert np.all(stats.spearman > 0.9)
+    assert np.all(stats.bias > 1.0)  # it cannot follow log p_k - log p_data down to -50 nats
+    exact_owner, disc_owner = result.owners()
+    assert (exact_owner == disc_owner).mean() == stats.agreement
+
+
+def test_discriminator_estimate_is_seeded_and_leaves_the_global_rng_alone(true_modes):
+    est, X, X_eval = true_modes
+    settings = CompetitiveMixture(3, discriminator_hidden=8, discriminator_epochs=1)
+    torch.manual_seed(123)
+    before = torch.rand(1)
+    torch.manual_seed(123)
+    a = discriminator_estimate(est, X, X_eval[:50], settings=settings, random_state=4)
+    assert torch.rand(1) == before  # the caller's stream is where it was
+    b = discriminator_estimate(est, X, X_eval[:50], settings=settings, random_state=4)
+    np.testing.assert_array_equal(a.log_ratio, b.log_ratio)
+    assert a.log_ratio.shape == a.logits.shape == (50, 3)
+    # normalised over X: mean_i exp(estimate) over the training points is 1
+    c = discriminator_estimate(est, X, X, settings=settings, random_state=4)
+    np.testing.assert_allclose(np.exp(c.log_ratio).mean(0), 1.0, rtol=1e-6)
+
+
+# --------------------------------------------------------------------------- statistics
+
+
+def test_compare_log_ratios_on_constructed_values():
+    rng = np.random.default_rng(0)
+    exact = rng.normal(size=(200, 3))
+    exact[:, 2] -= 10.0  # component 2 owns no point
+    shifted = compare_log_ratios(exact + 0.5, exact)
+    np.testing.assert_allclose(shifted.bias, 0.5)
+    np.testing.assert_allclose(shifted.mae, 0.5)
+    np.testing.assert_allclose(shifted.pearson, 1.0)
+    np.testing.assert_allclose(shifted.spearman, 1.0)
+    assert shifted.agreement == 1.0 and shifted.ari == 1.0
+    assert np.isnan(shifted.mae_owned[2]) and np.isnan(shifted.saturated).all()
+    swapped = compare_log_ratios(exact[:, [1, 0, 2]], exact)
+    assert swapped.agreement == 0.0
+    assert np.all(np.abs(swapped.spearman[:2]) < 0.2)  # independent columns: no correlation
+    logits = np.tile([[8.0, 0.0, -8.0], [1.0, 7.0, 0.0]], (100, 1))
+    sat = compare_log_ratios(exact, exact, logits=logits, saturation=1e-3).saturated
+    np.testing.assert_allclose(sat, [0.5, 0.5, 0.5])
+    summary = shifted.summary()
+    assert summary["bias"] == pytest.approx(0.5) and math.isnan(summary["saturated"])
+    assert json.dumps(shifted.as_dict(), allow_nan=True)
+
+
+@pytest.mark.parametrize(
+    ("estimate", "exact", "kwargs", "match"),
+    [
+        (np.zeros((5, 2)), np.zeros((5, 3)), {}, "shape"),
+        (np.zeros((5,)), np.zeros((5,)), {}, r"\(N, K\)"),
+        (np.full((5, 2), np.nan), np.zeros((5, 2)), {}, "finite"),
+        (np.zeros((5, 2)), np.zeros((5, 2)), {"saturation": 0.7}, "saturation"),
+        (np.zeros((5, 2)), np.zeros((5, 2)), {"logits": np.zeros((4, 2))}, "logits"),
+    ],
+)
+def test_compare_log_ratios_rejects_bad_input(estimate, exact, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        compare_log_ratios(estimate, exact, **kwargs)
+
+
+# --------------------------------------------------------------------------- estimators
+
+
+def test_component_log_prob_adds_up_to_score_samples_for_both_estimators():
+    X, _ = blobs(300, 2)
+    X = X * [3.0, 0.5] + 5.0  # standardisation must be undone
+    vm = VMoNF(3, n_layers=2, hidden_features=8, max_epochs=2, init_steps=10, random_state=0,
+               dtype="float64").fit(X)  # fmt: skip
+    cm = CompetitiveMixture(3, random_state=0, **FAST).fit(X)
+    for est, log_w in ((vm, np.log(vm.weights_)), (cm, np.log(cm.weights_))):
+        log_pk = component_log_prob(est, X)
+        np.testing.assert_allclose(logsumexp(log_pk + log_w, axis=1), est.score_samples(X))
+    with pytest.raises(ValueError, match="true_log_prob"):
+        exact_log_ratios(cm, X, np.zeros(5))
+
+
+def test_component_log_prob_refuses_what_has_no_exact_likelihood():
+    X, _ = blobs(120, 3)
+    with pytest.raises(NotFittedError):
+        component_log_prob(VMoNF(3), X)
+    with pytest.raises(TypeError, match="VMoNF or CompetitiveMixture"):
+        component_log_prob(object(), X)
+    vae = CompetitiveMixture(
+        3, generator="vae", assignment="discriminator", hidden_features=8, max_rounds=0,
+        pretrain_epochs=1, random_state=0,
+    ).fit(X)  # fmt: skip
+    with pytest.raises(NoExactLikelihoodError):
+        component_log_prob(vae, X)
+
+
+def test_same_seed_pretrains_the_same_flows_whatever_the_assignment():
+    """The hook the rounds study relies on: exact and discriminator runs part at round 1."""
+    X, _ = blobs(300, 4)
+    states = {}
+
+    def keep(assignment: str):
+        def callback(est: CompetitiveMixture, round_: int) -> None:
+            if round_ == 0:
+                states[assignment] = {
+                    k: v.clone() for k, v in est.model_.generators.state_dict().items()
+                }
+
+        return callback
+
+    for assignment in ("exact", "discriminator"):
+        CompetitiveMixture(
+            3, assignment=assignment, random_state=7, callback=keep(assignment), **FAST
+        ).fit(X)
+    for name, value in states["exact"].items():
+        torch.testing.assert_close(states["discriminator"][name], value, rtol=0, atol=0)
+
+
+def test_round_tracker_records_every_round():
+    X, _ = blobs(300, 5)
+    X_eval, _ = blobs(200, 6)
+    tracker = RoundTracker(X_eval, true_log_prob=true_log_prob(X_eval))
+    disc = CompetitiveMixture(
+        3, assignment="discriminator", tol=0.0, random_state=0, callback=tracker, **FAST
+    ).fit(X)
+    assert tracker.history["round"] == list(range(disc.n_iter_ + 1))
+    assert len(tracker.owners) == disc.n_iter_ + 1
+    assert all(0.0 <= a <= 1.0 for a in tracker.history["agreement"])
+    # the run's own discriminators: the last record is its final assignment
+    np.testing.assert_array_equal(tracker.owners[-1][1], disc.log_ratio(X_eval).argmax(1))
+    with pytest.raises(ValueError, match="X_train"):
+        CompetitiveMixture(3, random_state=0, callback=RoundTracker(X_eval), **FAST).fit(X)
+    fresh = RoundTracker(X_eval, X_train=X)  # exact runs: fresh discriminators each round
+    exact = CompetitiveMixture(3, random_state=0, callback=fresh, **FAST).fit(X)
+    assert len(fresh.history["agreement"]) == exact.n_iter_ + 1
+    assert "saturated" in fresh.history
+
+
+def test_accuracy_via_labels_names_clusters_by_the_labelled_points():
+    y_fit = np.array([0, 1, -1, -1, 1, 0])
+    pred_train = np.array([2, 0, 1, 1, 0, 2])  # cluster 2 = class 0, cluster 0 = class 1
+    pred_test = np.array([2, 0, 1, 2])
+    y_test = np.array([0, 1, 1, 1])
+    assert _accuracy_via_labels(pred_train, y_fit, pred_test, y_test) == 0.5  # cluster 1 unnamed
+
+
+# --------------------------------------------------------------------------- figures
+
+
+def test_comparison_figures_are_written(tmp_path):
+    rng = np.random.default_rng(0)
+    exact = rng.normal(size=(300, 3)) * 20
+    paths = [
+        plot_estimate_vs_exact(np.maximum(exact, -8.0), exact, tmp_path / "a.png"),
+        plot_agreement_rounds({"x": [0.3, 0.8, 1.0], "y": [1.0]}, tmp_path / "b.png"),
+        plot_disagreement(
+            rng.normal(size=(300, 2)),
+            exact.argmax(1),
+            exact[:, [1, 0, 2]].argmax(1),
+            tmp_path / "c.png",
+            n_components=3,
+        ),
+    ]
+    for path in paths:
+        with Image.open(path) as im:
+            assert im.format == "PNG" and im.size[0] > 100
+    with pytest.raises(ValueError, match="titles"):
+        plot_estimate_vs_exact(exact, exact, tmp_path / "d.png", titles=["a"])
+    with pytest.raises(ValueError, match="owners"):
+        plot_disagreement(exact[:, :2], np.zeros(300, int), np.full(300, 5), tmp_path / "e.png",
+                          n_components=3)  # fmt: skip
+    with pytest.raises(ValueError, match="curves"):
+        plot_agreement_rounds({}, tmp_path / "f.png")
+
+
+# --------------------------------------------------------------------------- the report
+
+
+def test_report_command_writes_report_results_and_figures(tmp_path):
+    out = tmp_path / "report"
+    argv = ["report", "--quick", "--cases", "skewed_gmm_3", "--budget", "0.3", "--jobs", "1",
+            "--quiet", "--out", str(out)]  # fmt: skip
+    assert main(argv) == 0
+    payload = json.loads((out / "results.json").read_text())
+    (result,) = payload["results"]
+    assert set(result["methods"]) >= {"VMoNF (ELBO)", "competitive (discriminator)", "bagging"}
+    assert result["methods"]["single flow (larger)"]["components_used"] == 1
+    for method in result["methods"].values():
+        assert method["fit_time"] < 5.0  # the budget holds (0.3 s, plus one epoch or round)
+    rounds = result["rounds"]["uniform"]["history"]
+    assert rounds["round"][0] == 0 and len(rounds["agreement"]) == len(rounds["round"])
+    text = (out / "report.md").read_text()
+    assert "vmonf report --quick" in text and "| skewed_gmm_3 | uniform |" in text
+    for link in [part.split(")")[0] for part in text.split("](")[1:]]:
+        assert (out / link).is_file(), link
+    assert main(["report", "--cases", "nope", "--out", str(out)]) == 2
