@@ -104,8 +104,9 @@ class CompetitiveMixture(MixtureEstimator):
         batch_size, learning_rate, adam_betas, weight_decay, lr_schedule: generator
             optimiser (Adam; ``"constant"`` or ``"cosine"``, restarted every round).
         validation_fraction: share of points held out for ``history_["val_score"]``.
-        random_state, verbose, device, dtype, n_threads, checkpoint, checkpoint_every,
-            checkpoint_seconds: as :class:`vmonf.VMoNF` (``fit(X, resume=True)``).
+        random_state, verbose, device, dtype, n_threads, compile, checkpoint,
+            checkpoint_every, checkpoint_seconds: as :class:`vmonf.VMoNF`
+            (``fit(X, resume=True)``); ``compile`` applies to the generators' training.
         callback: ``callback(estimator, round)`` after every round (round 0 = after
             pre-training); inside it the public methods use the current model.
 
@@ -158,6 +159,7 @@ class CompetitiveMixture(MixtureEstimator):
         device: str = "cpu",
         dtype: str = "float32",
         n_threads: int | None = 1,
+        compile: bool = False,
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int | None = 100,
         checkpoint_seconds: float | None = 60.0,
@@ -200,6 +202,7 @@ class CompetitiveMixture(MixtureEstimator):
         self.device = device
         self.dtype = dtype
         self.n_threads = n_threads
+        self.compile = compile
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
         self.checkpoint_seconds = checkpoint_seconds
@@ -538,6 +541,7 @@ class CompetitiveMixture(MixtureEstimator):
             self._generator_config(self.pretrain_epochs, self._remaining(started)),
             generator,
             checkpointer,
+            compile=self.compile,
         )
         self.pretrain_time_ = time.perf_counter() - started
         owners = init.argmax(1)
@@ -558,6 +562,7 @@ class CompetitiveMixture(MixtureEstimator):
                     self._generator_config(self.max_epochs, self._remaining(started)),
                     generator,
                     checkpointer,
+                    compile=self.compile,
                 )
                 scores = self._assignment_scores(x_train, generator, started, checkpointer)
                 new = hard_assign(scores, previous=owners)

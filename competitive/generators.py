@@ -12,7 +12,9 @@ shape (K, ...), one batched computation, no Python loop over K):
 
 Training takes an (N, K) weight per point and generator (a one-hot assignment,
 plus the extra points load balancing lends; bootstrap counts for bagging) and
-minimises ``sum_k weight_k(x) * loss_k(x)`` averaged over points.
+minimises ``sum_k weight_k(x) * loss_k(x)`` averaged over points. Each batch is
+regrouped so that generator k is evaluated only on its own points
+(:func:`group_by_component`): with one-hot weights, K generators cost about one.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ from torch import Tensor, nn
 
 from vmonf._validation import check_positive_int
 from vmonf.coupling import BatchedMLP, bounded_log_scale
-from vmonf.flows import ComponentFlows
+from vmonf.flows import ComponentFlows, rank_within_groups, sample_by_component
 from vmonf.resume import Checkpointer
 from vmonf.training import TrainConfig, TrainResult, train
 
@@ -36,6 +38,7 @@ __all__ = [
     "KMeansGenerators",
     "NoExactLikelihoodError",
     "VAEGenerators",
+    "group_by_component",
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -50,10 +53,28 @@ def _gaussian_log_prob(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
     return -0.5 * ((x - mean) ** 2 * torch.exp(-log_var) + log_var + LOG_2PI).sum(-1)
 
 
+def group_by_component(weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Stack each component's weighted points: (N, K) weights -> index, slot weights (K, M).
+
+    ``index[k, j]`` is the j-th point with ``weights[:, k] > 0`` and ``slot_weights[k, j]``
+    its weight; M is the largest such count and the slots past a component's count
+    hold point 0 with weight 0.
+    """
+    n_components = weights.shape[1]
+    point, component = (weights > 0).nonzero(as_tuple=True)
+    rank, counts = rank_within_groups(component, n_components)
+    m = int(counts.max()) if point.numel() else 0
+    index = torch.zeros(n_components, m, dtype=torch.long, device=weights.device)
+    index[component, rank] = point
+    slot_weights = weights.new_zeros(n_components, m)
+    slot_weights[component, rank] = weights[point, component]
+    return index, slot_weights
+
+
 class Generators(nn.Module, ABC):
     """K generators of D-dimensional points, trained and evaluated together.
 
-    Subclasses implement :meth:`per_point_loss` and :meth:`sample`; those with an
+    Subclasses implement :meth:`stacked_loss` and :meth:`sample`; those with an
     exact density set ``exact = True`` and implement :meth:`log_prob`.
     """
 
@@ -65,8 +86,12 @@ class Generators(nn.Module, ABC):
         self.n_components = check_positive_int(n_components, "n_components")
 
     @abstractmethod
+    def stacked_loss(self, xs: Tensor) -> Tensor:
+        """Training loss of generator k at the points xs[k]: (K, M, D) -> (K, M), nats."""
+
     def per_point_loss(self, x: Tensor) -> Tensor:
         """Training loss of every generator at every point: x (N, D) -> (N, K), nats."""
+        return self.stacked_loss(x.expand(self.n_components, *x.shape)).transpose(0, 1)
 
     @abstractmethod
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -84,9 +109,10 @@ class Generators(nn.Module, ABC):
         return self.log_prob(x)
 
     def sample_components(self, components: Tensor, generator: torch.Generator | None) -> Tensor:
-        """One point from generator ``components[i]`` for each i: (n,) -> (n, D)."""
-        n = components.numel()
-        return self.sample(n, generator)[components, torch.arange(n, device=components.device)]
+        """One point from generator ``components[i]`` for each i: (n,) -> (n, D), in chunks."""
+        return sample_by_component(
+            lambda m: self.sample(m, generator), components, self.n_components
+        )
 
     def fit_weighted(
         self,
@@ -95,18 +121,25 @@ class Generators(nn.Module, ABC):
         config: TrainConfig,
         generator: torch.Generator,
         checkpointer: Checkpointer | None = None,
+        compile: bool = False,
     ) -> TrainResult:
         """Minimise mean_i sum_k weights[i, k] * loss_k(x_i) with :func:`vmonf.training.train`.
 
         Args:
             x: (N, D) points.
             weights: (N, K) non-negative weights (a one-hot assignment mask, bootstrap
-                counts, ...); one batched computation trains all K generators.
+                counts, ...); one batched computation trains all K generators, each
+                on its own points of the batch only (:func:`group_by_component`).
+            compile: evaluate :meth:`stacked_loss` through ``torch.compile``.
         """
+        stacked_loss = self.stacked_loss
+        if compile:
+            stacked_loss = torch.compile(stacked_loss, dynamic=True)
 
         def objective(batch: tuple[Tensor, ...], _: int) -> Tensor:
             xb, wb = batch
-            return (wb * self.per_point_loss(xb)).sum(1).mean()
+            index, slot_weights = group_by_component(wb)
+            return (slot_weights * stacked_loss(xb[index])).sum() / xb.shape[0]
 
         return train(
             self, objective, (x, weights), config, generator=generator, checkpointer=checkpointer
@@ -146,8 +179,8 @@ class FlowGenerators(Generators):
             linear=linear,
         )
 
-    def per_point_loss(self, x: Tensor) -> Tensor:
-        return -self.flows.log_prob(x)
+    def stacked_loss(self, xs: Tensor) -> Tensor:
+        return -self.flows.log_prob_stacked(xs)
 
     def log_prob(self, x: Tensor) -> Tensor:
         return self.flows.log_prob(x)
@@ -200,15 +233,15 @@ class VAEGenerators(Generators):
 
     def elbo(self, x: Tensor) -> Tensor:
         """One-sample ELBO of every VAE at every point: (N, D) -> (N, K), nats."""
-        xs = x.expand(self.n_components, *x.shape)
+        return -self.per_point_loss(x)
+
+    def stacked_loss(self, xs: Tensor) -> Tensor:
+        """Negative one-sample ELBO of VAE k at xs[k]: (K, M, D) -> (K, M), nats."""
         mu, log_var = self._split(self.encoder(xs))
         z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
         mean, dec_log_var = self._split(self.decoder(z))
         kl = 0.5 * (mu**2 + torch.exp(log_var) - 1.0 - log_var).sum(-1)
-        return (_gaussian_log_prob(xs, mean, dec_log_var) - kl).transpose(0, 1)
-
-    def per_point_loss(self, x: Tensor) -> Tensor:
-        return -self.elbo(x)
+        return kl - _gaussian_log_prob(xs, mean, dec_log_var)
 
     def log_likelihood_bound(self, x: Tensor) -> Tensor:
         return self.elbo(x)
@@ -246,12 +279,12 @@ class KMeansGenerators(Generators):
             )
         self.centres = nn.Parameter(initial.clone())
 
-    def log_prob(self, x: Tensor) -> Tensor:
-        sq = (x[:, None, :] - self.centres).square().sum(-1)  # exact, unlike cdist's matmul
-        return -0.5 * sq - 0.5 * self.n_features * LOG_2PI
+    def stacked_loss(self, xs: Tensor) -> Tensor:
+        sq = (xs - self.centres[:, None, :]).square().sum(-1)  # exact, unlike cdist's matmul
+        return 0.5 * sq + 0.5 * self.n_features * LOG_2PI
 
-    def per_point_loss(self, x: Tensor) -> Tensor:
-        return -self.log_prob(x)
+    def log_prob(self, x: Tensor) -> Tensor:
+        return -self.per_point_loss(x)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         c = self.centres
@@ -269,9 +302,10 @@ class KMeansGenerators(Generators):
         config: TrainConfig,
         generator: torch.Generator,
         checkpointer: Checkpointer | None = None,
+        compile: bool = False,
     ) -> TrainResult:
         """Closed form: mu_k = sum_i w_ik x_i / sum_i w_ik (a centre with no weight stays;
-        deterministic, so there is nothing to checkpoint)."""
+        deterministic, so there is nothing to checkpoint or compile)."""
         total = weights.sum(0)
         means = (weights.T @ x) / total.clamp_min(1e-300)[:, None]
         self.centres.copy_(torch.where(total[:, None] > 0, means, self.centres))

@@ -37,7 +37,9 @@ from vmonf.training import torch_threads
 
 __all__ = ["MixtureEstimator", "NotFittedError"]
 
-CHUNK = 65536
+# Rows per no-grad evaluation chunk: K x rows x width activations of a few MiB stay in
+# cache and reuse freed memory; 65536-row chunks scored 2-2.5x slower (K = 5, width 32).
+CHUNK = 4096
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 # Standardised magnitudes beyond these overflow the model's arithmetic (z**2, MLPs).
 MAX_STANDARDISED = {torch.float32: 1e15, torch.float64: 1e150}
@@ -70,7 +72,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     Subclasses store hyper-parameters in ``__init__`` only (at least
     ``n_components, max_epochs, max_time, batch_size, learning_rate, random_state,
-    verbose, device``, plus ``dtype``, ``n_threads``, ``validation_fraction``,
+    verbose, device``, plus ``dtype``, ``n_threads``, ``compile``, ``validation_fraction``,
     ``checkpoint``, ``checkpoint_every`` and ``checkpoint_seconds``), and implement:
 
     * ``_validate_params()`` -> None
@@ -121,6 +123,8 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         check_choice(self.dtype, "dtype", tuple(DTYPES))
         if self.n_threads is not None:
             check_positive_int(self.n_threads, "n_threads")
+        if not isinstance(self.compile, bool):
+            raise TypeError(f"compile must be True or False, got {self.compile!r}")
         fraction = check_positive_float(
             self.validation_fraction, "validation_fraction", allow_zero=True
         )
@@ -181,11 +185,21 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         return self._standardise(x)
 
     def _chunked(self, fn: Callable[[Tensor], Tensor], u: Tensor) -> np.ndarray:
-        """Apply ``fn`` in chunks without gradients; numpy float64 out."""
+        """Apply ``fn`` in chunks without gradients; numpy float64 out.
+
+        Results go straight into one preallocated array: keeping a small tensor per
+        chunk between the chunks' large temporaries fragmented the heap (scoring 1e7
+        points took 4.8 GiB more memory instead of the output's 80 MiB).
+        """
         self.model_.eval()
+        out: np.ndarray | None = None
         with torch.no_grad(), torch_threads(self.n_threads):
-            parts = [fn(u[i : i + CHUNK]).double().cpu() for i in range(0, u.shape[0], CHUNK)]
-        return torch.cat(parts).numpy() if parts else np.empty((0,))
+            for i in range(0, u.shape[0], CHUNK):
+                part = fn(u[i : i + CHUNK]).double().cpu().numpy()
+                if out is None:
+                    out = np.empty((u.shape[0], *part.shape[1:]))
+                out[i : i + part.shape[0]] = part
+        return out if out is not None else np.empty((0,))
 
     def _checkpointer(
         self, x: np.ndarray, labels: np.ndarray, seed: int, resume: bool

@@ -2,8 +2,10 @@ r"""Affine coupling layers batched over K mixture components.
 
 Every module here acts on a stack of K independent flows at once: inputs have
 shape (K, N, D) and each component k has its own weights, stored as tensors of
-shape (K, ...) and applied with :func:`torch.baddbmm`. One call evaluates all K
+shape (K, ...) and applied with batched matrix products. One call evaluates all K
 flows, so a mixture costs about one batched computation, not K Python calls.
+The conditioner MLPs and the data -> noise coupling carry hand-written backward
+passes (fewer autograd nodes and allocations; see ``benchmarks/speed.py``).
 
 Conventions follow nflows' ``Transform``: ``forward`` maps data to noise and
 returns ``(outputs, logabsdet)``; ``inverse`` maps noise to data.
@@ -12,7 +14,9 @@ returns ``(outputs, logabsdet)``; ``inverse`` maps noise to data.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from itertools import pairwise
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -37,6 +41,110 @@ ACTIVATIONS: dict[str, type[nn.Module]] = {
 }
 
 
+def _tanh_(x: Tensor) -> Tensor:
+    r"""In-place tanh. On CPU as :math:`2\sigma(2x) - 1`: torch 2.13's CPU ``tanh`` kernel is
+    about 3.5x slower than these four in-place ops ((5, 512, 64) float32: 0.90 ms against
+    0.25 ms); the two differ by at most 2e-7 (float32) and 4e-16 (float64)."""
+    if x.device.type != "cpu":
+        return x.tanh_()
+    return x.mul_(2.0).sigmoid_().mul_(2.0).sub_(1.0)
+
+
+class _Activation(NamedTuple):
+    """An activation for :class:`_StackedMLP`: ``forward(z) -> y`` (may overwrite z) and
+    ``backward(grad_y, saved) -> grad_z`` (may overwrite grad_y), where ``saved`` is y,
+    or z when ``needs_input``."""
+
+    forward: Callable[[Tensor], Tensor]
+    backward: Callable[[Tensor, Tensor], Tensor]
+    needs_input: bool = False
+
+
+_aten = torch.ops.aten
+# Gradients from the output, written in place (out= the incoming gradient); SiLU's
+# derivative needs its input. Slopes match the ACTIVATIONS modules' defaults.
+_ACTIVATION_OPS: dict[str, _Activation] = {
+    "relu": _Activation(
+        torch.relu_, lambda g, y: _aten.threshold_backward.grad_input(g, y, 0.0, grad_input=g)
+    ),
+    "tanh": _Activation(_tanh_, lambda g, y: _aten.tanh_backward.grad_input(g, y, grad_input=g)),
+    "elu": _Activation(
+        F.elu_,
+        lambda g, y: _aten.elu_backward.grad_input(g, 1.0, 1.0, 1.0, True, y, grad_input=g),
+    ),
+    "leaky_relu": _Activation(
+        lambda z: F.leaky_relu_(z, 0.01),
+        lambda g, y: _aten.leaky_relu_backward.grad_input(g, y, 0.01, True, grad_input=g),
+    ),
+    "silu": _Activation(F.silu, _aten.silu_backward, needs_input=True),
+}
+
+NARROW = 8
+
+
+def _bmm(a: Tensor, b: Tensor) -> Tensor:
+    """Batched a @ b; a result with at most ``NARROW`` columns is computed as
+    (b^T a^T)^T, the orientation in which MKL's batched GEMM is 2-6x faster."""
+    if b.shape[-1] <= NARROW < a.shape[-2]:
+        return torch.bmm(b.mT, a.mT).mT
+    return torch.bmm(a, b)
+
+
+def _affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
+    """x @ weight + bias, (K, N, in) -> (K, N, out), a fresh tensor."""
+    if x.shape[-1] == 1:  # an outer product: one broadcast op beats a GEMM
+        return torch.addcmul(bias, x, weight)
+    if weight.shape[-1] <= NARROW:
+        return (_bmm(x, weight) + bias).contiguous()
+    return torch.baddbmm(bias, x, weight)
+
+
+class _StackedMLP(torch.autograd.Function):
+    """K stacked MLPs with a hand-written backward: one autograd node per MLP.
+
+    Forward: ``h = act(h @ W_i + b_i)`` for every layer but the last, activations in
+    place. Backward: per layer two batched GEMMs in the faster orientation
+    (:func:`_bmm`), the bias sum, and the activation's derivative written into the
+    incoming gradient. Against the layer-by-layer autograd graph this drops two
+    nodes and one (K, N, width) allocation per hidden layer: a training step of a
+    K = 5, 64-wide 2-D flow mixture took 0.88x the time.
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, activation: str, x: Tensor, *params: Tensor
+    ) -> Tensor:
+        act = _ACTIVATION_OPS[activation]
+        weights, biases = params[0::2], params[1::2]
+        inputs, act_saved = [x], []
+        h = x
+        for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
+            z = _affine(h, weight, bias)
+            h = act.forward(z)
+            inputs.append(h)
+            act_saved.append(z if act.needs_input else h)
+        ctx.activation, ctx.n_layers = activation, len(weights)
+        ctx.save_for_backward(*inputs, *act_saved, *weights)
+        return _affine(h, weights[-1], biases[-1])
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad: Tensor
+    ) -> tuple[Tensor | None, ...]:
+        n = ctx.n_layers
+        saved = ctx.saved_tensors
+        inputs, act_saved, weights = saved[:n], saved[n : 2 * n - 1], saved[2 * n - 1 :]
+        backward = _ACTIVATION_OPS[ctx.activation].backward
+        params: list[Tensor] = []
+        for i in range(n - 1, -1, -1):  # params gathered last layer first
+            params += [grad.sum(1, keepdim=True), _bmm(inputs[i].mT, grad)]
+            if i > 0:
+                grad = backward(_bmm(grad, weights[i].mT), act_saved[i - 1])
+        grad_x = _bmm(grad, weights[0].mT) if ctx.needs_input_grad[1] else None
+        return (None, grad_x, *reversed(params))
+
+
 def bounded_log_scale(raw: Tensor, bound: float) -> Tensor:
     r"""Soft-clamp a raw log-scale to (-bound, bound): :math:`c \tanh(u / c)`.
 
@@ -45,6 +153,49 @@ def bounded_log_scale(raw: Tensor, bound: float) -> Tensor:
     up to ``exp(bound)`` while keeping the gradient of an unsaturated scale at 1.
     """
     return bound * torch.tanh(raw / bound)
+
+
+class _AffineForward(torch.autograd.Function):
+    r"""The data -> noise half of a coupling with a hand-written backward (one autograd
+    node instead of nine):
+
+    .. math:: s = c \tanh(u / c), \quad z = x e^{s} + t, \quad \log|\det| = \textstyle\sum s.
+
+    Shapes: params (K, N, 2 D_t) = [t, u], x (K, N, D_t) -> z (K, N, D_t), (K, N).
+    """
+
+    @staticmethod
+    def forward(
+        ctx: torch.autograd.function.FunctionCtx, params: Tensor, x: Tensor, bound: float
+    ) -> tuple[Tensor, Tensor]:
+        shift, raw = params.chunk(2, dim=-1)
+        th = torch.tanh(raw / bound)
+        log_scale = th * bound
+        scale = log_scale.exp()
+        ctx.save_for_backward(x, th, scale)
+        return torch.addcmul(shift, x, scale), log_scale.sum(-1)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(
+        ctx: torch.autograd.function.FunctionCtx, grad_z: Tensor, grad_logabsdet: Tensor
+    ) -> tuple[Tensor, Tensor, None]:
+        x, th, scale = ctx.saved_tensors
+        grad_log_scale = torch.addcmul(grad_logabsdet.unsqueeze(-1), grad_z, x * scale)
+        grad_raw = _aten.tanh_backward(grad_log_scale, th)  # ds/du = 1 - tanh^2
+        return torch.cat([grad_z, grad_raw], dim=-1), grad_z * scale, None
+
+
+def _as_blocks(identity_idx: Tensor, transform_idx: Tensor) -> str | None:
+    """``"identity_first"``/``"transform_first"`` when the two index sets are adjacent
+    blocks of consecutive features, else None."""
+    n_identity = identity_idx.numel()
+    features = torch.arange(n_identity + transform_idx.numel())
+    if torch.equal(torch.cat([identity_idx, transform_idx]), features):
+        return "identity_first"
+    if torch.equal(torch.cat([transform_idx, identity_idx]), features):
+        return "transform_first"
+    return None
 
 
 class BatchedMLP(nn.Module):
@@ -79,17 +230,13 @@ class BatchedMLP(nn.Module):
         if zero_last:
             nn.init.zeros_(self.weights[-1])
             nn.init.zeros_(self.biases[-1])
-        self.activation = ACTIVATIONS[activation]()
+        self.activation = ACTIVATIONS[activation]()  # the layer-by-layer reference
+        self.activation_name = activation
 
     def forward(self, inputs: Tensor) -> Tensor:
         """(K, N, in) -> (K, N, out)."""
-        hidden = inputs
-        last = len(self.weights) - 1
-        for i, (weight, bias) in enumerate(zip(self.weights, self.biases, strict=True)):
-            hidden = torch.baddbmm(bias, hidden, weight)
-            if i < last:
-                hidden = self.activation(hidden)
-        return hidden
+        params = [p for pair in zip(self.weights, self.biases, strict=True) for p in pair]
+        return _StackedMLP.apply(self.activation_name, inputs, *params)
 
 
 class AffineCoupling(Transform):
@@ -128,6 +275,9 @@ class AffineCoupling(Transform):
         self.register_buffer(
             "unsplit_idx", torch.argsort(torch.cat([identity_idx, transform_idx])), persistent=False
         )
+        # When each part is one block of features (always so in 2-D), split with views
+        # and join with one cat instead of three index copies (and their backward).
+        self._blocks = _as_blocks(identity_idx, transform_idx)
         self.max_log_scale = float(max_log_scale)
         self.conditioner = BatchedMLP(
             n_components,
@@ -144,18 +294,37 @@ class AffineCoupling(Transform):
         shift, raw_log_scale = params[..., :n_transform], params[..., n_transform:]
         return shift, bounded_log_scale(raw_log_scale, self.max_log_scale)
 
+    def _split(self, inputs: Tensor) -> tuple[Tensor, Tensor]:
+        """(K, N, D) -> identity (K, N, D_i), transformed (K, N, D_t)."""
+        if self._blocks is None:
+            return (
+                inputs.index_select(-1, self.identity_idx),
+                inputs.index_select(-1, self.transform_idx),
+            )
+        n_identity = self.identity_idx.numel()
+        if self._blocks == "identity_first":
+            identity, transformed = inputs.split([n_identity, inputs.shape[-1] - n_identity], -1)
+        else:
+            transformed, identity = inputs.split([inputs.shape[-1] - n_identity, n_identity], -1)
+        return identity, transformed
+
+    def _join(self, identity: Tensor, transformed: Tensor) -> Tensor:
+        """Inverse of :meth:`_split`."""
+        if self._blocks == "transform_first":
+            return torch.cat([transformed, identity], dim=-1)
+        outputs = torch.cat([identity, transformed], dim=-1)
+        return outputs if self._blocks is not None else outputs.index_select(-1, self.unsplit_idx)
+
     def _couple(self, inputs: Tensor, inverse: bool) -> tuple[Tensor, Tensor]:
-        identity = inputs.index_select(-1, self.identity_idx)
-        transformed = inputs.index_select(-1, self.transform_idx)
-        shift, log_scale = self._shift_and_log_scale(identity)
+        identity, transformed = self._split(inputs)
         if inverse:
+            shift, log_scale = self._shift_and_log_scale(identity)
             transformed = (transformed - shift) * torch.exp(-log_scale)
             logabsdet = -log_scale.sum(-1)
         else:
-            transformed = transformed * torch.exp(log_scale) + shift
-            logabsdet = log_scale.sum(-1)
-        outputs = torch.cat([identity, transformed], dim=-1).index_select(-1, self.unsplit_idx)
-        return outputs, logabsdet
+            params = self.conditioner(identity)
+            transformed, logabsdet = _AffineForward.apply(params, transformed, self.max_log_scale)
+        return self._join(identity, transformed), logabsdet
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """Data -> noise. (K, N, D) -> ((K, N, D), logabsdet (K, N))."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -11,7 +12,16 @@ from torch import Tensor, nn
 from vmonf._validation import check_choice, check_positive_float, check_positive_int
 from vmonf.coupling import ACTIVATIONS, ActNorm, AffineCoupling, LULinear
 
-__all__ = ["ComponentFlows", "alternating_masks"]
+__all__ = [
+    "SAMPLE_CHUNK",
+    "ComponentFlows",
+    "alternating_masks",
+    "rank_within_groups",
+    "sample_by_component",
+]
+
+# Points drawn per batched inverse pass: bounds sampling memory at any n.
+SAMPLE_CHUNK = 65536
 
 
 def alternating_masks(n_features: int, n_layers: int) -> list[Tensor]:
@@ -21,6 +31,36 @@ def alternating_masks(n_features: int, n_layers: int) -> list[Tensor]:
     """
     parity = torch.arange(n_features) % 2
     return [(parity == (layer % 2)).to(torch.int64) for layer in range(n_layers)]
+
+
+def rank_within_groups(groups: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
+    """Position of every element among the elements of its group, in order.
+
+    groups (n,) int in [0, n_groups) -> ranks (n,) and counts per group (n_groups,).
+    """
+    counts = torch.bincount(groups, minlength=n_groups)
+    order = torch.argsort(groups, stable=True)
+    starts = torch.cumsum(counts, 0) - counts
+    rank = torch.empty_like(groups)
+    rank[order] = torch.arange(groups.numel(), device=groups.device) - starts[groups[order]]
+    return rank, counts
+
+
+def sample_by_component(
+    sample: Callable[[int], Tensor], components: Tensor, n_components: int
+) -> Tensor:
+    """One point of component ``components[i]`` for each i: (n,) -> (n, D).
+
+    ``sample(m)`` draws m points of every component, (K, m, D). Points are drawn
+    ``SAMPLE_CHUNK`` at a time, each chunk as one batched call over K x (its largest
+    count) slots, so memory stays bounded and the cost is about that of n points
+    when the counts are balanced.
+    """
+    parts = []
+    for chunk in components.split(SAMPLE_CHUNK):
+        rank, counts = rank_within_groups(chunk, n_components)
+        parts.append(sample(int(counts.max()) if chunk.numel() else 0)[chunk, rank])
+    return torch.cat(parts) if len(parts) > 1 else parts[0]
 
 
 class ComponentFlows(nn.Module):
@@ -148,24 +188,40 @@ class ComponentFlows(nn.Module):
         return self._log_prob(x)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        logabsdet = x.new_zeros(x.shape[:-1])
-        for layer in self.layers:
+        x, logabsdet = self.layers[0](x)
+        for layer in self.layers[1:]:
             x, layer_logabsdet = layer(x)
             logabsdet = logabsdet + layer_logabsdet
         return x, logabsdet
 
     def _inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        logabsdet = z.new_zeros(z.shape[:-1])
-        for layer in reversed(self.layers):
+        z, logabsdet = self.layers[-1].inverse(z)
+        for layer in reversed(self.layers[:-1]):
             z, layer_logabsdet = layer.inverse(z)
             logabsdet = logabsdet + layer_logabsdet
         return z, logabsdet
 
+    def log_prob_stacked(self, xs: Tensor) -> Tensor:
+        """Log density of flow k at the points xs[k]: (K, M, D) -> (K, M), nats.
+
+        Each flow sees only its own slice (e.g. the points it owns in competitive
+        training), so K flows on M points each cost one flow on K x M points.
+        """
+        self._check(xs, "xs")
+        if xs.dim() != 3:
+            raise ValueError(
+                f"xs must have shape ({self.n_components}, M, {self.n_features}), "
+                f"got {tuple(xs.shape)}"
+            )
+        return self._log_prob_stacked(xs)
+
+    def _log_prob_stacked(self, xs: Tensor) -> Tensor:
+        z, logabsdet = self._forward(xs)
+        k, m, d = z.shape
+        return self.base.log_prob(z.reshape(k * m, d)).reshape(k, m) + logabsdet
+
     def _log_prob(self, x: Tensor) -> Tensor:
-        z, logabsdet = self._forward(self._stack(x))
-        k, n, d = z.shape
-        base = self.base.log_prob(z.reshape(k * n, d)).reshape(k, n)
-        return (base + logabsdet).transpose(0, 1)
+        return self._log_prob_stacked(self._stack(x)).transpose(0, 1)
 
     def _base_sample(self, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
         ref = self._reference
@@ -191,8 +247,7 @@ class ComponentFlows(nn.Module):
     ) -> Tensor:
         """One point from flow ``components[i]`` for each i: (n,) int -> (n, D).
 
-        Runs one batched inverse over K x max-count noise slots, so the cost is
-        about that of n points when the counts are balanced.
+        Streams in chunks of ``SAMPLE_CHUNK`` points (see :func:`sample_by_component`).
         """
         components = torch.as_tensor(components, dtype=torch.long, device=self._reference.device)
         if components.dim() != 1:
@@ -202,13 +257,7 @@ class ComponentFlows(nn.Module):
         return self._sample_components(components, generator)
 
     def _sample_components(self, components: Tensor, generator: torch.Generator | None) -> Tensor:
-        n = components.numel()
-        counts = torch.bincount(components, minlength=self.n_components)
-        slots = int(counts.max()) if n else 0
-        x = self._inverse(self._base_sample((self.n_components, slots), generator))[0]
-        # Rank of each point among those of its component picks its noise slot.
-        order = torch.argsort(components, stable=True)
-        starts = torch.cumsum(counts, 0) - counts
-        rank = torch.empty_like(components)
-        rank[order] = torch.arange(n, device=components.device) - starts[components[order]]
-        return x[components, rank]
+        def sample(m: int) -> Tensor:
+            return self._inverse(self._base_sample((self.n_components, m), generator))[0]
+
+        return sample_by_component(sample, components, self.n_components)

@@ -1,0 +1,590 @@
+"""Speed benchmarks (issue 6): K flows at close to the cost of one, against the alternatives.
+
+    python benchmarks/speed.py                      # every section (about 25 minutes)
+    python benchmarks/speed.py --quick              # smaller sizes, for development
+    python benchmarks/speed.py --sections loop,scaling
+
+Sections: ``loop`` (training step, K = 5: batched vs a Python loop over 5 nflows
+``Flow``s), ``scaling`` (K = 1 ... 20 vs one flow), ``threads``, ``compile``
+(torch.compile: step time and warm-up), ``score`` (score_samples and sample
+throughput for N = 1e3 ... 1e7, peak memory), ``fit`` (fit time vs N) and
+``quality`` (time to held-out KL on pinwheel, next to scikit-learn's
+GaussianMixture).
+
+Every ratio is measured side by side in one process: each contender trains one
+short epoch of :func:`vmonf.training.train` (the estimators' own loop: Adam,
+gradient clipping, NaN guard) in turn, round after round in rotating order, and
+its median round is kept. Run it alone on the machine; it records the load
+average before and after. Prints markdown tables and writes results/speed.json
+and .md (results/speed_<sections>.* for a subset).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from _common import markdown_table, write_results
+from nflows.distributions.normal import StandardNormal
+from nflows.flows.base import Flow
+from nflows.transforms.base import CompositeTransform
+from nflows.transforms.coupling import AffineCouplingTransform
+from quality import VMONF_CASES
+from sklearn.mixture import GaussianMixture
+from threadpoolctl import threadpool_limits
+from torch import Tensor, nn
+
+from competitive.generators import FlowGenerators
+from vmonf import VMoNF, datasets, metrics
+from vmonf.coupling import ACTIVATIONS
+from vmonf.flows import ComponentFlows, alternating_masks
+from vmonf.mixture import MixtureOfFlows
+from vmonf.model import VariationalMixture
+from vmonf.objectives import mixture_loss
+from vmonf.posterior import PosteriorNet
+from vmonf.training import TrainConfig, torch_threads, train
+
+D = 2
+KL_TARGET, TIME_TARGET = 0.05, 60.0
+
+
+@dataclass(frozen=True)
+class Arch:
+    """A flow architecture and batch size to time."""
+
+    name: str
+    n_layers: int
+    hidden: int
+    activation: str
+    batch: int
+    posterior_hidden: tuple[int, ...] = (32, 32)
+
+
+# The issue's comparison (8 affine couplings, MLP 64-64, batch 512) and VMoNF's defaults.
+WIDE = Arch("8 couplings, MLP 64-64 ReLU, batch 512", 8, 64, "relu", 512)
+_defaults = VMoNF().get_params()
+DEFAULT = Arch(
+    "VMoNF defaults: 8 couplings, MLP 32-32 tanh, batch 256",
+    _defaults["n_layers"],
+    _defaults["hidden_features"],
+    _defaults["activation"],
+    _defaults["batch_size"],
+    tuple(_defaults["posterior_hidden"]),
+)
+LARGE = Arch("8 couplings, MLP 256-256 ReLU, batch 4096", 8, 256, "relu", 4096)
+
+
+# --------------------------------------------------------------------------- contenders
+
+
+class Conditioner(nn.Module):
+    """An nflows transform net: in -> hidden -> hidden -> out MLP (context ignored)."""
+
+    def __init__(self, n_in: int, n_out: int, arch: Arch) -> None:
+        super().__init__()
+        act = ACTIVATIONS[arch.activation]
+        self.net = nn.Sequential(
+            nn.Linear(n_in, arch.hidden), act(), nn.Linear(arch.hidden, arch.hidden), act(),
+            nn.Linear(arch.hidden, n_out),
+        )  # fmt: skip
+
+    def forward(self, x: Tensor, context: Tensor | None = None) -> Tensor:
+        return self.net(x)
+
+
+class NflowsLoopMixture(nn.Module):
+    """The alternative: K separate nflows ``Flow``s called in a Python loop.
+
+    Each flow is ``n_layers`` nflows ``AffineCouplingTransform``s (same masks and
+    conditioner widths as ours); q(c|x) and the loss are the same as VMoNF's.
+    """
+
+    def __init__(self, k: int, arch: Arch) -> None:
+        super().__init__()
+
+        def net(n_in: int, n_out: int) -> Conditioner:
+            return Conditioner(n_in, n_out, arch)
+
+        self.flows = nn.ModuleList(
+            Flow(
+                CompositeTransform(
+                    [AffineCouplingTransform(m, net) for m in alternating_masks(D, arch.n_layers)]
+                ),
+                StandardNormal([D]),
+            )
+            for _ in range(k)
+        )
+        self.posterior = PosteriorNet(D, k, arch.posterior_hidden, arch.activation)
+        self.register_buffer("log_weights", torch.full((k,), -math.log(k)))
+
+    def loss(self, x: Tensor, y: Tensor) -> Tensor:
+        """Per-point VMoNF loss (N,), the K flows evaluated one after another."""
+        log_joint = torch.stack([f.log_prob(x) for f in self.flows], dim=1) + self.log_weights
+        return mixture_loss(log_joint, self.posterior(x), y, alpha=1.0, objective="elbo")
+
+    def owned_loss(self, x: Tensor, owner: Tensor) -> Tensor:
+        """Competitive loss: flow k on the points it owns only, (1,) mean over the batch."""
+        total = sum(-f.log_prob(x[owner == k]).sum() for k, f in enumerate(self.flows))
+        return total / x.shape[0]
+
+
+def vmonf_model(k: int, arch: Arch) -> VariationalMixture:
+    """VMoNF's model: K batched flows and q(c|x)."""
+    flows = ComponentFlows(D, k, arch.n_layers, arch.hidden, 2, arch.activation)
+    posterior = PosteriorNet(D, k, arch.posterior_hidden, arch.activation)
+    return VariationalMixture(MixtureOfFlows(flows), posterior)
+
+
+def _config(batch: int) -> TrainConfig:
+    # One epoch per call; the estimators' optimiser settings (Adam, clipping at 50).
+    return TrainConfig(max_epochs=1, batch_size=batch, lr_schedule="constant")
+
+
+def epoch_runner(
+    module: nn.Module,
+    objective: Callable[[tuple[Tensor, ...], int], Tensor],
+    data: tuple[Tensor, ...],
+    batch: int,
+) -> Callable[[], int]:
+    """One call = one epoch of :func:`vmonf.training.train`; returns its step count."""
+    config = _config(batch)
+    generator = torch.Generator().manual_seed(0)
+
+    def run() -> int:
+        return train(module, objective, data, config, generator=generator).n_steps
+
+    return run
+
+
+def points(n: int, seed: int = 0) -> Tensor:
+    """n standardised pinwheel points, float32 (N, 2)."""
+    x, _ = datasets.toy("pinwheel", n_classes=5).sample(n, seed=seed)
+    x = (x - x.mean(0)) / x.std(0)
+    return torch.as_tensor(x, dtype=torch.float32)
+
+
+def vmonf_step(
+    k: int, arch: Arch, steps: int, compile: bool = False, extra: int = 0
+) -> Callable[[], int]:
+    """VMoNF's training step (ELBO, all K flows batched): ``steps`` batches (plus a last
+    one of ``extra`` points) per call, optionally through ``torch.compile`` as
+    ``VMoNF(compile=True)`` does."""
+    model = vmonf_model(k, arch)
+    loss = torch.compile(model.loss, dynamic=True) if compile else model.loss
+    x = points(steps * arch.batch + extra)
+    y = torch.full((x.shape[0],), -1)
+
+    def objective(batch: tuple[Tensor, ...], _: int) -> Tensor:
+        return loss(batch[0], batch[1], alpha=1.0, objective="elbo").mean()
+
+    return epoch_runner(model, objective, (x, y), arch.batch)
+
+
+def loop_step(k: int, arch: Arch, steps: int) -> Callable[[], int]:
+    """The same step with K nflows ``Flow``s in a Python loop."""
+    model = NflowsLoopMixture(k, arch)
+    x = points(steps * arch.batch)
+    y = torch.full((x.shape[0],), -1)
+    return epoch_runner(model, lambda b, _: model.loss(b[0], b[1]).mean(), (x, y), arch.batch)
+
+
+def _owners(n: int, k: int) -> Tensor:
+    return torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(1))
+
+
+def competitive_step(k: int, arch: Arch, steps: int) -> Callable[[], int]:
+    """Competitive training's step: each flow on its own points (one-hot weights)."""
+    gens = FlowGenerators(
+        D, k, n_layers=arch.n_layers, hidden_features=arch.hidden,
+        activation=arch.activation, linear=False,
+    )  # fmt: skip
+    x = points(steps * arch.batch)
+    weights = F.one_hot(_owners(x.shape[0], k), k).float()
+    config, generator = _config(arch.batch), torch.Generator().manual_seed(0)
+    return lambda: gens.fit_weighted(x, weights, config, generator).n_steps
+
+
+def competitive_loop_step(k: int, arch: Arch, steps: int) -> Callable[[], int]:
+    """Competitive step with K nflows ``Flow``s, each called on the points it owns."""
+    model = NflowsLoopMixture(k, arch)
+    x = points(steps * arch.batch)
+    return epoch_runner(
+        model, lambda b, _: model.owned_loss(b[0], b[1]), (x, _owners(x.shape[0], k)), arch.batch
+    )
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def interleaved(
+    contenders: dict[str, Callable[[], int]], rounds: int, threads: dict[str, int] | None = None
+) -> dict[str, dict[str, float]]:
+    """Median seconds per step (wall and CPU) of each contender, run in turn every round.
+
+    ``threads`` gives a contender's torch thread count (default 1).
+    """
+    threads = threads or {}
+    names = list(contenders)
+    wall: dict[str, list[float]] = {n: [] for n in names}
+    cpu: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(rounds + 1):  # round 0 warms up
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            with torch_threads(threads.get(name, 1)):
+                w0, c0 = time.perf_counter(), time.process_time()
+                steps = contenders[name]()
+                w1, c1 = time.perf_counter(), time.process_time()
+            if r:
+                wall[name].append((w1 - w0) / steps)
+                cpu[name].append((c1 - c0) / steps)
+    return {
+        n: {"wall": statistics.median(wall[n]), "cpu": statistics.median(cpu[n])} for n in names
+    }
+
+
+def ms(seconds: float) -> str:
+    return f"{1e3 * seconds:.2f}"
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def section_loop(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Training step, K = 5: batched vs a Python loop over 5 nflows Flows, 1 and 2 threads."""
+    k, arch, rows, results = 5, WIDE, [], {}
+    targets = {1: 0.45, 2: 0.30}
+    for n_threads in (1, 2):
+        contenders = {
+            "vmonf": vmonf_step(k, arch, args.steps),
+            "loop": loop_step(k, arch, args.steps),
+            "competitive": competitive_step(k, arch, args.steps),
+            "competitive_loop": competitive_loop_step(k, arch, args.steps),
+        }
+        t = interleaved(contenders, args.rounds, dict.fromkeys(contenders, n_threads))
+        ratio = t["vmonf"]["wall"] / t["loop"]["wall"]
+        comp_ratio = t["competitive"]["wall"] / t["competitive_loop"]["wall"]
+        results[f"{n_threads}_threads"] = {
+            "times": t,
+            "ratio": ratio,
+            "competitive_ratio": comp_ratio,
+        }
+        rows.append([
+            n_threads, ms(t["loop"]["wall"]), ms(t["vmonf"]["wall"]), f"{ratio:.2f}",
+            f"<= {targets[n_threads]:.2f}", "met" if ratio <= targets[n_threads] else "NOT met",
+            ms(t["competitive_loop"]["wall"]), ms(t["competitive"]["wall"]), f"{comp_ratio:.2f}",
+        ])  # fmt: skip
+    header = [
+        "threads", "nflows loop (ms/step)", "VMoNF batched (ms/step)", "ratio", "target", "",
+        "competitive: nflows loop on owned points (ms/step)", "competitive batched (ms/step)",
+        "ratio",
+    ]  # fmt: skip
+    title = f"Training step, K = 5, {arch.name} (median of {args.rounds} interleaved rounds)"
+    return {"arch": asdict(arch), "targets": targets, **results}, _titled(
+        title, markdown_table(header, rows)
+    )
+
+
+def section_scaling(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Training step for K = 1 ... 20 against one flow of the same size (1 thread)."""
+    ks = (1, 2, 5, 10, 20)
+    cases = [
+        ("VMoNF", DEFAULT, vmonf_step),
+        ("VMoNF", WIDE, vmonf_step),
+        ("competitive", WIDE, competitive_step),
+    ]
+    rows, results = [], []
+    for kind, arch, build in cases:
+        t = interleaved({str(k): build(k, arch, args.steps) for k in ks}, args.rounds)
+        one = t["1"]["wall"]
+        ratios = {k: t[str(k)]["wall"] / one for k in ks}
+        results.append({"kind": kind, "arch": asdict(arch), "times": t, "ratios": ratios})
+        rows.append([
+            kind, arch.name, *(f"{ms(t[str(k)]['wall'])} ({ratios[k]:.2f}x)" for k in ks),
+            "met" if ratios[10] <= 3.0 else "NOT met",
+        ])  # fmt: skip
+    header = ["training", "architecture", *(f"K = {k}" for k in ks), "K = 10 <= 3x"]
+    title = "Training step (ms) vs K, ratio to K = 1, 1 thread"
+    return {"cases": results}, _titled(title, markdown_table(header, rows))
+
+
+def section_threads(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Step time at 1 and 2 torch threads, small to large flows (K = 5)."""
+    rows, results = [], []
+    for arch in (DEFAULT, WIDE, LARGE):
+        steps = max(2, args.steps * WIDE.batch // arch.batch)
+        contenders = {f"{n}": vmonf_step(5, arch, steps) for n in (1, 2)}
+        t = interleaved(contenders, args.rounds, {"1": 1, "2": 2})
+        best = min(t, key=lambda n: t[n]["wall"])
+        results.append({"arch": asdict(arch), "times": t, "fastest": int(best)})
+        rows.append([arch.name, ms(t["1"]["wall"]), ms(t["2"]["wall"]), best])
+    header = ["VMoNF, K = 5", "1 thread (ms/step)", "2 threads (ms/step)", "fastest"]
+    return {"cases": results}, _titled("Torch threads", markdown_table(header, rows))
+
+
+def section_compile(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """torch.compile (``compile=True``): warm-up, then step time against eager."""
+    rows, results = [], []
+    # A cold start: compile into an empty cache, as a first fit on a machine does.
+    os.environ["TORCHINDUCTOR_CACHE_DIR"] = tempfile.mkdtemp(prefix="inductor-")
+    for arch in (WIDE, DEFAULT):
+        # Epochs end with a part batch, as fits do: warm-up covers both shapes.
+        eager = vmonf_step(5, arch, args.steps, extra=arch.batch // 3)
+        compiled = vmonf_step(5, arch, args.steps, compile=True, extra=arch.batch // 3)
+        started = time.perf_counter()
+        compiled()
+        warmup = time.perf_counter() - started
+        t = interleaved({"eager": eager, "compiled": compiled}, args.rounds)
+        saved = t["eager"]["wall"] - t["compiled"]["wall"]
+        breakeven = warmup / saved if saved > 0 else math.inf
+        results.append(
+            {"arch": asdict(arch), "times": t, "warmup_s": warmup, "breakeven_steps": breakeven}
+        )
+        rows.append([
+            arch.name, ms(t["eager"]["wall"]), ms(t["compiled"]["wall"]),
+            f"{t['compiled']['wall'] / t['eager']['wall']:.2f}", f"{warmup:.0f}",
+            f"{breakeven:,.0f}" if math.isfinite(breakeven) else "never",
+        ])  # fmt: skip
+    header = [
+        "VMoNF, K = 5", "eager (ms/step)", "compiled (ms/step)", "ratio", "warm-up (s)",
+        "steps to break even",
+    ]  # fmt: skip
+    return {"cases": results}, _titled("torch.compile (1 thread)", markdown_table(header, rows))
+
+
+def _fitted_vmonf(n_components: int = 5) -> VMoNF:
+    X, _ = datasets.toy("pinwheel", n_classes=5).sample(2560, seed=0)
+    return VMoNF(n_components, max_epochs=2, random_state=0).fit(X)
+
+
+def probe(model_path: str, n: int, what: str) -> dict[str, float]:
+    """In a fresh process: seconds and peak memory of ``score_samples``/``sample`` on n points."""
+    model = VMoNF.load(model_path)
+    X = np.random.default_rng(0).normal(size=(n, D))
+    warm = X[:1000] if what == "score" else None
+    model.score_samples(warm) if warm is not None else model.sample(1000)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    repeats = max(1, 100_000 // n)
+    started = time.perf_counter()
+    for _ in range(repeats):
+        out = model.score_samples(X) if what == "score" else model.sample(n, random_state=0)[0]
+    seconds = (time.perf_counter() - started) / repeats
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    return {
+        "n": n, "what": what, "seconds": seconds, "points_per_s": n / seconds,
+        "input_mib": X.nbytes / 2**20, "output_mib": out.nbytes / 2**20,
+        "rss_before_mib": before, "peak_rss_mib": peak, "extra_peak_mib": peak - before,
+    }  # fmt: skip
+
+
+def section_score(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """score_samples and sample: throughput for N = 1e3 ... 1e7 and peak memory."""
+    sizes = [10**e for e in range(3, 6 if args.quick else 8)]
+    results = []
+    with tempfile.TemporaryDirectory() as tmp:
+        path = str(Path(tmp) / "model.pt")
+        _fitted_vmonf().save(path)
+        for what in ("score", "sample"):
+            for n in sizes:
+                out = subprocess.run(
+                    [sys.executable, __file__, "--probe", path, str(n), what],
+                    check=True, capture_output=True, text=True,
+                )  # fmt: skip
+                results.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    rows = [
+        [
+            r["what"], f"{r['n']:.0e}", f"{r['points_per_s']:,.0f}", f"{r['seconds']:.3f}",
+            f"{r['input_mib']:.0f}", f"{r['extra_peak_mib']:.0f}",
+        ]
+        for r in results
+    ]  # fmt: skip
+    header = [
+        "call", "N", "points / s", "seconds", "input X (MiB)", "peak memory added (MiB)",
+    ]  # fmt: skip
+    title = (
+        "score_samples / sample, VMoNF K = 5 (defaults), 1 thread; memory = peak RSS of a "
+        "fresh process during the call minus before it"
+    )
+    return {"results": results}, _titled(title, markdown_table(header, rows))
+
+
+def section_fit(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Fit time vs N (VMoNF defaults, K = 5, 2 epochs): cost per point per epoch."""
+    toy = datasets.toy("pinwheel", n_classes=5)
+    results, rows = [], []
+    for n in [10**e for e in range(3, 6 if args.quick else 7)]:
+        X, _ = toy.sample(n, seed=0)
+        started = time.perf_counter()
+        model = VMoNF(5, max_epochs=2, random_state=0).fit(X)
+        total = time.perf_counter() - started
+        epoch = model.history_["time"][-1] - model.history_["time"][-2]
+        results.append(
+            {"n": n, "fit_s": total, "epoch_s": epoch, "us_per_point_epoch": 1e6 * epoch / n}
+        )
+        rows.append([f"{n:.0e}", f"{total:.1f}", f"{epoch:.2f}", f"{1e6 * epoch / n:.1f}"])
+    header = ["N", "fit, 2 epochs (s)", "one epoch (s)", "µs per point per epoch"]
+    title = (
+        "Fit time vs N: VMoNF K = 5 defaults on pinwheel (k-means and 300 pre-training "
+        "steps, then 2 epochs), 1 thread"
+    )
+    return {"results": results}, _titled(title, markdown_table(header, rows))
+
+
+def _kl_trace(seed: int) -> dict[str, Any]:
+    """Fit VMoNF as benchmarks/quality.py does on pinwheel, recording held-out KL per epoch.
+
+    Times exclude the KL evaluations themselves.
+    """
+    case = next(c for c in VMONF_CASES if c.name == "pinwheel")
+    toy = datasets.toy(case.toy, **case.toy_params)
+    X, _ = toy.sample(case.n_train, seed=seed)
+    X_test, _ = toy.sample(case.n_test, seed=seed + 10_000)
+    true_lp = toy.log_prob(X_test)
+    trace: list[tuple[float, float]] = []
+    paused = [0.0]
+    started = time.perf_counter()
+
+    def record(model: VMoNF, epoch: int) -> None:
+        t0 = time.perf_counter()
+        trace.append(
+            (t0 - started - paused[0], metrics.kl_to_truth(true_lp, model.score_samples(X_test)))
+        )
+        paused[0] += time.perf_counter() - t0
+
+    model = VMoNF(toy.n_classes, random_state=seed, callback=record, **case.params).fit(X)
+    fit_time = time.perf_counter() - started - paused[0]
+    final = metrics.kl_to_truth(true_lp, model.score_samples(X_test))
+    reached = next((t for t, kl in trace if kl <= KL_TARGET), None)
+    at_60 = [kl for t, kl in trace if t <= TIME_TARGET]
+    gmm = {}
+    for k in (toy.n_classes, 30):
+        t0 = time.perf_counter()
+        with threadpool_limits(1):  # one thread, as VMoNF
+            g = GaussianMixture(k, n_init=3, random_state=seed).fit(X)
+        gmm[k] = {
+            "fit_s": time.perf_counter() - t0,
+            "kl": metrics.kl_to_truth(true_lp, g.score_samples(X_test)),
+        }
+    return {
+        "seed": seed, "trace": trace, "fit_s": fit_time, "final_kl": final,
+        "best_kl": min(kl for _, kl in trace), "reached_s": reached,
+        "kl_at_60s": at_60[-1] if at_60 else None, "gmm": gmm,
+    }  # fmt: skip
+
+
+def section_quality(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Time to quality: VMoNF on pinwheel (5 wings), held-out KL over time, vs GaussianMixture."""
+    results = [_kl_trace(seed) for seed in range(1 if args.quick else 3)]
+    rows = []
+    for r in results:
+        best_t = next(t for t, kl in r["trace"] if kl == r["best_kl"])
+        rows.append([
+            r["seed"], f"{r['reached_s']:.0f}" if r["reached_s"] is not None else "not reached",
+            f"{r['kl_at_60s']:.3f}" if r["kl_at_60s"] is not None else "n/a",
+            f"{r['best_kl']:.3f} at {best_t:.0f} s", f"{r['final_kl']:.3f} at {r['fit_s']:.0f} s",
+            f"{r['gmm'][5]['kl']:.3f} in {r['gmm'][5]['fit_s']:.2f} s",
+            f"{r['gmm'][30]['kl']:.3f} in {r['gmm'][30]['fit_s']:.2f} s",
+        ])  # fmt: skip
+    header = [
+        "seed", f"time to KL <= {KL_TARGET} (s)", "KL at 60 s", "best KL", "final KL",
+        "GaussianMixture K = 5", "GaussianMixture K = 30",
+    ]  # fmt: skip
+    title = (
+        "Time to quality: VMoNF on pinwheel (2560 points, quality.py settings), held-out KL "
+        "to truth (nats, 4096 points), 1 thread"
+    )
+    return {"results": results, "targets": {"kl": KL_TARGET, "seconds": TIME_TARGET}}, _titled(
+        title, markdown_table(header, rows)
+    )
+
+
+SECTIONS: dict[str, Callable[[argparse.Namespace], tuple[dict[str, Any], str]]] = {
+    "loop": section_loop,
+    "scaling": section_scaling,
+    "threads": section_threads,
+    "compile": section_compile,
+    "score": section_score,
+    "fit": section_fit,
+    "quality": section_quality,
+}
+
+
+def _titled(title: str, table: str) -> str:
+    return f"**{title}**\n\n{table}"
+
+
+def cpu_model() -> str:
+    """The CPU's model name (Linux), else the platform's processor string."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)}")
+    parser.add_argument("--quick", action="store_true", help="small sizes, for development")
+    parser.add_argument("--probe", nargs=3, metavar=("MODEL", "N", "WHAT"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(1)
+    if args.probe:
+        print(json.dumps(probe(args.probe[0], int(args.probe[1]), args.probe[2])))
+        return
+    names = args.sections.split(",") if args.sections else list(SECTIONS)
+    unknown = set(names) - set(SECTIONS)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}")
+    args.rounds, args.steps = (3, 10) if args.quick else (7, 20)
+    load_before = os.getloadavg()
+    started = time.perf_counter()
+    payload: dict[str, Any] = {}
+    tables = []
+    for name in names:
+        t0 = time.perf_counter()
+        payload[name], table = SECTIONS[name](args)
+        payload[name]["seconds"] = time.perf_counter() - t0
+        print(table + "\n", flush=True)
+        tables.append(table)
+    load_after = os.getloadavg()
+    run = {
+        "cpu_model": cpu_model(),
+        "torch_threads": "1 unless a table says otherwise",
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "quick": args.quick,
+        "rounds": args.rounds,
+        "steps_per_round": args.steps,
+        "wall_time_s": time.perf_counter() - started,
+    }
+    footer = (
+        f"Machine: {run['cpu_model']}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        f"load average (1, 5, 15 min) {tuple(round(v, 2) for v in load_before)} before, "
+        f"{tuple(round(v, 2) for v in load_after)} after."
+    )
+    md = "\n\n".join([*tables, footer])
+    name = "speed" if not args.sections else "speed_" + "_".join(names)
+    path = write_results(name, {"run": run, **payload}, md)
+    print(footer)
+    print(f"\nwall time {run['wall_time_s']:.0f} s; wrote {path}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,183 @@
+"""Contract tests for the speed work (issue 6): the hand-written backward passes, the
+competitive regrouping, chunked scoring and sampling, and ``compile=True``.
+
+Numbers about speed come only from ``benchmarks/speed.py``; these tests check that
+every fast path computes exactly what the plain one does (float64).
+"""
+
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+import vmonf.base
+import vmonf.flows
+from competitive import CompetitiveMixture
+from competitive.generators import FlowGenerators, VAEGenerators, group_by_component
+from vmonf import VMoNF, datasets
+from vmonf.coupling import ACTIVATIONS, NARROW, AffineCoupling, BatchedMLP, bounded_log_scale
+from vmonf.flows import ComponentFlows, rank_within_groups
+
+# --------------------------------------------------------------------------- batched MLP
+
+
+def _layer_by_layer(mlp: BatchedMLP, x: torch.Tensor) -> torch.Tensor:
+    """The plain autograd reference: baddbmm and the activation module, layer by layer."""
+    h = x
+    for i, (w, b) in enumerate(zip(mlp.weights, mlp.biases, strict=True)):
+        h = torch.baddbmm(b, h, w)
+        if i < len(mlp.weights) - 1:
+            h = mlp.activation(h)
+    return h
+
+
+@pytest.mark.parametrize("activation", list(ACTIVATIONS))
+@pytest.mark.parametrize(
+    ("n_in", "n_out", "hidden", "layers"),
+    [(1, 2, 16, 2), (3, 6, 12, 1), (4, 20, NARROW, 2), (2, 2, 5, 0)],
+    ids=["outer-product-in", "narrow-out", "narrow-hidden", "no-hidden"],
+)
+def test_stacked_mlp_equals_layer_by_layer_autograd(activation, n_in, n_out, hidden, layers):
+    mlp = BatchedMLP(3, n_in, n_out, hidden, layers, activation, zero_last=False)
+    x = torch.randn(3, 11, n_in, requires_grad=True)
+    out, ref = mlp(x), _layer_by_layer(mlp, x)
+    torch.testing.assert_close(out, ref, atol=1e-12, rtol=1e-12)
+    weights = torch.randn_like(ref)
+    inputs = [x, *mlp.parameters()]
+    grads = torch.autograd.grad((out * weights).sum(), inputs)
+    grads_ref = torch.autograd.grad((ref * weights).sum(), inputs)
+    for g, g_ref in zip(grads, grads_ref, strict=True):
+        torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
+
+
+def test_stacked_mlp_passes_gradcheck():
+    mlp = BatchedMLP(2, 1, 2, 6, 2, "tanh", zero_last=False)
+    x = torch.randn(2, 5, 1, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: mlp(v), (x,))
+
+
+def test_affine_coupling_forward_passes_gradcheck():
+    coupling = AffineCoupling(2, torch.tensor([1, 0, 1]), hidden_features=6, max_log_scale=2.0)
+    with torch.no_grad():
+        for p in coupling.parameters():
+            p.normal_(0.0, 0.5)
+    x = torch.randn(2, 4, 3, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda v: coupling(v), (x,))
+    # and equals the plain formula
+    z, logabsdet = coupling(x)
+    shift, raw = coupling.conditioner(x[..., [1]]).chunk(2, dim=-1)
+    log_scale = bounded_log_scale(raw, 2.0)
+    torch.testing.assert_close(z[..., [0, 2]], x[..., [0, 2]] * log_scale.exp() + shift)
+    torch.testing.assert_close(logabsdet, log_scale.sum(-1))
+
+
+# --------------------------------------------------------------------------- competitive
+
+
+@pytest.mark.parametrize("kind", ["one_hot", "lent", "bootstrap", "empty_component"])
+def test_grouped_objective_equals_the_masked_one(kind):
+    n, k = 40, 3
+    gens = FlowGenerators(2, k, n_layers=2, hidden_features=8)
+    with torch.no_grad():
+        for p in gens.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    x = torch.randn(n, 2)
+    owners = torch.randint(0, k, (n,))
+    if kind == "empty_component":
+        owners = owners % 2
+    weights = F.one_hot(owners, k).double()
+    if kind == "lent":  # load balancing: a component also trains on others' points
+        weights[:5, 2] = 1.0
+    if kind == "bootstrap":
+        weights = torch.randint(0, 3, (n, k)).double()
+    index, slot_weights = group_by_component(weights)
+    grouped = (slot_weights * gens.stacked_loss(x[index])).sum() / n
+    masked = (weights * gens.per_point_loss(x)).sum(1).mean()
+    torch.testing.assert_close(grouped, masked)
+    params = list(gens.parameters())
+    for g, g_ref in zip(
+        torch.autograd.grad(grouped, params), torch.autograd.grad(masked, params), strict=True
+    ):
+        torch.testing.assert_close(g, g_ref)
+    assert index.shape[1] == int((weights > 0).sum(0).max())
+
+
+def test_rank_within_groups():
+    rank, counts = rank_within_groups(torch.tensor([2, 0, 2, 2, 0]), 4)
+    assert rank.tolist() == [0, 0, 1, 2, 1]
+    assert counts.tolist() == [2, 0, 3, 0]
+
+
+# --------------------------------------------------------------------------- streaming
+
+
+def test_chunked_sampling_draws_from_the_named_flow(monkeypatch):
+    # Shifts of N(0, I) by -+10 (see test_flows); 7-point chunks force many chunks.
+    monkeypatch.setattr(vmonf.flows, "SAMPLE_CHUNK", 7)
+    flows = ComponentFlows(n_features=2, n_components=2, n_layers=2, hidden_features=4)
+    with torch.no_grad():
+        for layer in flows.layers:
+            layer.conditioner.biases[-1][0, 0, 0] = -10.0
+            layer.conditioner.biases[-1][1, 0, 0] = 10.0
+    comps = torch.randint(0, 2, (50,))
+    x = flows.sample_components(comps, generator=torch.Generator().manual_seed(0))
+    assert x.shape == (50, 2)
+    assert torch.all((x[:, 0] > 0) == (comps == 0))
+    again = flows.sample_components(comps, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, again)
+    assert flows.sample_components(torch.zeros(0, dtype=torch.long)).shape == (0, 2)
+
+
+def test_vae_sample_components_streams(monkeypatch):
+    monkeypatch.setattr(vmonf.flows, "SAMPLE_CHUNK", 4)
+    vae = VAEGenerators(2, 3, hidden_features=8)
+    comps = torch.tensor([2, 0, 0, 1, 2, 2, 1, 0, 0])
+    assert vae.sample_components(comps, torch.Generator().manual_seed(0)).shape == (9, 2)
+
+
+def test_scores_do_not_depend_on_the_chunk_size(monkeypatch):
+    X, _ = datasets.toy("pinwheel", n_classes=3).sample(300, seed=0)
+    model = VMoNF(3, n_layers=2, max_epochs=1, init_steps=5, random_state=0).fit(X)
+    whole = model.score_samples(X)
+    monkeypatch.setattr(vmonf.base, "CHUNK", 7)
+    np.testing.assert_allclose(model.score_samples(X), whole, rtol=0, atol=1e-6)
+    assert model.predict_proba(X).shape == (300, 3)
+
+
+# --------------------------------------------------------------------------- compile
+
+
+def test_compile_must_be_a_bool():
+    X = np.random.default_rng(0).normal(size=(20, 2))
+    with pytest.raises(TypeError, match="compile"):
+        VMoNF(2, compile="yes").fit(X)
+
+
+def _compile_unavailable() -> str | None:
+    if not torch._dynamo.is_dynamo_supported():
+        return "torch.compile (dynamo) is not supported on this Python/platform"
+    if shutil.which("c++") is None and shutil.which("g++") is None:
+        return "torch.compile's inductor backend needs a C++ compiler on the PATH"
+    return None
+
+
+@pytest.mark.slow
+@pytest.mark.filterwarnings("ignore::DeprecationWarning")  # raised inside torch.compile
+@pytest.mark.skipif(_compile_unavailable() is not None, reason=str(_compile_unavailable()))
+def test_compile_true_fits_the_same_model():
+    X = np.random.default_rng(0).normal(size=(200, 2)).astype(np.float32)
+    small = dict(n_layers=1, hidden_features=4, posterior_hidden=(), init_steps=0)
+    params = dict(max_epochs=2, batch_size=64, dtype="float32", random_state=0, **small)
+    eager = VMoNF(2, **params).fit(X)
+    compiled = VMoNF(2, compile=True, **params).fit(X)
+    np.testing.assert_allclose(compiled.score_samples(X), eager.score_samples(X), atol=1e-4)
+    comp = dict(n_layers=1, hidden_features=4, max_rounds=1, tol=0.9, pretrain_epochs=1)
+    ref = CompetitiveMixture(2, max_epochs=1, random_state=0, dtype="float32", **comp).fit(X)
+    fast = CompetitiveMixture(
+        2, max_epochs=1, random_state=0, dtype="float32", compile=True, **comp
+    ).fit(X)
+    np.testing.assert_allclose(fast.score_samples(X), ref.score_samples(X), atol=1e-4)
