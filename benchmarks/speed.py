@@ -26,7 +26,6 @@ import json
 import math
 import os
 import platform
-import resource
 import statistics
 import subprocess
 import sys
@@ -208,16 +207,31 @@ def _owners(n: int, k: int) -> Tensor:
     return torch.randint(0, k, (n,), generator=torch.Generator().manual_seed(1))
 
 
-def competitive_step(k: int, arch: Arch, steps: int) -> Callable[[], int]:
-    """Competitive training's step: each flow on its own points (one-hot weights)."""
-    gens = FlowGenerators(
+def _flow_generators(k: int, arch: Arch) -> FlowGenerators:
+    return FlowGenerators(
         D, k, n_layers=arch.n_layers, hidden_features=arch.hidden,
         activation=arch.activation, linear=False,
     )  # fmt: skip
+
+
+def competitive_step(k: int, arch: Arch, steps: int) -> Callable[[], int]:
+    """Competitive training's step: each flow on its own points (one-hot weights)."""
+    gens = _flow_generators(k, arch)
     x = points(steps * arch.batch)
     weights = F.one_hot(_owners(x.shape[0], k), k).float()
     config, generator = _config(arch.batch), torch.Generator().manual_seed(0)
     return lambda: gens.fit_weighted(x, weights, config, generator).n_steps
+
+
+def competitive_masked_step(k: int, arch: Arch, steps: int) -> Callable[[], int]:
+    """The one-hot mask without regrouping: every flow evaluated on every point."""
+    gens = _flow_generators(k, arch)
+    x = points(steps * arch.batch)
+    weights = F.one_hot(_owners(x.shape[0], k), k).float()
+    return epoch_runner(
+        gens, lambda b, _: (b[1] * gens.per_point_loss(b[0])).sum(1).mean(), (x, weights),
+        arch.batch,
+    )  # fmt: skip
 
 
 def competitive_loop_step(k: int, arch: Arch, steps: int) -> Callable[[], int]:
@@ -306,6 +320,7 @@ def section_scaling(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         ("VMoNF", DEFAULT, vmonf_step),
         ("VMoNF", WIDE, vmonf_step),
         ("competitive", WIDE, competitive_step),
+        ("competitive, masked (every flow on every point)", WIDE, competitive_masked_step),
     ]
     rows, results = [], []
     for kind, arch, build in cases:
@@ -371,19 +386,32 @@ def _fitted_vmonf(n_components: int = 5) -> VMoNF:
     return VMoNF(n_components, max_epochs=2, random_state=0).fit(X)
 
 
+def _memory_mib(field: str) -> float:
+    """``VmRSS`` (resident now) or ``VmHWM`` (peak) of this process from /proc, MiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 1024
+    raise OSError(f"{field} not in /proc/self/status")
+
+
 def probe(model_path: str, n: int, what: str) -> dict[str, float]:
-    """In a fresh process: seconds and peak memory of ``score_samples``/``sample`` on n points."""
+    """In a fresh process: seconds and peak memory of ``score_samples``/``sample`` on n points.
+
+    The peak is the kernel's high-water mark of resident memory, reset just before
+    the call (Linux ``/proc/self/clear_refs``; a forked child inherits its parent's).
+    """
     model = VMoNF.load(model_path)
     X = np.random.default_rng(0).normal(size=(n, D))
     warm = X[:1000] if what == "score" else None
     model.score_samples(warm) if warm is not None else model.sample(1000)
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB -> MiB
+    Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM to the current VmRSS
+    before = _memory_mib("VmRSS")
     repeats = max(1, 100_000 // n)
     started = time.perf_counter()
     for _ in range(repeats):
         out = model.score_samples(X) if what == "score" else model.sample(n, random_state=0)[0]
     seconds = (time.perf_counter() - started) / repeats
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    peak = _memory_mib("VmHWM")
     return {
         "n": n, "what": what, "seconds": seconds, "points_per_s": n / seconds,
         "input_mib": X.nbytes / 2**20, "output_mib": out.nbytes / 2**20,
@@ -416,8 +444,8 @@ def section_score(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "call", "N", "points / s", "seconds", "input X (MiB)", "peak memory added (MiB)",
     ]  # fmt: skip
     title = (
-        "score_samples / sample, VMoNF K = 5 (defaults), 1 thread; memory = peak RSS of a "
-        "fresh process during the call minus before it"
+        "score_samples / sample, VMoNF K = 5 (defaults), 1 thread; memory = peak resident "
+        "memory of a fresh process during the call minus its resident memory before"
     )
     return {"results": results}, _titled(title, markdown_table(header, rows))
 

@@ -53,14 +53,18 @@ def sample_by_component(
 
     ``sample(m)`` draws m points of every component, (K, m, D). Points are drawn
     ``SAMPLE_CHUNK`` at a time, each chunk as one batched call over K x (its largest
-    count) slots, so memory stays bounded and the cost is about that of n points
-    when the counts are balanced.
+    count) slots, into one preallocated output: memory stays bounded and the cost is
+    about that of n points when the counts are balanced.
     """
-    parts = []
-    for chunk in components.split(SAMPLE_CHUNK):
+    out: Tensor | None = None
+    for start in range(0, components.numel(), SAMPLE_CHUNK):
+        chunk = components[start : start + SAMPLE_CHUNK]
         rank, counts = rank_within_groups(chunk, n_components)
-        parts.append(sample(int(counts.max()) if chunk.numel() else 0)[chunk, rank])
-    return torch.cat(parts) if len(parts) > 1 else parts[0]
+        x = sample(int(counts.max()))[chunk, rank]
+        if out is None:
+            out = x.new_empty((components.numel(), *x.shape[1:]))
+        out[start : start + chunk.numel()] = x
+    return out if out is not None else sample(0)[components, components]
 
 
 class ComponentFlows(nn.Module):
