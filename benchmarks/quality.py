@@ -42,8 +42,18 @@ class Case:
 SMALL_DATA = dict(max_epochs=200)
 SKEWED = dict(batch_size=512, max_epochs=150)
 
+# Pinwheel's far wing tips curl beyond the training data; a Gaussian base gives them
+# vanishing density (most of the KL), a Student-t base (20 degrees of freedom) does not.
+PINWHEEL = {**SMALL_DATA, "base_df": 20.0}
+
 VMONF_CASES = [
-    Case("pinwheel", "pinwheel", params=SMALL_DATA, targets={"kl_max": 0.05, "ari_min": 0.95}),
+    Case("pinwheel", "pinwheel", params=PINWHEEL, targets={"kl_max": 0.05, "ari_min": 0.95}),
+    Case(
+        "pinwheel_gaussian_base",
+        "pinwheel",
+        params=SMALL_DATA,
+        targets={"kl_max": 0.05, "ari_min": 0.95},
+    ),
     *[
         Case(
             f"skewed_gmm_{m}",

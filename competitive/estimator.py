@@ -88,7 +88,7 @@ class CompetitiveMixture(MixtureEstimator):
             points keeps training on its best ``min_share * N`` points with mixing
             weight 0 (default 0.1 / K).
         n_layers, hidden_features, n_hidden_layers, activation, max_log_scale,
-            linear: flow architecture (see :class:`vmonf.ComponentFlows`);
+            linear, base_df: flow architecture (see :class:`vmonf.ComponentFlows`);
             ``hidden_features`` and ``n_hidden_layers`` also size the VAEs'
             encoder and decoder (default width 64 for flows, 50 for VAEs).
         latent_features, decoder_noise: VAE latent size; sample p(x|z) or its mean.
@@ -137,6 +137,7 @@ class CompetitiveMixture(MixtureEstimator):
         activation: str = "relu",
         max_log_scale: float = 3.0,
         linear: bool = True,
+        base_df: float | None = None,
         latent_features: int = 5,
         decoder_noise: bool = True,
         discriminator_hidden: int = 500,
@@ -180,6 +181,7 @@ class CompetitiveMixture(MixtureEstimator):
         self.activation = activation
         self.max_log_scale = max_log_scale
         self.linear = linear
+        self.base_df = base_df
         self.latent_features = latent_features
         self.decoder_noise = decoder_noise
         self.discriminator_hidden = discriminator_hidden
@@ -217,6 +219,10 @@ class CompetitiveMixture(MixtureEstimator):
                 "assignment='exact' needs generators with an exact likelihood; VAEs have "
                 "none: use assignment='discriminator'"
             )
+        if check_positive_float(self.base_df, "base_df", allow_none=True) and (
+            self.generator == "vae"
+        ):
+            raise ValueError("base_df sets the flows' base distribution; VAE generators have none")
         if isinstance(self.init, str):
             check_choice(self.init, "init", INITS)
         check_positive_int(self.pretrain_epochs, "pretrain_epochs")
@@ -290,6 +296,7 @@ class CompetitiveMixture(MixtureEstimator):
             activation=self.activation,
             max_log_scale=self.max_log_scale,
             linear=self.linear,
+            base_df=self.base_df,
         )
 
     def _build_discriminators(self) -> Discriminators:

@@ -166,6 +166,7 @@ class FlowGenerators(Generators):
         activation: str = "relu",
         max_log_scale: float = 3.0,
         linear: bool = True,
+        base_df: float | None = None,
     ) -> None:
         super().__init__(n_features, n_components)
         self.flows = ComponentFlows(
@@ -177,6 +178,7 @@ class FlowGenerators(Generators):
             activation=activation,
             max_log_scale=max_log_scale,
             linear=linear,
+            base_df=base_df,
         )
 
     def stacked_loss(self, xs: Tensor) -> Tensor:

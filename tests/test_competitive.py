@@ -297,6 +297,7 @@ def test_baselines_bagging_and_single_model():
         ({"generator": "gan"}, ValueError, "generator"),
         ({"assignment": "soft"}, ValueError, "assignment"),
         ({"generator": "vae", "assignment": "exact"}, ValueError, "discriminator"),
+        ({"generator": "vae", "assignment": "discriminator", "base_df": 5.0}, ValueError, "VAE"),
         ({"init": "kmeans++"}, ValueError, "init"),
         ({"min_share": 0.5}, ValueError, "min_share"),
         ({"tol": 1.0}, ValueError, "tol"),

@@ -192,10 +192,7 @@ def test_skewed_gmm_warp_has_unit_jacobian():
     var = skewed_gmm_variance(3)
     direct = np.log(
         np.mean(
-            [
-                np.prod(norm.pdf(z, mean, np.sqrt(var)), axis=1)
-                for mean in skewed_gmm_means(3)
-            ],
+            [np.prod(norm.pdf(z, mean, np.sqrt(var)), axis=1) for mean in skewed_gmm_means(3)],
             axis=0,
         )
     )

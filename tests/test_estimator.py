@@ -189,3 +189,17 @@ def test_restarts_keep_the_best_elbo():
     one = VMoNF(3, random_state=5, init="random", **FAST).fit(X)
     two = VMoNF(3, random_state=5, init="random", n_init=2, **FAST).fit(X)
     assert two.elbo_ >= one.elbo_
+
+
+def test_student_t_base_fits_round_trips_and_samples(tmp_path):
+    X, _ = blobs()
+    model = VMoNF(3, random_state=0, base_df=5.0, **FAST).fit(X)
+    assert model.model_.mixture.flows.base_df == 5.0
+    assert np.isfinite(model.score_samples(X)).all()
+    loaded = VMoNF.load(model.save(tmp_path / "model.pt"))
+    assert loaded.get_params()["base_df"] == 5.0
+    np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
+    for x, y in zip(
+        model.sample(50, random_state=1), loaded.sample(50, random_state=1), strict=True
+    ):
+        np.testing.assert_array_equal(x, y)

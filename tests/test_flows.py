@@ -5,7 +5,9 @@ from __future__ import annotations
 import io
 
 import pytest
+import scipy.stats
 import torch
+from nflows.distributions.base import Distribution
 from nflows.distributions.normal import StandardNormal
 from nflows.flows.base import Flow
 from nflows.transforms.base import CompositeTransform
@@ -22,6 +24,7 @@ CONFIGS = [
     dict(n_features=2, n_components=2, n_layers=2, hidden_features=8, actnorm=True),
     dict(n_features=5, n_components=1, n_layers=5, hidden_features=8, n_hidden_layers=1),
     dict(n_features=3, n_components=2, n_layers=3, hidden_features=8, linear=True),
+    dict(n_features=2, n_components=2, n_layers=3, hidden_features=8, base_df=4.0),
 ]
 
 
@@ -77,8 +80,11 @@ def test_every_parameter_gets_a_gradient():
         assert p.grad is not None and torch.any(p.grad != 0), name
 
 
-def test_density_integrates_to_one_on_a_grid():
-    flows = ComponentFlows(n_features=2, n_components=3, n_layers=4, hidden_features=16)
+@pytest.mark.parametrize("base_df", [None, 8.0])
+def test_density_integrates_to_one_on_a_grid(base_df):
+    flows = ComponentFlows(
+        n_features=2, n_components=3, n_layers=4, hidden_features=16, base_df=base_df
+    )
     with torch.no_grad():
         for p in flows.parameters():
             p.normal_(0.0, 0.2)
@@ -157,14 +163,31 @@ def _nflows_layer(layer, k: int, n_features: int):
     )
 
 
-@pytest.mark.parametrize("config", CONFIGS[:2] + CONFIGS[3:], ids=["2d", "3d", "5d", "3d-linear"])
+class _TorchStudentT(Distribution):
+    """torch.distributions' Student-t as an nflows base (independent coordinates)."""
+
+    def __init__(self, df: float) -> None:
+        super().__init__()
+        self.df = df
+
+    def _log_prob(self, inputs, context):
+        return torch.distributions.StudentT(self.df).log_prob(inputs).sum(-1)
+
+
+@pytest.mark.parametrize(
+    "config",
+    CONFIGS[:2] + CONFIGS[3:],
+    ids=["2d", "3d", "5d", "3d-linear", "2d-student-t"],
+)
 def test_equals_separate_nflows_flows_with_the_same_weights(config):
     flows = randomised(config)
     x = torch.randn(9, flows.n_features)
     ours = flows.log_prob(x)
+    d = flows.n_features
+    base = StandardNormal([d]) if flows.base_df is None else _TorchStudentT(flows.base_df)
     for k in range(flows.n_components):
         transforms = [_nflows_layer(layer, k, flows.n_features) for layer in flows.layers]
-        reference = Flow(CompositeTransform(transforms), StandardNormal([flows.n_features]))
+        reference = Flow(CompositeTransform(transforms), base)
         torch.testing.assert_close(ours[:, k], reference.log_prob(x), atol=1e-6, rtol=0)
 
 
@@ -195,6 +218,19 @@ def test_sampling_shapes_and_reproducibility():
     torch.testing.assert_close(mixed, again)
 
 
+def test_student_t_base_samples_follow_the_base_and_leave_global_rng_alone():
+    # A fresh flow is the identity (zero last layers), so samples are base draws.
+    flows = ComponentFlows(n_features=2, n_components=2, n_layers=2, base_df=3.0)
+    state = torch.get_rng_state()
+    x = flows.sample(20000, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(torch.get_rng_state(), state)
+    again = flows.sample(20000, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(x, again, rtol=0, atol=0)
+    for coordinate in x.detach().reshape(-1, 2).T.numpy():
+        assert scipy.stats.kstest(coordinate, scipy.stats.t(3.0).cdf).pvalue > 1e-3
+        assert scipy.stats.kstest(coordinate, "norm").pvalue < 1e-6
+
+
 def test_sample_components_draws_from_the_named_flow():
     # Flows that are pure shifts of N(0, I) by +-10 make the source obvious.
     flows = ComponentFlows(n_features=2, n_components=2, n_layers=2, hidden_features=4)
@@ -220,3 +256,8 @@ def test_bad_inputs_give_clear_errors():
         ComponentFlows(n_features=1)
     with pytest.raises(ValueError, match="activation"):
         ComponentFlows(n_features=2, activation="cosine")
+    for bad in (0.0, -1.0, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="base_df"):
+            ComponentFlows(n_features=2, base_df=bad)
+    with pytest.raises(TypeError, match="base_df"):
+        ComponentFlows(n_features=2, base_df="5")

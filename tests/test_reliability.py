@@ -92,6 +92,8 @@ BAD_PARAMS = [
     ({"validation_fraction": -0.1}, ValueError, "validation_fraction"),
     ({"checkpoint_every": 0}, ValueError, "checkpoint_every"),
     ({"checkpoint": 5}, TypeError, "checkpoint"),
+    ({"base_df": 0.0}, ValueError, "base_df"),
+    ({"base_df": "heavy"}, TypeError, "base_df"),
 ]
 
 

@@ -145,6 +145,14 @@ def _add_toy_arguments(p: argparse.ArgumentParser, unit: str) -> argparse._Argum
         default=None,
         help=f"number of {unit} (default: the toy's number of classes)",
     )
+    model.add_argument(
+        "--base-df",
+        metavar="DF",
+        type=_positive_float,
+        default=None,
+        help="Student-t base distribution with DF degrees of freedom, for heavier tails "
+        "(flows only; default: Gaussian base)",
+    )
     return model
 
 
@@ -390,6 +398,7 @@ def run_fit(args: argparse.Namespace) -> int:
             n_layers="layers",
             hidden_features="hidden",
             init_steps="init_steps",
+            base_df="base_df",
         ),
         **_checkpoint_settings(args, out),
     )
@@ -623,7 +632,11 @@ def run_compete(args: argparse.Namespace) -> int:
         device=args.device,
         callback=record if args.rounds > 0 else None,
         **_estimator_overrides(
-            args, n_layers="layers", batch_size="batch_size", learning_rate="lr"
+            args,
+            n_layers="layers",
+            batch_size="batch_size",
+            learning_rate="lr",
+            base_df="base_df",
         ),
         **_checkpoint_settings(args, out),
     )

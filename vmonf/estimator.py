@@ -57,7 +57,9 @@ class VMoNF(MixtureEstimator):
         n_init: restarts; the one with the best final ELBO is kept.
         init_steps: optimiser steps of pre-training.
         n_layers, hidden_features, n_hidden_layers, activation, max_log_scale,
-            actnorm, linear: architecture of each flow (see :class:`ComponentFlows`).
+            actnorm, linear, base_df: architecture of each flow (see
+            :class:`ComponentFlows`; ``base_df``: Student-t base degrees of freedom,
+            None = Gaussian base).
         posterior_hidden: hidden widths of q's MLP.
         temperature: ``"constant"`` or ``"anneal"`` (T = exp(-temperature_decay *
             step), floored at ``min_temperature``) for q's softmax.
@@ -107,6 +109,7 @@ class VMoNF(MixtureEstimator):
         max_log_scale: float = 3.0,
         actnorm: bool = False,
         linear: bool = False,
+        base_df: float | None = None,
         posterior_hidden: tuple[int, ...] = (32, 32),
         temperature: str = "constant",
         temperature_decay: float = 1e-3,
@@ -144,6 +147,7 @@ class VMoNF(MixtureEstimator):
         self.max_log_scale = max_log_scale
         self.actnorm = actnorm
         self.linear = linear
+        self.base_df = base_df
         self.posterior_hidden = posterior_hidden
         self.temperature = temperature
         self.temperature_decay = temperature_decay
@@ -214,6 +218,7 @@ class VMoNF(MixtureEstimator):
             max_log_scale=self.max_log_scale,
             actnorm=self.actnorm,
             linear=self.linear,
+            base_df=self.base_df,
         )
         posterior = PosteriorNet(
             d, self.n_components, tuple(self.posterior_hidden), self.activation

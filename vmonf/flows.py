@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from typing import Any
 
@@ -22,6 +23,31 @@ __all__ = [
 
 # Points drawn per batched inverse pass: bounds sampling memory at any n.
 SAMPLE_CHUNK = 65536
+
+
+def student_t_log_prob(z: Tensor, df: float) -> Tensor:
+    """Log-density of independent standard Student-t coordinates: (..., D) -> (...), nats."""
+    log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
+    return z.shape[-1] * log_norm - (df + 1) / 2 * torch.log1p(z.square() / df).sum(-1)
+
+
+def student_t_sample(
+    shape: tuple[int, ...], df: float, like: Tensor, generator: torch.Generator | None
+) -> Tensor:
+    """Standard Student-t draws ``normal / sqrt(chi2_df / df)`` of ``like``'s dtype/device.
+
+    torch's gamma sampler takes no generator, so with one the chi-square draws use a
+    forked global RNG seeded from it: the same generator state gives the same points.
+    """
+    normal = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
+    chi2 = torch.distributions.Chi2(torch.tensor(df, dtype=like.dtype, device=like.device))
+    if generator is None:
+        return normal * torch.rsqrt(chi2.sample(shape) / df)
+    seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
+    devices = [like.device] if like.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(seed)
+        return normal * torch.rsqrt(chi2.sample(shape) / df)
 
 
 def alternating_masks(n_features: int, n_layers: int) -> list[Tensor]:
@@ -68,7 +94,7 @@ def sample_by_component(
 
 
 class ComponentFlows(nn.Module):
-    """K normalizing flows with separate weights, base N(0, I), evaluated together.
+    """K normalizing flows with separate weights, evaluated together.
 
     Each flow is ``n_layers`` :class:`~vmonf.coupling.AffineCoupling` layers with
     alternating masks (optionally preceded by ActNorm). All tensors flowing
@@ -85,6 +111,11 @@ class ComponentFlows(nn.Module):
         actnorm: put an ActNorm layer before every coupling.
         linear: put a learnable invertible linear map (:class:`LULinear`) before
             every coupling, so each flow can orient the axes its couplings split.
+        base_df: None for the standard normal base N(0, I); a number for independent
+            standard Student-t base coordinates with ``base_df`` degrees of freedom.
+            Coupling flows keep their base's tails, so a Gaussian base gives points
+            beyond the training data (far along a curling spiral, say) vanishing
+            density; a Student-t base keeps that penalty polynomial.
     """
 
     def __init__(
@@ -98,6 +129,7 @@ class ComponentFlows(nn.Module):
         max_log_scale: float = 3.0,
         actnorm: bool = False,
         linear: bool = False,
+        base_df: float | None = None,
     ) -> None:
         super().__init__()
         self.n_features = check_positive_int(n_features, "n_features", minimum=2)
@@ -109,6 +141,7 @@ class ComponentFlows(nn.Module):
         self.max_log_scale = check_positive_float(max_log_scale, "max_log_scale")
         self.actnorm = bool(actnorm)
         self.linear = bool(linear)
+        self.base_df = check_positive_float(base_df, "base_df", allow_none=True)
         layers: list[nn.Module] = []
         for mask in alternating_masks(self.n_features, self.n_layers):
             if self.actnorm:
@@ -140,6 +173,7 @@ class ComponentFlows(nn.Module):
             "max_log_scale": self.max_log_scale,
             "actnorm": self.actnorm,
             "linear": self.linear,
+            "base_df": self.base_df,
         }
 
     @property
@@ -222,16 +256,22 @@ class ComponentFlows(nn.Module):
     def _log_prob_stacked(self, xs: Tensor) -> Tensor:
         z, logabsdet = self._forward(xs)
         k, m, d = z.shape
-        return self.base.log_prob(z.reshape(k * m, d)).reshape(k, m) + logabsdet
+        return self._base_log_prob(z.reshape(k * m, d)).reshape(k, m) + logabsdet
+
+    def _base_log_prob(self, z: Tensor) -> Tensor:
+        """(M, D) -> (M,), nats."""
+        if self.base_df is None:
+            return self.base.log_prob(z)
+        return student_t_log_prob(z, self.base_df)
 
     def _log_prob(self, x: Tensor) -> Tensor:
         return self._log_prob_stacked(self._stack(x)).transpose(0, 1)
 
     def _base_sample(self, shape: tuple[int, ...], generator: torch.Generator | None) -> Tensor:
-        ref = self._reference
-        return torch.randn(
-            *shape, self.n_features, generator=generator, dtype=ref.dtype, device=ref.device
-        )
+        ref, full_shape = self._reference, (*shape, self.n_features)
+        if self.base_df is not None:
+            return student_t_sample(full_shape, self.base_df, ref, generator)
+        return torch.randn(full_shape, generator=generator, dtype=ref.dtype, device=ref.device)
 
     def sample(
         self, n: int, component: int | None = None, generator: torch.Generator | None = None

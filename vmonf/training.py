@@ -264,7 +264,7 @@ def train(
         lr=config.learning_rate,
         betas=config.adam_betas,
         weight_decay=config.weight_decay,
-        foreach=True,
+        fused=True,
     )
     max_norm = math.inf if config.grad_clip is None else config.grad_clip
     device = params[0].device if params else data[0].device
