@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from vmonf import VMoNF
-from vmonf.cli import main, toy_param
+from vmonf.cli import UsageError, build_parser, main, toy_param
 from vmonf.reporting import partial_labels
 
 BASE = [
@@ -174,3 +174,12 @@ def test_partial_labels_spread_evenly():
     assert np.array_equal(part, partial_labels(y, 10, 3, seed=0))
     with pytest.raises(ValueError, match="class 2"):
         partial_labels(np.array([0, 0, 1, 1, 0]), 3, 3, seed=0)
+
+
+@pytest.mark.parametrize("command", ["fit", "compete"])
+def test_base_df_option_is_parsed_and_checked(command):
+    parser = build_parser()
+    assert parser.parse_args([command, "pinwheel", "--base-df", "20"]).base_df == 20.0
+    assert parser.parse_args([command, "pinwheel"]).base_df is None
+    with pytest.raises(UsageError, match="--base-df"):
+        parser.parse_args([command, "pinwheel", "--base-df", "0"])
