@@ -42,12 +42,14 @@ def student_t_sample(
     normal = torch.randn(shape, generator=generator, dtype=like.dtype, device=like.device)
     chi2 = torch.distributions.Chi2(torch.tensor(df, dtype=like.dtype, device=like.device))
     if generator is None:
-        return normal * torch.rsqrt(chi2.sample(shape) / df)
-    seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
-    devices = [like.device] if like.device.type == "cuda" else []
-    with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
-        return normal * torch.rsqrt(chi2.sample(shape) / df)
+        squares = chi2.sample(shape)
+    else:
+        seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
+        cuda = range(torch.cuda.device_count()) if like.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):  # manual_seed reseeds every device
+            torch.manual_seed(seed)
+            squares = chi2.sample(shape)
+    return normal * torch.rsqrt(squares / df)
 
 
 def alternating_masks(n_features: int, n_layers: int) -> list[Tensor]:
