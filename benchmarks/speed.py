@@ -9,7 +9,7 @@ Sections: ``loop`` (training step, K = 5: batched vs a Python loop over 5 nflows
 (torch.compile: step time and warm-up), ``score`` (score_samples and sample
 throughput for N = 1e3 ... 1e7, peak memory), ``fit`` (fit time vs N) and
 ``quality`` (time to held-out KL on pinwheel, next to scikit-learn's
-GaussianMixture).
+GaussianMixture) and ``top_k`` (``elbo_top_k=2`` against the exact ELBO, K = 9).
 
 Every ratio is measured side by side in one process: each contender trains one
 short epoch of :func:`vmonf.training.train` (the estimators' own loop: Adam,
@@ -22,6 +22,7 @@ and .md (results/speed_<sections>.* for a subset).
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -45,6 +46,8 @@ from nflows.flows.base import Flow
 from nflows.transforms.base import CompositeTransform
 from nflows.transforms.coupling import AffineCouplingTransform
 from quality import VMONF_CASES
+from sklearn.cluster import KMeans
+from sklearn.metrics import adjusted_rand_score
 from sklearn.mixture import GaussianMixture
 from threadpoolctl import threadpool_limits
 from torch import Tensor, nn
@@ -179,20 +182,41 @@ def points(n: int, seed: int = 0) -> Tensor:
 
 
 def vmonf_step(
-    k: int, arch: Arch, steps: int, compile: bool = False, extra: int = 0
+    k: int,
+    arch: Arch,
+    steps: int,
+    compile: bool = False,
+    extra: int = 0,
+    top_k: int | None = None,
 ) -> Callable[[], int]:
     """VMoNF's training step (ELBO, all K flows batched): ``steps`` batches (plus a last
     one of ``extra`` points) per call, optionally through ``torch.compile`` as
-    ``VMoNF(compile=True)`` does."""
+    ``VMoNF(compile=True)`` does, or on each point's ``top_k`` components under q as
+    ``VMoNF(elbo_top_k=...)`` does."""
     model = vmonf_model(k, arch)
     loss = torch.compile(model.loss, dynamic=True) if compile else model.loss
     x = points(steps * arch.batch + extra)
     y = torch.full((x.shape[0],), -1)
+    if top_k is not None:
+        _fit_posterior_to_kmeans(model, x)
 
     def objective(batch: tuple[Tensor, ...], _: int) -> Tensor:
-        return loss(batch[0], batch[1], alpha=1.0, objective="elbo").mean()
+        return loss(batch[0], batch[1], alpha=1.0, objective="elbo", top_k=top_k).mean()
 
     return epoch_runner(model, objective, (x, y), arch.batch)
+
+
+def _fit_posterior_to_kmeans(model: VariationalMixture, x: Tensor, steps: int = 300) -> None:
+    """Train q(c|x) on k-means clusters of x, as VMoNF's ``init="kmeans"`` does, so that
+    each point's top components are spread over K as in a real fit (an untrained q
+    sends most points to the same few components)."""
+    k = model.mixture.n_components
+    clusters = torch.as_tensor(KMeans(k, n_init=3, random_state=0).fit_predict(x.numpy())).long()
+    optimizer = torch.optim.Adam(model.posterior.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        F.nll_loss(model.posterior(x), clusters).backward()
+        optimizer.step()
 
 
 def loop_step(k: int, arch: Arch, steps: int) -> Callable[[], int]:
@@ -330,6 +354,7 @@ def section_scaling(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     cases = [
         ("VMoNF", DEFAULT, vmonf_step),
         ("VMoNF", WIDE, vmonf_step),
+        ("VMoNF, elbo_top_k=2", WIDE, functools.partial(vmonf_step, top_k=2)),
         ("competitive", WIDE, competitive_step),
         ("competitive, masked (every flow on every point)", WIDE, competitive_masked_step),
     ]
@@ -558,6 +583,36 @@ def section_quality(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     )
 
 
+def section_top_k(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """``elbo_top_k=2`` against the exact ELBO: fit time and quality with many components
+    (skewed_gmm, 9 modes, K = 9, quality.py's settings)."""
+    case = next(c for c in VMONF_CASES if c.name == "skewed_gmm_9")
+    toy = datasets.toy(case.toy, **case.toy_params)
+    params = {**case.params, **({"max_epochs": 10} if args.quick else {})}
+    rows, results = [], []
+    for seed in range(1 if args.quick else 2):
+        X, _ = toy.sample(case.n_train, seed=seed)
+        X_test, y_test = toy.sample(case.n_test, seed=seed + 10_000)
+        true_lp = toy.log_prob(X_test)
+        for top_k in (None, 2):
+            t0 = time.perf_counter()
+            model = VMoNF(toy.n_classes, random_state=seed, elbo_top_k=top_k, **params).fit(X)
+            fit_s = time.perf_counter() - t0
+            kl = metrics.kl_to_truth(true_lp, model.score_samples(X_test))
+            ari = adjusted_rand_score(y_test, model.predict(X_test))
+            results.append(
+                {"seed": seed, "elbo_top_k": top_k, "fit_s": fit_s, "kl": kl, "ari": ari}
+            )
+            rows.append([seed, "all 9 (exact)" if top_k is None else top_k,
+                         f"{fit_s:.1f}", f"{kl:.4f}", f"{ari:.3f}"])  # fmt: skip
+    header = ["seed", "components per point (elbo_top_k)", "fit (s)", "held-out KL", "ARI"]
+    title = (
+        f"elbo_top_k: VMoNF on skewed_gmm, 9 modes, K = 9 ({case.n_train:,} points, "
+        f"{params['max_epochs']} epochs, batch {params['batch_size']}), 1 thread"
+    )
+    return {"case": case.name, "results": results}, _titled(title, markdown_table(header, rows))
+
+
 SECTIONS: dict[str, Callable[[argparse.Namespace], tuple[dict[str, Any], str]]] = {
     "loop": section_loop,
     "scaling": section_scaling,
@@ -566,6 +621,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], tuple[dict[str, Any], str]]] 
     "score": section_score,
     "fit": section_fit,
     "quality": section_quality,
+    "top_k": section_top_k,
 }
 
 

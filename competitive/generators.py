@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from vmonf._validation import check_positive_int
 from vmonf.coupling import BatchedMLP, bounded_log_scale
-from vmonf.flows import ComponentFlows, rank_within_groups, sample_by_component
+from vmonf.flows import ComponentFlows, group_by_component, sample_by_component
 from vmonf.resume import Checkpointer
 from vmonf.training import TrainConfig, TrainResult, train
 
@@ -38,7 +38,6 @@ __all__ = [
     "KMeansGenerators",
     "NoExactLikelihoodError",
     "VAEGenerators",
-    "group_by_component",
 ]
 
 LOG_2PI = math.log(2.0 * math.pi)
@@ -51,24 +50,6 @@ class NoExactLikelihoodError(NotImplementedError):
 def _gaussian_log_prob(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
     """log N(x; mean, diag exp(log_var)) summed over the last axis, nats."""
     return -0.5 * ((x - mean) ** 2 * torch.exp(-log_var) + log_var + LOG_2PI).sum(-1)
-
-
-def group_by_component(weights: Tensor) -> tuple[Tensor, Tensor]:
-    """Stack each component's weighted points: (N, K) weights -> index, slot weights (K, M).
-
-    ``index[k, j]`` is the j-th point with ``weights[:, k] > 0`` and ``slot_weights[k, j]``
-    its weight; M is the largest such count and the slots past a component's count
-    hold point 0 with weight 0.
-    """
-    n_components = weights.shape[1]
-    point, component = (weights > 0).nonzero(as_tuple=True)
-    rank, counts = rank_within_groups(component, n_components)
-    m = int(counts.max()) if point.numel() else 0
-    index = torch.zeros(n_components, m, dtype=torch.long, device=weights.device)
-    index[component, rank] = point
-    slot_weights = weights.new_zeros(n_components, m)
-    slot_weights[component, rank] = weights[point, component]
-    return index, slot_weights
 
 
 class Generators(nn.Module, ABC):

@@ -183,3 +183,11 @@ def test_base_df_option_is_parsed_and_checked(command):
     assert parser.parse_args([command, "pinwheel"]).base_df is None
     with pytest.raises(UsageError, match="--base-df"):
         parser.parse_args([command, "pinwheel", "--base-df", "0"])
+
+
+def test_elbo_top_k_option_is_parsed_and_checked(tmp_path):
+    parser = build_parser()
+    assert parser.parse_args(["fit", "pinwheel", "--elbo-top-k", "2"]).elbo_top_k == 2
+    assert parser.parse_args(["fit", "pinwheel"]).elbo_top_k is None
+    with pytest.raises(UsageError, match="--elbo-top-k"):
+        parser.parse_args(["fit", "pinwheel", "--elbo-top-k", "1"])

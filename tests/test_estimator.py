@@ -10,6 +10,7 @@ from sklearn.metrics import adjusted_rand_score
 from vmonf import VMoNF
 from vmonf.base import NotFittedError
 from vmonf.checkpoint import CheckpointError
+from vmonf.mixture import MixtureOfFlows
 
 FAST = dict(
     max_epochs=4,
@@ -163,6 +164,10 @@ BAD_FIT = [
     (blobs(10)[0], None, {"init": "magic"}, ValueError, "init"),
     (blobs(10)[0], None, {"device": "tpu"}, ValueError, "device"),
     (blobs(10)[0], None, {"validation_fraction": 0.7}, ValueError, "validation_fraction"),
+    (blobs(10)[0], None, {"elbo_top_k": 1}, ValueError, "elbo_top_k must be >= 2"),
+    (blobs(10)[0], None, {"elbo_top_k": 4}, ValueError, r"elbo_top_k must be <= n_components"),
+    (blobs(10)[0], None, {"elbo_top_k": 2.0}, TypeError, "elbo_top_k"),
+    (blobs(10)[0], None, {"elbo_top_k": 2, "compile": True}, ValueError, "compile=True"),
 ]
 
 
@@ -203,3 +208,17 @@ def test_student_t_base_fits_round_trips_and_samples(tmp_path):
         model.sample(50, random_state=1), loaded.sample(50, random_state=1), strict=True
     ):
         np.testing.assert_array_equal(x, y)
+
+
+def test_top_k_elbo_fits_reproducibly_and_round_trips(tmp_path, monkeypatch):
+    X, y = blobs()
+    calls = []
+    original = MixtureOfFlows.log_joint_at
+    monkeypatch.setattr(MixtureOfFlows, "log_joint_at", lambda *a: calls.append(1) or original(*a))
+    model = VMoNF(3, random_state=0, elbo_top_k=2, **FAST).fit(X)
+    assert calls, "the top-k path was not used"
+    again = VMoNF(3, random_state=0, elbo_top_k=2, **FAST).fit(X)
+    np.testing.assert_array_equal(model.score_samples(X), again.score_samples(X))
+    assert adjusted_rand_score(y, model.predict(X)) > 0.95
+    loaded = VMoNF.load(model.save(tmp_path / "model.pt"))
+    assert loaded.get_params()["elbo_top_k"] == 2

@@ -119,3 +119,76 @@ def test_responsibility_weights():
     torch.testing.assert_close(mixture.log_weights().exp(), torch.tensor([0.25, 0.75]))
     with pytest.raises(RuntimeError, match="responsibilities"):
         MixtureOfFlows(ComponentFlows(2, 2), "uniform").update_weights(torch.tensor([0.5, 0.5]))
+
+
+# --------------------------------------------------------------------------- top-k ELBO
+
+
+def _mixed_labels(n: int) -> torch.Tensor:
+    y = torch.full((n,), -1)
+    y[:4] = torch.tensor([0, 1, 2, 3])
+    return y
+
+
+def test_log_joint_at_equals_the_gathered_dense_log_joint():
+    model = random_model(k=4).double()
+    x = torch.randn(30, 2, dtype=torch.float64)
+    components = torch.stack([torch.randperm(4)[:2] for _ in range(30)])
+    sparse = model.mixture.log_joint_at(x, components)
+    dense = model.mixture.log_joint(x).gather(1, components)
+    torch.testing.assert_close(sparse, dense)
+    weights = torch.randn_like(dense)
+    params = list(model.mixture.parameters())
+    grads = torch.autograd.grad((sparse * weights).sum(), params, allow_unused=True)
+    dense_grads = torch.autograd.grad((dense * weights).sum(), params, allow_unused=True)
+    for g, g_ref in zip(grads, dense_grads, strict=True):
+        torch.testing.assert_close(g, g_ref)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "marginal"])
+def test_top_k_with_every_component_is_the_exact_loss(objective):
+    model = random_model(k=4).double()
+    x, y = torch.randn(30, 2, dtype=torch.float64), _mixed_labels(30)
+    exact = model.loss(x, y, alpha=0.7, objective=objective)
+    torch.testing.assert_close(model.loss(x, y, alpha=0.7, objective=objective, top_k=4), exact)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "marginal"])
+def test_top_k_loss_is_the_loss_on_each_points_top_components(objective):
+    """Reference: the dense log p(x, c) and q(c|x), restricted by hand to the k most
+    probable components of q (the label first), q renormalised there."""
+    k, top_k, n = 4, 2, 40
+    model = random_model(k=k).double()
+    x, y = torch.randn(n, 2, dtype=torch.float64), _mixed_labels(n)
+    loss = model.loss(x, y, alpha=0.7, objective=objective, top_k=top_k)
+
+    log_joint, log_q = model.mixture.log_joint(x), model.posterior(x)
+    reference = []
+    for i in range(n):
+        if y[i] >= 0:
+            reference.append(-log_joint[i, y[i]] - 0.7 * log_q[i, y[i]])
+            continue
+        top = log_q[i].detach().topk(top_k).indices
+        q_top = torch.log_softmax(log_q[i, top], 0)
+        joint_top = log_joint[i, top]
+        if objective == "elbo":
+            reference.append(-(q_top.exp() * (joint_top - q_top)).sum())
+        else:
+            target = torch.softmax(joint_top.detach(), 0)
+            reference.append(-joint_top.logsumexp(0) - 0.7 * (target * q_top).sum())
+    reference = torch.stack(reference)
+    torch.testing.assert_close(loss, reference)
+    params = list(model.parameters())
+    grads = torch.autograd.grad(loss.sum(), params, allow_unused=True)
+    ref_grads = torch.autograd.grad(reference.sum(), params, allow_unused=True)
+    for g, g_ref in zip(grads, ref_grads, strict=True):
+        torch.testing.assert_close(g, g_ref)
+
+
+def test_top_k_elbo_is_still_a_lower_bound():
+    model = random_model(k=5).double()
+    x = torch.randn(200, 2, dtype=torch.float64)
+    y = torch.full((200,), -1)
+    with torch.no_grad():
+        bound = -model.loss(x, y, alpha=1.0, objective="elbo", top_k=2)
+        assert torch.all(bound <= model.mixture.log_prob(x) + 1e-12)

@@ -17,10 +17,10 @@ import torch.nn.functional as F
 import vmonf.base
 import vmonf.flows
 from competitive import CompetitiveMixture
-from competitive.generators import FlowGenerators, VAEGenerators, group_by_component
+from competitive.generators import FlowGenerators, VAEGenerators
 from vmonf import VMoNF, datasets
 from vmonf.coupling import ACTIVATIONS, NARROW, AffineCoupling, BatchedMLP, bounded_log_scale
-from vmonf.flows import ComponentFlows, rank_within_groups
+from vmonf.flows import ComponentFlows, group_by_component, rank_within_groups
 
 # --------------------------------------------------------------------------- batched MLP
 

@@ -271,6 +271,13 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
         type=positive_int,
         help="hidden units of each coupling (default: VMoNF's)",
     )
+    model.add_argument(
+        "--elbo-top-k",
+        metavar="k",
+        type=_int_at_least(2, "an integer >= 2"),
+        help="train each unlabelled point on its k most probable components under q(c|x) "
+        "only (k >= 2; faster for many components; default: all, the exact ELBO)",
+    )
     data = p.add_argument_group("data")
     data.add_argument(
         "--labels",
@@ -399,6 +406,7 @@ def run_fit(args: argparse.Namespace) -> int:
             hidden_features="hidden",
             init_steps="init_steps",
             base_df="base_df",
+            elbo_top_k="elbo_top_k",
         ),
         **_checkpoint_settings(args, out),
     )

@@ -17,6 +17,7 @@ __all__ = [
     "SAMPLE_CHUNK",
     "ComponentFlows",
     "alternating_masks",
+    "group_by_component",
     "rank_within_groups",
     "sample_by_component",
 ]
@@ -72,6 +73,24 @@ def rank_within_groups(groups: Tensor, n_groups: int) -> tuple[Tensor, Tensor]:
     rank = torch.empty_like(groups)
     rank[order] = torch.arange(groups.numel(), device=groups.device) - starts[groups[order]]
     return rank, counts
+
+
+def group_by_component(weights: Tensor) -> tuple[Tensor, Tensor]:
+    """Stack each component's weighted points: (N, K) weights -> index, slot weights (K, M).
+
+    ``index[k, j]`` is the j-th point with ``weights[:, k] > 0`` and ``slot_weights[k, j]``
+    its weight; M is the largest such count and the slots past a component's count
+    hold point 0 with weight 0.
+    """
+    n_components = weights.shape[1]
+    point, component = (weights > 0).nonzero(as_tuple=True)
+    rank, counts = rank_within_groups(component, n_components)
+    m = int(counts.max()) if point.numel() else 0
+    index = torch.zeros(n_components, m, dtype=torch.long, device=weights.device)
+    index[component, rank] = point
+    slot_weights = weights.new_zeros(n_components, m)
+    slot_weights[component, rank] = weights[point, component]
+    return index, slot_weights
 
 
 def sample_by_component(

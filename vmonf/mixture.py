@@ -8,7 +8,7 @@ import torch
 from torch import Tensor, nn
 
 from vmonf._validation import check_choice, check_positive_int
-from vmonf.flows import ComponentFlows
+from vmonf.flows import ComponentFlows, group_by_component
 
 __all__ = ["WEIGHT_MODES", "MixtureOfFlows"]
 
@@ -47,6 +47,24 @@ class MixtureOfFlows(nn.Module):
     def log_joint(self, x: Tensor) -> Tensor:
         """log pi_k + log p_k(x): x (N, D) -> (N, K), nats."""
         return self.flows.log_prob(x) + self.log_weights()
+
+    def log_joint_at(self, x: Tensor, components: Tensor) -> Tensor:
+        """log pi_k + log p_k(x) for the components listed per point only:
+        x (N, D), components (N, k) long -> (N, k), nats.
+
+        Each flow runs on the points that list it (regrouped as competitive training
+        does, :func:`group_by_component`), so the cost is that of K x (the largest
+        count) points instead of K x N.
+        """
+        n, k = x.shape[0], self.n_components
+        listed = torch.zeros(n, k, dtype=torch.bool, device=x.device)
+        listed.scatter_(1, components, True)
+        index, slot_weights = group_by_component(listed)
+        log_prob = self.flows.log_prob_stacked(x[index])  # (K, M)
+        filled = slot_weights > 0
+        owner = torch.arange(k, device=x.device).unsqueeze(1).expand_as(index)
+        dense = log_prob.new_zeros(n, k).index_put((index[filled], owner[filled]), log_prob[filled])
+        return (dense + self.log_weights()).gather(1, components)
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Mixture log density: x (N, D) -> (N,), nats."""

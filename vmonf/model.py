@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import torch
 from torch import Tensor, nn
 
 from vmonf.mixture import MixtureOfFlows
-from vmonf.objectives import elbo, mixture_loss
+from vmonf.objectives import elbo, labelled_loss, mixture_loss, unlabelled_loss
 from vmonf.posterior import PosteriorNet
 
 __all__ = ["VariationalMixture"]
@@ -27,11 +28,33 @@ class VariationalMixture(nn.Module):
         alpha: float,
         objective: str,
         temperature: float | None = None,
+        top_k: int | None = None,
     ) -> Tensor:
-        """Per-point training loss (N,), nats; see :func:`vmonf.objectives.mixture_loss`."""
-        log_joint = self.mixture.log_joint(x)
+        """Per-point training loss (N,), nats; see :func:`vmonf.objectives.mixture_loss`.
+
+        With ``top_k`` (< K), an unlabelled point's loss uses only its ``top_k`` most
+        probable components under q(c|x), with q renormalised over them: a variational
+        distribution that is zero elsewhere, so -loss is still a lower bound on log p(x).
+        Each flow then runs only on the points that list it. A labelled point lists its
+        label first and keeps the exact labelled loss.
+        """
         log_q = self.posterior(x, temperature)
-        return mixture_loss(log_joint, log_q, y, alpha=alpha, objective=objective)
+        if top_k is None or top_k >= self.mixture.n_components:
+            log_joint = self.mixture.log_joint(x)
+            return mixture_loss(log_joint, log_q, y, alpha=alpha, objective=objective)
+        labelled = y >= 0
+        ranking = log_q.detach().clone()
+        ranking[labelled, y[labelled]] = torch.inf  # the label takes the first slot
+        components = ranking.topk(top_k, dim=1).indices  # (N, top_k)
+        log_joint = self.mixture.log_joint_at(x, components)
+        log_q_top = log_q.gather(1, components)
+        renormalised = log_q_top - log_q_top.logsumexp(1, keepdim=True)
+        first = torch.zeros_like(y)
+        return torch.where(
+            labelled,
+            labelled_loss(log_joint, log_q_top, first, alpha),
+            unlabelled_loss(log_joint, renormalised, alpha=alpha, objective=objective),
+        )
 
     def elbo(self, x: Tensor, temperature: float | None = None) -> Tensor:
         """ELBO per point (N,), nats."""

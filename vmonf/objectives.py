@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-__all__ = ["elbo", "labelled_loss", "marginal_nll", "mixture_loss"]
+__all__ = ["elbo", "labelled_loss", "marginal_nll", "mixture_loss", "unlabelled_loss"]
 
 
 def elbo(log_joint: Tensor, log_q: Tensor) -> Tensor:
@@ -38,6 +38,19 @@ def marginal_nll(log_joint: Tensor) -> Tensor:
     return -torch.logsumexp(log_joint, dim=-1)
 
 
+def unlabelled_loss(log_joint: Tensor, log_q: Tensor, *, alpha: float, objective: str) -> Tensor:
+    """Loss of unlabelled points:
+
+    * ``"elbo"``: -ELBO (q trained through the bound);
+    * ``"marginal"``: -log p(x), plus alpha * CE(q, exact posterior) so that the
+      amortised q still learns (the posterior is detached: it is a target only).
+    """
+    if objective == "elbo":
+        return -elbo(log_joint, log_q)
+    target = torch.softmax(log_joint.detach(), dim=-1)
+    return marginal_nll(log_joint) - alpha * (target * log_q).sum(-1)
+
+
 def mixture_loss(
     log_joint: Tensor,
     log_q: Tensor,
@@ -46,16 +59,8 @@ def mixture_loss(
     alpha: float,
     objective: str = "elbo",
 ) -> Tensor:
-    """Per-point loss of a (semi-)supervised mixture: labelled loss where y >= 0, else
-
-    * ``"elbo"``: -ELBO (q trained through the bound);
-    * ``"marginal"``: -log p(x), plus alpha * CE(q, exact posterior) so that the
-      amortised q still learns (the posterior is detached: it is a target only).
-    """
-    if objective == "elbo":
-        unlabelled = -elbo(log_joint, log_q)
-    else:
-        target = torch.softmax(log_joint.detach(), dim=-1)
-        unlabelled = marginal_nll(log_joint) - alpha * (target * log_q).sum(-1)
+    """Per-point loss of a (semi-)supervised mixture: :func:`labelled_loss` where y >= 0,
+    else :func:`unlabelled_loss`."""
     labelled = labelled_loss(log_joint, log_q, y, alpha)
+    unlabelled = unlabelled_loss(log_joint, log_q, alpha=alpha, objective=objective)
     return torch.where(y >= 0, labelled, unlabelled)
