@@ -80,9 +80,9 @@ class VMoNF(MixtureEstimator):
             p(x)). Each flow then runs on about k/K of the batch: for many
             components, a step costs about k flows instead of K.
         compile: run the training steps through ``torch.compile`` (dynamic shapes).
-            On CPU a step of a 64-wide K = 5 flow mixture takes about 0.6x the time,
-            after a warm-up of one to two minutes: it pays off only for long fits
-            (see the README's "Speed" section).
+            On CPU a step of a K = 5 flow mixture takes 0.65-0.8x the time, after
+            40-60 s of compilation at a process's first fit (about 25 s with a warm
+            on-disk cache): it pays off only for long fits (README, "Speed").
         checkpoint: file for resumable training state (None = none): written
             atomically every ``checkpoint_every`` steps or ``checkpoint_seconds``
             seconds, whichever comes first, and on Ctrl-C; ``fit(X, resume=True)``
