@@ -168,6 +168,7 @@ BAD_FIT = [
     (blobs(10)[0], None, {"elbo_top_k": 4}, ValueError, r"elbo_top_k must be <= n_components"),
     (blobs(10)[0], None, {"elbo_top_k": 2.0}, TypeError, "elbo_top_k"),
     (blobs(10)[0], None, {"elbo_top_k": 2, "compile": True}, ValueError, "compile=True"),
+    (blobs(10)[0], None, {"n_components": np.int64(3), "elbo_top_k": 4}, ValueError, "<= n_c"),
 ]
 
 
@@ -212,11 +213,16 @@ def test_student_t_base_fits_round_trips_and_samples(tmp_path):
 
 def test_top_k_elbo_fits_reproducibly_and_round_trips(tmp_path, monkeypatch):
     X, y = blobs()
-    calls = []
+    widths = []  # components listed per point at each call
     original = MixtureOfFlows.log_joint_at
-    monkeypatch.setattr(MixtureOfFlows, "log_joint_at", lambda *a: calls.append(1) or original(*a))
+
+    def spy(self, x, components):
+        widths.append(components.shape[1])
+        return original(self, x, components)
+
+    monkeypatch.setattr(MixtureOfFlows, "log_joint_at", spy)
     model = VMoNF(3, random_state=0, elbo_top_k=2, **FAST).fit(X)
-    assert calls, "the top-k path was not used"
+    assert 2 in widths, "training did not use the top-2 path"  # pre-training lists 1
     again = VMoNF(3, random_state=0, elbo_top_k=2, **FAST).fit(X)
     np.testing.assert_array_equal(model.score_samples(X), again.score_samples(X))
     assert adjusted_rand_score(y, model.predict(X)) > 0.95

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from vmonf.coupling import ActNorm
 from vmonf.flows import ComponentFlows
 from vmonf.mixture import MixtureOfFlows
 from vmonf.model import VariationalMixture
@@ -185,10 +186,39 @@ def test_top_k_loss_is_the_loss_on_each_points_top_components(objective):
         torch.testing.assert_close(g, g_ref)
 
 
-def test_top_k_elbo_is_still_a_lower_bound():
+@pytest.mark.parametrize("objective", ["elbo", "marginal"])
+def test_top_k_loss_still_bounds_log_p(objective):
     model = random_model(k=5).double()
     x = torch.randn(200, 2, dtype=torch.float64)
     y = torch.full((200,), -1)
     with torch.no_grad():
-        bound = -model.loss(x, y, alpha=1.0, objective="elbo", top_k=2)
+        bound = -model.loss(x, y, alpha=1.0, objective=objective, top_k=2)
         assert torch.all(bound <= model.mixture.log_prob(x) + 1e-12)
+
+
+def test_top_k_path_initialises_actnorm_from_the_whole_batch():
+    """The regrouped slices repeat point 0 as padding; ActNorm must not see them."""
+
+    def fresh() -> VariationalMixture:
+        torch.manual_seed(0)
+        flows = ComponentFlows(n_features=2, n_components=3, n_layers=2, actnorm=True)
+        return VariationalMixture(MixtureOfFlows(flows), PosteriorNet(2, 3, (8,))).double()
+
+    x = torch.randn(64, 2, dtype=torch.float64) * 3.0 + 1.0
+    y = torch.zeros(64, dtype=torch.long)
+    y[:4] = 1  # component 2 owns no point of the batch
+    sparse, dense = fresh().train(), fresh().train()
+    loss = sparse.loss(x, y, alpha=1.0, objective="elbo", top_k=1)
+    dense.mixture.log_joint(x)
+    for a, b in zip(sparse.mixture.flows.layers, dense.mixture.flows.layers, strict=True):
+        if isinstance(a, ActNorm):
+            torch.testing.assert_close(a.loc, b.loc)
+            torch.testing.assert_close(a.log_scale, b.log_scale)
+    assert torch.isfinite(loss).all()
+
+
+def test_model_loss_rejects_a_bad_top_k():
+    model = random_model()
+    x, y = torch.randn(5, 2), torch.full((5,), -1)
+    with pytest.raises(ValueError, match="top_k"):
+        model.loss(x, y, alpha=1.0, objective="elbo", top_k=0)

@@ -7,6 +7,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from numbers import Integral
 from typing import Any
 
 import numpy as np
@@ -193,7 +194,7 @@ class VMoNF(MixtureEstimator):
         if self.elbo_top_k is not None:
             # With one component q(c|x) would get no gradient from unlabelled points.
             check_positive_int(self.elbo_top_k, "elbo_top_k", minimum=2)
-            if isinstance(self.n_components, int) and self.elbo_top_k > self.n_components:
+            if isinstance(self.n_components, Integral) and self.elbo_top_k > self.n_components:
                 raise ValueError(
                     f"elbo_top_k must be <= n_components ({self.n_components}), "
                     f"got {self.elbo_top_k}"

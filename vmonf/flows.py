@@ -260,6 +260,16 @@ class ComponentFlows(nn.Module):
             logabsdet = logabsdet + layer_logabsdet
         return z, logabsdet
 
+    def initialize(self, x: Tensor) -> None:
+        """Run pending data-dependent initialisations (ActNorm, training mode) on the
+        points x (N, D), seen by every flow; a no-op once done."""
+        pending = any(
+            isinstance(layer, ActNorm) and not bool(layer.initialized) for layer in self.layers
+        )
+        if self.training and pending:
+            with torch.no_grad():
+                self._forward(self._stack(x))
+
     def log_prob_stacked(self, xs: Tensor) -> Tensor:
         """Log density of flow k at the points xs[k]: (K, M, D) -> (K, M), nats.
 

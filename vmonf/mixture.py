@@ -54,8 +54,10 @@ class MixtureOfFlows(nn.Module):
 
         Each flow runs on the points that list it (regrouped as competitive training
         does, :func:`group_by_component`), so the cost is that of K x (the largest
-        count) points instead of K x N.
+        count) points instead of K x N. ActNorm layers still initialise from the whole
+        batch, as in :meth:`log_joint`: the regrouped slices repeat point 0 as padding.
         """
+        self.flows.initialize(x)
         n, k = x.shape[0], self.n_components
         listed = torch.zeros(n, k, dtype=torch.bool, device=x.device)
         listed.scatter_(1, components, True)

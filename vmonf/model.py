@@ -5,6 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
+from vmonf._validation import check_positive_int
 from vmonf.mixture import MixtureOfFlows
 from vmonf.objectives import elbo, labelled_loss, mixture_loss, unlabelled_loss
 from vmonf.posterior import PosteriorNet
@@ -39,6 +40,8 @@ class VariationalMixture(nn.Module):
         label first and keeps the exact labelled loss.
         """
         log_q = self.posterior(x, temperature)
+        if top_k is not None:
+            check_positive_int(top_k, "top_k")
         if top_k is None or top_k >= self.mixture.n_components:
             log_joint = self.mixture.log_joint(x)
             return mixture_loss(log_joint, log_q, y, alpha=alpha, objective=objective)
