@@ -263,6 +263,7 @@ class ComponentFlows(nn.Module):
     def initialize(self, x: Tensor) -> None:
         """Run pending data-dependent initialisations (ActNorm, training mode) on the
         points x (N, D), seen by every flow; a no-op once done."""
+        self._check(x, "x")
         pending = any(
             isinstance(layer, ActNorm) and not bool(layer.initialized) for layer in self.layers
         )
