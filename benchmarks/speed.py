@@ -7,6 +7,7 @@
 Sections, run in this order: ``compile`` (torch.compile: step time and a cold-start
 warm-up), ``loop`` (training step, K = 5: batched, eager and compiled, vs a Python loop
 over 5 nflows ``Flow``s), ``scaling`` (K = 1 ... 20 vs one flow), ``threads``,
+``malloc`` (the step under glibc's malloc thresholds and under :mod:`vmonf.heap`'s),
 ``score`` (score_samples and sample throughput for N = 1e3 ... 1e7, peak memory),
 ``fit`` (fit time vs N), ``quality`` (time to held-out KL on pinwheel, next to
 scikit-learn's GaussianMixture) and ``top_k`` (``elbo_top_k=2`` against the exact
@@ -28,6 +29,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -57,6 +59,7 @@ from competitive.generators import FlowGenerators
 from vmonf import VMoNF, datasets, metrics
 from vmonf.coupling import ACTIVATIONS
 from vmonf.flows import ComponentFlows, alternating_masks
+from vmonf.heap import retain_freed_memory
 from vmonf.mixture import MixtureOfFlows
 from vmonf.model import VariationalMixture
 from vmonf.objectives import mixture_loss
@@ -509,6 +512,57 @@ def section_fit(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return {"results": results}, _titled(title, markdown_table(header, rows))
 
 
+def step_probe(rounds: int, steps: int) -> dict[str, Any]:
+    """In a fresh process (malloc as the environment leaves it): step time and minor
+    page faults per step of VMoNF and the nflows loop, K = 5, 1 thread."""
+    contenders = {"vmonf": vmonf_step(5, WIDE, steps), "loop": loop_step(5, WIDE, steps)}
+    times = interleaved(contenders, rounds)
+    faults = {}
+    for name, run in contenders.items():
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        n_steps = run()
+        faults[name] = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / n_steps
+    return {"times": times, "faults_per_step": faults, "tuned": retain_freed_memory()}
+
+
+def section_malloc(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Training step with glibc malloc's defaults against :mod:`vmonf.heap`'s thresholds,
+    each in fresh processes (the setting is process-wide), alternating."""
+    runs: dict[str, list[dict[str, Any]]] = {"0": [], "1": []}
+    for _ in range(2 if args.quick else 3):
+        for tuning in runs:
+            out = subprocess.run(
+                [sys.executable, __file__, "--step-probe", str(args.rounds), str(args.steps)],
+                check=True, capture_output=True, text=True,
+                env={**os.environ, "VMONF_MALLOC_TUNING": tuning},
+            )  # fmt: skip
+            runs[tuning].append(json.loads(out.stdout.splitlines()[-1]))
+    rows, summary = [], {}
+    for tuning, label in (("0", "glibc defaults"), ("1", "vmonf.heap thresholds")):
+        med = {
+            key: statistics.median(r["times"][name]["wall"] for r in runs[tuning])
+            for key, name in (("vmonf", "vmonf"), ("loop", "loop"))
+        }
+        faults = {
+            name: statistics.median(r["faults_per_step"][name] for r in runs[tuning])
+            for name in ("vmonf", "loop")
+        }
+        summary[tuning] = {"median_wall": med, "faults_per_step": faults}
+        rows.append([
+            label, ms(med["loop"]), ms(med["vmonf"]), f"{med['vmonf'] / med['loop']:.2f}",
+            f"{faults['loop']:.0f}", f"{faults['vmonf']:.0f}",
+        ])  # fmt: skip
+    header = [
+        "malloc", "nflows loop (ms/step)", "VMoNF batched (ms/step)", "ratio",
+        "loop: page faults/step", "VMoNF: page faults/step",
+    ]  # fmt: skip
+    title = (
+        f"Training step, K = 5, {WIDE.name}, 1 thread, glibc malloc thresholds "
+        f"(median of {len(runs['0'])} fresh processes each)"
+    )
+    return {"runs": runs, "summary": summary}, _titled(title, markdown_table(header, rows))
+
+
 # Time to quality trains on 10,240 points for 50 epochs (as many steps as quality.py's
 # 2,560 points x 200 epochs): with 2,560 points the held-out KL stalls at 0.045-0.054
 # whatever the time budget, a finite-sample floor rather than a speed limit.
@@ -621,6 +675,7 @@ SECTIONS: dict[str, Callable[[argparse.Namespace], tuple[dict[str, Any], str]]] 
     "loop": section_loop,
     "scaling": section_scaling,
     "threads": section_threads,
+    "malloc": section_malloc,
     "score": section_score,
     "fit": section_fit,
     "quality": section_quality,
@@ -648,8 +703,12 @@ def main() -> None:
     parser.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)}")
     parser.add_argument("--quick", action="store_true", help="small sizes, for development")
     parser.add_argument("--probe", nargs=3, metavar=("MODEL", "N", "WHAT"), help=argparse.SUPPRESS)
+    parser.add_argument("--step-probe", nargs=2, type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     torch.set_num_threads(1)
+    if args.step_probe:
+        print(json.dumps(step_probe(*args.step_probe)))
+        return
     if args.probe:
         print(json.dumps(probe(args.probe[0], int(args.probe[1]), args.probe[2])))
         return
@@ -673,6 +732,7 @@ def main() -> None:
     run = {
         "cpu_model": cpu_model(),
         "torch_threads": "1 unless a table says otherwise",
+        "malloc_thresholds": "vmonf.heap" if retain_freed_memory() else "left as they were",
         "load_average_before": load_before,
         "load_average_after": load_after,
         "quick": args.quick,
@@ -682,6 +742,7 @@ def main() -> None:
     }
     footer = (
         f"Machine: {run['cpu_model']}, {os.cpu_count()} cores, torch {torch.__version__}; "
+        f"glibc malloc thresholds: {run['malloc_thresholds']} (for every contender); "
         f"load average (1, 5, 15 min) {tuple(round(v, 2) for v in load_before)} before, "
         f"{tuple(round(v, 2) for v in load_after)} after."
     )

@@ -37,6 +37,7 @@ from vmonf.distributed import (
     broadcast_module,
     shard_range,
 )
+from vmonf.heap import retain_freed_memory
 from vmonf.resume import Checkpointer
 
 __all__ = [
@@ -258,6 +259,7 @@ def train(
     stage = None if checkpointer is None else checkpointer.open_stage()
     if stage is not None and stage.finished is not None:
         return TrainResult(**stage.replay(module, generator))
+    retain_freed_memory()  # every step reallocates its activations: skip the page faults
     params = list(module.parameters() if parameters is None else parameters)
     optimizer = torch.optim.Adam(
         params,
