@@ -540,8 +540,8 @@ def section_malloc(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     rows, summary = [], {}
     for tuning, label in (("0", "glibc defaults"), ("1", "vmonf.heap thresholds")):
         med = {
-            key: statistics.median(r["times"][name]["wall"] for r in runs[tuning])
-            for key, name in (("vmonf", "vmonf"), ("loop", "loop"))
+            name: statistics.median(r["times"][name]["wall"] for r in runs[tuning])
+            for name in ("vmonf", "loop")
         }
         faults = {
             name: statistics.median(r["faults_per_step"][name] for r in runs[tuning])
