@@ -11,7 +11,7 @@ from nflows.distributions.normal import StandardNormal
 from torch import Tensor, nn
 
 from vmonf._validation import check_choice, check_positive_float, check_positive_int
-from vmonf.coupling import ACTIVATIONS, ActNorm, AffineCoupling, LULinear
+from vmonf.coupling import ACTIVATIONS, ActNorm, AffineCoupling, LULinear, coupling_forward
 
 __all__ = [
     "SAMPLE_CHUNK",
@@ -247,11 +247,30 @@ class ComponentFlows(nn.Module):
         return self._log_prob(x)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x, logabsdet = self.layers[0](x)
-        for layer in self.layers[1:]:
-            x, layer_logabsdet = layer(x)
-            logabsdet = logabsdet + layer_logabsdet
+        logabsdet: Tensor | None = None
+        for run in self._runs:
+            if isinstance(run[0], AffineCoupling):
+                x, run_logabsdet = coupling_forward(run, x)
+            else:
+                x, run_logabsdet = run[0](x)
+            logabsdet = run_logabsdet if logabsdet is None else logabsdet + run_logabsdet
+        assert logabsdet is not None
         return x, logabsdet
+
+    @property
+    def _runs(self) -> list[list[nn.Module]]:
+        """The layers in order, consecutive couplings grouped (one autograd node each)."""
+        runs: list[list[nn.Module]] = []
+        for layer in self.layers:
+            if (
+                isinstance(layer, AffineCoupling)
+                and runs
+                and isinstance(runs[-1][-1], AffineCoupling)
+            ):
+                runs[-1].append(layer)
+            else:
+                runs.append([layer])
+        return runs
 
     def _inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
         z, logabsdet = self.layers[-1].inverse(z)
