@@ -8,6 +8,8 @@ import pytest
 import torch
 from torch import nn
 
+import vmonf.training
+from vmonf.packing import pack_parameters
 from vmonf.training import NonFiniteLossError, TrainConfig, train
 
 
@@ -166,3 +168,47 @@ def test_repeated_failures_stop_with_a_clear_error_and_finite_weights():
 def test_bad_config_is_rejected(field, value, match):
     with pytest.raises(ValueError, match=match):
         TrainConfig(**{field: value})
+
+
+# --------------------------------------------------------------------------- packing
+
+
+def test_packed_parameters_are_views_of_one_buffer_with_gradients_in_place():
+    module = nn.Sequential(nn.Linear(3, 4), nn.Tanh(), nn.Linear(4, 2)).double()
+    before = [p.detach().clone() for p in module.parameters()]
+    packed = pack_parameters(list(module.parameters()))
+    assert packed is not None and packed.numel() == sum(p.numel() for p in before)
+    for p, old in zip(module.parameters(), before, strict=True):
+        torch.testing.assert_close(p, old, rtol=0, atol=0)
+    module[0].bias.data[0] = 5.0  # the buffer aliases every parameter
+    assert 5.0 in packed.detach()
+    module(torch.randn(6, 3, dtype=torch.float64)).square().sum().backward()
+    grads = torch.cat([p.grad.reshape(-1) for p in module.parameters()])
+    torch.testing.assert_close(packed.grad, grads, rtol=0, atol=0)
+    assert packed.grad.abs().sum() > 0
+
+
+def test_packing_refuses_what_it_cannot_pack():
+    assert pack_parameters([]) is None
+    mixed = [nn.Parameter(torch.zeros(2, dtype=torch.float32)), nn.Parameter(torch.zeros(2))]
+    assert pack_parameters(mixed) is None and mixed[0].grad is None  # left as it was
+    p = nn.Parameter(torch.zeros(2))
+    with pytest.raises(ValueError, match="distinct"):
+        pack_parameters([p, p])
+
+
+def test_training_on_packed_parameters_equals_training_on_separate_ones(monkeypatch):
+    trained = []
+    for pack in (True, False):
+        if not pack:
+            monkeypatch.setattr(vmonf.training, "pack_parameters", lambda params: None)
+        torch.manual_seed(3)
+        module = nn.Sequential(nn.Linear(2, 8), nn.Tanh(), nn.Linear(8, 1)).double()
+        x = torch.randn(96, 2, dtype=torch.float64)
+        y = x.sin().sum(1, keepdim=True)
+        config = TrainConfig(max_epochs=4, batch_size=16, learning_rate=0.05, weight_decay=1e-3)
+        train(module, lambda b, _, m=module: (m(b[0]) - b[1]).square().mean(), (x, y), config,
+              generator=torch.Generator().manual_seed(0))  # fmt: skip
+        trained.append([p.detach().clone() for p in module.parameters()])
+    for packed, separate in zip(*trained, strict=True):
+        torch.testing.assert_close(packed, separate, rtol=1e-10, atol=1e-12)

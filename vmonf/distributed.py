@@ -130,9 +130,13 @@ def all_reduce_gradients(parameters: Sequence[nn.Parameter], loss: Tensor) -> Te
     flat = torch.cat([*(g.reshape(-1) for g in grads), loss.detach().reshape(1).to(grads[0])])
     dist.all_reduce(flat)
     offset = 0
-    for p in parameters:
+    for p, grad in zip(parameters, grads, strict=True):
         count = p.numel()
-        p.grad = flat[offset : offset + count].view_as(p).clone()
+        summed = flat[offset : offset + count].view_as(p)
+        if p.grad is None:
+            p.grad = summed.clone()
+        else:  # in place: the gradient may be a view of a packed buffer (vmonf.packing)
+            grad.copy_(summed)
         offset += count
     return flat[-1]
 

@@ -38,6 +38,7 @@ from vmonf.distributed import (
     shard_range,
 )
 from vmonf.heap import retain_freed_memory
+from vmonf.packing import pack_parameters
 from vmonf.resume import Checkpointer
 
 __all__ = [
@@ -248,6 +249,10 @@ def train(
         checkpointer: periodic training-state checkpoints (:mod:`vmonf.resume`); a
             stage it finished before is replayed, one it was in is continued.
 
+    The trained parameters (those that require grad) are first packed into one buffer
+    (:func:`vmonf.packing.pack_parameters`): each stays the same Parameter object, now a
+    view of that buffer, and its gradient a view of a gradient buffer.
+
     A non-finite loss or gradient never reaches the weights: the step is skipped,
     the weights of the last good epoch restored (Adam's moments reset), the
     learning rate halved and a warning issued; after ``max_bad_steps`` such steps
@@ -261,8 +266,11 @@ def train(
         return TrainResult(**stage.replay(module, generator))
     retain_freed_memory()  # every step reallocates its activations: skip the page faults
     params = list(module.parameters() if parameters is None else parameters)
+    # One tensor for Adam, clipping, zeroing and the all-reduce (see vmonf.packing).
+    packed = pack_parameters([p for p in params if p.requires_grad])
+    optimised = params if packed is None else [packed]
     optimizer = torch.optim.Adam(
-        params,
+        optimised,
         lr=config.learning_rate,
         betas=config.adam_betas,
         weight_decay=config.weight_decay,
@@ -323,14 +331,17 @@ def train(
             for group in optimizer.param_groups:
                 group["lr"] = config.learning_rate * factor * state.lr_scale
             batch = tuple(t[idx] for t in data)
-            optimizer.zero_grad(set_to_none=True)
+            if packed is None:
+                optimizer.zero_grad(set_to_none=True)
+            else:
+                packed.grad.zero_()
             # This rank's share of the global batch's mean loss (the whole of it in one
             # process); every rank back-propagates and joins the all-reduce, even on NaN.
             share = idx.numel() / batches.global_size
             loss = objective(batch, state.step) * share if idx.numel() else _zero(params)
             loss.backward()
-            loss = all_reduce_gradients(params, loss)
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+            loss = all_reduce_gradients(optimised, loss)
+            norm = torch.nn.utils.clip_grad_norm_(optimised, max_norm)
             finite = bool(torch.isfinite(loss) & torch.isfinite(norm))
             state.batch = position + 1
             if not finite:
