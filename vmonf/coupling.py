@@ -379,7 +379,11 @@ class BatchedMLP(nn.Module):
 
     def flat_parameters(self) -> list[Tensor]:
         """[W_0, b_0, W_1, b_1, ...]."""
-        return [p for pair in zip(self.weights, self.biases, strict=True) for p in pair]
+        # The lists' _parameters (what ParameterList indexing reads, without its per-item
+        # getattr): the 48 tensors of an 8-coupling flow in 16 us instead of 137.
+        weights = self._modules["weights"]._parameters.values()
+        biases = self._modules["biases"]._parameters.values()
+        return [p for pair in zip(weights, biases, strict=True) for p in pair]
 
     def forward(self, inputs: Tensor) -> Tensor:
         """(K, N, in) -> (K, N, out)."""
@@ -438,14 +442,16 @@ class AffineCoupling(Transform):
     @property
     def spec(self) -> _CouplingSpec:
         """This layer's split and conditioner settings, for :func:`coupling_forward`."""
+        # Read through _buffers/_modules: nn.Module.__getattr__ costs about 1 us a name.
+        buffers, conditioner = self._buffers, self._modules["conditioner"]
         return _CouplingSpec(
             self._blocks,
-            self.identity_idx.numel(),
-            2 * len(self.conditioner.weights),
+            buffers["identity_idx"].numel(),
+            2 * len(conditioner.weights),
             self.max_log_scale,
-            self.conditioner.activation_name,
-            self.split_idx,
-            self.unsplit_idx,
+            conditioner.activation_name,
+            buffers["split_idx"],
+            buffers["unsplit_idx"],
         )
 
     def forward(self, inputs: Tensor, context: Tensor | None = None) -> tuple[Tensor, Tensor]:
