@@ -212,3 +212,11 @@ def test_training_on_packed_parameters_equals_training_on_separate_ones(monkeypa
         trained.append([p.detach().clone() for p in module.parameters()])
     for packed, separate in zip(*trained, strict=True):
         torch.testing.assert_close(packed, separate, rtol=1e-10, atol=1e-12)
+
+
+def test_a_parameter_listed_twice_is_trained_once():
+    module, objective, data = quadratic_problem()
+    params = [module.weight, module.bias, module.weight]
+    result = train(module, objective, data, TrainConfig(max_epochs=2, batch_size=32),
+                   generator=torch.Generator().manual_seed(0), parameters=params)  # fmt: skip
+    assert result.n_steps == 16 and torch.isfinite(module.weight).all()

@@ -29,6 +29,11 @@ def pack_parameters(params: Sequence[nn.Parameter]) -> nn.Parameter | None:
 
     Returns None, changing nothing, when there is nothing to pack or the parameters
     differ in dtype or device.
+
+    Caveats: parameters that shared storage before are separate copies afterwards; and
+    an update of the buffer (the optimiser's step) does not bump the parameters'
+    version counters, so a graph kept across a step would not be flagged as stale by
+    autograd (:func:`vmonf.training.train` always back-propagates before it steps).
     """
     params = list(params)
     if not params or len({(p.dtype, p.device) for p in params}) != 1:

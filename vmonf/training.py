@@ -251,7 +251,10 @@ def train(
 
     The trained parameters (those that require grad) are first packed into one buffer
     (:func:`vmonf.packing.pack_parameters`): each stays the same Parameter object, now a
-    view of that buffer, and its gradient a view of a gradient buffer.
+    view of that buffer, and its gradient a view of a gradient buffer. Gradients are
+    zeroed, not set to None, between steps, so a parameter the loss does not reach in a
+    step still moves with Adam's momentum and weight decay (as with
+    ``zero_grad(set_to_none=False)``); pass ``parameters`` to train a subset.
 
     A non-finite loss or gradient never reaches the weights: the step is skipped,
     the weights of the last good epoch restored (Adam's moments reset), the
@@ -265,7 +268,7 @@ def train(
     if stage is not None and stage.finished is not None:
         return TrainResult(**stage.replay(module, generator))
     retain_freed_memory()  # every step reallocates its activations: skip the page faults
-    params = list(module.parameters() if parameters is None else parameters)
+    params = list(dict.fromkeys(module.parameters() if parameters is None else parameters))
     # One tensor for Adam, clipping, zeroing and the all-reduce (see vmonf.packing).
     packed = pack_parameters([p for p in params if p.requires_grad])
     optimised = params if packed is None else [packed]
