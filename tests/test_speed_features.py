@@ -252,10 +252,12 @@ def step():
     (z.square().sum() + logabsdet.sum()).backward()
 for _ in range(5):
     step()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(20):
+faults = []
+for _ in range(21):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
     step()
-print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[10])
 """
 
 
@@ -263,11 +265,13 @@ print((resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before) / 20)
 def test_training_steps_reuse_their_memory_after_retain_freed_memory():
     # K = 5 flows of 64-wide couplings: 655 KB activations, freed and reallocated
     # every step (186-344 page faults per step with glibc's defaults, 1-25 without).
+    # The median step is checked: this machine's kernel reclaims idle pages now and
+    # then (kdamond), and one step in 20 may then fault 160-1700 times either way.
     env = {**os.environ, "VMONF_MALLOC_TUNING": "1"}
     done = subprocess.run(
         [sys.executable, "-c", _STEP_FAULTS], check=True, capture_output=True, text=True,
         env=env, cwd=Path(__file__).parents[1],
     )  # fmt: skip
-    applied, faults_per_step = done.stdout.split()
+    applied, median_faults = done.stdout.split()
     assert applied == "True"
-    assert float(faults_per_step) < 60
+    assert int(median_faults) < 60

@@ -244,14 +244,13 @@ def _stack_forward(
             _ACTIVATION_OPS[spec.activation], identity, layer_params[0::2], layer_params[1::2]
         )
         shift, raw = out.chunk(2, dim=-1)
-        th = torch.tanh(raw / spec.bound)
-        log_scale = th * spec.bound
+        log_scale = bounded_log_scale(raw, spec.bound)
         scale = log_scale.exp()
         x = _join(identity, torch.addcmul(shift, transformed, scale), spec)
         layer_logabsdet = log_scale.sum(-1)
         logabsdet = layer_logabsdet if logabsdet is None else logabsdet + layer_logabsdet
         if keep is not None:
-            keep += [transformed, th, scale, *inputs, *act_saved]
+            keep += [transformed, log_scale, scale, *inputs, *act_saved]
     assert logabsdet is not None
     return x, logabsdet
 
@@ -298,11 +297,12 @@ class _CouplingStack(torch.autograd.Function):
             kept_end -= len(layer_kept)
             weights = params[params_end - spec.n_params : params_end : 2]
             params_end -= spec.n_params
-            transformed, th, scale = layer_kept[:3]
+            transformed, log_scale, scale = layer_kept[:3]
             inputs, act_saved = layer_kept[3 : 3 + n_layers], layer_kept[3 + n_layers :]
             grad_identity, grad_out = _split(grad_z, spec)
             grad_log_scale = torch.addcmul(grad_logabsdet, grad_out, transformed * scale)
-            grad_raw = _aten.tanh_backward(grad_log_scale, th)  # ds/du = 1 - tanh^2
+            # s = c tanh(u / c): ds/du = 1 - tanh(u / c)^2 = 1 - (s / c)^2
+            grad_raw = _aten.tanh_backward(grad_log_scale, log_scale / spec.bound)
             first = position == 0
             grad_from_mlp, layer_grads = _mlp_backward(
                 _ACTIVATION_OPS[spec.activation],
