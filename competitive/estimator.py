@@ -28,6 +28,7 @@ from competitive.generators import (
 )
 from vmonf._validation import (
     check_array,
+    check_betas,
     check_choice,
     check_positive_float,
     check_positive_int,
@@ -240,6 +241,7 @@ class CompetitiveMixture(MixtureEstimator):
         check_positive_int(self.discriminator_epochs, "discriminator_epochs")
         check_positive_int(self.discriminator_batch_size, "discriminator_batch_size")
         check_positive_float(self.discriminator_learning_rate, "discriminator_learning_rate")
+        check_betas(self.discriminator_betas, "discriminator_betas")
         # Architectures and optimiser settings are checked by their constructors.
         self._generator_config(1, None)
         self._discriminator_config(None)
@@ -253,7 +255,7 @@ class CompetitiveMixture(MixtureEstimator):
             max_time=max_time,
             batch_size=self.batch_size,
             learning_rate=self.learning_rate,
-            adam_betas=tuple(self.adam_betas),
+            adam_betas=check_betas(self.adam_betas, "adam_betas"),
             weight_decay=self.weight_decay,
             lr_schedule=self.lr_schedule,
             verbose=self.verbose,
@@ -266,7 +268,7 @@ class CompetitiveMixture(MixtureEstimator):
             max_time=max_time,
             batch_size=self.discriminator_batch_size,
             learning_rate=self.discriminator_learning_rate,
-            adam_betas=tuple(self.discriminator_betas),
+            adam_betas=check_betas(self.discriminator_betas, "discriminator_betas"),
             lr_schedule="constant",
             verbose=self.verbose,
             desc="discriminators",
@@ -312,9 +314,10 @@ class CompetitiveMixture(MixtureEstimator):
         # Generators first: one seed pre-trains the same generators whatever the
         # assignment, so exact and discriminator runs part only from the first round.
         generators = self._build_generators()
-        discriminators = (
-            self._build_discriminators() if self.assignment == "discriminator" else None
-        )
+        # With max_rounds=0 no discriminator is ever trained: none is built, so that
+        # predict and log_ratio refuse instead of reading untrained networks.
+        trained = self.assignment == "discriminator" and self.max_rounds > 0
+        discriminators = self._build_discriminators() if trained else None
         model = CompetitiveModel(generators, discriminators)
         return model.to(device=self._torch_device, dtype=self._torch_dtype)
 

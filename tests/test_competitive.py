@@ -305,6 +305,8 @@ def test_baselines_bagging_and_single_model():
         ({"pretrain_epochs": 1.5}, TypeError, "pretrain_epochs"),
         ({"discriminator_batch_size": 0}, ValueError, "discriminator_batch_size"),
         ({"adam_betas": (0.9, 1.5)}, ValueError, "adam_betas"),
+        ({"adam_betas": 0.9}, TypeError, "adam_betas"),
+        ({"discriminator_betas": (1.5, 0.9)}, ValueError, "discriminator_betas"),
         ({"init": np.zeros(5)}, ValueError, "init"),
     ],
 )
@@ -312,6 +314,19 @@ def test_bad_parameters_name_the_argument(params, error, match):
     X, _ = blobs(60)
     with pytest.raises(error, match=match):
         CompetitiveMixture(3, **{**FAST, **params}).fit(X)
+
+
+def test_without_rounds_discriminator_assignment_refuses_instead_of_guessing():
+    """max_rounds=0 trains no discriminator: predict must not read untrained networks."""
+    X, _ = blobs(60)
+    params = {**FAST, "max_rounds": 0}
+    model = CompetitiveMixture(2, assignment="discriminator", random_state=0, **params).fit(X)
+    assert model.model_.discriminators is None
+    with pytest.raises(ValueError, match="no discriminators were trained"):
+        model.predict(X)
+    with pytest.raises(ValueError, match="max_rounds >= 1"):
+        model.log_ratio(X)
+    assert np.isfinite(model.score(X))  # the flows' exact density is still there
 
 
 def test_bad_input_and_labels():

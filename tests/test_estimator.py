@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 from sklearn.base import clone
 from sklearn.metrics import adjusted_rand_score
 
@@ -169,6 +170,8 @@ BAD_FIT = [
     (blobs(10)[0], None, {"elbo_top_k": 2.0}, TypeError, "elbo_top_k"),
     (blobs(10)[0], None, {"elbo_top_k": 2, "compile": True}, ValueError, "compile=True"),
     (blobs(10)[0], None, {"n_components": np.int64(3), "elbo_top_k": 4}, ValueError, "<= n_c"),
+    (blobs(10)[0], None, {"posterior_hidden": 4}, TypeError, "posterior_hidden"),
+    (blobs(10)[0], None, {"posterior_hidden": (8, 0)}, ValueError, "posterior_hidden"),
 ]
 
 
@@ -228,3 +231,47 @@ def test_top_k_elbo_fits_reproducibly_and_round_trips(tmp_path, monkeypatch):
     assert adjusted_rand_score(y, model.predict(X)) > 0.95
     loaded = VMoNF.load(model.save(tmp_path / "model.pt"))
     assert loaded.get_params()["elbo_top_k"] == 2
+
+
+def test_save_load_is_exact_for_data_far_from_zero_in_float32(tmp_path):
+    """The standardiser stays float64 whatever torch's default dtype, also through
+    load: a float32 mean of data at 1e12 would move every point by the data's scale."""
+    X = blobs(200)[0] + 1e12
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float32)  # what users have (the suite runs float64)
+    try:
+        model = VMoNF(3, random_state=0, **{**FAST, "max_epochs": 1}).fit(X)
+        loaded = VMoNF.load(model.save(tmp_path / "far.pt"))
+    finally:
+        torch.set_default_dtype(previous)
+    assert loaded.standardizer_.mean.dtype == torch.float64
+    np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+
+
+def test_a_numpy_integer_seed_works_like_the_int():
+    X = blobs(200)[0]
+    params = {**FAST, "max_epochs": 1, "init_steps": 5}
+    a = VMoNF(3, random_state=np.int64(7), **params).fit(X)
+    b = VMoNF(3, random_state=7, **params).fit(X)
+    np.testing.assert_array_equal(a.score_samples(X), b.score_samples(X))
+
+
+def test_a_failed_refit_leaves_the_estimator_unfitted_not_half_updated():
+    X = blobs(200)[0]
+    model = VMoNF(3, random_state=0, **{**FAST, "max_epochs": 1, "init_steps": 5}).fit(X)
+    X5, y5 = np.random.default_rng(0).normal(size=(60, 5)), np.zeros(60, dtype=int)
+    with pytest.raises(ValueError, match="labelled point of every class"):
+        model.set_params(init="labels").fit(X5, y5)
+    assert not hasattr(model, "n_features_in_") and not hasattr(model, "standardizer_")
+    with pytest.raises(NotFittedError):
+        model.predict(X5)
+
+    def broken_callback(estimator, epoch):
+        raise RuntimeError("callback failed")
+
+    fresh = VMoNF(3, random_state=0, callback=broken_callback, **{**FAST, "init_steps": 5})
+    with pytest.raises(RuntimeError, match="callback failed"):
+        fresh.fit(X)
+    with pytest.raises(NotFittedError):
+        fresh.predict(X)

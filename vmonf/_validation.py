@@ -13,12 +13,14 @@ import numpy as np
 
 __all__ = [
     "check_array",
+    "check_betas",
     "check_choice",
     "check_integer_labels",
     "check_labels",
     "check_positive_float",
     "check_positive_int",
     "check_seed",
+    "check_widths",
     "image_shape",
 ]
 
@@ -134,6 +136,25 @@ def check_positive_float(
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be finite and {bound}, got {value}")
     return value
+
+
+def check_widths(value: object, name: str) -> tuple[int, ...]:
+    """Return ``value``, a sequence of layer widths, as a tuple of ints >= 1."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be a sequence of layer widths, got {value!r}")
+    return tuple(check_positive_int(width, f"{name} entries") for width in value)
+
+
+def check_betas(value: object, name: str) -> tuple[float, float]:
+    """Return ``value``, Adam's (beta1, beta2), as two floats in [0, 1)."""
+    if isinstance(value, str | bytes) or not isinstance(value, Iterable):
+        raise TypeError(f"{name} must be two numbers in [0, 1), got {value!r}")
+    betas = tuple(value)
+    if len(betas) != 2 or not all(
+        isinstance(b, numbers.Real) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
+    ):
+        raise ValueError(f"{name} must be two numbers in [0, 1), got {value!r}")
+    return float(betas[0]), float(betas[1])
 
 
 def check_choice(value: object, name: str, choices: Iterable[str]) -> str:

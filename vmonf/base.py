@@ -33,7 +33,7 @@ from vmonf.checkpoint import load_checkpoint, save_checkpoint
 from vmonf.distributed import init_from_env
 from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer, fingerprint
-from vmonf.training import torch_threads
+from vmonf.training import NonFiniteLossError, torch_threads
 
 __all__ = ["MixtureEstimator", "NotFittedError"]
 
@@ -245,7 +245,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             if y is None
             else check_labels(y, x.shape[0], self.n_components)
         )
-        seed = self.random_state
+        seed = check_seed(self.random_state)  # a plain int (torch refuses numpy ints)
         if seed is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
         checkpointer = self._checkpointer(x, labels, seed, resume)
@@ -253,14 +253,25 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             seed = checkpointer.seed  # a resumed fit continues with the stored seed
         generator = torch.Generator().manual_seed(seed)
         interruptible = nullcontext() if checkpointer is None else checkpointer.interruptible()
-        with torch_threads(self.n_threads), self._seeded(seed), interruptible:
-            x64 = self._tensor(x, torch.float64)
-            self.standardizer_ = Standardizer(x.shape[1]).to(x64).fit(x64)
-            self.n_features_in_ = x.shape[1]
-            self.image_shape_ = image_shape(X)  # (H, W[, C]) when fitted to images
-            u = self._standardise(x)
-            self._fit(u, torch.as_tensor(labels, device=u.device), generator, checkpointer)
+        try:
+            with torch_threads(self.n_threads), self._seeded(seed), interruptible:
+                x64 = self._tensor(x, torch.float64)
+                self.standardizer_ = Standardizer(x.shape[1]).to(x64.device).fit(x64)
+                self.n_features_in_ = x.shape[1]
+                self.image_shape_ = image_shape(X)  # (H, W[, C]) when fitted to images
+                u = self._standardise(x)
+                self._fit(u, torch.as_tensor(labels, device=u.device), generator, checkpointer)
+        except NonFiniteLossError:
+            raise  # _fit kept the last good model, fitted and usable
+        except BaseException:
+            self._forget_fit()  # never half old fit, half new: not fitted at all
+            raise
         return self
+
+    def _forget_fit(self) -> None:
+        """Drop every fitted attribute (scikit-learn's trailing underscore)."""
+        for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("_")]:
+            delattr(self, name)
 
     def fit_predict(self, X: object, y: object | None = None) -> np.ndarray:
         """``fit(X, y).predict(X)``."""

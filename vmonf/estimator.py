@@ -22,6 +22,7 @@ from vmonf._validation import (
     check_choice,
     check_positive_float,
     check_positive_int,
+    check_widths,
 )
 from vmonf.base import CHUNK, MixtureEstimator
 from vmonf.flows import ComponentFlows
@@ -191,6 +192,7 @@ class VMoNF(MixtureEstimator):
         check_positive_float(self.temperature_decay, "temperature_decay", allow_zero=True)
         check_positive_float(self.min_temperature, "min_temperature")
         check_positive_float(self.alpha, "alpha", allow_zero=True)
+        check_widths(self.posterior_hidden, "posterior_hidden")
         if self.elbo_top_k is not None:
             # With one component q(c|x) would get no gradient from unlabelled points.
             check_positive_int(self.elbo_top_k, "elbo_top_k", minimum=2)

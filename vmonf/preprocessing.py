@@ -17,8 +17,10 @@ class Standardizer(nn.Module):
 
     def __init__(self, n_features: int) -> None:
         super().__init__()
-        self.register_buffer("mean", torch.zeros(n_features))
-        self.register_buffer("scale", torch.ones(n_features))
+        # float64 whatever the default dtype: a float32 mean of data far from 0
+        # (offset 1e12) would lose the data's scale, and load() copies into these.
+        self.register_buffer("mean", torch.zeros(n_features, dtype=torch.float64))
+        self.register_buffer("scale", torch.ones(n_features, dtype=torch.float64))
 
     @torch.no_grad()
     def fit(self, x: Tensor) -> Standardizer:

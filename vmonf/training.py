@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from tqdm.auto import tqdm
 
 from vmonf._validation import (
+    check_betas,
     check_choice,
     check_positive_float,
     check_positive_int,
@@ -106,8 +107,7 @@ class TrainConfig:
         check_positive_float(self.max_time, "max_time", allow_none=True)
         check_positive_int(self.batch_size, "batch_size")
         check_positive_float(self.learning_rate, "learning_rate")
-        if len(self.adam_betas) != 2 or not all(0.0 <= b < 1.0 for b in self.adam_betas):
-            raise ValueError(f"adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
+        check_betas(self.adam_betas, "adam_betas")
         check_positive_float(self.weight_decay, "weight_decay", allow_zero=True)
         check_choice(self.lr_schedule, "lr_schedule", ("constant", "cosine"))
         check_positive_float(self.lr_floor, "lr_floor")
