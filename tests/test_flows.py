@@ -16,7 +16,7 @@ from nflows.transforms.lu import LULinear as NflowsLULinear
 from torch import nn
 
 from vmonf.coupling import LULinear, bounded_log_scale
-from vmonf.flows import ComponentFlows
+from vmonf.flows import ComponentFlows, student_t_log_prob
 
 CONFIGS = [
     dict(n_features=2, n_components=3, n_layers=4, hidden_features=16),
@@ -229,6 +229,17 @@ def test_student_t_base_samples_follow_the_base_and_leave_global_rng_alone():
     for coordinate in x.detach().reshape(-1, 2).T.numpy():
         assert scipy.stats.kstest(coordinate, scipy.stats.t(3.0).cdf).pvalue > 1e-3
         assert scipy.stats.kstest(coordinate, "norm").pvalue < 1e-6
+
+
+def test_student_t_log_density_matches_scipy_and_stays_finite_far_out_in_float32():
+    z = torch.tensor([[0.0, 0.5], [-3.0, 40.0], [1e3, -1e6]])
+    expected = scipy.stats.t(4.0).logpdf(z.numpy()).sum(-1)
+    torch.testing.assert_close(student_t_log_prob(z, 4.0), torch.as_tensor(expected))
+    # z^2 overflows float32 beyond 1.8e19; the density there is about -230 nats.
+    far = torch.tensor([[1e20, 0.0], [-3e25, 2e30]])
+    got = student_t_log_prob(far.float(), 4.0)
+    assert torch.isfinite(got).all()
+    torch.testing.assert_close(got.double(), student_t_log_prob(far, 4.0), rtol=1e-6, atol=0)
 
 
 def test_sample_components_draws_from_the_named_flow():

@@ -52,6 +52,19 @@ def test_elbo_is_a_bound_tight_at_the_exact_posterior():
     torch.testing.assert_close(exact, log_p)
 
 
+def test_elbo_ignores_components_q_gives_no_weight_even_at_minus_infinity():
+    """0 * log 0 = 0: a component with q(k|x) = 0 and log p_k(x) = -inf (far in a
+    tail, or an annealed q) must give neither a NaN value nor NaN gradients."""
+    log_joint = torch.tensor([[-2.0, -float("inf")], [-1.0, -3.0]], requires_grad=True)
+    logits = torch.tensor([[0.0, -1e4], [0.0, 0.5]], requires_grad=True)
+    value = elbo(log_joint, torch.log_softmax(logits, -1))
+    torch.testing.assert_close(value[0], torch.tensor(-2.0))
+    q = torch.softmax(logits[1].detach(), -1)
+    torch.testing.assert_close(value[1], (q * (log_joint[1].detach() - q.log())).sum())
+    value.sum().backward()
+    assert torch.isfinite(log_joint.grad).all() and torch.isfinite(logits.grad).all()
+
+
 def test_labelled_loss_minimises_the_cross_entropy():
     log_joint = torch.log(torch.tensor([[0.2, 0.8]]))
     good_q = torch.log(torch.tensor([[0.1, 0.9]]))

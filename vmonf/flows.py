@@ -29,7 +29,11 @@ SAMPLE_CHUNK = 65536
 def student_t_log_prob(z: Tensor, df: float) -> Tensor:
     """Log-density of independent standard Student-t coordinates: (..., D) -> (...), nats."""
     log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    return z.shape[-1] * log_norm - (df + 1) / 2 * torch.log1p(z.square() / df).sum(-1)
+    # log1p(t^2) as 2 log hypot(1, t): t^2 overflows float32 beyond |t| ~ 1.8e19, where
+    # the density (about -(df + 1) log|t|) is still far inside float32's range.
+    t = z / math.sqrt(df)
+    log1p_t2 = 2.0 * torch.log(torch.hypot(t, t.new_ones(())))
+    return z.shape[-1] * log_norm - (df + 1) / 2 * log1p_t2.sum(-1)
 
 
 def student_t_sample(

@@ -18,8 +18,13 @@ def elbo(log_joint: Tensor, log_q: Tensor) -> Tensor:
     .. math:: \sum_k q(k|x) [\log \pi_k + \log p_k(x)] - \sum_k q(k|x) \log q(k|x)
 
     (model term minus guide term). It equals log p(x) when q is the exact posterior.
+    Components with q(k|x) = 0 contribute 0, also where log p_k(x) = -inf (the
+    inputs are masked, not the products, so that gradients stay finite too).
     """
     q = log_q.exp()
+    used = q > 0
+    log_joint = torch.where(used, log_joint, 0.0)
+    log_q = torch.where(used, log_q, 0.0)
     return (q * log_joint).sum(-1) - (q * log_q).sum(-1)
 
 
