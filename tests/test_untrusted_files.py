@@ -117,3 +117,13 @@ def test_valid_file_with_wrong_content_gives_a_clear_error(tmp_path):
     path = save_checkpoint({"params": {"n_components": 2}}, tmp_path / "m.pt", "VMoNF")
     with pytest.raises(ValueError, match="incompatible VMoNF checkpoint"):
         VMoNF.load(path)
+
+
+def test_saving_to_a_directory_or_under_a_file_gives_a_clear_error(tmp_path):
+    payload = {"x": torch.zeros(2)}
+    with pytest.raises(ValueError, match="is a directory"):
+        save_checkpoint(payload, tmp_path, "test")
+    (tmp_path / "plain").write_text("not a folder")
+    with pytest.raises(ValueError, match="part of its folder is a file"):
+        save_checkpoint(payload, tmp_path / "plain" / "model.pt", "test")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # nothing left behind

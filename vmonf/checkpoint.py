@@ -34,7 +34,12 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike, kind: str)
     crash at any moment leaves either the old file or the new one, never a torn one.
     """
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_dir():
+        raise ValueError(f"{path} is a directory: give the checkpoint a file name")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot write {path}: a part of its folder is a file") from None
     content = io.BytesIO()
     torch.save(payload, content)
     data = torch.frombuffer(bytearray(content.getbuffer()), dtype=torch.uint8)
