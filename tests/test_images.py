@@ -318,6 +318,10 @@ def test_image_mixture_validation(digits):
     model.fit(X[:100])
     with pytest.raises(ValueError, match="pixels"):
         model.predict(np.zeros((2, 4, 4), dtype=np.uint8))
+    before = (model.transform_, model.estimator_)
+    with pytest.raises(ValueError, match="labels"):  # fails inside the wrapped fit
+        model.fit(X[:50], np.full(49, -1))
+    assert (model.transform_, model.estimator_) == before  # the old fit, kept whole
     with pytest.raises(ValueError, match="pca_components"):
         ImageMixture(_vmonf(), n_levels=17, pca_components=65).fit(X)
 

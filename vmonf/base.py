@@ -253,6 +253,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             seed = checkpointer.seed  # a resumed fit continues with the stored seed
         generator = torch.Generator().manual_seed(seed)
         interruptible = nullcontext() if checkpointer is None else checkpointer.interruptible()
+        before = self._fitted_attributes()
         try:
             with torch_threads(self.n_threads), self._seeded(seed), interruptible:
                 x64 = self._tensor(x, torch.float64)
@@ -264,14 +265,17 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         except NonFiniteLossError:
             raise  # _fit kept the last good model, fitted and usable
         except BaseException:
-            self._forget_fit()  # never half old fit, half new: not fitted at all
+            # Never half old fit, half new: back to the previous fit (or to unfitted).
+            for name in self._fitted_attributes():
+                delattr(self, name)
+            vars(self).update(before)
             raise
         return self
 
-    def _forget_fit(self) -> None:
-        """Drop every fitted attribute (scikit-learn's trailing underscore)."""
-        for name in [n for n in vars(self) if n.endswith("_") and not n.startswith("_")]:
-            delattr(self, name)
+    def _fitted_attributes(self) -> dict[str, Any]:
+        """The fitted attributes (scikit-learn's trailing underscore). A fit assigns
+        new objects to them and never changes the previous ones in place."""
+        return {n: v for n, v in vars(self).items() if n.endswith("_") and not n.startswith("_")}
 
     def fit_predict(self, X: object, y: object | None = None) -> np.ndarray:
         """``fit(X, y).predict(X)``."""

@@ -131,11 +131,11 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
             image_shape=shape,
         )
         v = dequantize(levels, self.n_levels, np.random.default_rng(seed))
-        self.transform_ = transform.fit(v)
-        self.image_shape_ = shape
-        self.n_features_in_ = levels.shape[1]
-        features, _ = self.transform_.forward(v)
-        self.estimator_ = clone(self.estimator).fit(features, y)
+        features, _ = transform.fit(v).forward(v)
+        estimator = clone(self.estimator).fit(features, y)
+        # Set only now: a failed fit leaves the previous fit whole, never half replaced.
+        self.transform_, self.estimator_ = transform, estimator
+        self.image_shape_, self.n_features_in_ = shape, levels.shape[1]
         return self
 
     # -- features and assignments ------------------------------------------------------
