@@ -120,6 +120,31 @@ def test_a_nan_loss_is_skipped_and_never_reaches_the_weights():
     assert result.history["loss"][-1] < result.history["loss"][0]
 
 
+def test_an_update_that_breaks_the_model_is_never_kept_even_the_last_one():
+    """A finite step can still send the weights where the loss is inf. The next step's
+    check catches it, so an epoch's weights count as good only once a loss proves them
+    finite, and the last update is checked on its batch before train returns."""
+    weight = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+    module = nn.Module()
+    module.weight = weight
+
+    def objective(batch, step):  # Adam moves w by ~lr: (1e30 - 1)^2 overflows float32
+        return ((weight - 1.0) ** 2).sum() + 0.0 * batch[0].sum()
+
+    data = (torch.zeros(4, 1, dtype=torch.float32),)
+    for epochs in (1, 3):
+        weight.data.zero_()
+        with pytest.warns(RuntimeWarning, match="non-finite"):
+            train(
+                module,
+                objective,
+                data,
+                TrainConfig(max_epochs=epochs, batch_size=4, learning_rate=1e30),
+                generator=torch.Generator().manual_seed(0),
+            )
+        assert weight.item() == 0.0  # the only weights that ever gave a finite loss
+
+
 def test_a_nan_gradient_is_caught_too():
     module, objective, data = quadratic_problem()
 

@@ -201,6 +201,8 @@ class _LoopState:
     epochs_since_best: int = 0
     elapsed: float = 0.0  # seconds trained before the current session
     epoch_order_state: Tensor | None = None  # generator state that draws the epoch's order
+    # An epoch ended: its weights become the "last good" ones once a loss proves them finite.
+    good_due: bool = False
 
 
 def _result_fields(result: TrainResult) -> dict[str, object]:
@@ -315,6 +317,7 @@ def train(
         initial=state.epoch,
         total=config.max_epochs,
     )
+    last_batch: Batch | None = None
     for epoch in bar:
         module.train()
         state.epoch = epoch
@@ -350,6 +353,7 @@ def train(
             if not finite:
                 result.n_bad_steps += 1
                 good.restore(module)
+                state.good_due = False  # the epoch that ended on these weights is dropped
                 optimizer.state.clear()  # Adam's moments may hold the blow-up
                 state.lr_scale *= 0.5
                 warnings.warn(
@@ -371,6 +375,10 @@ def train(
                     )
                 state.step += 1
                 continue
+            if state.good_due:  # the weights the last epoch ended on just gave a finite loss
+                good.take(module)
+                state.good_due = False
+            last_batch = batch
             optimizer.step()
             state.epoch_total += float(loss) * batches.global_size
             state.epoch_seen += batches.global_size
@@ -408,7 +416,7 @@ def train(
             on_epoch_end(epoch, state.step, result.history)
         bar.set_postfix(postfix)
         if seen:
-            good.take(module)
+            state.good_due = True
         if out_of_time or (
             config.max_time is not None and any_rank(elapsed > config.max_time, device)
         ):
@@ -419,6 +427,8 @@ def train(
             break
         state.epoch = epoch + 1
     bar.close()
+    if state.good_due and last_batch is not None:
+        _check_last_update(objective, last_batch, state, good, module, result, device)
     result.n_steps = state.step - start_step
     if best is not None and config.patience is not None:
         best.restore(module)
@@ -426,6 +436,31 @@ def train(
     if stage is not None:
         stage.finish(_result_fields(result), module, generator)
     return result
+
+
+def _check_last_update(
+    objective: Objective,
+    batch: Batch,
+    state: _LoopState,
+    good: _Snapshot,
+    module: nn.Module,
+    result: TrainResult,
+    device: torch.device,
+) -> None:
+    """Every update but the last is checked by the next step's loss: check the last
+    one on its batch, and fall back to the last good weights if it broke the model."""
+    module.train()  # modes as in training: a compiled objective is not recompiled
+    loss = objective(batch, state.step).detach()
+    if any_rank(not bool(torch.isfinite(loss)), device):
+        result.n_bad_steps += 1
+        good.restore(module)
+        warnings.warn(
+            "the last update made the loss non-finite: the weights of the last good epoch "
+            "were restored",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+    state.good_due = False
 
 
 def _resume(
