@@ -259,6 +259,13 @@ def _check_ratio_array(values: object, name: str) -> np.ndarray:
     return arr
 
 
+def _check_saturation(saturation: object) -> float:
+    eps = check_positive_float(saturation, "saturation")
+    if eps >= 0.5:
+        raise ValueError(f"saturation must be < 0.5, got {eps}")
+    return eps
+
+
 def compare_log_ratios(
     estimate: object,
     exact: object,
@@ -275,9 +282,7 @@ def compare_log_ratios(
     ref = _check_ratio_array(exact, "exact")
     if est.shape != ref.shape:
         raise ValueError(f"estimate and exact differ in shape: {est.shape} and {ref.shape}")
-    eps = check_positive_float(saturation, "saturation")
-    if eps >= 0.5:
-        raise ValueError(f"saturation must be < 0.5, got {eps}")
+    eps = _check_saturation(saturation)
     k = est.shape[1]
     if logits is None:
         saturated = np.full(k, math.nan)
@@ -325,13 +330,8 @@ class LikelihoodComparison:
 
 
 def _compare(
-    estimator: object,
-    X_eval: object,
-    estimate: DiscriminatorEstimate,
-    true_log_prob: object | None,
-    saturation: float,
+    estimate: DiscriminatorEstimate, exact: dict[str, np.ndarray], saturation: float
 ) -> LikelihoodComparison:
-    exact = exact_log_ratios(estimator, X_eval, true_log_prob)
     scored = {
         key: compare_log_ratios(
             estimate.log_ratio, value, logits=estimate.logits, saturation=saturation
@@ -355,6 +355,11 @@ def compare_with_exact(
     """Train discriminators on a fitted flow mixture (:func:`discriminator_estimate`) and
     compare their estimate at ``X_eval`` (M, D) with the exact log-ratios, against the
     mixture and (with ``true_log_prob`` (M,)) against the truth."""
+    # Everything cheap is checked before the discriminators train (seconds to minutes).
+    exact = exact_log_ratios(estimator, X_eval, true_log_prob)
+    if exact["mixture"].shape[0] < 2:
+        raise ValueError("X_eval must have at least 2 rows: correlations need two points")
+    _check_saturation(saturation)
     estimate = discriminator_estimate(
         estimator,
         X_train,
@@ -363,7 +368,7 @@ def compare_with_exact(
         random_state=random_state,
         max_time=max_time,
     )
-    return _compare(estimator, X_eval, estimate, true_log_prob, saturation)
+    return _compare(estimate, exact, saturation)
 
 
 @dataclass
@@ -401,7 +406,8 @@ class RoundTracker:
             raise ValueError(
                 "RoundTracker needs X_train to train discriminators for a run without its own"
             )
-        result = _compare(estimator, self.X_eval, estimate, self.true_log_prob, self.saturation)
+        exact = exact_log_ratios(estimator, self.X_eval, self.true_log_prob)
+        result = _compare(estimate, exact, self.saturation)
         key = "truth" if "truth" in result.stats else "mixture"
         self.history.setdefault("round", []).append(round_)
         for name, value in result.stats[key].summary().items():

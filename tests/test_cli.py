@@ -117,6 +117,7 @@ def test_animation_is_written(tmp_path):
         (["fit", "moons", "--toy-param", "noise=-1"], "noise"),
         (["fit", "moons", "--labels", "10", "--components", "1"], "--components"),
         (["fit", "moons", "--n-train", "20", "--labels", "30"], "label"),
+        (["fit", "moons", "--seed", str(2**64)], "--seed"),
         (["frobnicate"], "frobnicate"),
         ([], "required"),
     ],

@@ -96,6 +96,22 @@ def test_discriminators_on_true_modes_agree_with_the_exact_argmax(true_modes):
     assert (exact_owner == disc_owner).mean() == stats.agreement
 
 
+def test_compare_with_exact_checks_its_arguments_before_training_anything(true_modes, monkeypatch):
+    est, X, X_eval = true_modes
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("discriminators trained before the arguments were checked")
+
+    monkeypatch.setattr("competitive.compare.discriminator_estimate", no_training)
+    truth = true_log_prob(X_eval)
+    with pytest.raises(ValueError, match="true_log_prob"):
+        compare_with_exact(est, X, X_eval, true_log_prob=truth[:-1])
+    with pytest.raises(ValueError, match="saturation"):
+        compare_with_exact(est, X, X_eval, saturation=0.7)
+    with pytest.raises(ValueError, match="X_eval must have at least 2 rows"):
+        compare_with_exact(est, X, X_eval[:1])
+
+
 def test_discriminator_estimate_is_seeded_and_leaves_the_global_rng_alone(true_modes):
     est, X, X_eval = true_modes
     settings = CompetitiveMixture(3, discriminator_hidden=8, discriminator_epochs=1)

@@ -171,6 +171,7 @@ BAD_FIT = [
     (blobs(10)[0], None, {"elbo_top_k": 2, "compile": True}, ValueError, "compile=True"),
     (blobs(10)[0], None, {"n_components": np.int64(3), "elbo_top_k": 4}, ValueError, "<= n_c"),
     (blobs(10)[0], None, {"posterior_hidden": 4}, TypeError, "posterior_hidden"),
+    (blobs(10)[0], None, {"random_state": 2**64}, ValueError, r"random_state must be in \[0,"),
     (blobs(10)[0], None, {"posterior_hidden": (8, 0)}, ValueError, "posterior_hidden"),
 ]
 

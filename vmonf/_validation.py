@@ -11,7 +11,11 @@ from collections.abc import Iterable
 
 import numpy as np
 
+# torch seeds are 64-bit: keep to the signed range, with room for derived seeds.
+MAX_SEED = 2**63 - 1
+
 __all__ = [
+    "MAX_SEED",
     "check_array",
     "check_betas",
     "check_choice",
@@ -171,6 +175,6 @@ def check_seed(seed: object, name: str = "random_state") -> int | None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an int or None, got {type(seed).__name__}")
-    if seed < 0:
-        raise ValueError(f"{name} must be >= 0, got {seed}")
+    if not 0 <= seed <= MAX_SEED:
+        raise ValueError(f"{name} must be in [0, {MAX_SEED}], got {seed}")
     return int(seed)

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from vmonf import __version__, datasets, reporting
+from vmonf._validation import MAX_SEED
 from vmonf.distributed import init_from_env, is_main_process
 from vmonf.estimator import VMoNF
 from vmonf.resume import TrainingInterrupted
@@ -64,13 +65,13 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------- argument types
 
 
-def _int_at_least(minimum: int, what: str) -> Callable[[str], int]:
+def _int_at_least(minimum: int, what: str, maximum: float = math.inf) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
-        if value < minimum:
+        if not minimum <= value <= maximum:
             raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}")
         return value
 
@@ -115,6 +116,8 @@ def toy_param(text: str) -> tuple[str, object]:
 
 positive_int = _int_at_least(1, "a positive integer")
 non_negative_int = _int_at_least(0, "a non-negative integer")
+# The held-out points are drawn with seed + 1.
+seed_int = _int_at_least(0, f"a seed in [0, {MAX_SEED - 1}]", MAX_SEED - 1)
 
 
 # --------------------------------------------------------------------------- vmonf fit
@@ -302,7 +305,7 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
     )
     data.add_argument(
         "--seed",
-        type=non_negative_int,
+        type=seed_int,
         default=0,
         help="seed of the data, the labelled subset and the model",
     )
@@ -444,10 +447,10 @@ def run_fit(args: argparse.Namespace) -> int:
         + (f" ({args.labels} labelled)" if labelled else "")
         + f", {args.n_test} held-out, seed {args.seed}"
     )
+    estimator.save(out / "model.pt")  # first: the fit survives a closed stdout
     print(header)
     print(reporting.format_table(results, labelled=labelled), flush=True)
 
-    estimator.save(out / "model.pt")
     files = reporting.write_figures(
         estimator,
         toy,
@@ -548,7 +551,7 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--n-test", metavar="N", type=positive_int, default=6400, help="held-out points"
     )
-    data.add_argument("--seed", type=non_negative_int, default=0, help="seed of data and model")
+    data.add_argument("--seed", type=seed_int, default=0, help="seed of data and model")
     train = p.add_argument_group("training")
     train.add_argument(
         "--rounds", metavar="R", type=non_negative_int, default=20, help="maximum rounds"
@@ -694,6 +697,7 @@ def run_compete(args: argparse.Namespace) -> int:
         value = results.get(key)
         return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
 
+    estimator.save(out / "model.pt")  # first: the fit survives a closed stdout
     print(
         f"{toy.name}: competitive K={k} {args.generator} generators, {args.assignment} "
         f"assignment, {args.n_train} training points, {args.n_test} held-out, seed {args.seed}"
@@ -712,7 +716,6 @@ def run_compete(args: argparse.Namespace) -> int:
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"  {name:<{width}}  {value}" for name, value in rows), flush=True)
 
-    estimator.save(out / "model.pt")
     files = [out / "model.pt", out / "metrics.json"]
     files.append(
         plots.plot_samples(
