@@ -61,8 +61,9 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, loader):
     assert marker.exists()
     marker.unlink()
     for name, path in evil_files(tmp_path, marker).items():
-        with pytest.raises(CheckpointError, match=r"unsafe|does not hold"):
+        with pytest.raises(CheckpointError, match=r"unsafe|does not hold") as refused:
             loader(path)
+        assert "can still be loaded" not in str(refused.value)  # no advice to load it anyway
         assert not marker.exists(), f"{name}: code ran on load"
 
 

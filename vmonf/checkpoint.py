@@ -95,6 +95,9 @@ def _safe_load(source: Path | io.BytesIO, path: Path) -> Any:
             return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged archive fails in many ways (decode, index, zip...)
         first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        if first_line.startswith("Weights only load failed"):
+            # torch goes on to suggest weights_only=False: not for a file we refuse.
+            first_line = "it holds objects that only an unsafe load would accept"
         raise CheckpointError(
             f"{path} is not a loadable vmonf checkpoint (truncated, corrupted or unsafe): "
             f"{first_line}"
