@@ -19,7 +19,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vmonf._validation import check_array
+from vmonf._validation import check_array, check_integer_labels, check_positive_int
 
 __all__ = [
     "plot_agreement_rounds",
@@ -57,6 +57,14 @@ def _save(fig: Figure, path: Path, dpi: int) -> Path:
     return path
 
 
+def _check_owners(owners: object, n_points: int, n_components: int, name: str) -> np.ndarray:
+    """Owners (N,) as int64 in [0, n_components), one per point."""
+    labels = check_integer_labels(owners, name, n_samples=n_points)
+    if labels.size and (labels.min() < 0 or labels.max() >= n_components):
+        raise ValueError(f"{name}: owners must lie in [0, {n_components})")
+    return labels
+
+
 def plot_assignment_rounds(
     X: object,
     owners: Sequence[np.ndarray],
@@ -73,8 +81,13 @@ def plot_assignment_rounds(
     At most ``max_panels`` rounds are shown, spread evenly, the first and last included.
     """
     pts = check_array(X, "X", n_features=2)
+    n_components = check_positive_int(n_components, "n_components")
+    max_panels = check_positive_int(max_panels, "max_panels")
     if len(owners) == 0 or len(owners) != len(titles):
         raise ValueError("owners and titles must be non-empty and of equal length")
+    owners = [
+        _check_owners(o, pts.shape[0], n_components, f"owners[{i}]") for i, o in enumerate(owners)
+    ]
     shown = np.unique(np.linspace(0, len(owners) - 1, min(max_panels, len(owners))).round())
     cols = min(4, shown.size)
     rows = math.ceil(shown.size / cols)
@@ -82,7 +95,7 @@ def plot_assignment_rounds(
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     palette = _palette(n_components)
     for ax, i in zip(axes, shown.astype(int), strict=False):
-        ax.scatter(pts[:, 0], pts[:, 1], s=2, c=palette[np.asarray(owners[i])], linewidths=0)
+        ax.scatter(pts[:, 0], pts[:, 1], s=2, c=palette[owners[i]], linewidths=0)
         ax.set_title(titles[i], fontsize="small")
         _plane(ax, bounds)
     for ax in axes[shown.size :]:
@@ -205,11 +218,9 @@ def plot_disagreement(
     """Three panels over points ``X`` (N, 2): the exact owners (N,), the estimated
     owners (N,), and the points where the two disagree (red) among the rest (grey)."""
     pts = check_array(X, "X", n_features=2)
-    a, b = np.asarray(exact), np.asarray(estimated)
-    if a.shape != (pts.shape[0],) or b.shape != a.shape:
-        raise ValueError(f"exact and estimated must be ({pts.shape[0]},) owners, one per point")
-    if min(a.min(), b.min()) < 0 or max(a.max(), b.max()) >= n_components:
-        raise ValueError(f"owners must lie in [0, {n_components})")
+    n_components = check_positive_int(n_components, "n_components")
+    a = _check_owners(exact, pts.shape[0], n_components, "exact")
+    b = _check_owners(estimated, pts.shape[0], n_components, "estimated")
     differ = a != b
     fig = _figure(9.0, 3.2)
     axes = fig.subplots(1, 3)

@@ -20,7 +20,12 @@ from competitive.compare import (
     discriminator_estimate,
     exact_log_ratios,
 )
-from competitive.figures import plot_agreement_rounds, plot_disagreement, plot_estimate_vs_exact
+from competitive.figures import (
+    plot_agreement_rounds,
+    plot_assignment_rounds,
+    plot_disagreement,
+    plot_estimate_vs_exact,
+)
 from competitive.studies import _accuracy_via_labels
 from vmonf import VMoNF
 from vmonf.base import NotFittedError
@@ -275,6 +280,17 @@ def test_comparison_figures_are_written(tmp_path):
                           n_components=3)  # fmt: skip
     with pytest.raises(ValueError, match="curves"):
         plot_agreement_rounds({}, tmp_path / "f.png")
+    X2, good = exact[:, :2], np.zeros(300, int)
+    with pytest.raises(TypeError, match="integer"):
+        plot_disagreement(X2, good, good + 0.5, tmp_path / "g.png", n_components=3)
+    with pytest.raises(ValueError, match=r"owners\[1\]: owners must lie in \[0, 3\)"):
+        plot_assignment_rounds(X2, [good, good + 3], ["a", "b"], tmp_path / "h.png", n_components=3)
+    with pytest.raises(ValueError, match="max_panels"):
+        plot_assignment_rounds(X2, [good], ["a"], tmp_path / "i.png", n_components=3, max_panels=0)
+    path = plot_assignment_rounds(
+        X2, [good, good + 2], ["a", "b"], tmp_path / "j.png", n_components=3
+    )
+    assert path.exists()
 
 
 # --------------------------------------------------------------------------- the report
