@@ -359,6 +359,17 @@ def test_compete_command_writes_metrics_checkpoint_and_figures(tmp_path):
     assert CompetitiveMixture.load(out / "model.pt").n_components == 3
 
 
+def test_the_command_prints_warnings_as_one_line_each(tmp_path, capsys):
+    argv = [
+        "compete", "pinwheel", "--n-train", "200", "--n-test", "64", "--rounds", "1",
+        "--epochs", "1", "--pretrain-epochs", "1", "--quiet", "--out", str(tmp_path / "r"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    err = capsys.readouterr().err
+    assert "vmonf: warning: CompetitiveMixture: assignments still changed" in err
+    assert ".py:" not in err  # no Python source location
+
+
 def test_vmonf_never_imports_competitive():
     code = "import sys, vmonf, vmonf.cli; assert 'competitive' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
