@@ -66,7 +66,7 @@ class _Parser(argparse.ArgumentParser):
 # --------------------------------------------------------------------------- argument types
 
 
-def _int_at_least(minimum: int, what: str, maximum: float = math.inf) -> Callable[[str], int]:
+def _int_in_range(minimum: int, what: str, maximum: float = math.inf) -> Callable[[str], int]:
     def parse(text: str) -> int:
         try:
             value = int(text)
@@ -115,10 +115,10 @@ def toy_param(text: str) -> tuple[str, object]:
     return key, _scalar(raw)
 
 
-positive_int = _int_at_least(1, "a positive integer")
-non_negative_int = _int_at_least(0, "a non-negative integer")
+positive_int = _int_in_range(1, "a positive integer")
+non_negative_int = _int_in_range(0, "a non-negative integer")
 # The held-out points are drawn with seed + 1.
-seed_int = _int_at_least(0, f"a seed in [0, {MAX_SEED - 1}]", MAX_SEED - 1)
+seed_int = _int_in_range(0, f"a seed in [0, {MAX_SEED - 1}]", MAX_SEED - 1)
 
 
 # --------------------------------------------------------------------------- vmonf fit
@@ -278,7 +278,7 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument(
         "--elbo-top-k",
         metavar="k",
-        type=_int_at_least(2, "an integer >= 2"),
+        type=_int_in_range(2, "an integer >= 2"),
         help="train each unlabelled point on its k most probable components under q(c|x) "
         "only (k >= 2; faster for many components; default: all, the exact ELBO)",
     )
