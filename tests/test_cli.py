@@ -12,7 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from vmonf import VMoNF
+from vmonf import VMoNF, reporting
 from vmonf.cli import UsageError, build_parser, main, toy_param
 from vmonf.reporting import partial_labels
 
@@ -192,3 +192,18 @@ def test_elbo_top_k_option_is_parsed_and_checked(tmp_path):
     assert parser.parse_args(["fit", "pinwheel"]).elbo_top_k is None
     with pytest.raises(UsageError, match="--elbo-top-k"):
         parser.parse_args(["fit", "pinwheel", "--elbo-top-k", "1"])
+
+
+def test_reporting_checks_its_inputs_up_front(tmp_path):
+    X = np.random.default_rng(0).normal(size=(50, 2))
+    with pytest.raises(ValueError, match="margin"):
+        reporting.plot_bounds(X, margin=float("nan"))
+    with pytest.raises(ValueError, match="bounds"):  # at construction, not mid-fit
+        reporting.DensityRecorder((1.0, 0.0, 0.0, 1.0))
+    model = VMoNF(2, max_epochs=1, n_layers=2, hidden_features=8, init_steps=5).fit(X)
+    with pytest.raises(ValueError, match="y_test has 5 labels but X has 50 rows"):
+        reporting.write_figures(
+            model, None, X, np.zeros(5, int), tmp_path, reporting.plot_bounds(X), labelled=False
+        )
+    path = reporting.write_json({"a": float("nan")}, str(tmp_path / "m.json"))  # a str path
+    assert path.read_text().strip().endswith("}")

@@ -272,6 +272,17 @@ def test_image_mixture_vmonf_round_trip(digits, tmp_path):
     assert loaded.pca_components == 6 and loaded.image_shape_ == (8, 8)
 
 
+def test_image_mixture_passes_resume_on_and_refuses_no_images(digits, tmp_path):
+    X, _ = digits
+    settings = dict(n_levels=17, pca_components=6, random_state=0)
+    inner = _vmonf(checkpoint=str(tmp_path / "state.pt"))
+    first = ImageMixture(inner, **settings).fit(X[:200])
+    again = ImageMixture(inner, **settings).fit(X[:200], resume=True)  # replays the state
+    np.testing.assert_array_equal(first.score_samples(X[:20]), again.score_samples(X[:20]))
+    with pytest.raises(ValueError, match="holds no images"):
+        first.predict(X[:0])
+
+
 def test_image_mixture_full_pixels_and_flattened_input(digits):
     X, _ = digits
     flat = X.reshape(X.shape[0], -1)[:200]

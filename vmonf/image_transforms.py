@@ -54,6 +54,8 @@ def check_images(X: object, n_levels: int, name: str = "X") -> tuple[np.ndarray,
     arr = np.asarray(X)
     if arr.ndim < 2:
         raise ValueError(f"{name} must be images (N, H, W) or flattened (N, D), got {arr.shape}")
+    if arr.shape[0] == 0:
+        raise ValueError(f"{name} holds no images")
     shape = tuple(int(s) for s in arr.shape[1:])
     flat = check_array(arr.reshape(arr.shape[0], -1), name)
     if not np.all(flat == np.round(flat)):

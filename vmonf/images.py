@@ -115,8 +115,10 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         return self.transform_.forward(v)
 
     # -- fitting -------------------------------------------------------------------------
-    def fit(self, X: object, y: object | None = None) -> Self:
-        """Fit to images X; ``y`` (N,) optional labels passed on to the estimator."""
+    def fit(self, X: object, y: object | None = None, *, resume: bool = False) -> Self:
+        """Fit to images X; ``y`` (N,) optional labels passed on to the estimator, and
+        ``resume`` to its ``fit`` (with a ``checkpoint`` and a fixed ``random_state``,
+        so that the dequantised features are the same again)."""
         if not isinstance(self.estimator, MixtureEstimator):
             raise TypeError(
                 "estimator must be a vmonf MixtureEstimator (VMoNF, CompetitiveMixture), "
@@ -132,7 +134,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         )
         v = dequantize(levels, self.n_levels, np.random.default_rng(seed))
         features, _ = transform.fit(v).forward(v)
-        estimator = clone(self.estimator).fit(features, y)
+        estimator = clone(self.estimator).fit(features, y, resume=resume)
         # Set only now: a failed fit leaves the previous fit whole, never half replaced.
         self.transform_, self.estimator_ = transform, estimator
         self.image_shape_, self.n_features_in_ = shape, levels.shape[1]

@@ -19,7 +19,12 @@ from typing import Any, Protocol
 import numpy as np
 
 from vmonf import metrics, plots
-from vmonf._validation import check_array, check_positive_int
+from vmonf._validation import (
+    check_array,
+    check_integer_labels,
+    check_positive_float,
+    check_positive_int,
+)
 
 __all__ = [
     "DensityRecorder",
@@ -96,6 +101,7 @@ def partial_labels(y: object, n_labelled: int, n_classes: int, seed: int) -> np.
 def plot_bounds(X: object, margin: float = 0.1) -> Bounds:
     """Square-ish plotting window around 2-D points: their range plus ``margin`` on each side."""
     pts = check_array(X, "X", n_features=2)
+    margin = check_positive_float(margin, "margin", allow_zero=True)
     lo, hi = pts.min(axis=0), pts.max(axis=0)
     pad = margin * np.maximum(hi - lo, 1e-6)
     lo, hi = lo - pad, hi + pad
@@ -204,7 +210,7 @@ class DensityRecorder:
     """
 
     def __init__(self, bounds: Bounds, *, every: int = 1, resolution: int = 64) -> None:
-        self.bounds = bounds
+        self.bounds = plots._check_bounds(bounds)  # now, not at the first epoch's callback
         self.every = check_positive_int(every, "every")
         self.resolution = check_positive_int(resolution, "resolution", minimum=2)
         self.frames: list[np.ndarray] = []
@@ -234,7 +240,7 @@ def write_figures(
     toy: Toy | None,
     X_test: object,
     y_test: object,
-    out: Path,
+    out: str | Path,
     bounds: Bounds,
     *,
     labelled: bool,
@@ -251,7 +257,8 @@ def write_figures(
     left unmatched when K < classes get colours of their own).
     """
     X = check_array(X_test, "X_test", n_features=2)
-    y = np.asarray(y_test, dtype=np.int64)
+    y = check_integer_labels(y_test, "y_test", n_samples=X.shape[0])
+    out = Path(out)
     k = int(estimator.n_components)
     written = [
         plots.plot_density_comparison(
@@ -348,8 +355,9 @@ def _plain(value: object) -> object:
     return value
 
 
-def write_json(data: Mapping[str, Any], path: Path) -> Path:
+def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``data`` as strict JSON (NaN/inf become null), indented, atomically enough."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(_plain(data), indent=2, allow_nan=False) + "\n")
