@@ -121,6 +121,9 @@ def test_plot_training_curves(tmp_path):
     }
     out = plot_training_curves(history, tmp_path / "c.png", log_scale=["temperature"])
     _assert_image(out, "PNG")
+    # A competitive fit's history: per-round shares (rounds, K) as K lines.
+    shares = {"share": [[0.5, 0.3, 0.2], [0.4, 0.4, 0.2]], "n_changed": [10, 2]}
+    _assert_image(plot_training_curves(shares, tmp_path / "s.png"), "PNG")
 
 
 def test_plot_image_grid(tmp_path):

@@ -373,8 +373,9 @@ def plot_training_curves(
 ) -> Path:
     """One panel per key of ``history`` (e.g. loss, val_loss, temperature); x = epoch 1..n.
 
-    Each value is a sequence of numbers (NaN/inf are drawn as gaps); keys named in
-    ``log_scale`` get a logarithmic y axis.
+    Each value is a sequence of numbers, or of rows (n, K) drawn as K lines (e.g. a
+    competitive fit's per-component ``share``); NaN/inf are drawn as gaps. Keys named
+    in ``log_scale`` get a logarithmic y axis.
     """
     if not isinstance(history, Mapping):
         raise TypeError(
@@ -385,9 +386,10 @@ def plot_training_curves(
     series: list[tuple[str, np.ndarray]] = []
     for key, values in history.items():
         arr = _to_numpy(values)
-        if arr.ndim != 1 or arr.shape[0] == 0:
+        if arr.ndim not in (1, 2) or 0 in arr.shape:
             raise ValueError(
-                f"history[{key!r}] must be a non-empty 1-D sequence, got shape {arr.shape}"
+                f"history[{key!r}] must be a non-empty sequence of numbers or of rows, got "
+                f"shape {arr.shape}"
             )
         if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
             raise TypeError(f"history[{key!r}] must hold numbers, got dtype {arr.dtype}")
@@ -401,7 +403,10 @@ def plot_training_curves(
     panels: dict[str, list[tuple[str, np.ndarray]]] = {}
     for key, arr in series:
         panel = "loss" if key == "val_loss" and "loss" in history else key
-        panels.setdefault(panel, []).append((key, arr))
+        columns = (
+            [(key, arr)] if arr.ndim == 1 else [(f"{key} {j}", c) for j, c in enumerate(arr.T)]
+        )
+        panels.setdefault(panel, []).extend(columns)
     n = len(panels)
     n_cols = min(n, 3)
     n_rows = math.ceil(n / n_cols)
