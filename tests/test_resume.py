@@ -18,7 +18,7 @@ from torch import nn
 from competitive import CompetitiveMixture
 from vmonf import VMoNF
 from vmonf.checkpoint import CheckpointError, load_checkpoint
-from vmonf.resume import KIND, Checkpointer, TrainingInterrupted
+from vmonf.resume import KIND, Checkpointer, TrainingInterrupted, fingerprint
 from vmonf.training import TrainConfig, train
 
 VMONF = dict(
@@ -320,3 +320,17 @@ def test_sigint_exits_cleanly_with_a_checkpoint_and_a_hint(tmp_path, uninterrupt
     weights = model_weights(tmp_path)
     for key, value in uninterrupted.items():
         torch.testing.assert_close(weights[key], value, atol=1e-6, rtol=0, msg=key)
+
+
+def test_fingerprint_is_equal_exactly_when_the_settings_compute_the_same():
+    X = np.zeros((3, 2))
+    same = [
+        {"posterior_hidden": [8], "random_state": np.int64(0)},
+        {"posterior_hidden": (8,), "random_state": 0},
+    ]
+    assert fingerprint(X, settings=same[0]) == fingerprint(X, settings=same[1])
+    big = np.zeros((2000, 3))
+    other = big.copy()
+    other[1000, 1] = 1.0  # numpy's repr of either array elides this row
+    assert repr(big) == repr(other)
+    assert fingerprint(X, settings={"init": big}) != fingerprint(X, settings={"init": other})

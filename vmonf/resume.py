@@ -62,8 +62,24 @@ def fingerprint(*arrays: np.ndarray, settings: dict[str, Any]) -> str:
         array = np.ascontiguousarray(array)
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(array.tobytes())
-    digest.update(repr(sorted(settings.items())).encode())
+    digest.update(repr(_canonical(settings)).encode())
     return digest.hexdigest()
+
+
+def _canonical(value: Any) -> Any:
+    """Settings in a form whose repr is equal exactly when the computation is: numpy
+    scalars as Python numbers, lists as tuples, arrays by content (numpy's repr of a
+    large array elides its middle)."""
+    if isinstance(value, dict):
+        return tuple(sorted((str(k), _canonical(v)) for k, v in value.items()))
+    if isinstance(value, list | tuple):
+        return tuple(_canonical(v) for v in value)
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, np.ndarray):
+        array = np.ascontiguousarray(value)
+        return ("array", str(array.dtype), array.shape, hashlib.sha256(array.tobytes()).hexdigest())
+    return value
 
 
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
