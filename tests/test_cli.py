@@ -118,12 +118,14 @@ def test_animation_is_written(tmp_path):
         (["fit", "moons", "--labels", "10", "--components", "1"], "--components"),
         (["fit", "moons", "--n-train", "20", "--labels", "30"], "label"),
         (["fit", "moons", "--seed", str(2**64)], "--seed"),
+        (["compete", "moons", "--generator", "vae"], "--assignment discriminator"),
         (["frobnicate"], "frobnicate"),
         ([], "required"),
     ],
 )
 def test_bad_input_exits_2_with_one_line(argv, needle, capsys, tmp_path):
-    status = main([*argv, *(["--out", str(tmp_path)] if argv[:1] == ["fit"] else [])])
+    writes = argv[:1] in (["fit"], ["compete"])
+    status = main([*argv, *(["--out", str(tmp_path)] if writes else [])])
     err = capsys.readouterr().err
     assert status == 2
     lines = err.strip().splitlines()

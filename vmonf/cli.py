@@ -608,6 +608,10 @@ def run_compete(args: argparse.Namespace) -> int:
     from competitive.figures import plot_assignment_rounds, plot_shares
     from vmonf import metrics, plots
 
+    if args.generator == "vae" and args.assignment == "exact":
+        raise UsageError(
+            "--generator vae needs --assignment discriminator: VAEs have no exact likelihood"
+        )
     toy = datasets.toy(args.toy, **dict(args.toy_param))
     k = toy.n_classes if args.components is None else args.components
     out: Path = (
