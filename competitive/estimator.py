@@ -7,7 +7,6 @@ import os
 import time
 import warnings
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -115,7 +114,8 @@ class CompetitiveMixture(MixtureEstimator):
     points, (N_train,)), ``history_`` (per round: ``share`` (K,), ``n_changed``,
     ``val_score`` (held-out mean log p(x), nats; an ELBO bound for VAEs),
     ``round_time`` and ``time`` (s)), ``n_iter_`` (rounds), ``converged_``,
-    ``pretrain_time_`` (s), ``n_features_in_``.
+    ``pretrain_time_`` (s), ``fit_time_`` (s, with the time before a resume),
+    ``n_features_in_``.
     """
 
     _checkpoint_kind = "CompetitiveMixture"
@@ -356,16 +356,6 @@ class CompetitiveMixture(MixtureEstimator):
         }
 
     # -- public API ----------------------------------------------------------------------
-    def save(self, path: str | os.PathLike) -> Path:
-        """Write the fitted estimator atomically (an array ``init`` is saved as a list)."""
-        init = self.init
-        if isinstance(init, np.ndarray):
-            self.init = init.tolist()  # torch.load(weights_only=True) reads lists, not arrays
-        try:
-            return super().save(path)
-        finally:
-            self.init = init
-
     def score_samples(self, X: object) -> np.ndarray:
         """Exact log p(x) of each row, (N,), nats, user's units (flows and k-means only)."""
         if self.generator == "vae":

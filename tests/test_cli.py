@@ -184,8 +184,9 @@ def test_base_df_option_is_parsed_and_checked(command):
     parser = build_parser()
     assert parser.parse_args([command, "pinwheel", "--base-df", "20"]).base_df == 20.0
     assert parser.parse_args([command, "pinwheel"]).base_df is None
-    with pytest.raises(UsageError, match="--base-df"):
-        parser.parse_args([command, "pinwheel", "--base-df", "0"])
+    for bad in ("0", "1e-300"):  # 1e-300 is zero in float32
+        with pytest.raises(UsageError, match="--base-df"):
+            parser.parse_args([command, "pinwheel", "--base-df", bad])
 
 
 def test_elbo_top_k_option_is_parsed_and_checked(tmp_path):

@@ -97,7 +97,15 @@ def test_save_load_round_trip(fitted, tmp_path):
     np.testing.assert_array_equal(loaded.predict_proba(X), model.predict_proba(X))
     assert loaded.get_params() == {**model.get_params(), "callback": None}
     assert loaded.history_ == model.history_
+    assert loaded.fit_time_ == model.fit_time_ > 0
     np.testing.assert_array_equal(loaded.weights_, model.weights_)
+
+
+def test_a_path_valued_setting_saves_and_loads_as_str(tmp_path):
+    X = np.random.default_rng(0).normal(size=(100, 2))
+    model = VMoNF(2, checkpoint=tmp_path / "state.pt", **FAST).fit(X)
+    loaded = VMoNF.load(model.save(tmp_path / "model.pt"))  # a PosixPath is not plain data
+    assert loaded.get_params()["checkpoint"] == str(tmp_path / "state.pt")
 
 
 def test_load_refuses_foreign_and_corrupt_files(tmp_path):

@@ -267,7 +267,7 @@ def test_bad_inputs_give_clear_errors():
         ComponentFlows(n_features=1)
     with pytest.raises(ValueError, match="activation"):
         ComponentFlows(n_features=2, activation="cosine")
-    for bad in (0.0, -1.0, float("nan"), float("inf")):
+    for bad in (0.0, -1.0, float("nan"), float("inf"), 1e-300):
         with pytest.raises(ValueError, match="base_df"):
             ComponentFlows(n_features=2, base_df=bad)
     with pytest.raises(TypeError, match="base_df"):

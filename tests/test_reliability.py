@@ -9,6 +9,7 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra.numpy import arrays
+from sklearn.exceptions import ConvergenceWarning
 
 from competitive import CompetitiveMixture
 from vmonf import VMoNF
@@ -216,6 +217,15 @@ def test_one_nan_loss_is_skipped_with_a_warning_and_the_fit_completes(monkeypatc
         model = VMoNF(2, **{**TINY_VMONF, "max_epochs": 3}).fit(X)
     assert np.isfinite(model.score_samples(X)).all() and model.converged_
     assert not np.array_equal(model.score_samples(X), reference.score_samples(X))
+
+
+def test_a_finite_but_diverged_fit_is_not_reported_as_converged():
+    X = np.random.default_rng(0).normal(size=(300, 2))
+    good = VMoNF(3, **{**TINY_VMONF, "max_epochs": 3}).fit(X)
+    assert good.converged_
+    with pytest.warns(ConvergenceWarning, match="diverged.*lower learning_rate"):
+        broken = VMoNF(3, **{**TINY_VMONF, "max_epochs": 3, "learning_rate": 1e3}).fit(X)
+    assert np.isfinite(broken.elbo_) and broken.converged_ is False
 
 
 @pytest.mark.parametrize("scale", [1e-30, 1e30])

@@ -158,6 +158,24 @@ def test_vmonf_resumed_fit_equals_an_uninterrupted_one(tmp_path, params, n_calls
     assert without_times(resumed.history_) == without_times(reference.history_)
 
 
+def test_fit_time_of_a_resumed_fit_counts_the_time_before_the_interruption(tmp_path):
+    X = blobs()
+    path = tmp_path / "state.pt"
+    stop = stop_at(3)
+
+    def slow_then_stop(estimator, epoch) -> None:
+        time.sleep(0.5 if epoch == 0 else 0.0)  # then a checkpoint, then Stop
+        stop(estimator, epoch)
+
+    with pytest.raises(Stop):
+        VMoNF(**VMONF, checkpoint=path, checkpoint_every=1, callback=slow_then_stop).fit(X)
+    started = time.perf_counter()
+    resumed = VMoNF(**VMONF, checkpoint=path).fit(X, resume=True)
+    this_session = time.perf_counter() - started
+    assert resumed.fit_time_ >= this_session + 0.5
+    assert VMoNF.load(resumed.save(tmp_path / "m.pt")).fit_time_ == resumed.fit_time_
+
+
 def test_resuming_a_finished_fit_replays_it(tmp_path):
     X = blobs()
     path = tmp_path / "state.pt"

@@ -8,7 +8,9 @@ scikit-learn's ``BaseMixture``.
 
 from __future__ import annotations
 
+import math
 import os
+import time
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -57,6 +59,25 @@ def _to_plain(value: object) -> object:
     if isinstance(value, np.generic):
         return value.item()
     return value
+
+
+def _plain_param(value: object) -> object:
+    """A hyper-parameter as ``torch.load(weights_only=True)`` reads it: paths as str,
+    arrays as lists; callables (e.g. a callback) are not data and become None."""
+    if callable(value):
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    return _to_plain(value)
+
+
+def _fit_time(started: float, checkpointer: Checkpointer | None) -> float:
+    """Wall seconds of a fit, with what it ran before a resume (to its last checkpoint)."""
+    if checkpointer is not None:
+        return checkpointer.elapsed()
+    return time.perf_counter() - started
 
 
 def _from_plain(value: object) -> object:
@@ -254,6 +275,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         generator = torch.Generator().manual_seed(seed)
         interruptible = nullcontext() if checkpointer is None else checkpointer.interruptible()
         before = self._fitted_attributes()
+        started = time.perf_counter()
         try:
             with torch_threads(self.n_threads), self._seeded(seed), interruptible:
                 x64 = self._tensor(x, torch.float64)
@@ -263,6 +285,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 u = self._standardise(x)
                 self._fit(u, torch.as_tensor(labels, device=u.device), generator, checkpointer)
         except NonFiniteLossError:
+            self.fit_time_ = _fit_time(started, checkpointer)
             raise  # _fit kept the last good model, fitted and usable
         except BaseException:
             # Never half old fit, half new: back to the previous fit (or to unfitted).
@@ -270,6 +293,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 delattr(self, name)
             vars(self).update(before)
             raise
+        self.fit_time_ = _fit_time(started, checkpointer)
         return self
 
     def _fitted_attributes(self) -> dict[str, Any]:
@@ -350,9 +374,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         self._check_is_fitted()
         payload = {
             # Callables (e.g. a callback) are not data: they are not saved.
-            "params": {
-                k: None if callable(v) else v for k, v in self.get_params(deep=False).items()
-            },
+            "params": {k: _plain_param(v) for k, v in self.get_params(deep=False).items()},
             "model": {k: v.cpu() for k, v in self.model_.state_dict().items()},
             "standardizer": {k: v.cpu() for k, v in self.standardizer_.state_dict().items()},
             "fitted": {
@@ -360,6 +382,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 for name, value in {
                     "n_features_in_": self.n_features_in_,
                     "image_shape_": getattr(self, "image_shape_", None),
+                    "fit_time_": getattr(self, "fit_time_", math.nan),
                     **self._fitted_state(),
                 }.items()
             },

@@ -8,7 +8,7 @@ import time
 import warnings
 from collections.abc import Callable
 from numbers import Integral
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -37,6 +37,20 @@ __all__ = ["VMoNF"]
 
 INITS = ("auto", "kmeans", "labels", "propagate", "random")
 OBJECTIVES = ("elbo", "marginal")
+# A fit whose ELBO ends this far (nats per point) below log K under the untrained
+# model's has diverged: an untrained mixture (identical flows) that only sharpens q
+# loses at most log K, so anything worse means broken flows or a broken q.
+DIVERGENCE_MARGIN = 1.0
+
+
+class _Fit(NamedTuple):
+    """One training run's outcome (ELBOs: mean nats per point on the scored data)."""
+
+    model: VariationalMixture
+    history: dict[str, list[float]]
+    n_epochs: int
+    elbo: float
+    initial_elbo: float
 
 
 class VMoNF(MixtureEstimator):
@@ -95,7 +109,9 @@ class VMoNF(MixtureEstimator):
 
     Fitted attributes: ``weights_`` (K,), ``history_`` (per-epoch lists),
     ``n_iter_`` (epochs), ``n_features_in_``, ``elbo_`` (mean held-out ELBO, nats),
-    ``converged_``.
+    ``converged_`` (False when the ELBO is non-finite or the fit diverged: ELBO more than
+    log K + 1 nats below the untrained model's), ``fit_time_`` (s, with the time before a
+    resume).
     """
 
     _checkpoint_kind = "VMoNF"
@@ -313,9 +329,17 @@ class VMoNF(MixtureEstimator):
         generator: torch.Generator,
         seed: int,
         checkpointer: Checkpointer | None,
-    ) -> tuple[VariationalMixture, dict[str, list[float]], int, float]:
-        """Pre-train (optionally) and train ``model``; -> (model, history, epochs, ELBO)."""
+    ) -> _Fit:
+        """Pre-train (optionally) and train ``model``; the ELBOs are on ``val`` if given,
+        else on ``x``."""
         started = time.perf_counter()
+        scored = x if val is None else val
+
+        def mean_elbo() -> float:
+            model.eval()
+            return -evaluate(lambda b, _: -model.elbo(b[0]).mean(), (scored,), 0)
+
+        initial_elbo = mean_elbo()
         init_labels = self._initial_labels(x, y, seed)
         step = 0
         if init_labels is not None:
@@ -394,10 +418,7 @@ class VMoNF(MixtureEstimator):
         )
         final_t = schedule(step + result.n_steps)
         model.posterior.temperature.fill_(final_t)
-        model.eval()
-        scored = x if val is None else val
-        final_elbo = -evaluate(lambda b, _: -model.elbo(b[0]).mean(), (scored,), 0)
-        return model, result.history, result.n_epochs, final_elbo
+        return _Fit(model, result.history, result.n_epochs, mean_elbo(), initial_elbo)
 
     def _fit(
         self, x: Tensor, y: Tensor, generator: torch.Generator, checkpointer: Checkpointer | None
@@ -425,31 +446,36 @@ class VMoNF(MixtureEstimator):
                 # Keep the best model so far (a failed one holds its last good state).
                 if best is None:
                     partial = exc.result or TrainResult()
-                    best = (model, partial.history, partial.n_epochs, math.nan)
-                self._set_fitted(*best, warn=False)
+                    best = _Fit(model, partial.history, partial.n_epochs, math.nan, math.nan)
+                self._set_fitted(best, warn=False)
                 raise
-            if best is None or fitted[3] > best[3]:
+            if best is None or fitted.elbo > best.elbo:
                 best = fitted
-        self._set_fitted(*best)
+        self._set_fitted(best)
 
-    def _set_fitted(
-        self,
-        model: VariationalMixture,
-        history: dict[str, list[float]],
-        n_epochs: int,
-        final_elbo: float,
-        warn: bool = True,
-    ) -> None:
+    def _set_fitted(self, fit: _Fit, warn: bool = True) -> None:
+        """Store ``fit`` as the fitted state; ``converged_`` is False (with a
+        ConvergenceWarning) when its ELBO is non-finite or shows divergence."""
+        model = fit.model
         self.model_ = model
-        self.history_ = {k: [float(v) for v in vs] for k, vs in history.items()}
-        self.n_iter_ = n_epochs
-        self.elbo_ = float(final_elbo)
+        self.history_ = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
+        self.n_iter_ = fit.n_epochs
+        self.elbo_ = float(fit.elbo)
         self.weights_ = model.mixture.log_weights().exp().detach().double().cpu().numpy()
-        self.converged_ = bool(np.isfinite(self.elbo_))
-        if warn and not self.converged_:
-            warnings.warn(
-                "VMoNF fit ended with a non-finite ELBO", ConvergenceWarning, stacklevel=4
+        floor = fit.initial_elbo - math.log(self.n_components) - DIVERGENCE_MARGIN
+        diverged = self.elbo_ < floor
+        self.converged_ = bool(np.isfinite(self.elbo_)) and not diverged
+        if not warn or self.converged_:
+            return
+        if diverged:
+            message = (
+                f"VMoNF fit diverged: its ELBO ({self.elbo_:.4g} nats) is more than log K + "
+                f"{DIVERGENCE_MARGIN:g} below the untrained model's ({fit.initial_elbo:.4g}) "
+                "on the same data; lower learning_rate"
             )
+        else:
+            message = "VMoNF fit ended with a non-finite ELBO"
+        warnings.warn(message, ConvergenceWarning, stacklevel=4)
 
     # -- VMoNF-specific API ------------------------------------------------------------
     def predict_proba(self, X: object, posterior: str = "amortized") -> np.ndarray:

@@ -26,6 +26,9 @@ __all__ = [
 SAMPLE_CHUNK = 65536
 
 
+MIN_BASE_DF = torch.finfo(torch.float32).tiny
+
+
 def student_t_log_prob(z: Tensor, df: float) -> Tensor:
     """Log-density of independent standard Student-t coordinates: (..., D) -> (...), nats."""
     log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
@@ -167,6 +170,13 @@ class ComponentFlows(nn.Module):
         self.actnorm = bool(actnorm)
         self.linear = bool(linear)
         self.base_df = check_positive_float(base_df, "base_df", allow_none=True)
+        if self.base_df is not None and self.base_df < MIN_BASE_DF:
+            # Below it a float32 df rounds to a subnormal or zero, which the
+            # chi-square sampler refuses, long after the fit.
+            raise ValueError(
+                f"base_df must be >= {MIN_BASE_DF:.4g} (float32's smallest normal number), "
+                f"got {self.base_df:g}"
+            )
         layers: list[nn.Module] = []
         for mask in alternating_masks(self.n_features, self.n_layers):
             if self.actnorm:

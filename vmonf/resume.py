@@ -177,6 +177,8 @@ class Checkpointer:
         self._progress: dict[str, Any] | None = None
         self._next_stage = 0
         self._last_write = time.monotonic()
+        self._opened = time.perf_counter()
+        self.elapsed_before = 0.0  # seconds the fit ran before, up to the file's last write
         if resume and self.path.exists():
             payload = load_checkpoint(self.path, KIND)
             if payload.get("identity") != identity:
@@ -188,9 +190,14 @@ class Checkpointer:
                 self.seed = int(payload["seed"])
                 self.finished = list(payload["finished"])
                 self._progress = payload["progress"]
+                self.elapsed_before = float(payload.get("elapsed", 0.0))
             except (KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{self.path} is a damaged training state: {exc}") from None
             self.resumed = True
+
+    def elapsed(self) -> float:
+        """Seconds this fit has run: before the resume (as last saved) and since."""
+        return self.elapsed_before + time.perf_counter() - self._opened
 
     @property
     def n_finished(self) -> int:
@@ -222,6 +229,7 @@ class Checkpointer:
             "seed": self.seed,
             "finished": self.finished,
             "progress": progress,
+            "elapsed": self.elapsed(),
         }
         if is_main_process():  # data-parallel ranks hold the same state: rank 0 writes it
             save_checkpoint(payload, self.path, KIND)
