@@ -292,3 +292,20 @@ def test_kde_protocol_rejects_bad_input(kwargs, exc, match):
 def test_gaussian_kde_rejects_bad_bandwidth():
     with pytest.raises(ValueError, match="bandwidth must be finite and > 0"):
         gaussian_kde_log_density(np.zeros((2, 2)), np.zeros((3, 2)), 0.0)
+
+
+def test_kde_is_translation_invariant_far_from_the_origin():
+    rng = np.random.default_rng(0)
+    centres, queries = rng.normal(size=(300, 2)) * 1e-3, rng.normal(size=(50, 2)) * 1e-3
+    near = metrics.gaussian_kde_log_density(queries, centres, 1e-3)
+    far = metrics.gaussian_kde_log_density(queries + 1e4, centres + 1e4, 1e-3)
+    np.testing.assert_allclose(far, near, atol=1e-5)  # was 0.03 nats off: cancellation
+
+
+def test_matching_works_for_any_label_values_and_tables_stay_bounded():
+    y_true = np.array([0, 0, 7, 7, 7])
+    y_pred = np.array([10**9, 10**9, 3, 3, 10**9])
+    assert metrics.best_matching(y_true, y_pred) == {3: 7, 10**9: 0}
+    assert metrics.clustering_accuracy(y_true, y_pred) == 0.8
+    with pytest.raises(ValueError, match="number the labels"):
+        metrics.contingency_table(y_true, y_pred)

@@ -46,6 +46,7 @@ __all__ = [
 
 # Largest (queries x centres) block of squared distances held at once (float64: 32 MiB).
 _BLOCK_ELEMENTS = 1 << 22
+MAX_TABLE_CELLS = 10**7  # a contingency table indexed by label value: 80 MB at most
 
 
 # --------------------------------------------------------------------------- helpers
@@ -190,7 +191,8 @@ def contingency_table(
 
     Rows and columns are indexed by label value; their number defaults to the
     largest label + 1 and can be raised with ``n_classes`` / ``n_clusters``
-    (e.g. to show empty clusters). Labels must be non-negative.
+    (e.g. to show empty clusters). Labels must be non-negative, and small enough
+    that the table has at most ``MAX_TABLE_CELLS`` entries.
     """
     t, p = _check_label_pair(y_true, y_pred)
     _check_non_negative(t, "y_true")
@@ -207,16 +209,30 @@ def contingency_table(
         if n_clusters < cols:
             raise ValueError(f"n_clusters={n_clusters} but y_pred contains label {cols - 1}")
         cols = n_clusters
+    if rows * cols > MAX_TABLE_CELLS:
+        raise ValueError(
+            f"labels up to {rows - 1} (y_true) and {cols - 1} (y_pred) would make a "
+            f"{rows} x {cols} table: number the labels 0..n-1 first "
+            "(np.unique(labels, return_inverse=True))"
+        )
     table = np.zeros((rows, cols), dtype=np.int64)
     np.add.at(table, (t, p), 1)
     return table
 
 
-def _matching_from_table(table: np.ndarray) -> dict[int, int]:
-    """Hungarian matching on a (classes, clusters) table -> {cluster: class}, sorted by cluster."""
-    classes, clusters = linear_sum_assignment(table, maximize=True)
-    pairs = {int(k): int(c) for c, k in zip(classes, clusters, strict=True)}
-    return dict(sorted(pairs.items()))
+def _matched_counts(y_true: object, y_pred: object) -> tuple[dict[int, int], int, int]:
+    """Hungarian matching of clusters to classes on a table of the labels present
+    (any label values) -> ({cluster: class}, matched points, all points)."""
+    t, p = _check_label_pair(y_true, y_pred)
+    _check_non_negative(t, "y_true")
+    _check_non_negative(p, "y_pred")
+    classes, t_index = np.unique(t, return_inverse=True)
+    clusters, p_index = np.unique(p, return_inverse=True)
+    table = np.zeros((classes.size, clusters.size), dtype=np.int64)
+    np.add.at(table, (t_index, p_index), 1)
+    rows, cols = linear_sum_assignment(table, maximize=True)
+    matching = {int(clusters[k]): int(classes[c]) for c, k in zip(rows, cols, strict=True)}
+    return dict(sorted(matching.items())), int(table[rows, cols].sum()), t.size
 
 
 def best_matching(y_true: object, y_pred: object) -> dict[int, int]:
@@ -226,7 +242,7 @@ def best_matching(y_true: object, y_pred: object) -> dict[int, int]:
     with more classes than clusters some classes are never the image of a cluster.
     Labels must be non-negative.
     """
-    return _matching_from_table(contingency_table(y_true, y_pred))
+    return _matched_counts(y_true, y_pred)[0]
 
 
 def clustering_accuracy(y_true: object, y_pred: object) -> float:
@@ -236,9 +252,8 @@ def clustering_accuracy(y_true: object, y_pred: object) -> float:
     (when there are more clusters than classes, 1.0 is unreachable unless the
     surplus clusters are empty). Invariant to permutations of either labelling.
     """
-    table = contingency_table(y_true, y_pred)
-    matched = sum(int(table[c, k]) for k, c in _matching_from_table(table).items())
-    return matched / int(table.sum())
+    _, matched, total = _matched_counts(y_true, y_pred)
+    return matched / total
 
 
 def cluster_purity(y_true: object, y_pred: object, *, n_clusters: int | None = None) -> np.ndarray:
@@ -293,6 +308,10 @@ def _kde_log_density_multi(
     log 0); blocks are combined with ``np.logaddexp``. This is about 8x faster
     than calling ``scipy.special.logsumexp`` once per bandwidth.
     """
+    # Distances are translation invariant; centring keeps |q|^2 + |c|^2 - 2 q.c from
+    # cancelling away the kernel's scale for data far from the origin.
+    origin = centres.mean(axis=0)
+    queries, centres = queries - origin, centres - origin
     n_q, dim = queries.shape
     n_c = centres.shape[0]
     inv_two_var = 1.0 / (2.0 * bandwidths**2)  # (H,)
