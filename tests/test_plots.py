@@ -199,6 +199,21 @@ def test_other_bad_arguments_raise(tmp_path):
         plot_decision_regions(lambda x: np.zeros(len(x), int), BOUNDS, tmp_path / "x.png", y=y)
     with pytest.raises(TypeError, match="path must be a str"):
         plot_samples(X, y, 123)
+    with pytest.raises(ValueError, match="must name a file"):
+        plot_samples(X, y, tmp_path)  # a directory
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ValueError, match="part of its folder is a file"):
+        plot_samples(X, y, tmp_path / "file" / "x.png")
+    with pytest.raises(TypeError, match="titles must be a sequence of 2 strings"):
+        plot_density_comparison(None, lambda x: np.zeros(len(x)), BOUNDS, tmp_path / "x.png",
+                                titles="ab")  # fmt: skip
+    images = np.random.default_rng(0).random((4, 5, 5))
+    with pytest.raises(ValueError, match="vmin must be below vmax"):
+        plot_image_grid(images, tmp_path / "x.png", vmin=1.0, vmax=0.0)
+    with pytest.raises(TypeError, match="vmin must be a number"):
+        plot_image_grid(images, tmp_path / "x.png", vmin="0")
+    with pytest.raises(ValueError, match="vmax must be finite"):
+        plot_image_grid(images, tmp_path / "x.png", vmax=float("nan"))
 
 
 def test_training_curves_clip_a_huge_first_epoch_and_pair_validation(tmp_path):

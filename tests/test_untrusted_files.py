@@ -122,7 +122,7 @@ def test_valid_file_with_wrong_content_gives_a_clear_error(tmp_path):
 
 def test_saving_to_a_directory_or_under_a_file_gives_a_clear_error(tmp_path):
     payload = {"x": torch.zeros(2)}
-    with pytest.raises(ValueError, match="is a directory"):
+    with pytest.raises(ValueError, match="must name a file, got the directory"):
         save_checkpoint(payload, tmp_path, "test")
     (tmp_path / "plain").write_text("not a folder")
     with pytest.raises(ValueError, match="part of its folder is a file"):

@@ -7,7 +7,9 @@ naming the argument; private code may then assume clean inputs.
 from __future__ import annotations
 
 import numbers
+import os
 from collections.abc import Iterable
+from pathlib import Path
 
 import numpy as np
 
@@ -21,6 +23,7 @@ __all__ = [
     "check_choice",
     "check_integer_labels",
     "check_labels",
+    "check_output_file",
     "check_positive_float",
     "check_positive_int",
     "check_seed",
@@ -178,3 +181,18 @@ def check_seed(seed: object, name: str = "random_state") -> int | None:
     if not 0 <= seed <= MAX_SEED:
         raise ValueError(f"{name} must be in [0, {MAX_SEED}], got {seed}")
     return int(seed)
+
+
+def check_output_file(path: object, name: str = "path") -> Path:
+    """Return ``path`` (str or os.PathLike) as a Path naming a file that can be written,
+    its folder created; ValueError for a directory or a folder part that is a file."""
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
+    out = Path(path)
+    if out.name == "" or out.is_dir():
+        raise ValueError(f"{name} must name a file, got the directory {str(path)!r}")
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"cannot write {str(path)!r}: a part of its folder is a file") from None
+    return out

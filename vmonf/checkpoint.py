@@ -18,6 +18,8 @@ from typing import Any
 
 import torch
 
+from vmonf._validation import check_output_file
+
 __all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
 
 FORMAT_KEY = "vmonf_format"
@@ -33,13 +35,7 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike, kind: str)
     ``kind`` names what the file holds (e.g. ``"VMoNF"``) and is checked on load. A
     crash at any moment leaves either the old file or the new one, never a torn one.
     """
-    path = Path(path)
-    if path.is_dir():
-        raise ValueError(f"{path} is a directory: give the checkpoint a file name")
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except (FileExistsError, NotADirectoryError):
-        raise ValueError(f"cannot write {path}: a part of its folder is a file") from None
+    path = check_output_file(path)
     content = io.BytesIO()
     torch.save(payload, content)
     data = torch.frombuffer(bytearray(content.getbuffer()), dtype=torch.uint8)

@@ -12,6 +12,7 @@ callables map an (M, 2) array to (M,) log densities in nats (numpy or torch).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -27,6 +28,7 @@ from matplotlib.lines import Line2D
 from vmonf._validation import (
     check_array,
     check_integer_labels,
+    check_output_file,
     check_positive_float,
     check_positive_int,
 )
@@ -74,14 +76,23 @@ def _check_bounds(bounds: object) -> Bounds:
     return xmin, xmax, ymin, ymax
 
 
-def _check_path(path: object) -> Path:
-    if not isinstance(path, str | os.PathLike):
-        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
-    out = Path(path)
-    if out.name == "":
-        raise ValueError(f"path must name a file, got {str(path)!r}")
-    out.parent.mkdir(parents=True, exist_ok=True)
-    return out
+def _check_titles(titles: object, n: int, what: str) -> list[str] | None:
+    """``titles`` as a list of ``n`` strings (one per ``what``), or None."""
+    if titles is None:
+        return None
+    if isinstance(titles, str | bytes) or not isinstance(titles, Sequence):
+        raise TypeError(f"titles must be a sequence of {n} strings, got {titles!r}")
+    if len(titles) != n:
+        raise ValueError(f"titles has {len(titles)} entries but there are {n} {what}")
+    return [str(t) for t in titles]
+
+
+def _check_finite(value: object, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {value!r}")
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return float(value)
 
 
 def _to_numpy(x: object) -> np.ndarray:
@@ -189,14 +200,13 @@ def plot_density_comparison(
     With ``true_log_prob=None`` only the model panel is drawn (titled ``titles[1]``).
     """
     bounds = _check_bounds(bounds)
-    if len(titles) != 2:
-        raise ValueError(f"titles must hold 2 strings (true, model), got {len(titles)}")
+    names = _check_titles(titles, 2, "panels (true, model)") or ["true density", "model density"]
     dpi = check_positive_int(dpi, "dpi")
-    out = _check_path(path)
+    out = check_output_file(path)
     panels: list[tuple[str, np.ndarray]] = []
     if true_log_prob is not None:
-        panels.append((titles[0], density_grid(true_log_prob, bounds, resolution)[2]))
-    panels.append((titles[1], density_grid(model_log_prob, bounds, resolution)[2]))
+        panels.append((names[0], density_grid(true_log_prob, bounds, resolution)[2]))
+    panels.append((names[1], density_grid(model_log_prob, bounds, resolution)[2]))
     vmax = max(float(d.max()) for _, d in panels)
     vmax = vmax if vmax > 0 else 1.0
     fig = _new_figure(4.2 * len(panels) + 0.8, 4.0)
@@ -241,7 +251,7 @@ def plot_samples(
     """
     pts = _check_points_2d(X)
     lab = None if labels is None else check_integer_labels(labels, "labels", pts.shape[0])
-    out = _check_path(path)
+    out = check_output_file(path)
     marker_size = check_positive_float(marker_size, "marker_size")
     dpi = check_positive_int(dpi, "dpi")
     n_classes = _resolve_n_classes(n_classes, lab)
@@ -306,7 +316,7 @@ def plot_decision_regions(
     if not callable(predict):
         raise TypeError(f"predict must be callable, got {type(predict).__name__}")
     bounds = _check_bounds(bounds)
-    out = _check_path(path)
+    out = check_output_file(path)
     dpi = check_positive_int(dpi, "dpi")
     marker_size = check_positive_float(marker_size, "marker_size")
     pts = None if X is None else _check_points_2d(X)
@@ -397,7 +407,7 @@ def plot_training_curves(
     unknown = set(log_scale) - set(history)
     if unknown:
         raise ValueError(f"log_scale names keys not in history: {sorted(unknown)}")
-    out = _check_path(path)
+    out = check_output_file(path)
     dpi = check_positive_int(dpi, "dpi")
     # "val_loss" is drawn on the "loss" panel, so the two can be compared.
     panels: dict[str, list[tuple[str, np.ndarray]]] = {}
@@ -481,12 +491,14 @@ def plot_image_grid(
     n_cols = min(n_cols, n)
     n_rows = math.ceil(n / n_cols)
     padding = check_positive_int(padding, "padding", minimum=0)
-    out = _check_path(path)
+    out = check_output_file(path)
     dpi = check_positive_int(dpi, "dpi")
-    lo = float(arr.min()) if vmin is None else float(vmin)
-    hi = float(arr.max()) if vmax is None else float(vmax)
+    lo = float(arr.min()) if vmin is None else _check_finite(vmin, "vmin")
+    hi = float(arr.max()) if vmax is None else _check_finite(vmax, "vmax")
     if hi <= lo:
-        hi = lo + 1.0
+        if vmin is not None and vmax is not None:
+            raise ValueError(f"vmin must be below vmax, got vmin={lo}, vmax={hi}")
+        hi = lo + 1.0  # constant images
     h, w = arr.shape[1], arr.shape[2]
     tile_h, tile_w = h + padding, w + padding
     mosaic_shape = (n_rows * tile_h + padding, n_cols * tile_w + padding, *arr.shape[3:])
@@ -562,15 +574,6 @@ def plot_component_images(
 # --------------------------------------------------------------------------- animations
 
 
-def _check_titles(titles: Sequence[str] | None, n_frames: int) -> list[str] | None:
-    if titles is None:
-        return None
-    titles = list(titles)
-    if len(titles) != n_frames:
-        raise ValueError(f"titles has {len(titles)} entries but there are {n_frames} frames")
-    return [str(t) for t in titles]
-
-
 def _write_gif(
     fig: Figure, update: Callable[[int], object], n_frames: int, path: Path, fps: int, dpi: int
 ) -> Path:
@@ -609,10 +612,10 @@ def animate_density(
         if not np.isfinite(g).all() or (g < 0).any():
             raise ValueError(f"frames[{i}] must hold finite, non-negative densities")
     bounds = _check_bounds(bounds)
-    out = _check_path(path)
+    out = check_output_file(path)
     fps = check_positive_int(fps, "fps")
     dpi = check_positive_int(dpi, "dpi")
-    names = _check_titles(titles, len(grids))
+    names = _check_titles(titles, len(grids), "frames")
     top = max(float(g.max()) for g in grids) if vmax is None else check_positive_float(vmax, "vmax")
     top = top if top > 0 else 1.0
     fig = _new_figure(5.0, 4.2)
@@ -656,11 +659,11 @@ def animate_assignments(
         check_integer_labels(f, f"label_frames[{i}]", pts.shape[0])
         for i, f in enumerate(label_frames)
     ]
-    out = _check_path(path)
+    out = check_output_file(path)
     fps = check_positive_int(fps, "fps")
     dpi = check_positive_int(dpi, "dpi")
     marker_size = check_positive_float(marker_size, "marker_size")
-    names = _check_titles(titles, len(labs))
+    names = _check_titles(titles, len(labs), "frames")
     n_classes = _resolve_n_classes(n_classes, *labs)
     fig = _new_figure(5.0, 4.6)
     ax = fig.add_subplot()

@@ -22,6 +22,7 @@ from vmonf import metrics, plots
 from vmonf._validation import (
     check_array,
     check_integer_labels,
+    check_output_file,
     check_positive_float,
     check_positive_int,
 )
@@ -357,8 +358,7 @@ def _plain(value: object) -> object:
 
 def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``data`` as strict JSON (NaN/inf become null), indented, atomically enough."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
+    path = check_output_file(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(_plain(data), indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
