@@ -18,7 +18,14 @@ from torch import nn
 from competitive import CompetitiveMixture
 from vmonf import VMoNF
 from vmonf.checkpoint import CheckpointError, load_checkpoint
-from vmonf.resume import KIND, Checkpointer, TrainingInterrupted, fingerprint
+from vmonf.resume import (
+    KIND,
+    Checkpointer,
+    TrainingInterrupted,
+    fingerprint,
+    rng_state,
+    set_rng_state,
+)
 from vmonf.training import TrainConfig, train
 
 VMONF = dict(
@@ -352,3 +359,19 @@ def test_fingerprint_is_equal_exactly_when_the_settings_compute_the_same():
     other[1000, 1] = 1.0  # numpy's repr of either array elides this row
     assert repr(big) == repr(other)
     assert fingerprint(X, settings={"init": big}) != fingerprint(X, settings={"init": other})
+
+
+def test_rng_states_round_trip_cpu_and_cuda(monkeypatch):
+    state = rng_state()
+    first = torch.rand(3)
+    set_rng_state(state)
+    assert torch.equal(torch.rand(3), first)
+    set_rng_state(state["cpu"])  # training states written before CUDA's were saved
+    assert torch.equal(torch.rand(3), first)
+    # The CUDA states travel too once CUDA is in use (no GPU here: the calls are faked).
+    restored = []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: [torch.ones(4, dtype=torch.uint8)])
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    set_rng_state(rng_state())
+    assert len(restored) == 1 and torch.equal(restored[0][0], torch.ones(4, dtype=torch.uint8))

@@ -9,7 +9,7 @@ seconds, one file holding
   batch generator's state (so a resumed fit can replay it in no time), and
 * for the stage in progress: module, Adam, the loop's counters and schedules,
   snapshots for the non-finite guard and early stopping, the state that draws the
-  current epoch's batch order, and the global torch RNG.
+  current epoch's batch order, and the global torch RNGs (CPU, and CUDA when used).
 
 Resuming runs the fit from the start: finished stages are replayed from the file,
 the stage in progress continues at its last checkpointed step, so the resumed fit
@@ -42,7 +42,14 @@ from vmonf._validation import check_positive_float, check_positive_int
 from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vmonf.distributed import is_main_process
 
-__all__ = ["Checkpointer", "Stage", "TrainingInterrupted", "fingerprint"]
+__all__ = [
+    "Checkpointer",
+    "Stage",
+    "TrainingInterrupted",
+    "fingerprint",
+    "rng_state",
+    "set_rng_state",
+]
 
 KIND = "vmonf-training-state"
 
@@ -82,6 +89,22 @@ def _canonical(value: Any) -> Any:
     return value
 
 
+def rng_state() -> dict[str, Any]:
+    """The global RNG states training draws from (e.g. a VAE's noise): the CPU's, and
+    every CUDA device's once CUDA is in use."""
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_initialized() else []
+    return {"cpu": torch.get_rng_state(), "cuda": cuda}
+
+
+def set_rng_state(state: dict[str, Any] | torch.Tensor) -> None:
+    """Restore what :func:`rng_state` returned (a bare tensor: the CPU state alone)."""
+    if isinstance(state, torch.Tensor):
+        state = {"cpu": state, "cuda": []}
+    torch.set_rng_state(state["cpu"])
+    if state["cuda"]:
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
 def _cpu_state(module: nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
 
@@ -113,7 +136,7 @@ class Stage:
         assert self.finished is not None
         module.load_state_dict(self.finished["module"])
         generator.set_state(self.finished["generator"])
-        torch.set_rng_state(self.finished["rng"])
+        set_rng_state(self.finished["rng"])
         return self.finished["result"]
 
     def due(self, step: int) -> bool:
@@ -123,7 +146,7 @@ class Stage:
     def save(self, step: int, progress: dict[str, Any]) -> None:
         """Write the in-progress state (from :func:`train`, at a step boundary)."""
         self.last_saved_step = step
-        self.checkpointer.write(progress={**progress, "rng": torch.get_rng_state()})
+        self.checkpointer.write(progress={**progress, "rng": rng_state()})
         if self.checkpointer.interrupt_requested:
             raise TrainingInterrupted(self.checkpointer.path)
 
@@ -134,7 +157,7 @@ class Stage:
                 "result": result,
                 "module": _cpu_state(module),
                 "generator": generator.get_state(),
-                "rng": torch.get_rng_state(),
+                "rng": rng_state(),
             }
         )
         self.checkpointer.write(progress=None)

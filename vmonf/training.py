@@ -40,7 +40,7 @@ from vmonf.distributed import (
 )
 from vmonf.heap import retain_freed_memory
 from vmonf.packing import pack_parameters
-from vmonf.resume import Checkpointer
+from vmonf.resume import Checkpointer, set_rng_state
 
 __all__ = [
     "NonFiniteLossError",
@@ -480,7 +480,7 @@ def _resume(
             setattr(state, key, value)
         for key, value in progress["result"].items():
             setattr(result, key, value)
-        torch.set_rng_state(progress["rng"])
+        set_rng_state(progress["rng"])
     except (KeyError, TypeError, RuntimeError, ValueError) as exc:
         raise CheckpointError(f"the training state does not fit this model: {exc}") from None
     if progress["best"] is None:
