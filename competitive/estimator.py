@@ -7,6 +7,7 @@ import os
 import time
 import warnings
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -42,6 +43,16 @@ __all__ = ["ASSIGNMENTS", "GENERATORS", "INITS", "CompetitiveMixture", "Competit
 GENERATORS = ("flow", "vae", "kmeans")
 ASSIGNMENTS = ("exact", "discriminator")
 INITS = ("uniform", "random_split", "kmeans", "bootstrap")
+
+
+@dataclass
+class _Progress:
+    """Where a fit stands: owners of the training points (N_train,), finished rounds,
+    convergence (kept current, so a fit that fails keeps its last assignment)."""
+
+    owners: Tensor
+    n_rounds: int = 0
+    converged: bool = False
 
 
 class CompetitiveModel(nn.Module):
@@ -110,8 +121,9 @@ class CompetitiveMixture(MixtureEstimator):
         callback: ``callback(estimator, round)`` after every round (round 0 = after
             pre-training); inside it the public methods use the current model.
 
-    Fitted attributes: ``weights_`` (K,), ``labels_`` (owners of the training
-    points, (N_train,)), ``history_`` (per round: ``share`` (K,), ``n_changed``,
+    Fitted attributes: ``weights_`` (K,), ``labels_`` ((N,), the owner of each row of X;
+    held-out rows get the final assignment rule's choice, -1 where no rule was
+    trained), ``history_`` (per round: ``share`` (K,), ``n_changed``,
     ``val_score`` (held-out mean log p(x), nats; an ELBO bound for VAEs),
     ``round_time`` and ``time`` (s)), ``n_iter_`` (rounds), ``converged_``,
     ``pretrain_time_`` (s), ``fit_time_`` (s, with the time before a resume),
@@ -310,31 +322,56 @@ class CompetitiveMixture(MixtureEstimator):
         )
         return module.to(device=self._torch_device, dtype=self._torch_dtype)
 
-    def _build(self) -> CompetitiveModel:
-        # Generators first: one seed pre-trains the same generators whatever the
-        # assignment, so exact and discriminator runs part only from the first round.
+    def _build(self, with_discriminators: bool | None = None) -> CompetitiveModel:
+        """An untrained model; discriminators by default when the settings train them
+        (``assignment="discriminator"``, ``max_rounds >= 1``)."""
+        if with_discriminators is None:
+            with_discriminators = self.assignment == "discriminator" and self.max_rounds > 0
         generators = self._build_generators()
-        # With max_rounds=0 no discriminator is ever trained: none is built, so that
-        # predict and log_ratio refuse instead of reading untrained networks.
-        trained = self.assignment == "discriminator" and self.max_rounds > 0
-        discriminators = self._build_discriminators() if trained else None
+        discriminators = self._build_discriminators() if with_discriminators else None
         model = CompetitiveModel(generators, discriminators)
         return model.to(device=self._torch_device, dtype=self._torch_dtype)
+
+    def _build_to_load(self, state: dict[str, Tensor]) -> CompetitiveModel:
+        # A fit that failed before its first assignment saved no discriminators.
+        return self._build(any(key.startswith("discriminators.") for key in state))
 
     # -- hooks ---------------------------------------------------------------------------
     def _log_joint(self, u: Tensor) -> Tensor:
         return self.model_.log_weights + self.model_.generators.log_prob(u)
 
-    def _scores(self, u: Tensor) -> Tensor:
-        """Log-likelihood estimates (N, K) that assignments maximise (standardised units)."""
+    def _density_module(self) -> nn.Module:
+        return self.model_.generators  # the discriminators only estimate p_k
+
+    def _n_weight_parameters(self) -> int:
+        return self.n_components - 1 if self.max_rounds > 0 else 0  # shares won
+
+    def _can_assign(self) -> bool:
+        return self.assignment == "exact" or self.model_.discriminators is not None
+
+    def _likelihood_scores(self, u: Tensor) -> Tensor:
+        """Log-likelihood estimates (N, K): exact, or the discriminators' (standardised units)."""
         model = self.model_
         if self.assignment == "exact":
-            scores = model.generators.log_prob(u)
-        else:
-            if model.discriminators is None:
-                raise ValueError("no discriminators were trained (max_rounds=0): cannot assign")
-            scores = model.discriminators.log_ratio(u) - model.log_norm
-        return scores + model.log_weights if self.assign_with_weights else scores
+            return model.generators.log_prob(u)
+        if model.discriminators is None:
+            raise ValueError(
+                "no discriminators were trained (max_rounds=0, or the fit failed before its "
+                "first assignment): cannot assign"
+            )
+        return model.discriminators.log_ratio(u) - model.log_norm
+
+    def _assignment_prior(self) -> Tensor | float:
+        """log pi_k added before the argmax (``assign_with_weights``), floored at
+        ``min_share``: a component load balancing keeps training can win points back."""
+        if not self.assign_with_weights:
+            return 0.0
+        share, log_weights = self._min_share(), self.model_.log_weights
+        return log_weights.clamp_min(math.log(share)) if share > 0 else log_weights
+
+    def _scores(self, u: Tensor) -> Tensor:
+        """What assignments maximise (N, K): likelihood estimates plus the prior."""
+        return self._likelihood_scores(u) + self._assignment_prior()
 
     def _log_proba(self, u: Tensor) -> Tensor:
         return torch.log_softmax(self._scores(u), dim=1)
@@ -375,7 +412,10 @@ class CompetitiveMixture(MixtureEstimator):
         """
         u = self._validate_X(X)
         if self.model_.discriminators is None:
-            raise ValueError("log_ratio needs assignment='discriminator' and max_rounds >= 1")
+            raise ValueError(
+                "log_ratio needs trained discriminators: assignment='discriminator', "
+                "max_rounds >= 1 and a fit that reached its first assignment"
+            )
         return self._chunked(
             lambda c: self.model_.discriminators.log_ratio(c) - self.model_.log_norm, u
         )
@@ -442,7 +482,8 @@ class CompetitiveMixture(MixtureEstimator):
         started: float,
         checkpointer: Checkpointer | None,
     ) -> Tensor:
-        """Train the discriminators if needed, then the (N, K) scores of the training points."""
+        """Train the discriminators if needed, then the (N, K) likelihood estimates of the
+        training points (:meth:`_likelihood_scores`)."""
         model = self.model_
         if self.assignment == "discriminator":
             if model.discriminators is None or not self.keep_discriminators:
@@ -461,7 +502,9 @@ class CompetitiveMixture(MixtureEstimator):
             model.log_norm.copy_(log_ratio_normaliser(model.discriminators, x))
         model.eval()
         with torch.no_grad():  # data-parallel: each rank scores its shard, all get all
-            return gather_rows(lambda xs: torch.cat([self._scores(c) for c in xs.split(65536)]), x)
+            return gather_rows(
+                lambda xs: torch.cat([self._likelihood_scores(c) for c in xs.split(65536)]), x
+            )
 
     def _held_out_score(self, x_val: Tensor | None) -> float:
         if x_val is None:
@@ -487,20 +530,24 @@ class CompetitiveMixture(MixtureEstimator):
         init = self._initial_weights(x.shape[0], train_idx.cpu(), x_train, generator).to(x.device)
         minimum = min_count(x_train.shape[0], self._min_share())
 
-        self.model_ = self._build()
+        # Generators first and alone: one seed pre-trains the same generators whatever
+        # the assignment; discriminators are built when first trained (round 0), so a
+        # fit that fails before never predicts with untrained ones.
+        self.model_ = self._build(with_discriminators=False)
         self.pretrain_time_ = math.nan  # set when pre-training ends
         history: dict[str, list[Any]] = {
             "share": [], "n_changed": [], "val_score": [], "round_time": [], "time": [],
         }  # fmt: skip
-        owners = init.argmax(1)
+        progress = _Progress(owners=init.argmax(1))
         try:
-            owners, n_rounds, converged = self._rounds(
-                x_train, x_val, init, minimum, history, generator, checkpointer, started
-            )
+            self._rounds(x_train, x_val, init, minimum, history, generator, checkpointer,
+                         started, progress)  # fmt: skip
         except NonFiniteLossError:
-            self._set_fitted(owners, history, len(history["n_changed"]), converged=False)
+            progress.converged = False
+            self._set_fitted(progress, train_idx, val_idx, x_val, history)
             raise  # the generators keep their last good state
-        self._set_fitted(owners, history, n_rounds, converged)
+        self._set_fitted(progress, train_idx, val_idx, x_val, history)
+        n_rounds, converged = progress.n_rounds, progress.converged
         if not converged:
             warnings.warn(
                 f"CompetitiveMixture: assignments still changed after {n_rounds} round(s) "
@@ -511,14 +558,28 @@ class CompetitiveMixture(MixtureEstimator):
             )
 
     def _set_fitted(
-        self, owners: Tensor, history: dict[str, list[Any]], n_rounds: int, converged: bool
+        self,
+        progress: _Progress,
+        train_idx: Tensor,
+        val_idx: Tensor | None,
+        x_val: Tensor | None,
+        history: dict[str, list[Any]],
     ) -> None:
-        self.labels_ = owners.cpu().numpy().astype(np.int64)
+        """Fitted attributes; ``labels_`` in X's row order, held-out rows assigned by the
+        final rule (-1 when none was trained)."""
+        self.model_.eval()
+        owners = progress.owners
+        labels = torch.full((owners.numel() + (0 if val_idx is None else val_idx.numel()),), -1)
+        labels[train_idx.cpu()] = owners.cpu()
+        if x_val is not None and val_idx is not None and self._can_assign():
+            with torch.no_grad():
+                val_scores = torch.cat([self._scores(c) for c in x_val.split(65536)])
+            labels[val_idx.cpu()] = hard_assign(val_scores).cpu()
+        self.labels_ = labels.numpy().astype(np.int64)
         self.weights_ = self.model_.log_weights.exp().double().cpu().numpy()
         self.history_ = history
-        self.n_iter_ = n_rounds
-        self.converged_ = converged
-        self.model_.eval()
+        self.n_iter_ = progress.n_rounds
+        self.converged_ = progress.converged
 
     def _rounds(
         self,
@@ -530,9 +591,10 @@ class CompetitiveMixture(MixtureEstimator):
         generator: torch.Generator,
         checkpointer: Checkpointer | None,
         started: float,
-    ) -> tuple[Tensor, int, bool]:
-        """Pre-training, then rounds of training and re-assignment; -> (owners, rounds,
-        converged). Appends each round to ``history``."""
+        progress: _Progress,
+    ) -> None:
+        """Pre-training, then rounds of training and re-assignment. Keeps ``progress``
+        (owners, rounds, convergence) current and appends each round to ``history``."""
         model, k = self.model_, self.n_components
         gens = model.generators
         gens.fit_weighted(
@@ -544,12 +606,10 @@ class CompetitiveMixture(MixtureEstimator):
             compile=self.compile,
         )
         self.pretrain_time_ = time.perf_counter() - started
-        owners = init.argmax(1)
-        converged = False
-        n_rounds = 0
         if self.max_rounds > 0:
             scores = self._assignment_scores(x_train, generator, started, checkpointer)
-            owners = hard_assign(scores)
+            owners = hard_assign(scores + self._assignment_prior())
+            progress.owners = owners
             model.log_weights.copy_(mixing_weights(owners, k, minimum).log())
             self._notify(0)
             for _ in range(self.max_rounds):
@@ -565,10 +625,10 @@ class CompetitiveMixture(MixtureEstimator):
                     compile=self.compile,
                 )
                 scores = self._assignment_scores(x_train, generator, started, checkpointer)
-                new = hard_assign(scores, previous=owners)
+                new = hard_assign(scores + self._assignment_prior(), previous=owners)
                 changed = int((new != owners).sum())
                 owners = new
-                n_rounds += 1
+                progress.owners, progress.n_rounds = owners, progress.n_rounds + 1
                 model.log_weights.copy_(mixing_weights(owners, k, minimum).log())
                 history["share"].append(
                     (torch.bincount(owners, minlength=k).double() / owners.numel()).tolist()
@@ -577,10 +637,9 @@ class CompetitiveMixture(MixtureEstimator):
                 history["val_score"].append(self._held_out_score(x_val))
                 history["round_time"].append(time.perf_counter() - round_started)
                 history["time"].append(time.perf_counter() - started)
-                self._notify(n_rounds)
+                self._notify(progress.n_rounds)
                 if changed <= self.tol * x_train.shape[0]:
-                    converged = True
+                    progress.converged = True
                     break
         else:
-            converged = True  # nothing to converge: bagging / a single model
-        return owners, n_rounds, converged
+            progress.converged = True  # nothing to converge: bagging / a single model

@@ -27,7 +27,7 @@ from competitive import (
 from competitive.assignment import hard_assign, mixing_weights, training_weights
 from competitive.discriminators import fit_discriminators, log_ratio_normaliser
 from vmonf.cli import main
-from vmonf.training import TrainConfig
+from vmonf.training import NonFiniteLossError, TrainConfig
 
 FAST = dict(
     n_layers=2,
@@ -326,7 +326,64 @@ def test_without_rounds_discriminator_assignment_refuses_instead_of_guessing():
         model.predict(X)
     with pytest.raises(ValueError, match="max_rounds >= 1"):
         model.log_ratio(X)
+    assert model.n_parameters() == sum(p.numel() for p in model.model_.generators.parameters())
     assert np.isfinite(model.score(X))  # the flows' exact density is still there
+
+
+def test_a_fit_failing_in_pre_training_keeps_no_untrained_discriminators(tmp_path):
+    X, _ = blobs(300)
+    model = CompetitiveMixture(
+        2, **{**FAST, "learning_rate": 1e35, "batch_size": 8}, assignment="discriminator",
+        random_state=0,
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError):
+        model.fit(X)
+    assert model.n_iter_ == 0 and model.model_.discriminators is None
+    with pytest.raises(ValueError, match="fit failed before its first assignment"):
+        model.predict(X)
+    held_out = round(model.validation_fraction * 300)  # no rule to assign them: -1
+    assert held_out > 0 and (model.labels_ == -1).sum() == held_out
+    loaded = CompetitiveMixture.load(model.save(tmp_path / "m.pt"))  # saved without them
+    assert loaded.model_.discriminators is None
+
+
+def test_a_fit_failing_mid_rounds_keeps_the_last_assignment():
+    X, _ = blobs(300)
+    shares = {}
+
+    def blow_up_after_round_1(estimator, round_):
+        if round_ == 1:
+            shares["round 1"] = np.bincount(estimator.predict(X), minlength=2)
+            with torch.no_grad():
+                for p in estimator.model_.generators.parameters():
+                    p.fill_(math.nan)
+
+    model = CompetitiveMixture(
+        2, **{**FAST, "validation_fraction": 0.0}, init="uniform", random_state=0,
+        callback=blow_up_after_round_1,
+    )  # fmt: skip
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError):
+        model.fit(X)
+    assert model.n_iter_ == 1
+    np.testing.assert_array_equal(np.bincount(model.labels_, minlength=2), shares["round 1"])
+
+
+def test_labels_follow_the_rows_of_X_with_a_validation_split():
+    X, y = blobs(400)
+    model = CompetitiveMixture(3, **FAST, generator="kmeans", init="kmeans",
+                               validation_fraction=0.2, random_state=0).fit(X)  # fmt: skip
+    assert model.labels_.shape == (400,)
+    np.testing.assert_array_equal(model.labels_, model.predict(X))
+    assert adjusted_rand_score(y, model.labels_) > 0.95
+
+
+def test_bic_counts_the_generators_and_the_free_weights_not_the_discriminators():
+    X, _ = blobs(200)
+    params = {**FAST, "max_rounds": 1, "discriminator_hidden": 8, "random_state": 0}
+    exact = CompetitiveMixture(2, **params).fit(X)
+    ratio = CompetitiveMixture(2, assignment="discriminator", **params).fit(X)
+    n_flows = sum(p.numel() for p in exact.model_.generators.parameters())
+    assert exact.n_parameters() == ratio.n_parameters() == n_flows + 1  # K - 1 = 1 weight
 
 
 def test_bad_input_and_labels():

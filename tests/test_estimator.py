@@ -62,6 +62,7 @@ def test_output_shapes_and_probabilities(fitted):
     assert samples.shape == (7, 2) and labels.shape == (7,)
     assert np.isfinite(model.bic(X)) and np.isfinite(model.aic(X))
     n_mixture = sum(p.numel() for p in model.model_.mixture.parameters())
+    assert model.weights == "uniform"  # no free weights
     assert model.n_parameters() == n_mixture  # q(c|x) does not count
     assert model.aic(X) == pytest.approx(-2 * model.score(X) * len(X) + 2 * n_mixture)
     assert model.score(X) == pytest.approx(model.score_samples(X).mean())

@@ -179,6 +179,15 @@ def test_repeated_failures_stop_with_a_clear_error_and_finite_weights():
     assert all(torch.isfinite(p).all() for p in module.parameters())
 
 
+def test_non_finite_weights_on_entry_are_never_returned_as_trained():
+    module, objective, data = quadratic_problem()
+    with torch.no_grad():
+        module.weight.fill_(math.nan)  # e.g. corrupted between two stages
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError, match="started"):
+        train(module, objective, data, TrainConfig(max_epochs=1, batch_size=64),
+              generator=torch.Generator())  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("field", "value", "match"),
     [

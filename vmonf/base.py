@@ -349,14 +349,24 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             x_np = x_np.reshape(n, *shape)
         return x_np, labels.cpu().numpy().astype(np.int64)
 
+    def _build_to_load(self, state: dict[str, Tensor]) -> nn.Module:
+        """The untrained model that ``state`` (a saved state dict) loads into."""
+        return self._build()
+
     def _density_module(self) -> nn.Module:
-        """The part of the model that defines p(x) (what BIC/AIC count)."""
+        """The components that define p(x), mixing weights aside (what BIC/AIC count)."""
         return self.model_
 
+    def _n_weight_parameters(self) -> int:
+        """Free mixing weights fitted to the data: K - 1, or 0 when they are fixed."""
+        return 0
+
     def n_parameters(self) -> int:
-        """Number of trained scalars that define p(x) (for BIC/AIC)."""
+        """Number of fitted scalars that define p(x) (for BIC/AIC): the components'
+        trained parameters plus the free mixing weights."""
         self._check_is_fitted()
-        return sum(p.numel() for p in self._density_module().parameters() if p.requires_grad)
+        trained = self._density_module().parameters()
+        return sum(p.numel() for p in trained if p.requires_grad) + self._n_weight_parameters()
 
     def bic(self, X: object) -> float:
         """Bayesian information criterion on X (lower is better)."""
@@ -399,7 +409,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 setattr(estimator, name, _from_plain(value))
             estimator.standardizer_ = Standardizer(estimator.n_features_in_)
             estimator.standardizer_.load_state_dict(payload["standardizer"])
-            estimator.model_ = estimator._build()
+            estimator.model_ = estimator._build_to_load(payload["model"])
             estimator.model_.load_state_dict(payload["model"])
         except (KeyError, TypeError, RuntimeError) as exc:
             raise ValueError(

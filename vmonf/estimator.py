@@ -271,8 +271,11 @@ class VMoNF(MixtureEstimator):
     def _log_proba(self, u: Tensor) -> Tensor:
         return self.model_.posterior(u)
 
-    def _density_module(self) -> MixtureOfFlows:
-        return self.model_.mixture  # q(c|x) does not enter p(x)
+    def _density_module(self) -> ComponentFlows:
+        return self.model_.mixture.flows  # q(c|x) does not enter p(x)
+
+    def _n_weight_parameters(self) -> int:
+        return 0 if self.weights == "uniform" else self.n_components - 1
 
     def _sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return self.model_.mixture.sample(n, generator)

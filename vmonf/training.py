@@ -430,6 +430,14 @@ def train(
     if state.good_due and last_batch is not None:
         _check_last_update(objective, last_batch, state, good, module, result, device)
     result.n_steps = state.step - start_step
+    if not all(bool(torch.isfinite(p).all()) for p in params):
+        # Only possible when training started from non-finite weights (the restored
+        # "good" state) and no step was finite: there is nothing sound to return.
+        raise NonFiniteLossError(
+            "training ended with non-finite parameters: they were non-finite when it "
+            "started and no step was finite",
+            result,
+        )
     if best is not None and config.patience is not None:
         best.restore(module)
     module.eval()
