@@ -6,7 +6,8 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -29,6 +30,7 @@ from competitive.generators import (
 from vmonf._validation import (
     check_array,
     check_betas,
+    check_bool,
     check_choice,
     check_positive_float,
     check_positive_int,
@@ -233,9 +235,18 @@ class CompetitiveMixture(MixtureEstimator):
                 "none: use assignment='discriminator'"
             )
         if check_positive_float(self.base_df, "base_df", allow_none=True) and (
-            self.generator == "vae"
+            self.generator != "flow"
         ):
-            raise ValueError("base_df sets the flows' base distribution; VAE generators have none")
+            raise ValueError(
+                "base_df sets the flows' base distribution; "
+                f"{ {'vae': 'VAE', 'kmeans': 'k-means'}[self.generator] } generators have none"
+            )
+        if self.hidden_features is not None:
+            check_positive_int(self.hidden_features, "hidden_features")
+        check_positive_int(self.discriminator_hidden, "discriminator_hidden")
+        check_positive_int(self.discriminator_layers, "discriminator_layers", minimum=0)
+        for name in ("assign_with_weights", "keep_discriminators", "decoder_noise", "linear"):
+            check_bool(getattr(self, name), name)
         if isinstance(self.init, str):
             check_choice(self.init, "init", INITS)
         check_positive_int(self.pretrain_epochs, "pretrain_epochs")
@@ -295,7 +306,7 @@ class CompetitiveMixture(MixtureEstimator):
             return VAEGenerators(
                 d,
                 k,
-                hidden_features=self.hidden_features or 50,
+                hidden_features=50 if self.hidden_features is None else self.hidden_features,
                 n_hidden_layers=self.n_hidden_layers,
                 latent_features=self.latent_features,
                 activation=self.activation,
@@ -305,7 +316,7 @@ class CompetitiveMixture(MixtureEstimator):
             d,
             k,
             n_layers=self.n_layers,
-            hidden_features=self.hidden_features or 64,
+            hidden_features=64 if self.hidden_features is None else self.hidden_features,
             n_hidden_layers=self.n_hidden_layers,
             activation=self.activation,
             max_log_scale=self.max_log_scale,
@@ -422,13 +433,25 @@ class CompetitiveMixture(MixtureEstimator):
 
     def elbo(self, X: object) -> np.ndarray:
         """log sum_k pi_k exp(bound_k(x)), (N,), nats, user's units: exact log p(x) for
-        flows, a one-sample ELBO lower bound for VAEs."""
+        flows, a one-sample ELBO lower bound for VAEs (its noise drawn from a fixed seed:
+        the same X gives the same values, and torch's global RNG is left alone)."""
         u = self._validate_X(X)
-        return self._chunked(self._bound, u)
+        with self._fixed_noise():
+            return self._chunked(self._bound, u)
 
     def _bound(self, u: Tensor) -> Tensor:
         joint = self.model_.log_weights + self.model_.generators.log_likelihood_bound(u)
         return torch.logsumexp(joint, dim=1) + self.standardizer_.log_abs_det()
+
+    @contextmanager
+    def _fixed_noise(self) -> Iterator[None]:
+        """Within the block torch's global RNGs start from seed 0; restored after."""
+        cuda = self._torch_device.type == "cuda"
+        with torch.random.fork_rng(devices=[self._torch_device] if cuda else []):
+            torch.default_generator.manual_seed(0)
+            if cuda:
+                torch.cuda.manual_seed(0)  # the current device's, where the noise is drawn
+            yield
 
     # -- fitting -------------------------------------------------------------------------
     def _split(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
@@ -445,6 +468,11 @@ class CompetitiveMixture(MixtureEstimator):
         """(N_train, K) pre-training weights of ``init``."""
         k = self.n_components
         if not isinstance(self.init, str):
+            if np.ndim(self.init) != 1:
+                raise ValueError(
+                    f"init as an array must be 1-D, one owner per row of X; got shape "
+                    f"{np.shape(self.init)}"
+                )
             owners = check_array(self.init, "init", allow_1d=True)[:, 0]
             if owners.shape[0] != n or np.any(owners != np.round(owners)):
                 raise ValueError(f"init as an array must hold {n} integer owners, one per row of X")
@@ -510,7 +538,7 @@ class CompetitiveMixture(MixtureEstimator):
         if x_val is None:
             return math.nan
         self.model_.eval()
-        with torch.no_grad():
+        with torch.no_grad(), self._fixed_noise():
             return float(torch.cat([self._bound(c) for c in x_val.split(65536)]).mean())
 
     def _notify(self, round_: int) -> None:

@@ -26,8 +26,8 @@ from typing import ClassVar
 import torch
 from torch import Tensor, nn
 
-from vmonf._validation import check_positive_int
-from vmonf.coupling import BatchedMLP, bounded_log_scale
+from vmonf._validation import check_bool, check_choice, check_positive_int
+from vmonf.coupling import ACTIVATIONS, BatchedMLP, bounded_log_scale
 from vmonf.flows import ComponentFlows, group_by_component, sample_by_component
 from vmonf.resume import Checkpointer
 from vmonf.training import TrainConfig, TrainResult, train
@@ -204,7 +204,8 @@ class VAEGenerators(Generators):
         self.latent_features = check_positive_int(latent_features, "latent_features")
         hidden = check_positive_int(hidden_features, "hidden_features")
         layers = check_positive_int(n_hidden_layers, "n_hidden_layers", minimum=0)
-        self.decoder_noise = bool(decoder_noise)
+        self.decoder_noise = check_bool(decoder_noise, "decoder_noise")
+        check_choice(activation, "activation", ACTIVATIONS)
         self.max_log_var = float(max_log_var)
         k, d, z = n_components, n_features, self.latent_features
         self.encoder = BatchedMLP(k, d, 2 * z, hidden, layers, activation, zero_last=False)

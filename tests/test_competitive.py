@@ -270,7 +270,10 @@ def test_discriminator_assignment_with_vaes_and_its_save_load(tmp_path):
     ).fit(X)  # fmt: skip
     with pytest.raises(NoExactLikelihoodError, match="KDE protocol"):
         model.score_samples(X)
-    assert np.all(np.isfinite(model.elbo(X)))
+    state = torch.get_rng_state()
+    bound = model.elbo(X)  # a one-sample bound, from fixed noise
+    assert np.all(np.isfinite(bound)) and torch.equal(torch.get_rng_state(), state)
+    np.testing.assert_array_equal(model.elbo(X), bound)
     assert model.predict(X).shape == (300,)
     ratio = model.log_ratio(X)
     assert ratio.shape == (300, 3) and np.all(np.isfinite(ratio))
@@ -298,6 +301,19 @@ def test_baselines_bagging_and_single_model():
         ({"assignment": "soft"}, ValueError, "assignment"),
         ({"generator": "vae", "assignment": "exact"}, ValueError, "discriminator"),
         ({"generator": "vae", "assignment": "discriminator", "base_df": 5.0}, ValueError, "VAE"),
+        ({"generator": "kmeans", "base_df": 5.0}, ValueError, "k-means generators have none"),
+        ({"hidden_features": 0}, ValueError, "hidden_features"),
+        ({"discriminator_hidden": 0}, ValueError, "discriminator_hidden"),
+        ({"discriminator_layers": -1}, ValueError, "discriminator_layers"),
+        ({"assign_with_weights": "no"}, TypeError, "assign_with_weights must be True or False"),
+        ({"keep_discriminators": 1}, TypeError, "keep_discriminators"),
+        ({"decoder_noise": "False"}, TypeError, "decoder_noise"),
+        (
+            {"generator": "vae", "assignment": "discriminator", "activation": "foo"},
+            ValueError,
+            "activation",
+        ),
+        ({"init": np.zeros((60, 3), dtype=int)}, ValueError, "init as an array must be 1-D"),
         ({"init": "kmeans++"}, ValueError, "init"),
         ({"min_share": 0.5}, ValueError, "min_share"),
         ({"tol": 1.0}, ValueError, "tol"),

@@ -272,3 +272,5 @@ def test_bad_inputs_give_clear_errors():
             ComponentFlows(n_features=2, base_df=bad)
     with pytest.raises(TypeError, match="base_df"):
         ComponentFlows(n_features=2, base_df="5")
+    with pytest.raises(TypeError, match="actnorm must be True or False"):
+        ComponentFlows(n_features=2, actnorm="False")  # a non-empty str is truthy

@@ -20,6 +20,7 @@ __all__ = [
     "MAX_SEED",
     "check_array",
     "check_betas",
+    "check_bool",
     "check_choice",
     "check_integer_labels",
     "check_labels",
@@ -143,6 +144,14 @@ def check_positive_float(
         bound = ">= 0" if allow_zero else "> 0"
         raise ValueError(f"{name} must be finite and {bound}, got {value}")
     return value
+
+
+def check_bool(value: object, name: str) -> bool:
+    """Return ``value`` if it is a bool (numpy's included): a string such as "False"
+    would otherwise read as True."""
+    if not isinstance(value, bool | np.bool_):
+        raise TypeError(f"{name} must be True or False, got {value!r}")
+    return bool(value)
 
 
 def check_widths(value: object, name: str) -> tuple[int, ...]:

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 
 from vmonf._validation import (
     check_array,
+    check_bool,
     check_choice,
     check_labels,
     check_positive_float,
@@ -144,8 +145,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         check_choice(self.dtype, "dtype", tuple(DTYPES))
         if self.n_threads is not None:
             check_positive_int(self.n_threads, "n_threads")
-        if not isinstance(self.compile, bool):
-            raise TypeError(f"compile must be True or False, got {self.compile!r}")
+        check_bool(self.compile, "compile")
         fraction = check_positive_float(
             self.validation_fraction, "validation_fraction", allow_zero=True
         )

@@ -10,7 +10,7 @@ import torch
 from nflows.distributions.normal import StandardNormal
 from torch import Tensor, nn
 
-from vmonf._validation import check_choice, check_positive_float, check_positive_int
+from vmonf._validation import check_bool, check_choice, check_positive_float, check_positive_int
 from vmonf.coupling import ACTIVATIONS, ActNorm, AffineCoupling, LULinear, coupling_forward
 
 __all__ = [
@@ -167,8 +167,8 @@ class ComponentFlows(nn.Module):
         self.n_hidden_layers = check_positive_int(n_hidden_layers, "n_hidden_layers", minimum=0)
         self.activation = check_choice(activation, "activation", ACTIVATIONS)
         self.max_log_scale = check_positive_float(max_log_scale, "max_log_scale")
-        self.actnorm = bool(actnorm)
-        self.linear = bool(linear)
+        self.actnorm = check_bool(actnorm, "actnorm")
+        self.linear = check_bool(linear, "linear")
         self.base_df = check_positive_float(base_df, "base_df", allow_none=True)
         if self.base_df is not None and self.base_df < MIN_BASE_DF:
             # Below it a float32 df rounds to a subnormal or zero, which the
