@@ -37,6 +37,7 @@ from vmonf._validation import (
 )
 from vmonf.base import MixtureEstimator
 from vmonf.distributed import gather_rows
+from vmonf.mixture import draw_components, generator_on
 from vmonf.resume import Checkpointer
 from vmonf.training import NonFiniteLossError, TrainConfig
 
@@ -388,9 +389,7 @@ class CompetitiveMixture(MixtureEstimator):
         return torch.log_softmax(self._scores(u), dim=1)
 
     def _sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-        probs = self.model_.log_weights.exp().double().cpu()
-        components = torch.multinomial(probs, n, replacement=True, generator=generator)
-        components = components.to(self._torch_device)
+        components = draw_components(self.model_.log_weights, n, generator)
         return self.model_.generators.sample_components(components, generator), components
 
     def _fitted_state(self) -> dict[str, Any]:
@@ -518,7 +517,9 @@ class CompetitiveMixture(MixtureEstimator):
                 model.discriminators = self._build_discriminators()
             model.generators.eval()
             with torch.no_grad():
-                fake = model.generators.sample(x.shape[0], generator)
+                # The fit's generator draws batch orders on the CPU; fakes are drawn where
+                # the model is.
+                fake = model.generators.sample(x.shape[0], generator_on(x.device, generator))
             fit_discriminators(
                 model.discriminators,
                 x,

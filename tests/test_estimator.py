@@ -46,6 +46,15 @@ def test_fit_returns_self_and_sets_fitted_attributes(fitted):
     assert set(model.history_) >= {"loss", "val_loss", "lr", "time", "temperature"}
     assert np.isfinite(model.elbo_)
     assert adjusted_rand_score(y, model.predict(X)) > 0.95
+    np.testing.assert_array_equal(model.labels_, model.predict(X))
+
+
+def test_elbo_attribute_is_the_mean_elbo_in_the_users_units():
+    X, _ = blobs()
+    model = VMoNF(3, random_state=0, **FAST).fit(X)  # no validation split: on X
+    assert model.elbo_ == pytest.approx(model.elbo(X).mean(), abs=1e-5)
+    scaled = VMoNF(3, random_state=0, **FAST).fit(100 * X)
+    assert scaled.elbo_ == pytest.approx(model.elbo_ - 2 * np.log(100), abs=1e-4)
 
 
 def test_output_shapes_and_probabilities(fitted):
@@ -99,6 +108,7 @@ def test_save_load_round_trip(fitted, tmp_path):
     assert loaded.get_params() == {**model.get_params(), "callback": None}
     assert loaded.history_ == model.history_
     assert loaded.fit_time_ == model.fit_time_ > 0
+    np.testing.assert_array_equal(loaded.labels_, model.labels_)
     np.testing.assert_array_equal(loaded.weights_, model.weights_)
 
 
@@ -241,6 +251,9 @@ def test_top_k_elbo_fits_reproducibly_and_round_trips(tmp_path, monkeypatch):
     assert adjusted_rand_score(y, model.predict(X)) > 0.95
     loaded = VMoNF.load(model.save(tmp_path / "model.pt"))
     assert loaded.get_params()["elbo_top_k"] == 2
+    # elbo() and elbo_ report the top-2 bound that was trained (the full-K one with a
+    # q trained on 2 components can look diverged).
+    assert model.converged_ and model.elbo_ == pytest.approx(model.elbo(X).mean(), abs=1e-5)
 
 
 def test_save_load_is_exact_for_data_far_from_zero_in_float32(tmp_path):

@@ -209,6 +209,17 @@ def test_top_k_loss_still_bounds_log_p(objective):
         assert torch.all(bound <= model.mixture.log_prob(x) + 1e-12)
 
 
+def test_top_k_elbo_is_the_bound_the_top_k_loss_trains():
+    model = random_model(k=5).double()
+    x = torch.randn(100, 2, dtype=torch.float64)
+    unlabelled = torch.full((100,), -1)
+    with torch.no_grad():
+        trained = -model.loss(x, unlabelled, alpha=1.0, objective="elbo", top_k=2)
+        torch.testing.assert_close(model.elbo(x, top_k=2), trained)
+        torch.testing.assert_close(model.elbo(x, top_k=5), model.elbo(x))  # every component
+        assert torch.all(model.elbo(x, top_k=2) <= model.mixture.log_prob(x) + 1e-12)
+
+
 def test_top_k_path_initialises_actnorm_from_the_whole_batch():
     """The regrouped slices repeat point 0 as padding; ActNorm must not see them."""
 

@@ -219,6 +219,24 @@ def test_one_nan_loss_is_skipped_with_a_warning_and_the_fit_completes(monkeypatc
     assert not np.array_equal(model.score_samples(X), reference.score_samples(X))
 
 
+def test_a_restart_that_fails_leaves_the_estimator_not_converged(monkeypatch):
+    X = np.random.default_rng(0).normal(size=(200, 2))
+    original = VariationalMixture.loss
+    calls = []
+
+    def nan_from_the_second_restart(self, *args, **kwargs):  # restart 1: 4 + 1 + 4 + 1 calls
+        calls.append(1)
+        loss = original(self, *args, **kwargs)
+        return loss * torch.nan if len(calls) > 10 else loss
+
+    monkeypatch.setattr(VariationalMixture, "loss", nan_from_the_second_restart)
+    model = VMoNF(2, **{**TINY_VMONF, "n_init": 2, "max_epochs": 3})
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError):
+        model.fit(X)
+    assert model.converged_ is False  # the first restart's fit is kept, but not converged
+    assert np.isfinite(model.score_samples(X)).all()
+
+
 def test_a_finite_but_diverged_fit_is_not_reported_as_converged():
     X = np.random.default_rng(0).normal(size=(300, 2))
     good = VMoNF(3, **{**TINY_VMONF, "max_epochs": 3}).fit(X)

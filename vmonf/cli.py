@@ -493,7 +493,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "fitted": {
             "weights": estimator.weights_,
             "n_epochs": estimator.n_iter_,
-            "validation_elbo": estimator.elbo_,
+            "elbo": estimator.elbo_,  # the fitted attribute: see VMoNF
             "converged": estimator.converged_,
         },
         "history": estimator.history_,

@@ -108,7 +108,10 @@ class VMoNF(MixtureEstimator):
             the model being trained (e.g. to record animation frames).
 
     Fitted attributes: ``weights_`` (K,), ``history_`` (per-epoch lists),
-    ``n_iter_`` (epochs), ``n_features_in_``, ``elbo_`` (mean held-out ELBO, nats),
+    ``n_iter_`` (epochs), ``n_features_in_``, ``labels_`` ((N,), the most probable
+    component of each row of X under q(c|x)), ``elbo_`` (mean ELBO, nats, user's units, on
+    the validation split, or on the training data when ``validation_fraction=0``; with
+    ``elbo_top_k`` the top-k bound),
     ``converged_`` (False when the ELBO is non-finite or the fit diverged: ELBO more than
     log K + 1 nats below the untrained model's), ``fit_time_`` (s, with the time before a
     resume).
@@ -287,6 +290,7 @@ class VMoNF(MixtureEstimator):
             "n_iter_": self.n_iter_,
             "elbo_": self.elbo_,
             "converged_": self.converged_,
+            "labels_": self.labels_,
         }
 
     # -- fitting -----------------------------------------------------------------------
@@ -338,9 +342,12 @@ class VMoNF(MixtureEstimator):
         started = time.perf_counter()
         scored = x if val is None else val
 
-        def mean_elbo() -> float:
+        def negative_bound(batch: tuple[Tensor, ...], _: int) -> Tensor:
+            return -model.elbo(batch[0], top_k=self.elbo_top_k).mean()
+
+        def mean_elbo() -> float:  # standardised units
             model.eval()
-            return -evaluate(lambda b, _: -model.elbo(b[0]).mean(), (scored,), 0)
+            return -evaluate(negative_bound, (scored,), 0)
 
         initial_elbo = mean_elbo()
         init_labels = self._initial_labels(x, y, seed)
@@ -450,31 +457,34 @@ class VMoNF(MixtureEstimator):
                 if best is None:
                     partial = exc.result or TrainResult()
                     best = _Fit(model, partial.history, partial.n_epochs, math.nan, math.nan)
-                self._set_fitted(best, warn=False)
+                self._set_fitted(best, x, warn=False)
+                self.converged_ = False  # even when an earlier restart's fit is kept
                 raise
             if best is None or fitted.elbo > best.elbo:
                 best = fitted
-        self._set_fitted(best)
+        self._set_fitted(best, x)
 
-    def _set_fitted(self, fit: _Fit, warn: bool = True) -> None:
-        """Store ``fit`` as the fitted state; ``converged_`` is False (with a
-        ConvergenceWarning) when its ELBO is non-finite or shows divergence."""
+    def _set_fitted(self, fit: _Fit, x: Tensor, warn: bool = True) -> None:
+        """Store ``fit`` as the fitted state (``labels_`` of every row of ``x``);
+        ``converged_`` is False (with a ConvergenceWarning) when its ELBO is non-finite
+        or shows divergence."""
         model = fit.model
         self.model_ = model
         self.history_ = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
         self.n_iter_ = fit.n_epochs
-        self.elbo_ = float(fit.elbo)
+        self.elbo_ = float(fit.elbo) + float(self.standardizer_.log_abs_det())  # user's units
         self.weights_ = model.mixture.log_weights().exp().detach().double().cpu().numpy()
+        self.labels_ = self._chunked(self._log_proba, x).argmax(axis=1).astype(np.int64)
         floor = fit.initial_elbo - math.log(self.n_components) - DIVERGENCE_MARGIN
-        diverged = self.elbo_ < floor
-        self.converged_ = bool(np.isfinite(self.elbo_)) and not diverged
+        diverged = fit.elbo < floor
+        self.converged_ = bool(np.isfinite(fit.elbo)) and not diverged
         if not warn or self.converged_:
             return
         if diverged:
             message = (
-                f"VMoNF fit diverged: its ELBO ({self.elbo_:.4g} nats) is more than log K + "
-                f"{DIVERGENCE_MARGIN:g} below the untrained model's ({fit.initial_elbo:.4g}) "
-                "on the same data; lower learning_rate"
+                f"VMoNF fit diverged: its ELBO is {fit.initial_elbo - fit.elbo:.4g} nats per "
+                f"point below the untrained model's, more than log K + {DIVERGENCE_MARGIN:g}; "
+                "lower learning_rate"
             )
         else:
             message = "VMoNF fit ended with a non-finite ELBO"
@@ -494,10 +504,11 @@ class VMoNF(MixtureEstimator):
         return self.predict_proba(X, posterior).argmax(axis=1).astype(np.int64)
 
     def elbo(self, X: object) -> np.ndarray:
-        """ELBO of each row, (N,), nats, in the user's units (<= score_samples)."""
+        """ELBO of each row, (N,), nats, in the user's units (<= score_samples); with
+        ``elbo_top_k``, the top-k bound that the fit trained."""
         u = self._validate_X(X)
         log_det = self.standardizer_.log_abs_det()
-        return self._chunked(lambda c: self.model_.elbo(c) + log_det, u)
+        return self._chunked(lambda c: self.model_.elbo(c, top_k=self.elbo_top_k) + log_det, u)
 
     def suggest_labels(self, X: object, n: int = 10) -> np.ndarray:
         """Indices of the ``n`` rows whose q(c|x) has the highest entropy (most worth labelling)."""

@@ -10,9 +10,27 @@ from torch import Tensor, nn
 from vmonf._validation import check_choice, check_positive_int
 from vmonf.flows import ComponentFlows, group_by_component
 
-__all__ = ["WEIGHT_MODES", "MixtureOfFlows"]
+__all__ = ["WEIGHT_MODES", "MixtureOfFlows", "draw_components", "generator_on"]
 
 WEIGHT_MODES = ("uniform", "learned", "responsibilities")
+
+
+def draw_components(log_weights: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
+    """n component indices ~ Categorical(exp(log_weights)), (n,) int64 on log_weights'
+    device; drawn on the generator's device (CPU without one)."""
+    device = "cpu" if generator is None else generator.device
+    probs = log_weights.detach().double().exp().to(device)
+    components = torch.multinomial(probs, n, replacement=True, generator=generator)
+    return components.to(log_weights.device)
+
+
+def generator_on(device: torch.device, generator: torch.Generator) -> torch.Generator:
+    """``generator`` if it draws on ``device``'s type, else a new one there seeded from
+    one draw of it (torch samplers need a generator of the tensor's device)."""
+    if generator.device.type == torch.device(device).type:
+        return generator
+    seed = int(torch.randint(2**62, (), generator=generator, device=generator.device))
+    return torch.Generator(device=device).manual_seed(seed)
 
 
 class MixtureOfFlows(nn.Module):
@@ -87,7 +105,5 @@ class MixtureOfFlows(nn.Module):
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
         """Draw n points: components ~ Categorical(pi), then x ~ p_k. -> ((n, D), (n,))."""
         n = check_positive_int(n, "n", minimum=0)
-        probs = self.log_weights().exp().float().cpu()
-        components = torch.multinomial(probs, n, replacement=True, generator=generator)
-        components = components.to(self.weight_logits.device)
+        components = draw_components(self.log_weights(), n, generator)
         return self.flows.sample_components(components, generator), components

@@ -40,17 +40,13 @@ class VariationalMixture(nn.Module):
         label first and keeps the exact labelled loss.
         """
         log_q = self.posterior(x, temperature)
-        if top_k is not None:
-            check_positive_int(top_k, "top_k")
-        if top_k is None or top_k >= self.mixture.n_components:
+        if not self._uses_top_k(top_k):
             log_joint = self.mixture.log_joint(x)
             return mixture_loss(log_joint, log_q, y, alpha=alpha, objective=objective)
         labelled = y >= 0
         ranking = log_q.detach().clone()
         ranking[labelled, y[labelled]] = torch.inf  # the label takes the first slot
-        components = ranking.topk(top_k, dim=1).indices  # (N, top_k)
-        log_joint = self.mixture.log_joint_at(x, components)
-        log_q_top = log_q.gather(1, components)
+        log_joint, log_q_top = self._at_top_k(x, log_q, ranking, top_k)
         renormalised = log_q_top - log_q_top.logsumexp(1, keepdim=True)
         first = torch.zeros_like(y)
         return torch.where(
@@ -59,6 +55,24 @@ class VariationalMixture(nn.Module):
             unlabelled_loss(log_joint, renormalised, alpha=alpha, objective=objective),
         )
 
-    def elbo(self, x: Tensor, temperature: float | None = None) -> Tensor:
-        """ELBO per point (N,), nats."""
-        return elbo(self.mixture.log_joint(x), self.posterior(x, temperature))
+    def elbo(self, x: Tensor, temperature: float | None = None, top_k: int | None = None) -> Tensor:
+        """ELBO per point (N,), nats; with ``top_k``, the bound over each point's
+        ``top_k`` most probable components that :meth:`loss` trains (q renormalised)."""
+        log_q = self.posterior(x, temperature)
+        if not self._uses_top_k(top_k):
+            return elbo(self.mixture.log_joint(x), log_q)
+        log_joint, log_q_top = self._at_top_k(x, log_q, log_q.detach(), top_k)
+        return elbo(log_joint, log_q_top - log_q_top.logsumexp(1, keepdim=True))
+
+    def _uses_top_k(self, top_k: int | None) -> bool:
+        if top_k is None:
+            return False
+        return check_positive_int(top_k, "top_k") < self.mixture.n_components
+
+    def _at_top_k(
+        self, x: Tensor, log_q: Tensor, ranking: Tensor, top_k: int
+    ) -> tuple[Tensor, Tensor]:
+        """log p(x, c) and log q(c|x) at each point's ``top_k`` best-ranked components,
+        (N, top_k) each; each flow runs only on the points that list it."""
+        components = ranking.topk(top_k, dim=1).indices
+        return self.mixture.log_joint_at(x, components), log_q.gather(1, components)
