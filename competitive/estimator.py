@@ -134,6 +134,7 @@ class CompetitiveMixture(MixtureEstimator):
     """
 
     _checkpoint_kind = "CompetitiveMixture"
+    _uses_labels = False  # unsupervised: fit(X, y) ignores y, as scikit-learn's KMeans
 
     def __init__(
         self,
@@ -550,8 +551,6 @@ class CompetitiveMixture(MixtureEstimator):
     def _fit(
         self, x: Tensor, y: Tensor, generator: torch.Generator, checkpointer: Checkpointer | None
     ) -> None:
-        if bool((y >= 0).any()):
-            raise ValueError("CompetitiveMixture is unsupervised: fit(X) takes no labels y")
         started = time.perf_counter()
         train_idx, val_idx = self._split(x.shape[0], generator)
         x_train = x[train_idx]

@@ -210,3 +210,17 @@ def test_reporting_checks_its_inputs_up_front(tmp_path):
         )
     path = reporting.write_json({"a": float("nan")}, str(tmp_path / "m.json"))  # a str path
     assert path.read_text().strip().endswith("}")
+
+
+def test_vmonf_never_imports_competitive_unless_a_command_needs_it():
+    code = (
+        "import sys\n"
+        "from vmonf.cli import build_parser, main\n"
+        "build_parser()\n"
+        "assert main(['fit', '--help']) == 0\n"
+        "assert 'competitive' not in sys.modules, 'imported'\n"
+        "assert main(['report', '--cases', 'nope']) == 2  # its options: competitive's\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert "nope" in done.stderr

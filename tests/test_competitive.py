@@ -404,8 +404,9 @@ def test_bic_counts_the_generators_and_the_free_weights_not_the_discriminators()
 
 def test_bad_input_and_labels():
     X, y = blobs(60)
-    with pytest.raises(ValueError, match="unsupervised"):
-        CompetitiveMixture(3, **FAST).fit(X, y)
+    without = CompetitiveMixture(3, **FAST, random_state=0).fit(X)
+    ignored = CompetitiveMixture(3, **FAST, random_state=0).fit(X, y + 7)  # any labels
+    np.testing.assert_array_equal(ignored.labels_, without.labels_)
     with pytest.raises(ValueError, match="NaN"):
         CompetitiveMixture(3, **FAST).fit(np.full((10, 2), np.nan))
     with pytest.raises(ValueError, match="not fitted"):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import sklearn.exceptions
 import torch
 from sklearn.base import clone
 from sklearn.metrics import adjusted_rand_score
@@ -133,8 +134,8 @@ def test_sklearn_conventions():
     assert model.get_params()["n_components"] == 4
     assert clone(model).get_params() == model.get_params()
     assert model.set_params(n_components=2) is model and model.n_components == 2
-    with pytest.raises(NotFittedError, match="not fitted"):
-        model.predict(np.zeros((2, 2)))
+    with pytest.raises(sklearn.exceptions.NotFittedError, match="not fitted"):
+        model.predict(np.zeros((2, 2)))  # scikit-learn's exception, as its tools expect
     X, _ = blobs(200)
     a = VMoNF(3, random_state=0, **FAST)
     np.testing.assert_array_equal(a.fit_predict(X), a.predict(X))

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Self
 
 import numpy as np
+import sklearn.exceptions
 import torch
 from sklearn.base import BaseEstimator, ClusterMixin, DensityMixin
 from torch import Tensor, nn
@@ -85,8 +86,9 @@ def _from_plain(value: object) -> object:
     return value.numpy() if isinstance(value, Tensor) else value
 
 
-class NotFittedError(ValueError, AttributeError):
-    """The estimator was used before ``fit``."""
+class NotFittedError(sklearn.exceptions.NotFittedError):
+    """The estimator was used before ``fit`` (a ValueError and an AttributeError, as
+    scikit-learn's, which it subclasses)."""
 
 
 class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
@@ -107,6 +109,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     """
 
     _checkpoint_kind = "MixtureEstimator"
+    _uses_labels = True  # False: fit ignores y, as scikit-learn's unsupervised estimators
 
     # -- hooks --------------------------------------------------------------------------
     @abstractmethod
@@ -244,7 +247,8 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     # -- public API --------------------------------------------------------------------
     def fit(self, X: object, y: object | None = None, *, resume: bool = False) -> Self:
         """Fit to X (N, D) or images (N, H, W), flattened; ``y`` (N,) optional labels in
-        [-1, K), -1 = unlabelled. For pixel data see :class:`vmonf.images.ImageMixture`.
+        [-1, K), -1 = unlabelled (ignored by unsupervised estimators). For pixel data see
+        :class:`vmonf.images.ImageMixture`.
 
         With a ``checkpoint`` path the training state is saved there every
         ``checkpoint_every`` steps / ``checkpoint_seconds`` seconds and on Ctrl-C
@@ -262,9 +266,9 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 f"({x.shape[0]})"
             )
         labels = (
-            np.full(x.shape[0], -1, dtype=np.int64)
-            if y is None
-            else check_labels(y, x.shape[0], self.n_components)
+            check_labels(y, x.shape[0], self.n_components)
+            if y is not None and self._uses_labels
+            else np.full(x.shape[0], -1, dtype=np.int64)
         )
         seed = check_seed(self.random_state)  # a plain int (torch refuses numpy ints)
         if seed is None:

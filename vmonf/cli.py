@@ -777,17 +777,25 @@ def run_compete(args: argparse.Namespace) -> int:
 
 
 def add_report_command(subparsers: argparse._SubParsersAction) -> None:
-    """Register ``vmonf report`` (options and work live in :mod:`competitive.report`)."""
-    from competitive import report  # imported when the parser is built, never with vmonf
-
+    """Register ``vmonf report``. Its options and work live in :mod:`competitive.report`
+    and are read only when it runs (:func:`_run_report`), so that no other command, nor
+    building this parser, imports ``competitive``."""
     p = subparsers.add_parser(
         "report",
         help="soft vs hard assignment and discriminator vs exact likelihoods on the toy suite",
-        description=report.DESCRIPTION,
-        formatter_class=_HelpFormatter,
+        add_help=False,  # --help too is the report parser's
     )
-    report.add_arguments(p)
-    p.set_defaults(handler=report.run)
+    p.set_defaults(handler=_run_report, takes_own_options=True)
+
+
+def _run_report(args: argparse.Namespace) -> int:
+    from competitive import report
+
+    parser = _Parser(
+        prog=f"{PROG} report", description=report.DESCRIPTION, formatter_class=_HelpFormatter
+    )
+    report.add_arguments(parser)
+    return report.run(parser.parse_args(args.own_options))
 
 
 # --------------------------------------------------------------------------- entry point
@@ -848,7 +856,10 @@ def _main(argv: Sequence[str] | None) -> int:
     parser = build_parser()
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
-        args = parser.parse_args(argv)
+        args, rest = parser.parse_known_args(argv)
+        if rest and not getattr(args, "takes_own_options", False):
+            parser.error(f"unrecognized arguments: {' '.join(rest)}")
+        args.own_options = rest
         if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
             return _relaunch_under_torchrun(argv, args.nproc)
         return int(args.handler(args))
