@@ -49,7 +49,10 @@ class _HelpFormatter(argparse.HelpFormatter):
         default = action.default
         if (
             "default" in text
-            or default in (None, False, [], argparse.SUPPRESS)
+            or default is None
+            or default is False  # by identity: 0 == False, and a 0 default is worth showing
+            or default == []
+            or default is argparse.SUPPRESS
             or action.option_strings == []
         ):
             return text
@@ -445,7 +448,7 @@ def run_fit(args: argparse.Namespace) -> int:
     recording = 0.0 if recorder is None else recorder.seconds  # frames drawn during the fit
     if recorder is not None:
         estimator.set_params(callback=None)  # a callable cannot go into model.pt
-        recorder.add(estimator.score_samples, "final model (best validation epoch)")
+        recorder.add(estimator.score_samples, "final model")
 
     results = reporting.evaluate_on_toy(estimator, toy, X_test, y_test, labelled=labelled)
     results["fit_time"] = estimator.fit_time_ - recording
