@@ -12,6 +12,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from vmonf.flows import check_components
+
 __all__ = ["hard_assign", "min_count", "mixing_weights", "training_weights"]
 
 
@@ -26,6 +28,9 @@ def hard_assign(scores: Tensor, previous: Tensor | None = None) -> Tensor:
     is_max = scores == scores.max(dim=1, keepdim=True).values
     owner = is_max.to(torch.uint8).argmax(dim=1)  # first (lowest) maximal index
     if previous is not None:
+        previous = check_components(previous, scores.shape[1], scores.device, "previous")
+        if previous.numel() != scores.shape[0]:
+            raise ValueError(f"previous has {previous.numel()} owners for {scores.shape[0]} points")
         keep = is_max.gather(1, previous[:, None]).squeeze(1)
         owner = torch.where(keep, previous, owner)
     return owner
@@ -43,6 +48,9 @@ def training_weights(assignment: Tensor, scores: Tensor, minimum: int) -> Tensor
     ``minimum`` best-scoring points (which keep their owner), so it can recover.
     """
     n, k = scores.shape
+    assignment = check_components(assignment, k, scores.device, "assignment")
+    if assignment.numel() != n:
+        raise ValueError(f"assignment has {assignment.numel()} owners for {n} points")
     weights = F.one_hot(assignment, k).to(scores.dtype)
     minimum = min(minimum, n)
     if minimum == 0:
@@ -60,6 +68,7 @@ def mixing_weights(assignment: Tensor, n_components: int, minimum: int) -> Tenso
 
     The remaining shares are renormalised to sum to 1.
     """
+    assignment = check_components(assignment, n_components, assignment.device, "assignment")
     counts = torch.bincount(assignment, minlength=n_components).to(torch.float64)
     kept = torch.where(counts >= max(minimum, 1), counts, torch.zeros_like(counts))
     if float(kept.sum()) == 0.0:  # nobody reaches the minimum: fall back to plain shares

@@ -64,6 +64,12 @@ class Discriminators(nn.Module):
 
     def log_ratio(self, x: Tensor) -> Tensor:
         """Unnormalised log (1 - D_k)/D_k ~ log p_k(x) - log p_data(x): (N, D) -> (N, K)."""
+        reference = self.net.weights[0]
+        if x.dim() != 2 or x.shape[1] != self.n_features or x.dtype != reference.dtype:
+            raise ValueError(
+                f"x must be (N, {self.n_features}) of {reference.dtype}, got "
+                f"{tuple(x.shape)} {x.dtype}"
+            )
         return -self(x)
 
 
@@ -112,5 +118,7 @@ def log_ratio_normaliser(discriminators: Discriminators, x: Tensor, chunk: int =
     Subtracting it makes the ratio estimate average 1 over the data, as
     p_k / p_data does; the paper's Z_k is N times this mean.
     """
+    if x.shape[0] == 0:
+        raise ValueError("log_ratio_normaliser needs at least one point")
     log_r = torch.cat([discriminators.log_ratio(c) for c in x.split(chunk)])
     return torch.logsumexp(log_r, dim=0) - math.log(x.shape[0])

@@ -28,7 +28,12 @@ from torch import Tensor, nn
 
 from vmonf._validation import check_bool, check_choice, check_positive_int
 from vmonf.coupling import ACTIVATIONS, BatchedMLP, bounded_log_scale
-from vmonf.flows import ComponentFlows, group_by_component, sample_by_component
+from vmonf.flows import (
+    ComponentFlows,
+    check_components,
+    group_by_component,
+    sample_by_component,
+)
 from vmonf.resume import Checkpointer
 from vmonf.training import TrainConfig, TrainResult, train
 
@@ -74,9 +79,13 @@ class Generators(nn.Module, ABC):
         """Training loss of every generator at every point: x (N, D) -> (N, K), nats."""
         return self.stacked_loss(x.expand(self.n_components, *x.shape)).transpose(0, 1)
 
-    @abstractmethod
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` points from every generator: (K, n, D)."""
+        return self._sample(check_positive_int(n, "n", minimum=0), generator)
+
+    @abstractmethod
+    def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
+        """:meth:`sample` on a checked n."""
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Exact log p_k(x): (N, D) -> (N, K), nats."""
@@ -91,8 +100,9 @@ class Generators(nn.Module, ABC):
 
     def sample_components(self, components: Tensor, generator: torch.Generator | None) -> Tensor:
         """One point from generator ``components[i]`` for each i: (n,) -> (n, D), in chunks."""
+        components = check_components(components, self.n_components, self._reference.device)
         return sample_by_component(
-            lambda m: self.sample(m, generator), components, self.n_components
+            lambda m: self._sample(m, generator), components, self.n_components
         )
 
     def fit_weighted(
@@ -168,7 +178,7 @@ class FlowGenerators(Generators):
     def log_prob(self, x: Tensor) -> Tensor:
         return self.flows.log_prob(x)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
         return self.flows.sample(n, generator=generator)
 
     def sample_components(self, components: Tensor, generator: torch.Generator | None) -> Tensor:
@@ -230,7 +240,7 @@ class VAEGenerators(Generators):
     def log_likelihood_bound(self, x: Tensor) -> Tensor:
         return self.elbo(x)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
         ref = self._reference
         z = torch.randn(
             self.n_components, n, self.latent_features,
@@ -256,6 +266,10 @@ class KMeansGenerators(Generators):
     def __init__(self, n_features: int, n_components: int, centres: Tensor | None = None) -> None:
         super().__init__(n_features, n_components)
         initial = torch.randn(n_components, n_features) if centres is None else centres
+        if not isinstance(initial, Tensor):
+            raise TypeError(f"centres must be a torch.Tensor, got {type(centres).__name__}")
+        if not bool(torch.isfinite(initial).all()):
+            raise ValueError("centres must be finite")
         if tuple(initial.shape) != (n_components, n_features):
             raise ValueError(
                 f"centres must have shape ({n_components}, {n_features}), "
@@ -270,7 +284,7 @@ class KMeansGenerators(Generators):
     def log_prob(self, x: Tensor) -> Tensor:
         return -self.per_point_loss(x)
 
-    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+    def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
         c = self.centres
         noise = torch.randn(
             self.n_components, n, self.n_features, generator=generator, dtype=c.dtype,

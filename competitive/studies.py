@@ -36,6 +36,7 @@ from competitive.baselines import bagging, single_model
 from competitive.compare import RoundTracker, compare_with_exact
 from competitive.estimator import CompetitiveMixture
 from vmonf import datasets, metrics
+from vmonf._validation import check_positive_float, check_positive_int
 from vmonf.estimator import VMoNF
 from vmonf.reporting import evaluate_on_toy, partial_labels, plot_bounds
 
@@ -104,6 +105,11 @@ class StudySettings:
     discriminator: dict[str, Any] = field(default_factory=dict)
     max_rounds: int = 5
     figure_points: int = 2000
+
+    def __post_init__(self) -> None:
+        # Both studies assign by discriminators over rounds: at least one is needed.
+        check_positive_int(self.max_rounds, "max_rounds")
+        check_positive_float(self.budget, "budget")
 
     def scaled(self, case: Case) -> Case:
         """``case`` with this study's data size and epochs."""

@@ -26,6 +26,7 @@ from competitive import (
 )
 from competitive.assignment import hard_assign, mixing_weights, training_weights
 from competitive.discriminators import fit_discriminators, log_ratio_normaliser
+from competitive.studies import StudySettings
 from vmonf.cli import main
 from vmonf.training import NonFiniteLossError, TrainConfig
 
@@ -447,3 +448,29 @@ def test_the_command_prints_warnings_as_one_line_each(tmp_path, capsys):
 def test_vmonf_never_imports_competitive():
     code = "import sys, vmonf, vmonf.cli; assert 'competitive' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])
+
+
+def test_public_helpers_check_their_inputs():
+    scores = torch.zeros(3, 2)
+    with pytest.raises(ValueError, match=r"previous must lie in \[0, 2\)"):
+        hard_assign(scores, previous=torch.tensor([0, 1, 4]))
+    with pytest.raises(ValueError, match="assignment must lie"):
+        training_weights(torch.tensor([0, 1, 3]), scores, 1)
+    with pytest.raises(ValueError, match="assignment must lie"):
+        mixing_weights(torch.tensor([0, 1, 5]), 3, 1)  # was a (6,) vector
+    with pytest.raises(TypeError, match=r"centres must be a torch\.Tensor"):
+        KMeansGenerators(2, 3, centres=np.zeros((3, 2)))
+    with pytest.raises(ValueError, match="centres must be finite"):
+        KMeansGenerators(2, 1, centres=torch.full((1, 2), math.nan))
+    kmeans = KMeansGenerators(2, 3)
+    with pytest.raises(ValueError, match="n must be"):
+        kmeans.sample(-1)
+    with pytest.raises(ValueError, match=r"components must lie in \[0, 3\)"):
+        kmeans.sample_components(torch.tensor([0, 3]), None)
+    discriminators = Discriminators(2, 3, hidden_features=4)
+    with pytest.raises(ValueError, match="at least one point"):
+        log_ratio_normaliser(discriminators, torch.zeros(0, 2))
+    with pytest.raises(ValueError, match=r"x must be \(N, 2\)"):
+        discriminators.log_ratio(torch.zeros(4, 3))
+    with pytest.raises(ValueError, match="max_rounds"):
+        StudySettings(max_rounds=0)

@@ -17,6 +17,7 @@ __all__ = [
     "SAMPLE_CHUNK",
     "ComponentFlows",
     "alternating_masks",
+    "check_components",
     "group_by_component",
     "rank_within_groups",
     "sample_by_component",
@@ -98,6 +99,18 @@ def group_by_component(weights: Tensor) -> tuple[Tensor, Tensor]:
     slot_weights = weights.new_zeros(n_components, m)
     slot_weights[component, rank] = weights[point, component]
     return index, slot_weights
+
+
+def check_components(
+    components: object, n_components: int, device: torch.device, name: str = "components"
+) -> Tensor:
+    """``components`` as a 1-D int64 tensor on ``device`` of indices in [0, n_components)."""
+    components = torch.as_tensor(components, dtype=torch.long, device=device)
+    if components.dim() != 1:
+        raise ValueError(f"{name} must be 1-D, got shape {tuple(components.shape)}")
+    if components.numel() and (components.min() < 0 or components.max() >= n_components):
+        raise ValueError(f"{name} must lie in [0, {n_components})")
+    return components
 
 
 def sample_by_component(
@@ -358,11 +371,7 @@ class ComponentFlows(nn.Module):
 
         Streams in chunks of ``SAMPLE_CHUNK`` points (see :func:`sample_by_component`).
         """
-        components = torch.as_tensor(components, dtype=torch.long, device=self._reference.device)
-        if components.dim() != 1:
-            raise ValueError(f"components must be 1-D, got shape {tuple(components.shape)}")
-        if components.numel() and (components.min() < 0 or components.max() >= self.n_components):
-            raise ValueError(f"components must lie in [0, {self.n_components})")
+        components = check_components(components, self.n_components, self._reference.device)
         return self._sample_components(components, generator)
 
     def _sample_components(self, components: Tensor, generator: torch.Generator | None) -> Tensor:
