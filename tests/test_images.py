@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import gzip
 import importlib.util
+import io
 import math
+import pickle
 import struct
 from pathlib import Path
 
@@ -327,14 +329,59 @@ def test_image_mixture_validation(digits):
     with pytest.raises(ValueError, match=r"\[0, 16\)"):
         ImageMixture(_vmonf(), n_levels=16).fit(X)
     model.fit(X[:100])
-    with pytest.raises(ValueError, match="pixels"):
+    with pytest.raises(ValueError, match=r"shape \(4, 4\) per image, but \(8, 8\) is expected"):
         model.predict(np.zeros((2, 4, 4), dtype=np.uint8))
+    with pytest.raises(ValueError, match=r"shape \(4, 16\)"):  # 64 pixels, the wrong shape
+        model.predict(np.zeros((2, 4, 16), dtype=np.uint8))
+    assert model.predict(X[:3].reshape(3, 64)).shape == (3,)  # flattened: accepted
+    assert model.predict(X[:3, :, :, None]).shape == (3,)  # a channel axis of 1: accepted
+    with pytest.raises(ValueError, match="rectangular"):
+        model.predict([[[0, 1], [2]]])
+    with pytest.raises(ValueError, match="more images than pixels"):
+        ImageMixture(_vmonf(), n_levels=17, pca_components=5).fit(X[:64])
     before = (model.transform_, model.estimator_)
     with pytest.raises(ValueError, match="labels"):  # fails inside the wrapped fit
         model.fit(X[:50], np.full(49, -1))
     assert (model.transform_, model.estimator_) == before  # the old fit, kept whole
     with pytest.raises(ValueError, match="pca_components"):
         ImageMixture(_vmonf(), n_levels=17, pca_components=65).fit(X)
+
+
+def test_numpy_settings_save_and_load(digits, tmp_path):
+    X, _ = digits
+    model = ImageMixture(_vmonf(), n_levels=np.int64(17), logit_alpha=np.float64(0.05),
+                         pca_components=np.int64(8), random_state=np.int64(3))  # fmt: skip
+    loaded = ImageMixture.load(model.fit(X).save(tmp_path / "m.pt"))  # was refused on load
+    assert loaded.get_params(deep=False)["pca_components"] == 8
+    np.testing.assert_array_equal(loaded.score_samples(X[:20]), model.score_samples(X[:20]))
+
+
+def test_image_helpers_check_their_inputs(digits, tmp_path):
+    X, _ = digits
+    with pytest.raises(ValueError, match="fixed random_state"):
+        ImageMixture(_vmonf(checkpoint=tmp_path / "s.pt"), n_levels=17).fit(X, resume=True)
+    transform = ImageTransform(17)
+    with pytest.raises(ValueError, match="not fitted"):
+        transform.forward(np.zeros((2, 64)))
+    transform.fit(np.full((3, 64), 0.5))
+    with pytest.raises(ValueError, match=r"v must be \(N, 64\)"):
+        transform.forward(np.zeros((2, 63)))
+    assert quantize(np.array([[0.99]]), 70_000)[0, 0] == 69_300  # uint16 wrapped to 3764
+    rng = np.random.default_rng(0)
+    one_feature = im.frechet_distance(rng.normal(size=(50, 1)), rng.normal(size=(50, 1)))
+    assert np.isfinite(one_feature)
+
+
+def test_an_unreadable_data_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
+    arrays = {"train_x": np.zeros((2, 2, 2), np.uint8), "train_y": np.zeros(2, np.int64)}
+    monkeypatch.setitem(image_data._SOURCES, "fake", (lambda: arrays, True, 2))
+    monkeypatch.setenv("VMONF_DATA", str(tmp_path))
+    (tmp_path / "fake.npz").write_bytes(b"truncated")
+    with pytest.warns(RuntimeWarning, match="unreadable"):
+        rebuilt = image_data._arrays.__wrapped__("fake")
+    np.testing.assert_array_equal(rebuilt["train_x"], arrays["train_x"])
+    assert (tmp_path / "fake.npz").stat().st_mode & 0o777 == 0o644  # readable when shared
+    assert image_data._arrays.__wrapped__("fake")["train_y"].shape == (2,)  # from the cache
 
 
 def test_estimators_accept_image_shaped_input(tmp_path):
@@ -374,7 +421,7 @@ def test_lenet_is_deterministic_and_accurate(digits_lenet):
     b = im.train_lenet(X[:64], y[:64], 17, epochs=1, seed=3)
     assert im._weights_hash(a) == im._weights_hash(b)
     assert digits_lenet.features(X).shape == (X.shape[0], 84)
-    with pytest.raises(ValueError, match="expects"):
+    with pytest.raises(ValueError, match="is expected"):
         digits_lenet.features(np.zeros((2, 28, 28), dtype=np.uint8))
 
 
@@ -424,3 +471,16 @@ def test_component_grids(tmp_path, digits):
         plot_component_images(X[:2], [-1, 0], tmp_path / "bad.png")
     with pytest.raises(ValueError, match="row_labels"):
         plot_image_grid(X[:4], tmp_path / "r.png", n_cols=2, row_labels=["a"])
+
+
+def test_the_mnist_pickle_reader_accepts_arrays_and_refuses_code():
+    arrays = (np.arange(6, dtype=np.float32).reshape(2, 3), np.array([1, 2]))
+    loaded = image_data._ArraysOnlyUnpickler(io.BytesIO(pickle.dumps(arrays))).load()
+    np.testing.assert_array_equal(loaded[0], arrays[0])
+
+    class Payload:
+        def __reduce__(self):
+            return (print, ("ran",))
+
+    with pytest.raises(pickle.UnpicklingError, match=r"refusing builtins\.print"):
+        image_data._ArraysOnlyUnpickler(io.BytesIO(pickle.dumps(Payload()))).load()

@@ -33,7 +33,7 @@ from vmonf._validation import (
     check_seed,
     image_shape,
 )
-from vmonf.checkpoint import load_checkpoint, save_checkpoint
+from vmonf.checkpoint import from_plain, load_checkpoint, plain_setting, save_checkpoint, to_plain
 from vmonf.distributed import init_from_env
 from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer, fingerprint
@@ -54,36 +54,11 @@ RESUMABLE_CHANGES = frozenset(
 )  # fmt: skip
 
 
-def _to_plain(value: object) -> object:
-    """numpy values -> tensors/Python scalars, which ``torch.load(weights_only=True)`` accepts."""
-    if isinstance(value, np.ndarray):
-        return torch.from_numpy(value.copy())
-    if isinstance(value, np.generic):
-        return value.item()
-    return value
-
-
-def _plain_param(value: object) -> object:
-    """A hyper-parameter as ``torch.load(weights_only=True)`` reads it: paths as str,
-    arrays as lists; callables (e.g. a callback) are not data and become None."""
-    if callable(value):
-        return None
-    if isinstance(value, os.PathLike):
-        return os.fspath(value)
-    if isinstance(value, np.ndarray):
-        return value.tolist()
-    return _to_plain(value)
-
-
 def _fit_time(started: float, checkpointer: Checkpointer | None) -> float:
     """Wall seconds of a fit, with what it ran before a resume (to its last checkpoint)."""
     if checkpointer is not None:
         return checkpointer.elapsed()
     return time.perf_counter() - started
-
-
-def _from_plain(value: object) -> object:
-    return value.numpy() if isinstance(value, Tensor) else value
 
 
 class NotFittedError(sklearn.exceptions.NotFittedError):
@@ -388,11 +363,11 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         self._check_is_fitted()
         payload = {
             # Callables (e.g. a callback) are not data: they are not saved.
-            "params": {k: _plain_param(v) for k, v in self.get_params(deep=False).items()},
+            "params": {k: plain_setting(v) for k, v in self.get_params(deep=False).items()},
             "model": {k: v.cpu() for k, v in self.model_.state_dict().items()},
             "standardizer": {k: v.cpu() for k, v in self.standardizer_.state_dict().items()},
             "fitted": {
-                name: _to_plain(value)
+                name: to_plain(value)
                 for name, value in {
                     "n_features_in_": self.n_features_in_,
                     "image_shape_": getattr(self, "image_shape_", None),
@@ -410,7 +385,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         try:
             estimator = cls(**payload["params"])
             for name, value in payload["fitted"].items():
-                setattr(estimator, name, _from_plain(value))
+                setattr(estimator, name, from_plain(value))
             estimator.standardizer_ = Standardizer(estimator.n_features_in_)
             estimator.standardizer_.load_state_dict(payload["standardizer"])
             estimator.model_ = estimator._build_to_load(payload["model"])

@@ -16,11 +16,19 @@ import warnings
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 from vmonf._validation import check_output_file
 
-__all__ = ["CheckpointError", "load_checkpoint", "save_checkpoint"]
+__all__ = [
+    "CheckpointError",
+    "from_plain",
+    "load_checkpoint",
+    "plain_setting",
+    "save_checkpoint",
+    "to_plain",
+]
 
 FORMAT_KEY = "vmonf_format"
 
@@ -98,3 +106,34 @@ def _safe_load(source: Path | io.BytesIO, path: Path) -> Any:
             f"{path} is not a loadable vmonf checkpoint (truncated, corrupted or unsafe): "
             f"{first_line}"
         ) from None
+
+
+def to_plain(value: object) -> object:
+    """numpy values -> tensors/Python scalars, which ``torch.load(weights_only=True)`` accepts."""
+    if isinstance(value, np.ndarray):
+        return torch.from_numpy(value.copy())
+    if isinstance(value, np.generic):
+        return value.item()
+    return value
+
+
+def from_plain(value: object) -> object:
+    """Inverse of :func:`to_plain` for arrays: tensors -> numpy."""
+    return value.numpy() if isinstance(value, torch.Tensor) else value
+
+
+def plain_setting(value: object) -> object:
+    """A hyper-parameter as ``torch.load(weights_only=True)`` reads it: numpy scalars as
+    numbers, paths as str, arrays as lists, inside tuples, lists and dicts too;
+    callables (e.g. a callback) are not data and become None."""
+    if callable(value):
+        return None
+    if isinstance(value, os.PathLike):
+        return os.fspath(value)
+    if isinstance(value, np.ndarray):
+        return value.tolist()
+    if isinstance(value, list | tuple):
+        return type(value)(plain_setting(v) for v in value)
+    if isinstance(value, dict):
+        return {k: plain_setting(v) for k, v in value.items()}
+    return to_plain(value)

@@ -26,7 +26,7 @@ from torch import Tensor, nn
 from vmonf._validation import check_array, check_choice, check_positive_int
 from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vmonf.datasets import image_data
-from vmonf.image_transforms import check_images
+from vmonf.image_transforms import check_image_shape, check_images
 from vmonf.training import torch_threads
 
 __all__ = [
@@ -98,10 +98,7 @@ class FeatureNet:
 
     def _inputs(self, images: object) -> Tensor:
         levels, shape = check_images(images, self.n_levels, "images")
-        if levels.shape[1] != self.image_shape[0] * self.image_shape[1]:
-            raise ValueError(
-                f"images have shape {shape}, the LeNet expects {self.image_shape} ({self.dataset})"
-            )
+        check_image_shape(shape, tuple(self.image_shape), "images")
         x = torch.as_tensor(levels, dtype=torch.float32) / (self.n_levels - 1)
         return x.reshape(-1, 1, *self.image_shape)
 
@@ -193,7 +190,7 @@ def lenet(dataset: str = "mnist", *, epochs: int | None = None, cache: bool = Tr
 
 
 def _mean_cov(features: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    return features.mean(axis=0), np.cov(features, rowvar=False)
+    return features.mean(axis=0), np.atleast_2d(np.cov(features, rowvar=False))
 
 
 def _sqrt_psd(matrix: np.ndarray) -> np.ndarray:

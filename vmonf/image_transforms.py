@@ -33,6 +33,7 @@ from vmonf._validation import check_array, check_positive_float, check_positive_
 __all__ = [
     "ImageTransform",
     "bits_per_dim",
+    "check_image_shape",
     "check_images",
     "checkerboard_order",
     "dequantize",
@@ -51,7 +52,10 @@ def check_images(X: object, n_levels: int, name: str = "X") -> tuple[np.ndarray,
     n_levels = check_positive_int(n_levels, "n_levels", minimum=2)
     if hasattr(X, "detach"):
         X = X.detach().cpu().numpy()  # type: ignore[attr-defined]
-    arr = np.asarray(X)
+    try:
+        arr = np.asarray(X)
+    except ValueError:  # ragged nested lists
+        raise ValueError(f"{name} must be a rectangular array of images") from None
     if arr.ndim < 2:
         raise ValueError(f"{name} must be images (N, H, W) or flattened (N, D), got {arr.shape}")
     if arr.shape[0] == 0:
@@ -68,6 +72,18 @@ def check_images(X: object, n_levels: int, name: str = "X") -> tuple[np.ndarray,
     return flat.astype(np.int64), shape
 
 
+def check_image_shape(shape: tuple[int, ...], expected: tuple[int, ...], name: str = "X") -> None:
+    """ValueError unless images of ``shape`` are the ``expected`` ones: the same shape,
+    flattened, or with a trailing channel axis of 1 added or dropped."""
+
+    def squeeze(s: tuple[int, ...]) -> tuple[int, ...]:
+        return s[:-1] if len(s) > 2 and s[-1] == 1 else s
+
+    if squeeze(shape) == squeeze(expected) or shape == (math.prod(expected),):
+        return
+    raise ValueError(f"{name} has shape {shape} per image, but {expected} is expected")
+
+
 def dequantize(
     levels: np.ndarray, n_levels: int, rng: np.random.Generator | None = None
 ) -> np.ndarray:
@@ -80,9 +96,12 @@ def dequantize(
 
 
 def quantize(values: np.ndarray, n_levels: int) -> np.ndarray:
-    """float (N, D) on the [0, 1) scale -> uint8/uint16 levels floor(v L), clipped to [0, L)."""
+    """float (N, D) on the [0, 1) scale -> levels floor(v L), clipped to [0, L): uint8,
+    uint16 or int64, the smallest that holds L levels."""
     levels = np.clip(np.floor(np.asarray(values) * n_levels), 0, n_levels - 1)
-    return levels.astype(np.uint8 if n_levels <= 256 else np.uint16)
+    if n_levels <= 256:
+        return levels.astype(np.uint8)
+    return levels.astype(np.uint16 if n_levels <= 65536 else np.int64)
 
 
 def bits_per_dim(log_prob: object, n_dims: int) -> np.ndarray:
@@ -148,11 +167,19 @@ class ImageTransform:
     # -- fitting -------------------------------------------------------------------------
     def fit(self, v: np.ndarray) -> ImageTransform:
         """Fit the PCA front-end (if any) to dequantised pixels ``v`` (N, D) on [0, 1)."""
+        if np.ndim(v) != 2 or np.shape(v)[0] == 0:
+            raise ValueError(f"v must be (N, D) dequantised pixels, got shape {np.shape(v)}")
         d = v.shape[1]
         if self.pca_components is not None:
             if self.pca_components > d:
                 raise ValueError(
                     f"pca_components={self.pca_components} exceeds the {d} pixels per image"
+                )
+            if v.shape[0] <= d:
+                # Fewer images than pixels: the discarded axes' variances would be 0.
+                raise ValueError(
+                    f"pca_components needs more images than pixels to estimate their "
+                    f"covariance: got {v.shape[0]} images of {d} pixels"
                 )
             y, _ = self._logit(v)
             self.mean_ = y.mean(axis=0)
@@ -188,12 +215,21 @@ class ImageTransform:
         a = float(self.logit_alpha)
         return (1.0 / (1.0 + np.exp(-y)) - a) / (1.0 - 2.0 * a)
 
+    def _check_fitted_to(self, v: np.ndarray) -> None:
+        if not hasattr(self, "n_pixels_"):
+            raise ValueError("this ImageTransform is not fitted yet; call fit(v) first")
+        if np.ndim(v) != 2 or np.shape(v)[1] != self.n_pixels_:
+            raise ValueError(
+                f"v must be (N, {self.n_pixels_}) dequantised pixels, got shape {np.shape(v)}"
+            )
+
     def forward(self, v: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Dequantised pixels (N, D) on [0, 1) -> features (N, d) and extra (N,) in nats.
 
         ``extra`` = log|det d(logit)/dv| + log density of the discarded PCA axes
         - D log L, so log p_pixel = log p_model(features) + extra.
         """
+        self._check_fitted_to(v)
         y, extra = self._logit(v)
         extra = extra - self.n_pixels_ * math.log(self.n_levels)
         if self.pca_components is None:

@@ -25,11 +25,19 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin, DensityMixin, clone
 
 from vmonf._validation import check_positive_int, check_seed
-from vmonf.base import MixtureEstimator, NotFittedError, _from_plain, _to_plain
-from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
+from vmonf.base import MixtureEstimator, NotFittedError
+from vmonf.checkpoint import (
+    CheckpointError,
+    from_plain,
+    load_checkpoint,
+    plain_setting,
+    save_checkpoint,
+    to_plain,
+)
 from vmonf.image_transforms import (
     ImageTransform,
     bits_per_dim,
+    check_image_shape,
     check_images,
     dequantize,
     quantize,
@@ -96,11 +104,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         """Validate images for the fitted model -> int64 (N, D)."""
         self._check_is_fitted()
         levels, shape = check_images(X, self.n_levels)
-        if levels.shape[1] != self.n_features_in_:
-            raise ValueError(
-                f"X has images of shape {shape} ({levels.shape[1]} pixels), but the model was "
-                f"fitted to {self.image_shape_} ({self.n_features_in_} pixels)"
-            )
+        check_image_shape(shape, self.image_shape_)
         return levels
 
     def _scoring_rng(self) -> np.random.Generator:
@@ -125,6 +129,11 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
                 f"got {type(self.estimator).__name__}"
             )
         seed = check_seed(self.random_state)
+        if resume and seed is None:
+            raise ValueError(
+                "resume=True needs a fixed random_state: the dequantisation noise must be "
+                "drawn again exactly as in the interrupted fit"
+            )
         levels, shape = check_images(X, self.n_levels)
         transform = ImageTransform(
             self.n_levels,
@@ -160,7 +169,9 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         """log p(x + u) of each image, (N,), nats on the pixel scale [0, L)^D.
 
         One uniform dequantisation draw per image (seeded by ``random_state``); its
-        expectation lower-bounds the discrete log-probability of the image.
+        expectation lower-bounds the discrete log-probability of the image. The draws
+        follow the rows of X: the same X gives the same values, but one image's value
+        depends on its row (a mean over many images does not).
         """
         features, extra = self._features(X, self._scoring_rng())
         return self.estimator_.score_samples(features) + extra
@@ -216,10 +227,10 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         params = self.get_params(deep=False)
         del params["estimator"]
         payload = {
-            "params": params,
+            "params": {k: plain_setting(v) for k, v in params.items()},
             "estimator_kind": kind,
             "estimator": inner,
-            "transform": {k: _to_plain(v) for k, v in self.transform_.get_state().items()},
+            "transform": {k: to_plain(v) for k, v in self.transform_.get_state().items()},
             "image_shape_": list(self.image_shape_),
         }
         return save_checkpoint(payload, path, self._checkpoint_kind)
@@ -246,7 +257,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
             inner_path = save_checkpoint(payload["estimator"], Path(tmp) / "estimator.pt", kind)
             estimator = inner_cls.load(inner_path)
         model = cls(estimator, **payload["params"])
-        state = {k: _from_plain(v) for k, v in payload["transform"].items()}
+        state = {k: from_plain(v) for k, v in payload["transform"].items()}
         model.transform_ = ImageTransform.from_state(state)
         model.estimator_ = estimator
         model.image_shape_ = tuple(int(s) for s in payload["image_shape_"])

