@@ -34,7 +34,7 @@ from vmonf._validation import (
     image_shape,
 )
 from vmonf.checkpoint import from_plain, load_checkpoint, plain_setting, save_checkpoint, to_plain
-from vmonf.distributed import init_from_env
+from vmonf.distributed import broadcast_int, init_from_env
 from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer, fingerprint
 from vmonf.training import NonFiniteLossError, torch_threads
@@ -246,8 +246,8 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             else np.full(x.shape[0], -1, dtype=np.int64)
         )
         seed = check_seed(self.random_state)  # a plain int (torch refuses numpy ints)
-        if seed is None:
-            seed = int(np.random.SeedSequence().generate_state(1)[0])
+        if seed is None:  # data-parallel ranks draw one: rank 0's
+            seed = broadcast_int(int(np.random.SeedSequence().generate_state(1)[0]))
         checkpointer = self._checkpointer(x, labels, seed, resume)
         if checkpointer is not None:
             seed = checkpointer.seed  # a resumed fit continues with the stored seed

@@ -23,6 +23,8 @@ import torch.nn.functional as F
 from nflows.transforms.base import Transform
 from torch import Tensor, nn
 
+from vmonf.distributed import all_reduce_sum
+
 __all__ = [
     "ACTIVATIONS",
     "ActNorm",
@@ -483,8 +485,18 @@ class ActNorm(Transform):
 
     @torch.no_grad()
     def _initialize(self, inputs: Tensor) -> None:
-        self.loc.copy_(inputs.mean(dim=1, keepdim=True))
-        std = inputs.std(dim=1, keepdim=True) if inputs.shape[1] > 1 else torch.ones_like(self.loc)
+        """Per-component mean and standard deviation of the batch, pooled over the
+        data-parallel ranks' shards so that every rank starts the same as one process."""
+        x = inputs.double()
+        stats = [x.sum(1).flatten(), x.square().sum(1).flatten(), x.new_tensor([x.shape[1]])]
+        pooled = all_reduce_sum(torch.cat(stats))
+        count, (total, total_sq) = pooled[-1], pooled[:-1].view(2, *self.loc.shape)
+        mean = total / count
+        if count > 1:
+            std = ((total_sq - total * mean) / (count - 1)).clamp_min(0.0).sqrt()
+        else:
+            std = torch.ones_like(mean)
+        self.loc.copy_(mean)
         self.log_scale.copy_(torch.log(std.clamp_min(1e-6)))
         self.initialized.fill_(True)
 

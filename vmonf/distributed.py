@@ -29,6 +29,7 @@ __all__ = [
     "all_reduce_gradients",
     "all_reduce_sum",
     "any_rank",
+    "broadcast_int",
     "broadcast_module",
     "gather_rows",
     "init_from_env",
@@ -127,18 +128,31 @@ def all_reduce_gradients(parameters: Sequence[nn.Parameter], loss: Tensor) -> Te
     if rank_and_size()[1] == 1:
         return loss.detach()
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]
-    flat = torch.cat([*(g.reshape(-1) for g in grads), loss.detach().reshape(1).to(grads[0])])
+    # One buffer: in the parameters' dtype, float64 if they mix (cast back below).
+    dtype = grads[0].dtype if len({g.dtype for g in grads}) == 1 else torch.float64
+    flat = torch.cat(
+        [*(g.reshape(-1).to(dtype) for g in grads), loss.detach().reshape(1).to(dtype)]
+    )
     dist.all_reduce(flat)
     offset = 0
     for p, grad in zip(parameters, grads, strict=True):
         count = p.numel()
-        summed = flat[offset : offset + count].view_as(p)
+        summed = flat[offset : offset + count].view_as(p).to(p.dtype)
         if p.grad is None:
             p.grad = summed.clone()
         else:  # in place: the gradient may be a view of a packed buffer (vmonf.packing)
             grad.copy_(summed)
         offset += count
-    return flat[-1]
+    return flat[-1].to(loss.dtype)
+
+
+def broadcast_int(value: int) -> int:
+    """Rank 0's ``value`` on every rank (e.g. a seed drawn on each)."""
+    if rank_and_size()[1] == 1:
+        return value
+    holder = [value]
+    dist.broadcast_object_list(holder, src=0)
+    return int(holder[0])
 
 
 def broadcast_module(module: nn.Module) -> None:

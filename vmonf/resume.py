@@ -40,7 +40,7 @@ from torch import nn
 
 from vmonf._validation import check_positive_float, check_positive_int
 from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from vmonf.distributed import is_main_process
+from vmonf.distributed import any_rank, is_main_process
 
 __all__ = [
     "Checkpointer",
@@ -139,15 +139,17 @@ class Stage:
         set_rng_state(self.finished["rng"])
         return self.finished["result"]
 
-    def due(self, step: int) -> bool:
-        """Whether a checkpoint is due after ``step`` (or an interruption is pending)."""
-        return self.checkpointer.due(step - self.last_saved_step)
+    def due(self, step: int, device: torch.device) -> bool:
+        """Whether a checkpoint is due after ``step`` (or an interruption is pending) on
+        any rank: data-parallel ranks decide together."""
+        return any_rank(self.checkpointer.due(step - self.last_saved_step), device)
 
-    def save(self, step: int, progress: dict[str, Any]) -> None:
-        """Write the in-progress state (from :func:`train`, at a step boundary)."""
+    def save(self, step: int, progress: dict[str, Any], device: torch.device) -> None:
+        """Write the in-progress state (from :func:`train`, at a step boundary); then
+        raise :class:`TrainingInterrupted` on every rank if any rank was interrupted."""
         self.last_saved_step = step
         self.checkpointer.write(progress={**progress, "rng": rng_state()})
-        if self.checkpointer.interrupt_requested:
+        if any_rank(self.checkpointer.interrupt_requested, device):
             raise TrainingInterrupted(self.checkpointer.path)
 
     def finish(self, result: dict[str, Any], module: nn.Module, generator: torch.Generator) -> None:

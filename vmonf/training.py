@@ -36,6 +36,7 @@ from vmonf.distributed import (
     all_reduce_sum,
     any_rank,
     broadcast_module,
+    rank_and_size,
     shard_range,
 )
 from vmonf.heap import retain_freed_memory
@@ -266,14 +267,24 @@ def train(
     n = data[0].shape[0]
     if n == 0:
         raise ValueError("cannot train on zero points")
+    n_ranks = rank_and_size()[1]
+    if min(n, config.batch_size) < n_ranks:  # the first global batch: a point per rank
+        raise ValueError(
+            f"data-parallel training on {n_ranks} processes needs at least {n_ranks} points "
+            f"per batch; got batch_size={config.batch_size} and {n} points"
+        )
     stage = None if checkpointer is None else checkpointer.open_stage()
     if stage is not None and stage.finished is not None:
         return TrainResult(**stage.replay(module, generator))
     retain_freed_memory()  # every step reallocates its activations: skip the page faults
     params = list(dict.fromkeys(module.parameters() if parameters is None else parameters))
+    trainable = [p for p in params if p.requires_grad]
     # One tensor for Adam, clipping, zeroing and the all-reduce (see vmonf.packing).
-    packed = pack_parameters([p for p in params if p.requires_grad])
-    optimised = params if packed is None else [packed]
+    packed = pack_parameters(trainable)
+    optimised = trainable if packed is None else [packed]
+    for p in optimised:  # zeroed, never None: the same updates in one process or many
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
     optimizer = torch.optim.Adam(
         optimised,
         lr=config.learning_rate,
@@ -289,12 +300,12 @@ def train(
     if validation is not None:
         result.history["val_loss"] = []
     state = _LoopState(step=start_step)
-    good = _Snapshot(module)
+    broadcast_module(module)  # data-parallel ranks start from rank 0's weights...
+    good = _Snapshot(module)  # ... and fall back to them
     best: _Snapshot | None = None
     if stage is not None and stage.progress is not None:
         best = _resume(stage.progress, module, optimizer, good, state, result)
         stage.last_saved_step = state.step
-    broadcast_module(module)  # data-parallel ranks start from rank 0's weights
     started = time.perf_counter() - state.elapsed
 
     def snapshot() -> dict[str, object]:
@@ -338,7 +349,7 @@ def train(
                 group["lr"] = config.learning_rate * factor * state.lr_scale
             batch = tuple(t[idx] for t in data)
             if packed is None:
-                optimizer.zero_grad(set_to_none=True)
+                optimizer.zero_grad(set_to_none=False)
             else:
                 packed.grad.zero_()
             # This rank's share of the global batch's mean loss (the whole of it in one
@@ -383,8 +394,8 @@ def train(
             state.epoch_total += float(loss) * batches.global_size
             state.epoch_seen += batches.global_size
             state.step += 1
-            if stage is not None and stage.due(state.step):
-                stage.save(state.step, snapshot())
+            if stage is not None and stage.due(state.step, device):
+                stage.save(state.step, snapshot(), device)
             if config.max_time is not None and any_rank(
                 time.perf_counter() - started > config.max_time, device
             ):
@@ -417,8 +428,9 @@ def train(
         bar.set_postfix(postfix)
         if seen:
             state.good_due = True
-        if out_of_time or (
-            config.max_time is not None and any_rank(elapsed > config.max_time, device)
+        if out_of_time or (  # the time now: validation and callbacks took some too
+            config.max_time is not None
+            and any_rank(time.perf_counter() - started > config.max_time, device)
         ):
             result.stop_reason = "max_time"
             break
@@ -458,8 +470,9 @@ def _check_last_update(
     """Every update but the last is checked by the next step's loss: check the last
     one on its batch, and fall back to the last good weights if it broke the model."""
     module.train()  # modes as in training: a compiled objective is not recompiled
-    loss = objective(batch, state.step).detach()
-    if any_rank(not bool(torch.isfinite(loss)), device):
+    empty = batch[0].shape[0] == 0  # this rank's shard of the last global batch
+    broken = not empty and not bool(torch.isfinite(objective(batch, state.step).detach()))
+    if any_rank(broken, device):
         result.n_bad_steps += 1
         good.restore(module)
         warnings.warn(

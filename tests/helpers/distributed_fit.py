@@ -2,6 +2,10 @@
 PYTHONPATH): one fit, saved by rank 0.
 
 torchrun --nproc-per-node 2 tests/helpers/distributed_fit.py vmonf OUT [--crash-rank R]
+    [--points N] [--seedless]
+
+``--seedless`` fits with random_state=None and fails unless every rank draws its
+batches in the same order (the weights agree anyway: gradients are summed).
 """
 
 from __future__ import annotations
@@ -11,9 +15,10 @@ import os
 
 import numpy as np
 import torch
+import torch.distributed as dist
 
 from competitive import CompetitiveMixture
-from vmonf import VMoNF
+from vmonf import VMoNF, distributed
 
 SETTINGS = {
     "vmonf": lambda: VMoNF(
@@ -26,13 +31,19 @@ SETTINGS = {
         discriminator_batch_size=64, pretrain_epochs=2, max_epochs=2, max_rounds=2,
         batch_size=64, learning_rate=5e-3, random_state=0, dtype="float64",
     ),
+    # ActNorm initialised from the global batch; no validation split, so that 257 points
+    # leave a last global batch of 1 point: one rank's shard is empty.
+    "vmonf_actnorm": lambda: VMoNF(
+        3, max_epochs=3, n_layers=2, hidden_features=8, posterior_hidden=(8,), init_steps=8,
+        batch_size=64, learning_rate=5e-3, actnorm=True, random_state=0, dtype="float64",
+    ),
 }  # fmt: skip
 
 
-def data() -> np.ndarray:
+def data(n: int) -> np.ndarray:
     rng = np.random.default_rng(0)
     means = np.array([[0.0, 0.0], [6.0, 0.0], [0.0, 6.0]])
-    return means[rng.integers(0, 3, 301)] + rng.normal(size=(301, 2))  # 301: uneven shards
+    return means[rng.integers(0, 3, n)] + rng.normal(size=(n, 2))
 
 
 def main() -> None:
@@ -40,9 +51,21 @@ def main() -> None:
     parser.add_argument("estimator", choices=tuple(SETTINGS))
     parser.add_argument("out")
     parser.add_argument("--crash-rank", type=int, default=None)
+    parser.add_argument("--points", type=int, default=301, help="301: uneven shards")
+    parser.add_argument("--seedless", action="store_true")
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = SETTINGS[args.estimator]()
+    orders: list[torch.Tensor] = []
+    if args.seedless:
+        model.set_params(random_state=None)
+        original = distributed.ShardedBatches.__init__
+
+        def record(self, n: int, batch_size: int, generator: torch.Generator) -> None:
+            orders.append(torch.randperm(n, generator=generator.clone_state()))
+            original(self, n, batch_size, generator)
+
+        distributed.ShardedBatches.__init__ = record
     if args.crash_rank is not None:
 
         def crash(estimator: object, epoch: int) -> None:
@@ -50,7 +73,13 @@ def main() -> None:
                 raise RuntimeError(f"injected crash on rank {args.crash_rank}")
 
         model.set_params(callback=crash)
-    model.fit(data())
+    model.fit(data(args.points))
+    if args.seedless:
+        mine = torch.cat(orders)  # each training stage's first epoch order
+        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
+        dist.all_gather(everyone, mine)
+        if not all(torch.equal(other, everyone[0]) for other in everyone):
+            raise SystemExit("ranks drew different batch orders")
     if int(os.environ.get("RANK", "0")) == 0:
         model.set_params(callback=None)
         model.save(args.out)
