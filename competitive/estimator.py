@@ -6,8 +6,7 @@ import math
 import os
 import time
 import warnings
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -54,6 +53,7 @@ class _Progress:
     convergence (kept current, so a fit that fails keeps its last assignment)."""
 
     owners: Tensor
+    assigned: bool = False  # owners come from an assignment (else from ``init``)
     n_rounds: int = 0
     converged: bool = False
 
@@ -345,6 +345,12 @@ class CompetitiveMixture(MixtureEstimator):
         model = CompetitiveModel(generators, discriminators)
         return model.to(device=self._torch_device, dtype=self._torch_dtype)
 
+    @classmethod
+    def _upgrade_params(cls, params: dict[str, Any], version: int) -> dict[str, Any]:
+        if version < 2 and params.get("hidden_features") == 0:
+            params["hidden_features"] = None  # what format 1 built: the default width
+        return params
+
     def _build_to_load(self, state: dict[str, Tensor]) -> CompetitiveModel:
         # A fit that failed before its first assignment saved no discriminators.
         return self._build(any(key.startswith("discriminators.") for key in state))
@@ -436,22 +442,12 @@ class CompetitiveMixture(MixtureEstimator):
         flows, a one-sample ELBO lower bound for VAEs (its noise drawn from a fixed seed:
         the same X gives the same values, and torch's global RNG is left alone)."""
         u = self._validate_X(X)
-        with self._fixed_noise():
+        with self._seeded(0):
             return self._chunked(self._bound, u)
 
     def _bound(self, u: Tensor) -> Tensor:
         joint = self.model_.log_weights + self.model_.generators.log_likelihood_bound(u)
         return torch.logsumexp(joint, dim=1) + self.standardizer_.log_abs_det()
-
-    @contextmanager
-    def _fixed_noise(self) -> Iterator[None]:
-        """Within the block torch's global RNGs start from seed 0; restored after."""
-        cuda = self._torch_device.type == "cuda"
-        with torch.random.fork_rng(devices=[self._torch_device] if cuda else []):
-            torch.default_generator.manual_seed(0)
-            if cuda:
-                torch.cuda.manual_seed(0)  # the current device's, where the noise is drawn
-            yield
 
     # -- fitting -------------------------------------------------------------------------
     def _split(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
@@ -540,7 +536,7 @@ class CompetitiveMixture(MixtureEstimator):
         if x_val is None:
             return math.nan
         self.model_.eval()
-        with torch.no_grad(), self._fixed_noise():
+        with torch.no_grad(), self._seeded(0):  # a VAE's bound: the same noise each round
             return float(torch.cat([self._bound(c) for c in x_val.split(65536)]).mean())
 
     def _notify(self, round_: int) -> None:
@@ -572,9 +568,9 @@ class CompetitiveMixture(MixtureEstimator):
                          started, progress)  # fmt: skip
         except NonFiniteLossError:
             progress.converged = False
-            self._set_fitted(progress, train_idx, val_idx, x_val, history)
+            self._set_fitted(progress, x_train, train_idx, x_val, val_idx, history)
             raise  # the generators keep their last good state
-        self._set_fitted(progress, train_idx, val_idx, x_val, history)
+        self._set_fitted(progress, x_train, train_idx, x_val, val_idx, history)
         n_rounds, converged = progress.n_rounds, progress.converged
         if not converged:
             warnings.warn(
@@ -588,21 +584,29 @@ class CompetitiveMixture(MixtureEstimator):
     def _set_fitted(
         self,
         progress: _Progress,
+        x_train: Tensor,
         train_idx: Tensor,
-        val_idx: Tensor | None,
         x_val: Tensor | None,
+        val_idx: Tensor | None,
         history: dict[str, list[Any]],
     ) -> None:
-        """Fitted attributes; ``labels_`` in X's row order, held-out rows assigned by the
-        final rule (-1 when none was trained)."""
+        """Fitted attributes; ``labels_`` in X's row order: the training rows' owners
+        after the last assignment, other rows (held out, or all of them when no
+        assignment ran) by the final rule, -1 where no rule was trained."""
         self.model_.eval()
-        owners = progress.owners
-        labels = torch.full((owners.numel() + (0 if val_idx is None else val_idx.numel()),), -1)
-        labels[train_idx.cpu()] = owners.cpu()
-        if x_val is not None and val_idx is not None and self._can_assign():
+
+        def by_rule(x: Tensor) -> Tensor:
             with torch.no_grad():
-                val_scores = torch.cat([self._scores(c) for c in x_val.split(65536)])
-            labels[val_idx.cpu()] = hard_assign(val_scores).cpu()
+                return hard_assign(torch.cat([self._scores(c) for c in x.split(65536)])).cpu()
+
+        n_val = 0 if val_idx is None else val_idx.numel()
+        labels = torch.full((train_idx.numel() + n_val,), -1)
+        if progress.assigned:
+            labels[train_idx.cpu()] = progress.owners.cpu()
+        elif self._can_assign():
+            labels[train_idx.cpu()] = by_rule(x_train)
+        if x_val is not None and val_idx is not None and self._can_assign():
+            labels[val_idx.cpu()] = by_rule(x_val)
         self.labels_ = labels.numpy().astype(np.int64)
         self.weights_ = self.model_.log_weights.exp().double().cpu().numpy()
         self.history_ = history
@@ -637,7 +641,7 @@ class CompetitiveMixture(MixtureEstimator):
         if self.max_rounds > 0:
             scores = self._assignment_scores(x_train, generator, started, checkpointer)
             owners = hard_assign(scores + self._assignment_prior())
-            progress.owners = owners
+            progress.owners, progress.assigned = owners, True
             model.log_weights.copy_(mixing_weights(owners, k, minimum).log())
             self._notify(0)
             for _ in range(self.max_rounds):

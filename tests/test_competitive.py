@@ -27,6 +27,7 @@ from competitive import (
 from competitive.assignment import hard_assign, mixing_weights, training_weights
 from competitive.discriminators import fit_discriminators, log_ratio_normaliser
 from competitive.studies import StudySettings
+from vmonf.checkpoint import load_checkpoint, save_checkpoint
 from vmonf.cli import main
 from vmonf.training import NonFiniteLossError, TrainConfig
 
@@ -245,6 +246,15 @@ def test_save_load_round_trip(fitted, tmp_path):
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
     np.testing.assert_array_equal(loaded.sample(5, random_state=1)[0], model.sample(5, 1)[0])
     assert loaded.history_ == model.history_ and loaded.n_iter_ == model.n_iter_
+    # Format 1 built hidden_features=0 at the default width (64); it loads as None.
+    default_width = CompetitiveMixture(2, n_layers=1, pretrain_epochs=1, max_rounds=0).fit(X)
+    kind = "CompetitiveMixture"
+    payload = load_checkpoint(default_width.save(tmp_path / "w.pt"), kind)
+    del payload["format"]
+    payload["params"]["hidden_features"] = 0
+    old = CompetitiveMixture.load(save_checkpoint(payload, tmp_path / "old.pt", kind))
+    assert old.hidden_features is None
+    np.testing.assert_array_equal(old.score_samples(X), default_width.score_samples(X))
 
 
 def test_same_seed_reproduces_different_seed_differs():
@@ -307,7 +317,7 @@ def test_baselines_bagging_and_single_model():
         ({"discriminator_hidden": 0}, ValueError, "discriminator_hidden"),
         ({"discriminator_layers": -1}, ValueError, "discriminator_layers"),
         ({"assign_with_weights": "no"}, TypeError, "assign_with_weights must be True or False"),
-        ({"keep_discriminators": 1}, TypeError, "keep_discriminators"),
+        ({"keep_discriminators": 2}, TypeError, "keep_discriminators"),
         ({"decoder_noise": "False"}, TypeError, "decoder_noise"),
         (
             {"generator": "vae", "assignment": "discriminator", "activation": "foo"},
@@ -358,8 +368,7 @@ def test_a_fit_failing_in_pre_training_keeps_no_untrained_discriminators(tmp_pat
     assert model.n_iter_ == 0 and model.model_.discriminators is None
     with pytest.raises(ValueError, match="fit failed before its first assignment"):
         model.predict(X)
-    held_out = round(model.validation_fraction * 300)  # no rule to assign them: -1
-    assert held_out > 0 and (model.labels_ == -1).sum() == held_out
+    assert (model.labels_ == -1).all()  # no assignment ran, and no rule was trained
     loaded = CompetitiveMixture.load(model.save(tmp_path / "m.pt"))  # saved without them
     assert loaded.model_.discriminators is None
 
@@ -392,6 +401,13 @@ def test_labels_follow_the_rows_of_X_with_a_validation_split():
     assert model.labels_.shape == (400,)
     np.testing.assert_array_equal(model.labels_, model.predict(X))
     assert adjusted_rand_score(y, model.labels_) > 0.95
+
+
+def test_without_rounds_every_row_is_labelled_by_the_final_rule():
+    X, _ = blobs(300)
+    model = CompetitiveMixture(3, **{**FAST, "max_rounds": 0, "validation_fraction": 0.1},
+                               init="uniform", random_state=0).fit(X)  # fmt: skip
+    np.testing.assert_array_equal(model.labels_, model.predict(X))  # not init's argmax (0)
 
 
 def test_bic_counts_the_generators_and_the_free_weights_not_the_discriminators():

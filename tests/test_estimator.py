@@ -11,7 +11,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from vmonf import VMoNF
 from vmonf.base import NotFittedError
-from vmonf.checkpoint import CheckpointError
+from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vmonf.mixture import MixtureOfFlows
 
 FAST = dict(
@@ -111,6 +111,25 @@ def test_save_load_round_trip(fitted, tmp_path):
     assert loaded.fit_time_ == model.fit_time_ > 0
     np.testing.assert_array_equal(loaded.labels_, model.labels_)
     np.testing.assert_array_equal(loaded.weights_, model.weights_)
+
+
+def test_files_of_the_previous_format_load_and_save_again(tmp_path):
+    X, _ = blobs(200)
+    model = VMoNF(3, random_state=0, actnorm=True, **FAST).fit(X)
+    payload = load_checkpoint(model.save(tmp_path / "new.pt"), "VMoNF")
+    # Format 1: no version, elbo_ in standardised units, no labels_ or fit_time_, and
+    # booleans as the integers some callers passed.
+    del payload["format"]
+    log_det = float(model.standardizer_.log_abs_det())
+    payload["fitted"]["elbo_"] -= log_det
+    for name in ("labels_", "fit_time_"):
+        del payload["fitted"][name]
+    payload["params"]["actnorm"] = 1
+    old = save_checkpoint(payload, tmp_path / "old.pt", "VMoNF")
+    loaded = VMoNF.load(old)
+    assert loaded.elbo_ == pytest.approx(model.elbo_)  # now in the user's units
+    np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
+    VMoNF.load(loaded.save(tmp_path / "again.pt"))  # and it saves again
 
 
 def test_a_path_valued_setting_saves_and_loads_as_str(tmp_path):

@@ -221,19 +221,21 @@ def test_one_nan_loss_is_skipped_with_a_warning_and_the_fit_completes(monkeypatc
 
 def test_a_restart_that_fails_leaves_the_estimator_not_converged(monkeypatch):
     X = np.random.default_rng(0).normal(size=(200, 2))
-    original = VariationalMixture.loss
-    calls = []
+    fit_once, restarts = VMoNF._fit_once, []
 
-    def nan_from_the_second_restart(self, *args, **kwargs):  # restart 1: 4 + 1 + 4 + 1 calls
-        calls.append(1)
-        loss = original(self, *args, **kwargs)
-        return loss * torch.nan if len(calls) > 10 else loss
+    def second_restart_all_nan(self, model, *args):
+        restarts.append(model)
+        if len(restarts) == 2:  # every loss of this restart's model is NaN
+            loss = model.loss
+            model.loss = lambda *a, **k: loss(*a, **k) * torch.nan
+        return fit_once(self, model, *args)
 
-    monkeypatch.setattr(VariationalMixture, "loss", nan_from_the_second_restart)
+    monkeypatch.setattr(VMoNF, "_fit_once", second_restart_all_nan)
     model = VMoNF(2, **{**TINY_VMONF, "n_init": 2, "max_epochs": 3})
     with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError):
         model.fit(X)
-    assert model.converged_ is False  # the first restart's fit is kept, but not converged
+    assert len(restarts) == 2 and model.model_ is restarts[0]  # the first restart's fit...
+    assert model.converged_ is False  # ... kept, but not reported as converged
     assert np.isfinite(model.score_samples(X)).all()
 
 

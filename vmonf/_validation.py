@@ -147,11 +147,13 @@ def check_positive_float(
 
 
 def check_bool(value: object, name: str) -> bool:
-    """Return ``value`` if it is a bool (numpy's included): a string such as "False"
-    would otherwise read as True."""
-    if not isinstance(value, bool | np.bool_):
-        raise TypeError(f"{name} must be True or False, got {value!r}")
-    return bool(value)
+    """Return ``value`` as a bool: a bool (numpy's included) or the integer 0 or 1.
+    Anything else is refused: a string such as "False" would read as True."""
+    if isinstance(value, bool | np.bool_) or (
+        isinstance(value, numbers.Integral) and value in (0, 1)
+    ):
+        return bool(value)
+    raise TypeError(f"{name} must be True or False, got {value!r}")
 
 
 def check_widths(value: object, name: str) -> tuple[int, ...]:

@@ -54,6 +54,11 @@ RESUMABLE_CHANGES = frozenset(
 )  # fmt: skip
 
 
+# Version of what save() writes; load() reads every earlier one. 2: VMoNF's elbo_ in the
+# user's units (it was standardised), fit_time_ and labels_ saved.
+SAVE_FORMAT = 2
+
+
 def _fit_time(started: float, checkpointer: Checkpointer | None) -> float:
     """Wall seconds of a fit, with what it ran before a resume (to its last checkpoint)."""
     if checkpointer is not None:
@@ -154,9 +159,13 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     @contextmanager
     def _seeded(self, seed: int) -> Iterator[None]:
-        """Seed parameter initialisation without touching the caller's global RNG."""
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        """Within the block torch's global RNGs (the CPU's, and the model's CUDA device's)
+        start from ``seed``; the caller's states are restored after."""
+        cuda = self._torch_device.type == "cuda"
+        with torch.random.fork_rng(devices=[self._torch_device] if cuda else []):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.manual_seed(seed)  # the current device's: where draws happen
             yield
 
     def _check_is_fitted(self) -> None:
@@ -328,6 +337,14 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             x_np = x_np.reshape(n, *shape)
         return x_np, labels.cpu().numpy().astype(np.int64)
 
+    @classmethod
+    def _upgrade_params(cls, params: dict[str, Any], version: int) -> dict[str, Any]:
+        """Settings saved in file format ``version``, as this version reads them."""
+        return params
+
+    def _upgrade_fitted(self, version: int) -> None:
+        """Bring fitted attributes loaded from file format ``version`` up to date."""
+
     def _build_to_load(self, state: dict[str, Tensor]) -> nn.Module:
         """The untrained model that ``state`` (a saved state dict) loads into."""
         return self._build()
@@ -364,6 +381,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         payload = {
             # Callables (e.g. a callback) are not data: they are not saved.
             "params": {k: plain_setting(v) for k, v in self.get_params(deep=False).items()},
+            "format": SAVE_FORMAT,
             "model": {k: v.cpu() for k, v in self.model_.state_dict().items()},
             "standardizer": {k: v.cpu() for k, v in self.standardizer_.state_dict().items()},
             "fitted": {
@@ -382,15 +400,17 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     def load(cls, path: str | os.PathLike) -> Self:
         """Read an estimator written by :meth:`save` (``torch.load(weights_only=True)``)."""
         payload = load_checkpoint(path, cls._checkpoint_kind)
+        version = payload.get("format", 1)
         try:
-            estimator = cls(**payload["params"])
+            estimator = cls(**cls._upgrade_params(dict(payload["params"]), version))
             for name, value in payload["fitted"].items():
                 setattr(estimator, name, from_plain(value))
             estimator.standardizer_ = Standardizer(estimator.n_features_in_)
             estimator.standardizer_.load_state_dict(payload["standardizer"])
             estimator.model_ = estimator._build_to_load(payload["model"])
             estimator.model_.load_state_dict(payload["model"])
-        except (KeyError, TypeError, RuntimeError) as exc:
+            estimator._upgrade_fitted(version)
+        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
             raise ValueError(
                 f"{path} holds an incompatible {cls.__name__} checkpoint: {exc}"
             ) from None

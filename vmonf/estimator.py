@@ -44,13 +44,17 @@ DIVERGENCE_MARGIN = 1.0
 
 
 class _Fit(NamedTuple):
-    """One training run's outcome (ELBOs: mean nats per point on the scored data)."""
+    """One training run's outcome. ELBOs are mean nats per point, standardised units:
+    ``elbo`` on the validation split (the training data without one), the other two
+    on the training data, before and after training (what divergence is judged on:
+    held-out data would also flag plain overfitting)."""
 
     model: VariationalMixture
     history: dict[str, list[float]]
     n_epochs: int
     elbo: float
-    initial_elbo: float
+    train_elbo: float
+    initial_train_elbo: float
 
 
 class VMoNF(MixtureEstimator):
@@ -112,9 +116,9 @@ class VMoNF(MixtureEstimator):
     component of each row of X under q(c|x)), ``elbo_`` (mean ELBO, nats, user's units, on
     the validation split, or on the training data when ``validation_fraction=0``; with
     ``elbo_top_k`` the top-k bound),
-    ``converged_`` (False when the ELBO is non-finite or the fit diverged: ELBO more than
-    log K + 1 nats below the untrained model's), ``fit_time_`` (s, with the time before a
-    resume).
+    ``converged_`` (False when the ELBO is non-finite or the fit diverged: its ELBO on the
+    training data more than log K + 1 nats below the untrained model's), ``fit_time_``
+    (s, with the time before a resume).
     """
 
     _checkpoint_kind = "VMoNF"
@@ -290,7 +294,7 @@ class VMoNF(MixtureEstimator):
             "n_iter_": self.n_iter_,
             "elbo_": self.elbo_,
             "converged_": self.converged_,
-            "labels_": self.labels_,
+            "labels_": getattr(self, "labels_", None),  # absent from files of format 1
         }
 
     # -- fitting -----------------------------------------------------------------------
@@ -340,16 +344,15 @@ class VMoNF(MixtureEstimator):
         """Pre-train (optionally) and train ``model``; the ELBOs are on ``val`` if given,
         else on ``x``."""
         started = time.perf_counter()
-        scored = x if val is None else val
 
         def negative_bound(batch: tuple[Tensor, ...], _: int) -> Tensor:
             return -model.elbo(batch[0], top_k=self.elbo_top_k).mean()
 
-        def mean_elbo() -> float:  # standardised units
+        def mean_elbo(points: Tensor) -> float:  # standardised units
             model.eval()
-            return -evaluate(negative_bound, (scored,), 0)
+            return -evaluate(negative_bound, (points,), 0)
 
-        initial_elbo = mean_elbo()
+        initial_train_elbo = mean_elbo(x)
         init_labels = self._initial_labels(x, y, seed)
         step = 0
         if init_labels is not None:
@@ -428,7 +431,11 @@ class VMoNF(MixtureEstimator):
         )
         final_t = schedule(step + result.n_steps)
         model.posterior.temperature.fill_(final_t)
-        return _Fit(model, result.history, result.n_epochs, mean_elbo(), initial_elbo)
+        train_elbo = mean_elbo(x)
+        held_out_elbo = train_elbo if val is None else mean_elbo(val)
+        return _Fit(
+            model, result.history, result.n_epochs, held_out_elbo, train_elbo, initial_train_elbo
+        )
 
     def _fit(
         self, x: Tensor, y: Tensor, generator: torch.Generator, checkpointer: Checkpointer | None
@@ -456,7 +463,8 @@ class VMoNF(MixtureEstimator):
                 # Keep the best model so far (a failed one holds its last good state).
                 if best is None:
                     partial = exc.result or TrainResult()
-                    best = _Fit(model, partial.history, partial.n_epochs, math.nan, math.nan)
+                    nan = math.nan
+                    best = _Fit(model, partial.history, partial.n_epochs, nan, nan, nan)
                 self._set_fitted(best, x, warn=False)
                 self.converged_ = False  # even when an earlier restart's fit is kept
                 raise
@@ -475,20 +483,24 @@ class VMoNF(MixtureEstimator):
         self.elbo_ = float(fit.elbo) + float(self.standardizer_.log_abs_det())  # user's units
         self.weights_ = model.mixture.log_weights().exp().detach().double().cpu().numpy()
         self.labels_ = self._chunked(self._log_proba, x).argmax(axis=1).astype(np.int64)
-        floor = fit.initial_elbo - math.log(self.n_components) - DIVERGENCE_MARGIN
-        diverged = fit.elbo < floor
+        floor = fit.initial_train_elbo - math.log(self.n_components) - DIVERGENCE_MARGIN
+        diverged = fit.train_elbo < floor
         self.converged_ = bool(np.isfinite(fit.elbo)) and not diverged
         if not warn or self.converged_:
             return
         if diverged:
             message = (
-                f"VMoNF fit diverged: its ELBO is {fit.initial_elbo - fit.elbo:.4g} nats per "
-                f"point below the untrained model's, more than log K + {DIVERGENCE_MARGIN:g}; "
-                "lower learning_rate"
+                "VMoNF fit diverged: its ELBO on the training data is "
+                f"{fit.initial_train_elbo - fit.train_elbo:.4g} nats per point below the "
+                f"untrained model's, more than log K + {DIVERGENCE_MARGIN:g}; lower learning_rate"
             )
         else:
             message = "VMoNF fit ended with a non-finite ELBO"
         warnings.warn(message, ConvergenceWarning, stacklevel=4)
+
+    def _upgrade_fitted(self, version: int) -> None:
+        if version < 2:  # elbo_ was saved in standardised units
+            self.elbo_ += float(self.standardizer_.log_abs_det())
 
     # -- VMoNF-specific API ------------------------------------------------------------
     def predict_proba(self, X: object, posterior: str = "amortized") -> np.ndarray:

@@ -74,12 +74,14 @@ def check_images(X: object, n_levels: int, name: str = "X") -> tuple[np.ndarray,
 
 def check_image_shape(shape: tuple[int, ...], expected: tuple[int, ...], name: str = "X") -> None:
     """ValueError unless images of ``shape`` are the ``expected`` ones: the same shape,
-    flattened, or with a trailing channel axis of 1 added or dropped."""
+    or with a trailing channel axis of 1 added or dropped; when either is flattened, the
+    same number of pixels."""
 
     def squeeze(s: tuple[int, ...]) -> tuple[int, ...]:
         return s[:-1] if len(s) > 2 and s[-1] == 1 else s
 
-    if squeeze(shape) == squeeze(expected) or shape == (math.prod(expected),):
+    flat = len(shape) == 1 or len(expected) == 1  # flattened on either side: pixel counts
+    if squeeze(shape) == squeeze(expected) or (flat and math.prod(shape) == math.prod(expected)):
         return
     raise ValueError(f"{name} has shape {shape} per image, but {expected} is expected")
 

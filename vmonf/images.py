@@ -34,6 +34,7 @@ from vmonf.checkpoint import (
     save_checkpoint,
     to_plain,
 )
+from vmonf.distributed import broadcast_int, init_from_env
 from vmonf.image_transforms import (
     ImageTransform,
     bits_per_dim,
@@ -134,6 +135,9 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
                 "resume=True needs a fixed random_state: the dequantisation noise must be "
                 "drawn again exactly as in the interrupted fit"
             )
+        if seed is None:  # data-parallel ranks must dequantise alike: rank 0's draw
+            init_from_env(self.estimator._torch_device)
+            seed = broadcast_int(int(np.random.SeedSequence().generate_state(1)[0]))
         levels, shape = check_images(X, self.n_levels)
         transform = ImageTransform(
             self.n_levels,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,8 +80,9 @@ def _check_titles(titles: object, n: int, what: str) -> list[str] | None:
     """``titles`` as a list of ``n`` strings (one per ``what``), or None."""
     if titles is None:
         return None
-    if isinstance(titles, str | bytes) or not isinstance(titles, Sequence):
+    if isinstance(titles, str | bytes) or not isinstance(titles, Iterable):
         raise TypeError(f"titles must be a sequence of {n} strings, got {titles!r}")
+    titles = list(titles)
     if len(titles) != n:
         raise ValueError(f"titles has {len(titles)} entries but there are {n} {what}")
     return [str(t) for t in titles]
