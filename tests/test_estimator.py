@@ -132,6 +132,42 @@ def test_files_of_the_previous_format_load_and_save_again(tmp_path):
     VMoNF.load(loaded.save(tmp_path / "again.pt"))  # and it saves again
 
 
+def test_a_validation_split_never_holds_out_a_given_label():
+    y = torch.full((400,), -1)
+    y[[0, 1, 3]] = torch.tensor([2, 1, 0])
+    for seed in range(20):
+        train_idx, val_idx = VMoNF(3, validation_fraction=0.3)._split(
+            y, torch.Generator().manual_seed(seed)
+        )
+        assert {0, 1, 3} <= set(train_idx.tolist()) and val_idx.numel() == 120
+
+
+def test_annealing_starts_at_one_after_pre_training_and_q_keeps_its_temperature():
+    X, _ = blobs(300)
+    params = {**FAST, "temperature": "anneal", "temperature_decay": 0.02, "init": "kmeans"}
+    model = VMoNF(3, random_state=0, **params).fit(X)
+    steps_per_epoch = -(-300 // FAST["batch_size"])
+    first = model.history_["temperature"][0]
+    assert first == pytest.approx(np.exp(-0.02 * steps_per_epoch))  # not after init_steps too
+    assert model.model_.posterior.temperature.item() == pytest.approx(
+        model.history_["temperature"][-1]
+    )
+    stopped = VMoNF(3, random_state=0, validation_fraction=0.2, patience=1,
+                    **{**params, "max_epochs": 30}).fit(X)  # fmt: skip
+    best = int(np.argmin(stopped.history_["val_loss"]))  # restored: q at that epoch's T
+    assert stopped.model_.posterior.temperature.item() == pytest.approx(
+        stopped.history_["temperature"][best]
+    )
+
+
+def test_responsibility_weights_count_labels_as_one_hot():
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(-1, 1, (219, 2)), rng.normal(1, 1, (81, 2))])
+    y = np.r_[np.zeros(219, int), np.ones(81, int)]
+    model = VMoNF(2, weights="responsibilities", init="labels", random_state=0, **FAST)
+    np.testing.assert_allclose(model.fit(X, y).weights_, [0.73, 0.27], atol=1e-6)
+
+
 def test_a_path_valued_setting_saves_and_loads_as_str(tmp_path):
     X = np.random.default_rng(0).normal(size=(100, 2))
     model = VMoNF(2, checkpoint=tmp_path / "state.pt", **FAST).fit(X)

@@ -68,7 +68,9 @@ class VMoNF(MixtureEstimator):
         n_components: number of flows K.
         objective: ``"elbo"`` (amortised q, the paper) or ``"marginal"`` (exact
             -log p(x), i.e. soft EM; q is distilled from the exact posterior).
-        weights: mixing weights, ``"uniform"``, ``"learned"`` or ``"responsibilities"``.
+        weights: mixing weights, ``"uniform"``, ``"learned"`` or ``"responsibilities"``
+            (after every epoch, the mean responsibility: one-hot at a point's label,
+            else q(c|x) for the ELBO or the exact p(c|x) for the marginal objective).
         init: ``"kmeans"`` (pre-train each flow and q on a k-means cluster),
             ``"labels"`` (pre-train on the labelled points, as in the paper),
             ``"propagate"`` (spread the labels to every point along a k-nearest-
@@ -87,7 +89,8 @@ class VMoNF(MixtureEstimator):
         max_epochs, max_time, batch_size, learning_rate, weight_decay, lr_schedule:
             optimisation (``max_time``: seconds per restart, pre-training included;
             None = no limit).
-        validation_fraction: share of points held out to monitor the exact NLL
+        validation_fraction: share of points held out (unlabelled ones only: every
+            given label is trained on) to monitor the exact NLL
             (``history_["val_loss"]``) and choose among restarts; with ``patience``,
             training stops after that many epochs without improvement and the best
             epoch is restored.
@@ -298,12 +301,20 @@ class VMoNF(MixtureEstimator):
         }
 
     # -- fitting -----------------------------------------------------------------------
-    def _split(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+    def _split(self, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
+        """Train and held-out indices. Held-out rows are drawn from the unlabelled ones:
+        every given label is trained on."""
+        n = y.numel()
         n_val = round(self.validation_fraction * n)
         order = torch.randperm(n, generator=generator)
         if n_val < 1 or n - n_val < self.n_components:
             return order, None
-        return order[n_val:], order[:n_val]
+        is_labelled = y.cpu()[order] >= 0
+        labelled, unlabelled = order[is_labelled], order[~is_labelled]
+        n_val = min(n_val, unlabelled.numel())
+        if n_val < 1:
+            return order, None
+        return torch.cat([labelled, unlabelled[n_val:]]), unlabelled[:n_val]
 
     def _initial_labels(self, x: Tensor, y: Tensor, seed: int) -> Tensor | None:
         """Labels to pre-train on (-1 = skip), or None for no pre-training."""
@@ -381,8 +392,12 @@ class VMoNF(MixtureEstimator):
                 model, pretrain, (xi, yi), config, generator=generator, checkpointer=checkpointer
             ).n_steps
 
-        schedule = self._schedule()
+        schedule, main_start = self._schedule(), step
         loss_fn = torch.compile(model.loss, dynamic=True) if self.compile else model.loss
+
+        def temperature(step: int) -> float:
+            # Pre-training ran at T = 1: annealing starts with the main stage.
+            return schedule(step - main_start)
 
         def objective(batch: tuple[Tensor, ...], step: int) -> Tensor:
             xb, yb = batch
@@ -391,20 +406,18 @@ class VMoNF(MixtureEstimator):
                 yb,
                 alpha=self.alpha,
                 objective=self.objective,
-                temperature=schedule(step),
+                temperature=temperature(step),
                 top_k=self.elbo_top_k,
             )
             return loss.mean()
 
         def on_epoch_end(epoch: int, step: int, history: dict[str, list[float]]) -> None:
-            history.setdefault("temperature", []).append(schedule(step))
+            history.setdefault("temperature", []).append(temperature(step))
+            model.posterior.temperature.fill_(temperature(step))  # q as it is now trained
             if self.weights == "responsibilities":
                 model.eval()
                 with torch.no_grad():
-                    mean_post = torch.cat(
-                        [model.mixture.posterior(c).exp() for c in x.split(CHUNK)]
-                    )
-                model.mixture.update_weights(mean_post.mean(0))
+                    model.mixture.update_weights(self._mean_responsibility(model, x, y))
             if self.callback is not None:
                 self.model_ = model
                 self.callback(self, epoch)
@@ -429,18 +442,36 @@ class VMoNF(MixtureEstimator):
             start_step=step,
             checkpointer=checkpointer,
         )
-        final_t = schedule(step + result.n_steps)
-        model.posterior.temperature.fill_(final_t)
+        temperatures = result.history.get("temperature") or [temperature(main_start)]
+        kept = -1  # the last epoch's weights, or with patience the best epoch's (restored)
+        if self.patience is not None and result.history.get("val_loss"):
+            kept = int(np.argmin(result.history["val_loss"]))
+        model.posterior.temperature.fill_(temperatures[kept])
         train_elbo = mean_elbo(x)
         held_out_elbo = train_elbo if val is None else mean_elbo(val)
         return _Fit(
             model, result.history, result.n_epochs, held_out_elbo, train_elbo, initial_train_elbo
         )
 
+    def _mean_responsibility(self, model: VariationalMixture, x: Tensor, y: Tensor) -> Tensor:
+        """(K,) mean over the training points of one-hot(y) where labelled, else q(c|x)
+        (``objective="elbo"``: the weights that maximise the bound) or the exact p(c|x)
+        (``"marginal"``: the EM update)."""
+        total = x.new_zeros(self.n_components)
+        for xc, yc in zip(x.split(CHUNK), y.split(CHUNK), strict=True):
+            if self.objective == "elbo":
+                r = model.posterior(xc).exp()  # at its stored (current) temperature
+            else:
+                r = model.mixture.posterior(xc).exp()
+            labelled = yc >= 0
+            r[labelled] = torch.nn.functional.one_hot(yc[labelled], self.n_components).to(r)
+            total += r.sum(0)
+        return total / x.shape[0]
+
     def _fit(
         self, x: Tensor, y: Tensor, generator: torch.Generator, checkpointer: Checkpointer | None
     ) -> None:
-        train_idx, val_idx = self._split(x.shape[0], generator)
+        train_idx, val_idx = self._split(y, generator)
         x_train, y_train = x[train_idx], y[train_idx]
         x_val = None if val_idx is None else x[val_idx]
         labelled = y_train >= 0
