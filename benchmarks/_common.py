@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import platform
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 
 from vmonf.reporting import versions
@@ -42,20 +41,6 @@ def run_parallel(fn: Callable[..., dict], jobs: Iterable[tuple], n_workers: int)
     with ProcessPoolExecutor(n_workers, initializer=_init_worker) as pool:
         futures = [pool.submit(fn, *job) for job in jobs]
         return [f.result() for f in futures]
-
-
-def summarise(values: Sequence[float]) -> str:
-    """'mean ± sd' of finite values, or 'n/a'."""
-    arr = np.asarray([v for v in values if v is not None and np.isfinite(v)], dtype=float)
-    if arr.size == 0:
-        return "n/a"
-    return f"{arr.mean():.3f} ± {arr.std():.3f}" if arr.size > 1 else f"{arr[0]:.3f}"
-
-
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
-    return "\n".join(lines)
 
 
 def write_results(name: str, payload: dict[str, Any], table: str) -> Path:

@@ -19,10 +19,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from _common import markdown_table, run_parallel, summarise, write_results
+from _common import run_parallel, write_results
 
 from competitive import CompetitiveMixture, bagging, single_model
 from vmonf import datasets, metrics
+from vmonf.reporting import markdown_table, mean_sd
 
 N_TRAIN = 20_000  # the paper uses 64,000; 20,000 keeps 3 seeds of every case within CPU budget
 N_TEST = 6_400
@@ -161,7 +162,7 @@ def flow_table(cases: list[Case], results: list[dict], assignment: str) -> str:
     rows = []
     for case in cases:
         rs = [r for r in results if r["case"] == case.name]
-        col = lambda key, rs=rs: summarise([r.get(key, np.nan) for r in rs])  # noqa: E731
+        col = lambda key, rs=rs: mean_sd([r.get(key, np.nan) for r in rs])  # noqa: E731
         if assignment == "exact":
             met = sum(r["kl_to_truth"] <= 0.03 and r["ari"] >= 0.99 for r in rs)
             target = "KL <= 0.03, ARI >= 0.99"
@@ -188,14 +189,14 @@ def vae_table(results: list[dict], ceilings: dict[str, float]) -> str:
         by = {m: [r for r in results if r["case"] == f"{label}|{m}"] for m in PAPER_COLUMNS}
         if not by["kVAEs"]:
             continue
-        kde = {m: summarise([r["kde"] for r in rs]) for m, rs in by.items()}
+        kde = {m: mean_sd([r["kde"] for r in rs]) for m, rs in by.items()}
         met = sum(r["kde"] >= KVAE_TARGETS[label] for r in by["kVAEs"])
-        times = " / ".join(summarise([r["fit_time"] for r in by[m]]) for m in PAPER_COLUMNS)
+        times = " / ".join(mean_sd([r["fit_time"] for r in by[m]]) for m in PAPER_COLUMNS)
         rows.append([
             label, kde["kVAEs"], kde["bag"], kde["VAE-150"], f"{ceilings[label]:.3f}",
             " / ".join(f"{v:g}" for v in PAPER[label]), f">= {KVAE_TARGETS[label]}",
-            f"{met}/{len(by['kVAEs'])}", summarise([r["ari"] for r in by["kVAEs"]]),
-            summarise([r["time_per_round"] for r in by["kVAEs"]]), times,
+            f"{met}/{len(by['kVAEs'])}", mean_sd([r["ari"] for r in by["kVAEs"]]),
+            mean_sd([r["time_per_round"] for r in by["kVAEs"]]), times,
         ])  # fmt: skip
     return markdown_table(header, rows)
 

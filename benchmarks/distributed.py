@@ -22,11 +22,12 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine, markdown_table, write_results
+from _common import machine, write_results
 
 import vmonf.training as training
 from vmonf import VMoNF, datasets
 from vmonf.distributed import init_from_env, is_main_process, rank_and_size
+from vmonf.reporting import markdown_table
 
 K = 5
 

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import markdown_table, run_parallel, summarise, write_results
+from _common import run_parallel, write_results
 from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
@@ -39,6 +39,7 @@ from vmonf import image_metrics as im
 from vmonf.image_transforms import ImageTransform, dequantize, quantize
 from vmonf.images import ImageMixture
 from vmonf.plots import plot_component_images
+from vmonf.reporting import markdown_table, mean_sd
 
 # ----------------------------------------------------------------------- clustering settings
 # Front-end and VMoNF settings per data set (chosen on digits seeds 0-2; see README).
@@ -183,12 +184,12 @@ def cluster_table(results: list[dict], target: float | None) -> str:
     header = ["method", "accuracy", "NMI", "ARI", "mean purity", "seeds"]
     rows = []
     for label, key in CLUSTER_METHODS:
-        col = lambda m, key=key: summarise([r[key][m] for r in results])  # noqa: E731
+        col = lambda m, key=key: mean_sd([r[key][m] for r in results])  # noqa: E731
         rows.append([label, col("accuracy"), col("nmi"), col("ari"), col("mean_purity"),
                      len(results)])  # fmt: skip
     lines = [markdown_table(header, rows)]
-    bpd = summarise([r["bits_per_dim"] for r in results])
-    fit = summarise([r["fit_cpu"] for r in results])
+    bpd = mean_sd([r["bits_per_dim"] for r in results])
+    fit = mean_sd([r["fit_cpu"] for r in results])
     lines.append(f"\nVMoNF evaluation bits/dim {bpd}; VMoNF fit CPU time {fit} s per seed.")
     if target is not None:
         met = sum(r["vmonf"]["accuracy"] >= target for r in results)
@@ -283,11 +284,11 @@ def compete_table(results: list[dict], baselines: dict[str, Any]) -> str:
         share = 100 * hist / hist.sum()
         bound = "" if rs[0]["bits_per_dim_exact"] else " (ELBO bound)"
         rows.append([
-            case, summarise([r["fld"]["distance"] for r in rs]),
-            summarise([r["fld_pca_mean"] for r in rs]),
-            summarise([r["bits_per_dim"] for r in rs]) + bound,
+            case, mean_sd([r["fld"]["distance"] for r in rs]),
+            mean_sd([r["fld_pca_mean"] for r in rs]),
+            mean_sd([r["bits_per_dim"] for r in rs]) + bound,
             f"{int((hist > 0).sum())} ({share.min():.1f}-{share.max():.1f})",
-            summarise([r["fit_cpu"] for r in rs]),
+            mean_sd([r["fit_cpu"] for r in rs]),
         ])  # fmt: skip
     for label, key in (
         ("real test half vs other half", "real_vs_real"),

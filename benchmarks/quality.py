@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from _common import markdown_table, run_parallel, summarise, write_results
+from _common import run_parallel, write_results
 from sklearn.mixture import GaussianMixture
 
 from vmonf import VMoNF, datasets
-from vmonf.reporting import evaluate_on_toy, partial_labels
+from vmonf.reporting import evaluate_on_toy, markdown_table, mean_sd, partial_labels
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ def table(cases: list[Case], results: list[dict[str, Any]]) -> str:
             continue
 
         def col(key: str, rs: list[dict[str, Any]] = rs) -> str:
-            return summarise([r.get(key, np.nan) for r in rs])
+            return mean_sd([r.get(key, np.nan) for r in rs])
 
         met = sum(passes(case, r) for r in rs)
         rows.append([

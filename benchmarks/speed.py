@@ -43,7 +43,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from _common import markdown_table, write_results
+from _common import write_results
 from nflows.distributions.normal import StandardNormal
 from nflows.flows.base import Flow
 from nflows.transforms.base import CompositeTransform
@@ -64,6 +64,7 @@ from vmonf.mixture import MixtureOfFlows
 from vmonf.model import VariationalMixture
 from vmonf.objectives import mixture_loss
 from vmonf.posterior import PosteriorNet
+from vmonf.reporting import markdown_table
 from vmonf.training import TrainConfig, torch_threads, train
 
 D = 2

@@ -38,6 +38,7 @@ from competitive.generators import NoExactLikelihoodError
 from vmonf._validation import check_array, check_positive_float, check_seed
 from vmonf.base import MixtureEstimator
 from vmonf.metrics import adjusted_rand_index
+from vmonf.mixture import generator_on
 from vmonf.training import torch_threads
 
 __all__ = [
@@ -180,7 +181,9 @@ def discriminator_estimate(
         ).to(device=u_train.device, dtype=u_train.dtype)
         components.eval()
         with torch.no_grad():
-            fake = components.sample(u_train.shape[0], generator=generator)
+            fake = components.sample(
+                u_train.shape[0], generator=generator_on(u_train.device, generator)
+            )
         fit_discriminators(
             discriminators, u_train, fake, config._discriminator_config(max_time), generator
         )

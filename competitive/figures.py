@@ -9,17 +9,23 @@ figure, writes a PNG at ``path`` and returns the ``Path``.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
-from matplotlib import colormaps
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
-from vmonf._validation import check_array, check_integer_labels, check_positive_int
+from vmonf._validation import (
+    check_array,
+    check_integer_labels,
+    check_output_file,
+    check_positive_int,
+)
+from vmonf.plots import class_colours
 
 __all__ = [
     "plot_agreement_rounds",
@@ -30,10 +36,6 @@ __all__ = [
 ]
 
 Bounds = tuple[float, float, float, float]
-
-
-def _palette(n: int) -> np.ndarray:
-    return colormaps["tab10" if n <= 10 else "tab20" if n <= 20 else "hsv"](np.arange(n) % 20)
 
 
 def _figure(width: float, height: float) -> Figure:
@@ -51,10 +53,10 @@ def _plane(ax: Axes, bounds: Bounds | None) -> None:
     ax.set_yticks([])
 
 
-def _save(fig: Figure, path: Path, dpi: int) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=dpi)
-    return path
+def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
+    out = check_output_file(path)
+    fig.savefig(out, format="png", dpi=dpi)
+    return out
 
 
 def _check_owners(owners: object, n_points: int, n_components: int, name: str) -> np.ndarray:
@@ -93,7 +95,7 @@ def plot_assignment_rounds(
     rows = math.ceil(shown.size / cols)
     fig = _figure(3.0 * cols, 2.8 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    palette = _palette(n_components)
+    palette = class_colours(n_components)
     for ax, i in zip(axes, shown.astype(int), strict=False):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, c=palette[owners[i]], linewidths=0)
         ax.set_title(titles[i], fontsize="small")
@@ -106,11 +108,13 @@ def plot_assignment_rounds(
 def plot_shares(shares: Sequence[Sequence[float]], path: Path, *, dpi: int = 100) -> Path:
     """Share of points each component owns after each round, (rounds, K), as lines."""
     arr = np.asarray(shares, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[0] == 0:
-        raise ValueError(f"shares must be (rounds, K) with at least one round, got {arr.shape}")
+    if arr.ndim != 2 or 0 in arr.shape:
+        raise ValueError(
+            f"shares must be (rounds, K) with at least one round and component, got {arr.shape}"
+        )
     fig = _figure(5.0, 3.4)
     ax = fig.add_subplot()
-    palette = _palette(arr.shape[1])
+    palette = class_colours(arr.shape[1])
     rounds = np.arange(1, arr.shape[0] + 1)
     for k in range(arr.shape[1]):
         ax.plot(rounds, arr[:, k], marker="o", markersize=3, color=palette[k], label=str(k))
@@ -162,7 +166,7 @@ def plot_estimate_vs_exact(
     n_rows = math.ceil(k / cols)
     fig = _figure(2.8 * cols, 2.7 * n_rows)
     axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
-    palette = _palette(k)
+    palette = class_colours(k)
     for j, ax in enumerate(axes[:k]):
         ax.scatter(ref[:, j], est[:, j], s=3, color=palette[j], alpha=0.5, linewidths=0)
         ax.plot(diagonal, diagonal, color="0.3", linestyle="--", linewidth=0.8)
@@ -190,7 +194,7 @@ def plot_agreement_rounds(
         raise ValueError("curves must map each label to at least one value")
     fig = _figure(5.6, 3.6)
     ax = fig.add_subplot()
-    palette = _palette(len(curves))
+    palette = class_colours(len(curves))
     for colour, (label, values) in zip(palette, curves.items(), strict=True):
         arr = np.asarray(values, dtype=np.float64)
         ax.plot(np.arange(arr.size), arr, marker="o", markersize=3, color=colour, label=label)
@@ -224,7 +228,7 @@ def plot_disagreement(
     differ = a != b
     fig = _figure(9.0, 3.2)
     axes = fig.subplots(1, 3)
-    palette = _palette(n_components)
+    palette = class_colours(n_components)
     for ax, owners, name in zip(
         axes, (a, b), ("exact argmax", "discriminator argmax"), strict=False
     ):

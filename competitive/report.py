@@ -15,14 +15,13 @@ import math
 import os
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Mapping
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from tqdm.auto import tqdm
 
@@ -30,6 +29,7 @@ from competitive import figures
 from competitive.estimator import CompetitiveMixture
 from competitive.studies import (
     COMPARED,
+    DISCRIMINATOR_SETTINGS,
     FULL_CASES,
     METHODS,
     PRETRAIN_SHARE,
@@ -39,7 +39,7 @@ from competitive.studies import (
     StudySettings,
     run_study,
 )
-from vmonf.reporting import versions, write_json
+from vmonf.reporting import as_float, markdown_table, mean_sd, versions, write_json
 
 __all__ = ["DESCRIPTION", "QUICK", "add_arguments", "render", "run"]
 
@@ -62,7 +62,6 @@ QUICK = StudySettings(
     max_rounds=3,
     figure_points=1024,
 )
-DISCRIMINATOR_KEYS = ("hidden", "layers", "batch_size", "learning_rate", "betas", "epochs")
 #: The full report: 3 seeds, 15 s per fit. Discriminators 2-128-128-1, batch 256, Adam
 #: 2e-3 (beta1 0.5), 2 epochs, fresh every round: the paper's 2-500-500-1 with batch 32
 #: took 5-35 s per training here and left no time for a single round within 15 s.
@@ -130,7 +129,7 @@ def _choose_cases(text: str | None) -> list[Case]:
             f"unknown case(s) {', '.join(unknown) or '(none given)'}; choose from "
             f"{', '.join(by_name)}"
         )
-    return [by_name[name] for name in wanted]
+    return [by_name[name] for name in dict.fromkeys(wanted)]  # a repeat is not another seed
 
 
 def _command_line(args: argparse.Namespace) -> str:
@@ -248,27 +247,6 @@ def _rounds_figures(results: list[dict[str, Any]], figures_dir: Path) -> None:
 # --------------------------------------------------------------------------- markdown
 
 
-def _num(value: object) -> float:
-    return math.nan if value is None else float(value)  # type: ignore[arg-type]
-
-
-def mean_sd(values: Sequence[object], digits: int = 3) -> str:
-    """'mean ± sd' over seeds of the finite values ('n/a' if none; one value alone)."""
-    arr = np.array([_num(v) for v in values], dtype=np.float64)
-    arr = arr[np.isfinite(arr)]
-    if arr.size == 0:
-        return "n/a"
-    if arr.size == 1:
-        return f"{arr[0]:.{digits}f}"
-    return f"{arr.mean():.{digits}f} ± {arr.std():.{digits}f}"
-
-
-def table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    """A markdown table."""
-    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
-    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
-
-
 def _by_case(results: list[dict[str, Any]]) -> dict[str, list[dict[str, Any]]]:
     grouped: dict[str, list[dict[str, Any]]] = {}
     for r in results:
@@ -283,7 +261,7 @@ def pivot(results: list[dict[str, Any]], key: str, digits: int = 3) -> str:
         [name, *(mean_sd([r["methods"][name][key] for r in rs], digits) for rs in grouped.values())]
         for name in METHODS
     ]
-    return table(["method", *grouped], rows)
+    return markdown_table(["method", *grouped], rows)
 
 
 def soft_hard_tables(results: list[dict[str, Any]]) -> str:
@@ -310,7 +288,7 @@ def soft_hard_tables(results: list[dict[str, Any]]) -> str:
                 mean_sd([c["fit_time"] for c in col], 1),
             ])  # fmt: skip
         parts.append(
-            table(
+            markdown_table(
                 [
                     "method",
                     "assignment",
@@ -326,7 +304,7 @@ def soft_hard_tables(results: list[dict[str, Any]]) -> str:
     return "\n\n".join(parts)
 
 
-def comparison_table(results: list[dict[str, Any]]) -> str:
+def comparison_markdown_table(results: list[dict[str, Any]]) -> str:
     """Discriminators on the fitted mixtures: argmax agreement and estimate quality."""
     rows = []
     for case, rs in _by_case(results).items():
@@ -347,10 +325,10 @@ def comparison_table(results: list[dict[str, Any]]) -> str:
         "Spearman", "Pearson", "MAE (nats)", "MAE on own points", "bias (nats)",
         "share saturated", "Spearman vs mixture", "MAE own vs mixture",
     ]  # fmt: skip
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
-def per_component_table(results: list[dict[str, Any]], model: str) -> str:
+def per_component_markdown_table(results: list[dict[str, Any]], model: str) -> str:
     """Seed 0, one fitted mixture: every component's statistics against the truth."""
     rows = []
     for r in results:
@@ -360,14 +338,14 @@ def per_component_table(results: list[dict[str, Any]], model: str) -> str:
         for j in range(len(per["mae"])):
             rows.append(
                 [r["case"], j]
-                + [f"{_num(per[key][j]):.3f}" for key in
+                + [f"{as_float(per[key][j]):.3f}" for key in
                    ("spearman", "pearson", "mae", "mae_owned", "bias", "saturated")]
             )  # fmt: skip
     header = ["toy", "k", "Spearman", "Pearson", "MAE", "MAE on own points", "bias", "saturated"]
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
-def rounds_table(results: list[dict[str, Any]]) -> str:
+def rounds_markdown_table(results: list[dict[str, Any]]) -> str:
     """Agreement after pre-training and at the end; what each assignment ends with."""
     rows = []
     for case, rs in _by_case(results).items():
@@ -381,7 +359,7 @@ def rounds_table(results: list[dict[str, Any]]) -> str:
                 case, init, mean_sd(first), mean_sd(last),
                 mean_sd([len(x["history"]["agreement"]) - 1 for x in e], 1),
                 mean_sd(exact), mean_sd(disc),
-                mean_sd([a - b for a, b in zip(exact, disc, strict=True)]),
+                mean_sd([as_float(a) - as_float(b) for a, b in zip(exact, disc, strict=True)]),
                 mean_sd([r["truth"]["log_likelihood"] for r in rs]),
             ])  # fmt: skip
     header = [
@@ -389,7 +367,7 @@ def rounds_table(results: list[dict[str, Any]]) -> str:
         "rounds", "held-out log-lik, exact assignment", "discriminator assignment",
         "exact - discriminator (nats)", "truth",
     ]  # fmt: skip
-    return table(header, rows)
+    return markdown_table(header, rows)
 
 
 def _figure_links(results: list[dict[str, Any]], figure_names: Mapping[str, str]) -> str:
@@ -404,7 +382,9 @@ def _figure_links(results: list[dict[str, Any]], figure_names: Mapping[str, str]
 def _discriminator_text(overrides: Mapping[str, Any]) -> str:
     """The discriminators' settings in words: CompetitiveMixture's defaults + ``overrides``."""
     defaults = CompetitiveMixture().get_params()
-    p = {key: overrides.get(key, defaults[f"discriminator_{key}"]) for key in DISCRIMINATOR_KEYS}
+    p = {
+        key: overrides.get(key, defaults[f"discriminator_{key}"]) for key in DISCRIMINATOR_SETTINGS
+    }
     width = p["hidden"]
     return (
         f"2-{'-'.join([str(width)] * p['layers'])}-1 ReLU MLPs, batch {p['batch_size']}, "
@@ -457,9 +437,9 @@ def render(payload: Mapping[str, Any]) -> str:
         'points" = on the points whose exact argmax is k; "saturated" = D_k within 1e-3 '
         "of 0 or 1. Argmax agreement and ARI compare the discriminator partition with the "
         "exact one (argmax_k log p_k).",
-        comparison_table(results),
+        comparison_markdown_table(results),
         f"### Per component, competitive (exact), seed 0\n\n"
-        f"{per_component_table(results, COMPARED[0])}",
+        f"{per_component_markdown_table(results, COMPARED[0])}",
         "Figures (seed 0): estimate vs exact per component and where the two argmaxes disagree:",
         _figure_links(
             results,
@@ -481,7 +461,7 @@ def render(payload: Mapping[str, Any]) -> str:
         "so they start from the same pre-trained flows and part at the first assignment. "
         '"kmeans" = the soft-vs-hard runs; "uniform" = the paper\'s pre-training of every '
         "flow on all points.",
-        rounds_table(results),
+        rounds_markdown_table(results),
         "![agreement over rounds, uniform](figures/agreement_rounds_uniform.png)",
         "![agreement over rounds, k-means](figures/agreement_rounds_kmeans.png)",
     ]

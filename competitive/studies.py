@@ -92,6 +92,10 @@ FULL_CASES = (
 )
 
 
+#: What ``StudySettings.discriminator`` may set (CompetitiveMixture's ``discriminator_*``).
+DISCRIMINATOR_SETTINGS = ("hidden", "layers", "batch_size", "learning_rate", "betas", "epochs")
+
+
 @dataclass(frozen=True)
 class StudySettings:
     """What both studies share: the per-fit time budget (s), data and epoch scales,
@@ -107,9 +111,21 @@ class StudySettings:
     figure_points: int = 2000
 
     def __post_init__(self) -> None:
-        # Both studies assign by discriminators over rounds: at least one is needed.
+        # Checked here, not after hours of fits. Both studies assign by discriminators
+        # over rounds: at least one round is needed.
         check_positive_int(self.max_rounds, "max_rounds")
         check_positive_float(self.budget, "budget")
+        check_positive_float(self.data_scale, "data_scale")
+        check_positive_float(self.epoch_scale, "epoch_scale")
+        check_positive_int(self.figure_points, "figure_points")
+        if self.n_test is not None:
+            check_positive_int(self.n_test, "n_test")
+        unknown = set(self.discriminator) - set(DISCRIMINATOR_SETTINGS)
+        if unknown:
+            raise ValueError(
+                f"unknown discriminator setting(s) {sorted(unknown)}; choose from "
+                f"{', '.join(DISCRIMINATOR_SETTINGS)}"
+            )
 
     def scaled(self, case: Case) -> Case:
         """``case`` with this study's data size and epochs."""
@@ -146,6 +162,7 @@ def _competitive(case: Case, k: int, seed: int, settings: StudySettings, **param
         learning_rate=2e-3,
         lr_schedule="cosine",
         max_time=settings.budget,
+        validation_fraction=0.0,  # every method trains on all the points (VMoNF's default)
         random_state=seed,
         **{f"discriminator_{key}": value for key, value in settings.discriminator.items()},
         **params,
@@ -160,7 +177,7 @@ def _builders(case: Case, k: int, seed: int, settings: StudySettings) -> dict[st
     )
     baseline = dict(
         epochs=case.epochs, max_time=budget, batch_size=case.batch_size, linear=False,
-        learning_rate=2e-3, lr_schedule="cosine", random_state=seed,
+        learning_rate=2e-3, lr_schedule="cosine", validation_fraction=0.0, random_state=seed,
     )  # fmt: skip
     return {
         "VMoNF (ELBO)": lambda: VMoNF(k, **vmonf),

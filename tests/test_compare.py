@@ -26,10 +26,13 @@ from competitive.figures import (
     plot_disagreement,
     plot_estimate_vs_exact,
 )
-from competitive.studies import _accuracy_via_labels
+from competitive.report import _choose_cases
+from competitive.studies import StudySettings, _accuracy_via_labels
 from vmonf import VMoNF
 from vmonf.base import NotFittedError
 from vmonf.cli import main
+from vmonf.plots import class_colours
+from vmonf.reporting import mean_sd
 
 pytestmark = pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
 
@@ -314,3 +317,15 @@ def test_report_command_writes_report_results_and_figures(tmp_path):
     for link in [part.split(")")[0] for part in text.split("](")[1:]]:
         assert (out / link).is_file(), link
     assert main(["report", "--cases", "nope", "--out", str(out)]) == 2
+
+
+def test_report_helpers_count_seeds_honestly():
+    assert mean_sd([1.0, 2.0, 3.0]) == "2.000 ± 1.000"  # the sample sd
+    assert mean_sd([0.1, math.inf, 0.2]) == "0.150 ± 0.071 (2 of 3 finite)"
+    assert mean_sd([None, None]) == "n/a (0 of 2 finite)"
+    assert [case.name for case in _choose_cases("moons,moons")] == ["moons"]
+    with pytest.raises(ValueError, match="figure_points"):
+        StudySettings(figure_points=0)
+    with pytest.raises(ValueError, match="unknown discriminator setting"):
+        StudySettings(discriminator={"hiden": 16})
+    assert len({tuple(c) for c in class_colours(25)}) == 25  # hsv cycled 20 reds before

@@ -36,6 +36,7 @@ from vmonf._validation import (
 __all__ = [
     "animate_assignments",
     "animate_density",
+    "class_colours",
     "density_grid",
     "grid_points",
     "plot_component_images",
@@ -117,7 +118,7 @@ def _save_png(fig: Figure, path: Path, dpi: int) -> Path:
     return path
 
 
-def _class_colours(n_classes: int) -> np.ndarray:
+def class_colours(n_classes: int) -> np.ndarray:
     """(n_classes, 4) RGBA categorical colours (tab10, then tab20, then hsv)."""
     from matplotlib import colormaps
 
@@ -129,7 +130,7 @@ def _class_colours(n_classes: int) -> np.ndarray:
 
 
 def _label_colours(labels: np.ndarray, n_classes: int) -> np.ndarray:
-    palette = _class_colours(max(n_classes, 1))
+    palette = class_colours(max(n_classes, 1))
     colours = np.tile(np.array(_UNLABELLED_COLOUR), (labels.shape[0], 1))
     known = labels >= 0
     colours[known] = palette[labels[known]]
@@ -282,7 +283,7 @@ def _resolve_n_classes(n_classes: int | None, *labels: np.ndarray | None) -> int
 
 
 def _add_legend(ax: object, labels: np.ndarray, n_classes: int) -> None:
-    palette = _class_colours(n_classes)
+    palette = class_colours(n_classes)
     present = sorted(set(labels.tolist()))
     handles = []
     for value in present:
@@ -337,7 +338,7 @@ def plot_decision_regions(
         raise ValueError("predict returned negative labels on the grid")
     n_classes = _resolve_n_classes(n_classes, region, lab)
     n_classes = max(n_classes, n_from_proba)
-    palette = _class_colours(n_classes)
+    palette = class_colours(n_classes)
     cmap = ListedColormap(palette[:, :3])
     norm = BoundaryNorm(np.arange(n_classes + 1) - 0.5, n_classes)
     fig = _new_figure(5.0, 4.6)

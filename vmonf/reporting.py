@@ -12,7 +12,7 @@ import json
 import math
 import platform
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,8 +31,11 @@ __all__ = [
     "DensityRecorder",
     "FittedMixture",
     "Toy",
+    "as_float",
     "evaluate_on_toy",
     "format_table",
+    "markdown_table",
+    "mean_sd",
     "partial_labels",
     "plot_bounds",
     "versions",
@@ -363,3 +366,27 @@ def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
     tmp.write_text(json.dumps(_plain(data), indent=2, allow_nan=False) + "\n")
     tmp.replace(path)
     return path
+
+
+def as_float(value: object) -> float:
+    """A number from JSON: None (a NaN or inf written as null) is NaN."""
+    return math.nan if value is None else float(value)  # type: ignore[arg-type]
+
+
+def mean_sd(values: Sequence[object], digits: int = 3) -> str:
+    """'mean ± sd' over seeds (sample sd) of the finite values; when some are not
+    finite, '(k of n finite)' follows ('n/a' if none is; one value alone)."""
+    all_values = np.array([as_float(v) for v in values], dtype=np.float64)
+    arr = all_values[np.isfinite(all_values)]
+    dropped = "" if arr.size == all_values.size else f" ({arr.size} of {all_values.size} finite)"
+    if arr.size == 0:
+        return "n/a" + dropped
+    if arr.size == 1:
+        return f"{arr[0]:.{digits}f}{dropped}"
+    return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1):.{digits}f}{dropped}"
+
+
+def markdown_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    """A markdown table."""
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(map(str, row)) + " |" for row in rows])
