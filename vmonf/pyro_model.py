@@ -187,7 +187,9 @@ def from_estimator(est: VMoNF, name: str = "vmonf") -> PyroMixture:
     Works in the **user's units**: x is standardised with ``est.standardizer_``
     inside the model and guide, and the standardiser's log-determinant is added to
     every flow density, so ``pyro_elbo(from_estimator(est), x)`` equals
-    ``est.elbo(X).mean()``. x must have the estimator's dtype and device.
+    ``est.elbo(X).mean()`` (the ELBO over all K components: with ``elbo_top_k``,
+    ``est.elbo`` is the top-k bound instead). x must have the estimator's dtype and
+    device.
     """
     if not isinstance(est, VMoNF):
         raise TypeError(f"from_estimator needs a VMoNF, got {type(est).__name__}")
