@@ -7,6 +7,7 @@ import pytest
 import sklearn.exceptions
 import torch
 from sklearn.base import clone
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
 
 from vmonf import VMoNF
@@ -166,6 +167,12 @@ def test_responsibility_weights_count_labels_as_one_hot():
     y = np.r_[np.zeros(219, int), np.ones(81, int)]
     model = VMoNF(2, weights="responsibilities", init="labels", random_state=0, **FAST)
     np.testing.assert_allclose(model.fit(X, y).weights_, [0.73, 0.27], atol=1e-6)
+
+
+def test_pre_training_cut_by_the_time_budget_is_reported():
+    X, _ = blobs(600)
+    with pytest.warns(ConvergenceWarning, match=r"pre-training stopped .* after \d+ of"):
+        VMoNF(3, random_state=0, **{**FAST, "init_steps": 100_000, "max_time": 0.4}).fit(X)
 
 
 def test_a_path_valued_setting_saves_and_loads_as_str(tmp_path):

@@ -388,9 +388,18 @@ class VMoNF(MixtureEstimator):
                 )
                 return loss.mean()
 
-            step = train(
+            pretrained = train(
                 model, pretrain, (xi, yi), config, generator=generator, checkpointer=checkpointer
-            ).n_steps
+            )
+            step = pretrained.n_steps
+            if pretrained.stop_reason == "max_time":
+                # A time budget makes the result depend on the machine's speed: say so.
+                warnings.warn(
+                    f"VMoNF pre-training stopped at its share of max_time (a quarter) after "
+                    f"{step} of {config.max_epochs * steps_per_epoch} steps",
+                    ConvergenceWarning,
+                    stacklevel=4,
+                )
 
         schedule, main_start = self._schedule(), step
         loss_fn = torch.compile(model.loss, dynamic=True) if self.compile else model.loss
