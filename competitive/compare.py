@@ -397,6 +397,21 @@ class RoundTracker:
     owners: list[tuple[np.ndarray, np.ndarray]] = field(default_factory=list)
     seconds: float = 0.0
 
+    def __post_init__(self) -> None:
+        # Checked now, not after pre-training (when the callback first runs).
+        self.X_eval = check_array(self.X_eval, "X_eval", min_samples=2)
+        if self.true_log_prob is not None:
+            truth = np.asarray(self.true_log_prob, dtype=np.float64)
+            if truth.shape != (self.X_eval.shape[0],) or not np.isfinite(truth).all():
+                raise ValueError(
+                    f"true_log_prob must be {self.X_eval.shape[0]} finite values, one per "
+                    f"row of X_eval; got shape {truth.shape}"
+                )
+            self.true_log_prob = truth
+        if self.X_train is not None:
+            self.X_train = check_array(self.X_train, "X_train", min_samples=2)
+        _check_saturation(self.saturation)
+
     def __call__(self, estimator: CompetitiveMixture, round_: int) -> None:
         started = time.perf_counter()
         if estimator.model_.discriminators is not None:

@@ -329,3 +329,13 @@ def test_report_helpers_count_seeds_honestly():
     with pytest.raises(ValueError, match="unknown discriminator setting"):
         StudySettings(discriminator={"hiden": 16})
     assert len({tuple(c) for c in class_colours(25)}) == 25  # hsv cycled 20 reds before
+
+
+def test_round_tracker_checks_its_inputs_when_made():
+    X = np.zeros((5, 2))
+    with pytest.raises(ValueError, match="X_eval needs at least 2"):
+        RoundTracker(X[:1])
+    with pytest.raises(ValueError, match="true_log_prob must be 5 finite values"):
+        RoundTracker(X, true_log_prob=np.zeros(4))
+    with pytest.raises(ValueError, match="saturation"):
+        RoundTracker(X, saturation=0.7)
