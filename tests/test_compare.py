@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 from scipy.special import logsumexp
 
+import competitive.figures
 from competitive import CompetitiveMixture, NoExactLikelihoodError
 from competitive.compare import (
     RoundTracker,
@@ -322,13 +323,14 @@ def test_report_command_writes_report_results_and_figures(tmp_path):
 def test_report_helpers_count_seeds_honestly():
     assert mean_sd([1.0, 2.0, 3.0]) == "2.000 ± 1.000"  # the sample sd
     assert mean_sd([0.1, math.inf, 0.2]) == "0.150 ± 0.071 (2 of 3 finite)"
-    assert mean_sd([None, None]) == "n/a (0 of 2 finite)"
+    assert mean_sd([None, None]) == "n/a"  # a metric that does not apply
     assert [case.name for case in _choose_cases("moons,moons")] == ["moons"]
     with pytest.raises(ValueError, match="figure_points"):
         StudySettings(figure_points=0)
     with pytest.raises(ValueError, match="unknown discriminator setting"):
         StudySettings(discriminator={"hiden": 16})
-    assert len({tuple(c) for c in class_colours(25)}) == 25  # hsv cycled 20 reds before
+    assert len({tuple(c) for c in class_colours(25)}) == 25
+    assert competitive.figures.class_colours is class_colours  # its own cycled 20 reds
 
 
 def test_round_tracker_checks_its_inputs_when_made():

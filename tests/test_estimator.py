@@ -136,7 +136,12 @@ def test_files_of_the_previous_format_load_and_save_again(tmp_path):
 def test_a_validation_split_never_holds_out_a_given_label():
     y = torch.full((400,), -1)
     y[[0, 1, 3]] = torch.tensor([2, 1, 0])
+    all_labelled = torch.arange(400) % 3
     for seed in range(20):
+        train_idx, val_idx = VMoNF(3, validation_fraction=0.2)._split(
+            all_labelled, torch.Generator().manual_seed(seed)
+        )  # held-out labels, when needed, but every class keeps one
+        assert val_idx.numel() == 80 and set(all_labelled[train_idx].tolist()) == {0, 1, 2}
         train_idx, val_idx = VMoNF(3, validation_fraction=0.3)._split(
             y, torch.Generator().manual_seed(seed)
         )
@@ -173,6 +178,18 @@ def test_pre_training_cut_by_the_time_budget_is_reported():
     X, _ = blobs(600)
     with pytest.warns(ConvergenceWarning, match=r"pre-training stopped .* after \d+ of"):
         VMoNF(3, random_state=0, **{**FAST, "init_steps": 100_000, "max_time": 0.4}).fit(X)
+
+
+def test_responsibility_weights_use_q_for_unlabelled_points_under_the_elbo():
+    X, y = blobs(300)
+    partial = np.where(np.arange(300) % 3 == 0, y, -1)
+    model = VMoNF(3, weights="responsibilities", random_state=0, **FAST).fit(X, partial)
+    q = model.predict_proba(X)  # the q of the last update: nothing trains after it
+    labelled = partial >= 0
+    counts = np.bincount(partial[labelled], minlength=3) + q[~labelled].sum(0)
+    np.testing.assert_allclose(model.weights_, counts / 300, atol=1e-5)
+    exact = model.predict_proba(X, posterior="exact")
+    assert not np.allclose(exact[~labelled].sum(0), q[~labelled].sum(0), atol=1e-2)
 
 
 def test_a_path_valued_setting_saves_and_loads_as_str(tmp_path):

@@ -302,19 +302,26 @@ class VMoNF(MixtureEstimator):
 
     # -- fitting -----------------------------------------------------------------------
     def _split(self, y: Tensor, generator: torch.Generator) -> tuple[Tensor, Tensor | None]:
-        """Train and held-out indices. Held-out rows are drawn from the unlabelled ones:
-        every given label is trained on."""
+        """Train and held-out indices. Held-out rows are unlabelled ones first (held-out
+        labels would go unused: validation scores the exact NLL); when there are too few,
+        labelled ones too, but never the first of each class (every class keeps a label)."""
         n = y.numel()
         n_val = round(self.validation_fraction * n)
         order = torch.randperm(n, generator=generator)
         if n_val < 1 or n - n_val < self.n_components:
             return order, None
-        is_labelled = y.cpu()[order] >= 0
-        labelled, unlabelled = order[is_labelled], order[~is_labelled]
-        n_val = min(n_val, unlabelled.numel())
-        if n_val < 1:
-            return order, None
-        return torch.cat([labelled, unlabelled[n_val:]]), unlabelled[:n_val]
+        y_order = y.cpu()[order]
+        labelled = y_order >= 0
+        first = torch.zeros_like(labelled)
+        for c in y_order[labelled].unique():
+            first[int((y_order == c).nonzero()[0])] = True
+        # Rank rows for holding out: unlabelled, then labelled but not a class's first.
+        rank = torch.where(labelled, 1, 0) + torch.where(first, 2, 0)
+        candidates = torch.argsort(rank, stable=True)[:n_val]
+        candidates = candidates[~first[candidates]]
+        held = torch.zeros(n, dtype=torch.bool)
+        held[candidates] = True
+        return order[~held], order[held]
 
     def _initial_labels(self, x: Tensor, y: Tensor, seed: int) -> Tensor | None:
         """Labels to pre-train on (-1 = skip), or None for no pre-training."""
@@ -392,11 +399,12 @@ class VMoNF(MixtureEstimator):
                 model, pretrain, (xi, yi), config, generator=generator, checkpointer=checkpointer
             )
             step = pretrained.n_steps
-            if pretrained.stop_reason == "max_time":
+            planned = config.max_epochs * steps_per_epoch
+            if pretrained.stop_reason == "max_time" and step < planned:
                 # A time budget makes the result depend on the machine's speed: say so.
                 warnings.warn(
                     f"VMoNF pre-training stopped at its share of max_time (a quarter) after "
-                    f"{step} of {config.max_epochs * steps_per_epoch} steps",
+                    f"{step} of {planned} steps",
                     ConvergenceWarning,
                     stacklevel=4,
                 )
@@ -453,8 +461,9 @@ class VMoNF(MixtureEstimator):
         )
         temperatures = result.history.get("temperature") or [temperature(main_start)]
         kept = -1  # the last epoch's weights, or with patience the best epoch's (restored)
-        if self.patience is not None and result.history.get("val_loss"):
-            kept = int(np.argmin(result.history["val_loss"]))
+        val_loss = np.asarray(result.history.get("val_loss", []), dtype=np.float64)
+        if self.patience is not None and np.isfinite(val_loss).any():
+            kept = int(np.nanargmin(val_loss))  # train() keeps the first best, never a NaN
         model.posterior.temperature.fill_(temperatures[kept])
         train_elbo = mean_elbo(x)
         held_out_elbo = train_elbo if val is None else mean_elbo(val)

@@ -374,13 +374,13 @@ def as_float(value: object) -> float:
 
 
 def mean_sd(values: Sequence[object], digits: int = 3) -> str:
-    """'mean ± sd' over seeds (sample sd) of the finite values; when some are not
+    """'mean ± sd' over seeds (sample sd) of the finite values; when only some are
     finite, '(k of n finite)' follows ('n/a' if none is; one value alone)."""
     all_values = np.array([as_float(v) for v in values], dtype=np.float64)
     arr = all_values[np.isfinite(all_values)]
-    dropped = "" if arr.size == all_values.size else f" ({arr.size} of {all_values.size} finite)"
     if arr.size == 0:
-        return "n/a" + dropped
+        return "n/a"  # e.g. a metric that does not apply
+    dropped = "" if arr.size == all_values.size else f" ({arr.size} of {all_values.size} finite)"
     if arr.size == 1:
         return f"{arr[0]:.{digits}f}{dropped}"
     return f"{arr.mean():.{digits}f} ± {arr.std(ddof=1):.{digits}f}{dropped}"
