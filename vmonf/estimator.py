@@ -89,8 +89,9 @@ class VMoNF(MixtureEstimator):
         max_epochs, max_time, batch_size, learning_rate, weight_decay, lr_schedule:
             optimisation (``max_time``: seconds per restart, pre-training included;
             None = no limit).
-        validation_fraction: share of points held out (unlabelled ones only: every
-            given label is trained on) to monitor the exact NLL
+        validation_fraction: share of points held out (unlabelled ones first; labelled
+            ones only when those run short, and never every label of a class) to monitor
+            the exact NLL
             (``history_["val_loss"]``) and choose among restarts; with ``patience``,
             training stops after that many epochs without improvement and the best
             epoch is restored.
