@@ -194,9 +194,7 @@ def contingency_table(
     (e.g. to show empty clusters). Labels must be non-negative, and small enough
     that the table has at most ``MAX_TABLE_CELLS`` entries.
     """
-    t, p = _check_label_pair(y_true, y_pred)
-    _check_non_negative(t, "y_true")
-    _check_non_negative(p, "y_pred")
+    t, p = _non_negative_label_pair(y_true, y_pred)
     rows = int(t.max()) + 1
     cols = int(p.max()) + 1
     if n_classes is not None:
@@ -215,21 +213,30 @@ def contingency_table(
             f"{rows} x {cols} table: number the labels 0..n-1 first "
             "(np.unique(labels, return_inverse=True))"
         )
-    table = np.zeros((rows, cols), dtype=np.int64)
-    np.add.at(table, (t, p), 1)
+    return _count_table(t, p, (rows, cols))
+
+
+def _non_negative_label_pair(y_true: object, y_pred: object) -> tuple[np.ndarray, np.ndarray]:
+    t, p = _check_label_pair(y_true, y_pred)
+    _check_non_negative(t, "y_true")
+    _check_non_negative(p, "y_pred")
+    return t, p
+
+
+def _count_table(rows: np.ndarray, cols: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """(shape) int64 counts of the (rows[i], cols[i]) pairs."""
+    table = np.zeros(shape, dtype=np.int64)
+    np.add.at(table, (rows, cols), 1)
     return table
 
 
 def _matched_counts(y_true: object, y_pred: object) -> tuple[dict[int, int], int, int]:
     """Hungarian matching of clusters to classes on a table of the labels present
     (any label values) -> ({cluster: class}, matched points, all points)."""
-    t, p = _check_label_pair(y_true, y_pred)
-    _check_non_negative(t, "y_true")
-    _check_non_negative(p, "y_pred")
+    t, p = _non_negative_label_pair(y_true, y_pred)
     classes, t_index = np.unique(t, return_inverse=True)
     clusters, p_index = np.unique(p, return_inverse=True)
-    table = np.zeros((classes.size, clusters.size), dtype=np.int64)
-    np.add.at(table, (t_index, p_index), 1)
+    table = _count_table(t_index, p_index, (classes.size, clusters.size))
     rows, cols = linear_sum_assignment(table, maximize=True)
     matching = {int(clusters[k]): int(classes[c]) for c, k in zip(rows, cols, strict=True)}
     return dict(sorted(matching.items())), int(table[rows, cols].sum()), t.size
