@@ -47,6 +47,11 @@ ASSIGNMENTS = ("exact", "discriminator")
 INITS = ("uniform", "random_split", "kmeans", "bootstrap")
 
 
+def _by_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int = 65536) -> Tensor:
+    """``fn`` of x's rows, ``chunk`` rows at a time (bounded memory), concatenated."""
+    return torch.cat([fn(c) for c in x.split(chunk)])
+
+
 @dataclass
 class _Progress:
     """Where a fit stands: owners of the training points (N_train,), finished rounds,
@@ -528,16 +533,14 @@ class CompetitiveMixture(MixtureEstimator):
             model.log_norm.copy_(log_ratio_normaliser(model.discriminators, x))
         model.eval()
         with torch.no_grad():  # data-parallel: each rank scores its shard, all get all
-            return gather_rows(
-                lambda xs: torch.cat([self._likelihood_scores(c) for c in xs.split(65536)]), x
-            )
+            return gather_rows(lambda xs: _by_chunks(self._likelihood_scores, xs), x)
 
     def _held_out_score(self, x_val: Tensor | None) -> float:
         if x_val is None:
             return math.nan
         self.model_.eval()
         with torch.no_grad(), self._seeded(0):  # a VAE's bound: the same noise each round
-            return float(torch.cat([self._bound(c) for c in x_val.split(65536)]).mean())
+            return float(_by_chunks(self._bound, x_val).mean())
 
     def _notify(self, round_: int) -> None:
         if self.callback is not None:
@@ -597,7 +600,7 @@ class CompetitiveMixture(MixtureEstimator):
 
         def by_rule(x: Tensor) -> Tensor:
             with torch.no_grad():
-                return hard_assign(torch.cat([self._scores(c) for c in x.split(65536)])).cpu()
+                return hard_assign(_by_chunks(self._scores, x)).cpu()
 
         n_val = 0 if val_idx is None else val_idx.numel()
         labels = torch.full((train_idx.numel() + n_val,), -1)
