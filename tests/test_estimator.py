@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 import sklearn.exceptions
@@ -114,6 +116,29 @@ def test_save_load_round_trip(fitted, tmp_path):
     np.testing.assert_array_equal(loaded.weights_, model.weights_)
 
 
+def test_device_and_dtype_set_after_a_fit_wait_for_the_next_fit(fitted):
+    model, X, _ = fitted
+    changed = clone(model).set_params(dtype="float64" if model.dtype == "float32" else "float32")
+    vars(changed).update({k: v for k, v in vars(model).items() if k.endswith("_")})
+    np.testing.assert_array_equal(changed.score_samples(X), model.score_samples(X))
+    np.testing.assert_array_equal(changed.sample(5, random_state=1)[0], model.sample(5, 1)[0])
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
+def test_a_model_fitted_on_cuda_loads_on_a_cpu_machine_with_device_cpu(fitted, tmp_path):
+    model, X, _ = fitted
+    on_gpu = clone(model).set_params(device="cuda")  # what a CUDA fit saves: tensors on CPU
+    vars(on_gpu).update({k: v for k, v in vars(model).items() if k.endswith("_")})
+    path = on_gpu.save(tmp_path / "gpu.pt")
+    with pytest.raises(CheckpointError, match=r"load\(path, device='cpu'\)"):
+        VMoNF.load(path)
+    loaded = VMoNF.load(path, device="cpu")
+    assert loaded.device == "cpu"
+    np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
+    with pytest.raises(ValueError, match="device must be one of"):
+        VMoNF.load(path, device="gpu")
+
+
 def test_files_of_the_previous_format_load_and_save_again(tmp_path):
     X, _ = blobs(200)
     model = VMoNF(3, random_state=0, actnorm=True, **FAST).fit(X)
@@ -178,6 +203,17 @@ def test_pre_training_cut_by_the_time_budget_is_reported():
     X, _ = blobs(600)
     with pytest.warns(ConvergenceWarning, match=r"pre-training stopped .* after \d+ of"):
         VMoNF(3, random_state=0, **{**FAST, "init_steps": 100_000, "max_time": 0.4}).fit(X)
+
+
+def test_the_one_off_optimizer_warm_up_is_outside_max_time(monkeypatch):
+    # The first Adam of a process imports torch._dynamo (1.5-2.7 s): inside the budget
+    # it left the first fit of a process one epoch.
+    monkeypatch.setattr("vmonf.base.warm_up_optimizer", lambda: time.sleep(1.0))
+    X, _ = blobs(300)
+    settings = {**FAST, "max_epochs": 3, "max_time": 0.9, "init_steps": 10}
+    model = VMoNF(2, random_state=0, **settings).fit(X)
+    assert model.fit_time_ < 0.9 + 0.5
+    assert model.n_iter_ == 3
 
 
 def test_responsibility_weights_use_q_for_unlabelled_points_under_the_elbo():

@@ -33,13 +33,25 @@ from vmonf._validation import (
     check_seed,
     image_shape,
 )
-from vmonf.checkpoint import from_plain, load_checkpoint, plain_setting, save_checkpoint, to_plain
+from vmonf.checkpoint import (
+    CheckpointError,
+    from_plain,
+    load_checkpoint,
+    plain_setting,
+    save_checkpoint,
+    to_plain,
+)
 from vmonf.distributed import broadcast_int, init_from_env
 from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer, fingerprint
-from vmonf.training import NonFiniteLossError, torch_threads
+from vmonf.training import (
+    NonFiniteLossError,
+    fit_threads,
+    torch_threads,
+    warm_up_optimizer,
+)
 
-__all__ = ["MixtureEstimator", "NotFittedError"]
+__all__ = ["MixtureEstimator", "NotFittedError", "check_loadable_device"]
 
 # Rows per no-grad evaluation chunk: K x rows x width activations of a few MiB stay in
 # cache and reuse freed memory; 65536-row chunks scored 2-2.5x slower (K = 5, width 32).
@@ -57,6 +69,21 @@ RESUMABLE_CHANGES = frozenset(
 # Version of what save() writes; load() reads every earlier one. 2: VMoNF's elbo_ in the
 # user's units (it was standardised), fit_time_ and labels_ saved.
 SAVE_FORMAT = 2
+
+
+def check_loadable_device(
+    payload: dict[str, Any], device: str | None, path: str | os.PathLike, loader: str
+) -> None:
+    """Refuse, with the way out, a checkpoint fitted on CUDA where there is none, unless
+    ``device`` overrides where it loads."""
+    if device is not None:
+        check_choice(device, "device", ("cpu", "cuda", "auto"))
+        return
+    if dict(payload.get("params", {})).get("device") == "cuda" and not torch.cuda.is_available():
+        raise CheckpointError(
+            f"{path} was fitted with device='cuda' and CUDA is not available here: "
+            f"load it with {loader}.load(path, device='cpu')"
+        )
 
 
 def _fit_time(started: float, checkpointer: Checkpointer | None) -> float:
@@ -154,15 +181,24 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     def _torch_dtype(self) -> torch.dtype:
         return DTYPES[self.dtype]
 
-    def _tensor(self, array: np.ndarray, dtype: torch.dtype | None = None) -> Tensor:
-        return torch.as_tensor(array, dtype=dtype or self._torch_dtype, device=self._torch_device)
+    # The fitted model computes where and in the dtype it was fitted (or loaded): device
+    # and dtype set by set_params after a fit take effect at the next fit, as in sklearn.
+    @property
+    def _fitted_device(self) -> torch.device:
+        return self.standardizer_.mean.device
+
+    @property
+    def _fitted_dtype(self) -> torch.dtype:
+        return next(t for t in self.model_.state_dict().values() if t.is_floating_point()).dtype
 
     @contextmanager
-    def _seeded(self, seed: int) -> Iterator[None]:
-        """Within the block torch's global RNGs (the CPU's, and the model's CUDA device's)
-        start from ``seed``; the caller's states are restored after."""
-        cuda = self._torch_device.type == "cuda"
-        with torch.random.fork_rng(devices=[self._torch_device] if cuda else []):
+    def _seeded(self, seed: int, device: torch.device | None = None) -> Iterator[None]:
+        """Within the block torch's global RNGs (the CPU's, and the CUDA device's where the
+        model computes: ``device``, by default the fitted model's) start from ``seed``;
+        the caller's states are restored after."""
+        device = self._fitted_device if device is None else device
+        cuda = device.type == "cuda"
+        with torch.random.fork_rng(devices=[device] if cuda else []):
             torch.default_generator.manual_seed(seed)
             if cuda:
                 torch.cuda.manual_seed(seed)  # the current device's: where draws happen
@@ -174,23 +210,24 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 f"This {type(self).__name__} instance is not fitted yet; call fit(X) first"
             )
 
-    def _standardise(self, x: np.ndarray, name: str = "X") -> Tensor:
+    def _standardise(self, x: np.ndarray, dtype: torch.dtype) -> Tensor:
         """Standardise in float64 (the standardiser is kept in float64), then cast to
-        the model's dtype, refusing values so far out that they would overflow it."""
-        u = self.standardizer_(self._tensor(x, torch.float64))
-        limit = MAX_STANDARDISED[self._torch_dtype]
+        ``dtype``, refusing values so far out that they would overflow it."""
+        x64 = torch.as_tensor(x, dtype=torch.float64, device=self._fitted_device)
+        u = self.standardizer_(x64)
+        limit = MAX_STANDARDISED[dtype]
         if bool((u.abs() > limit).any()):
             raise ValueError(
-                f"{name} has values more than {limit:.0e} standard deviations from the "
-                f"training data, which overflow dtype={self.dtype!r}"
+                f"X has values more than {limit:.0e} standard deviations from the training "
+                f"data, which overflow the model's dtype ({str(dtype).removeprefix('torch.')})"
             )
-        return u.to(self._torch_dtype)
+        return u.to(dtype)
 
     def _validate_X(self, X: object) -> Tensor:
         """Validate X for a fitted model and return it standardised, as a tensor."""
         self._check_is_fitted()
         x = check_array(X, "X", n_features=self.n_features_in_, allow_images=True)
-        return self._standardise(x)
+        return self._standardise(x, self._fitted_dtype)
 
     def _chunked(self, fn: Callable[[Tensor], Tensor], u: Tensor) -> np.ndarray:
         """Apply ``fn`` in chunks without gradients; numpy float64 out.
@@ -263,14 +300,16 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         generator = torch.Generator().manual_seed(seed)
         interruptible = nullcontext() if checkpointer is None else checkpointer.interruptible()
         before = self._fitted_attributes()
+        warm_up_optimizer()  # a one-off import, outside max_time and fit_time_
         started = time.perf_counter()
         try:
-            with torch_threads(self.n_threads), self._seeded(seed), interruptible:
-                x64 = self._tensor(x, torch.float64)
-                self.standardizer_ = Standardizer(x.shape[1]).to(x64.device).fit(x64)
+            device = self._torch_device
+            with fit_threads(self.n_threads), self._seeded(seed, device), interruptible:
+                x64 = torch.as_tensor(x, dtype=torch.float64, device=device)
+                self.standardizer_ = Standardizer(x.shape[1]).to(device).fit(x64)
                 self.n_features_in_ = x.shape[1]
                 self.image_shape_ = image_shape(X)  # (H, W[, C]) when fitted to images
-                u = self._standardise(x)
+                u = self._standardise(x, self._torch_dtype)
                 self._fit(u, torch.as_tensor(labels, device=u.device), generator, checkpointer)
         except NonFiniteLossError:
             self.fit_time_ = _fit_time(started, checkpointer)
@@ -322,7 +361,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         self._check_is_fitted()
         n = check_positive_int(n_samples, "n_samples", minimum=1)
         seed = check_seed(random_state, "random_state")
-        generator = torch.Generator(device=self._torch_device)
+        generator = torch.Generator(device=self._fitted_device)
         if seed is not None:
             generator.manual_seed(seed)
         else:
@@ -397,12 +436,21 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         return save_checkpoint(payload, path, self._checkpoint_kind)
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> Self:
-        """Read an estimator written by :meth:`save` (``torch.load(weights_only=True)``)."""
+    def load(cls, path: str | os.PathLike, device: str | None = None) -> Self:
+        """Read an estimator written by :meth:`save` (``torch.load(weights_only=True)``).
+
+        ``device`` ("cpu", "cuda", "auto") overrides the device it was fitted on, as
+        ``torch.load``'s ``map_location`` does: a model fitted on a GPU loads on a CPU-only
+        machine with ``device="cpu"``.
+        """
         payload = load_checkpoint(path, cls._checkpoint_kind)
         version = payload.get("format", 1)
+        check_loadable_device(payload, device, path, cls.__name__)
         try:
-            estimator = cls(**cls._upgrade_params(dict(payload["params"]), version))
+            params = cls._upgrade_params(dict(payload["params"]), version)
+            if device is not None:
+                params["device"] = device
+            estimator = cls(**params)
             for name, value in payload["fitted"].items():
                 setattr(estimator, name, from_plain(value))
             estimator.standardizer_ = Standardizer(estimator.n_features_in_)

@@ -25,7 +25,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin, DensityMixin, clone
 
 from vmonf._validation import check_positive_int, check_seed
-from vmonf.base import MixtureEstimator, NotFittedError
+from vmonf.base import MixtureEstimator, NotFittedError, check_loadable_device
 from vmonf.checkpoint import (
     CheckpointError,
     from_plain,
@@ -241,15 +241,20 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, estimator_class: type[MixtureEstimator] | None = None
+        cls,
+        path: str | os.PathLike,
+        estimator_class: type[MixtureEstimator] | None = None,
+        device: str | None = None,
     ) -> Self:
         """Read a model written by :meth:`save`.
 
         The wrapped estimator's class is found among the imported ``MixtureEstimator``
         subclasses by its checkpoint kind (import ``competitive`` first for a
-        CompetitiveMixture), or given as ``estimator_class``.
+        CompetitiveMixture), or given as ``estimator_class``. ``device`` overrides the
+        device it was fitted on (see :meth:`MixtureEstimator.load`).
         """
         payload = load_checkpoint(path, cls._checkpoint_kind)
+        check_loadable_device(payload.get("estimator", {}), device, path, cls.__name__)
         kind = payload["estimator_kind"]
         inner_cls = estimator_class or _estimator_classes().get(kind)
         if inner_cls is None:
@@ -259,7 +264,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
             )
         with tempfile.TemporaryDirectory() as tmp:
             inner_path = save_checkpoint(payload["estimator"], Path(tmp) / "estimator.pt", kind)
-            estimator = inner_cls.load(inner_path)
+            estimator = inner_cls.load(inner_path, device=device)
         model = cls(estimator, **payload["params"])
         state = {k: from_plain(v) for k, v in payload["transform"].items()}
         model.transform_ = ImageTransform.from_state(state)
