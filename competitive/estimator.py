@@ -364,6 +364,9 @@ class CompetitiveMixture(MixtureEstimator):
     def _log_joint(self, u: Tensor) -> Tensor:
         return self.model_.log_weights + self.model_.generators.log_prob(u)
 
+    def _min_features(self) -> int:
+        return 2 if self.generator == "flow" else 1
+
     def _density_module(self) -> nn.Module:
         return self.model_.generators  # the discriminators only estimate p_k
 

@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import time
+import warnings
 
 import numpy as np
 import pytest
+import scipy.sparse
 import sklearn.exceptions
 import torch
 from sklearn.base import clone
@@ -287,6 +289,9 @@ BAD_FIT = [
     (np.float64(1.0), None, {}, ValueError, "2-D"),
     (np.zeros((0, 2)), None, {}, ValueError, "at least"),
     (np.array([["a", "b"]]), None, {}, TypeError, "numbers"),
+    (np.array([[1.0, "b"]], dtype=object), None, {}, TypeError, "numbers"),
+    (scipy.sparse.csr_matrix(np.eye(3)), None, {}, TypeError, r"sparse matrix.*toarray"),
+    (np.arange(10.0)[:, None], None, {}, ValueError, "1 feature, but VMoNF .* at least 2"),
     (np.c_[np.arange(10.0), np.ones(10)], None, {}, ValueError, "constant column"),
     (blobs(10)[0], None, {"n_components": 11}, ValueError, "larger than the number"),
     (blobs(10)[0], np.full(10, 7), {}, ValueError, r"\[-1, 3\)"),
@@ -317,9 +322,19 @@ def test_bad_fit_input_gives_clear_errors(X, y, params, error, match):
         VMoNF(**{"n_components": 3, **FAST, **params}).fit(X, y)
 
 
+def test_object_arrays_of_numbers_and_read_only_arrays_are_taken_as_they_are(fitted):
+    model, X, _ = fitted
+    frozen = X.copy()
+    frozen.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # torch warns on read-only numpy memory
+        scores = model.score_samples(frozen)
+        np.testing.assert_array_equal(model.score_samples(X.astype(object)), scores)
+
+
 def test_bad_predict_input_gives_clear_errors(fitted):
     model, _, _ = fitted
-    with pytest.raises(ValueError, match="3 features, but 2"):
+    with pytest.raises(ValueError, match=r"3 features, but \w+ is expecting 2 features"):
         model.predict(np.zeros((4, 3)))
     with pytest.raises(ValueError, match="NaN"):
         model.score_samples(np.array([[np.nan, 0.0]]))

@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
+import scipy.sparse
 
 # torch seeds are 64-bit: keep to the signed range, with room for derived seeds.
 MAX_SEED = 2**63 - 1
@@ -38,26 +39,30 @@ def check_array(
     name: str = "X",
     *,
     n_features: int | None = None,
+    fitted_by: str | None = None,
     min_samples: int = 1,
     allow_1d: bool = False,
     allow_images: bool = False,
 ) -> np.ndarray:
-    """Return ``X`` as a finite float64 array of shape (N, D).
+    """Return ``X`` as a finite float64 array of shape (N, D), never a read-only view.
 
     With ``allow_images``, arrays of 3 or more dimensions (images (N, H, W) or
     (N, H, W, C)) are flattened to (N, H*W*C). Raises ``TypeError`` for non-numeric
-    input and ``ValueError`` for wrong dimensionality, too few rows, a feature-count
-    mismatch or non-finite values.
+    or sparse input and ``ValueError`` for wrong dimensionality, too few rows, a
+    feature-count mismatch (with ``n_features``, that of ``fitted_by``) or non-finite
+    values.
     """
+    if scipy.sparse.issparse(X):
+        raise TypeError(f"{name} is a sparse matrix: pass a dense array ({name}.toarray())")
     if hasattr(X, "detach"):  # torch tensors
         X = X.detach().cpu().numpy()
     try:
         arr = np.asarray(X)
-    except Exception as exc:  # ragged lists and the like
+        if arr.dtype == object:  # numbers in an object array, as scikit-learn accepts
+            arr = arr.astype(np.float64)
+    except Exception as exc:  # ragged lists, strings in an object array and the like
         raise TypeError(f"{name} must be array-like of numbers: {exc}") from None
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
-    ):
+    if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
         raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
     if np.iscomplexobj(arr):
         raise TypeError(f"{name} must be real-valued, got dtype {arr.dtype}")
@@ -74,8 +79,14 @@ def check_array(
     if arr.shape[0] < min_samples:
         raise ValueError(f"{name} needs at least {min_samples} sample(s), got {arr.shape[0]}")
     if n_features is not None and arr.shape[1] != n_features:
-        raise ValueError(f"{name} has {arr.shape[1]} features, but {n_features} were expected")
-    arr = arr.astype(np.float64, copy=False)
+        expected = (
+            f"{n_features} were expected"
+            if fitted_by is None  # scikit-learn's wording for a fitted estimator:
+            else f"{fitted_by} is expecting {n_features} features as input"
+        )
+        raise ValueError(f"{name} has {arr.shape[1]} features, but {expected}")
+    # torch warns on (and must not share) read-only memory, such as a memmap's
+    arr = arr.astype(np.float64, copy=not arr.flags.writeable)
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).any(axis=1).sum())
         raise ValueError(f"{name} contains NaN or infinite values ({bad} row(s))")

@@ -139,6 +139,10 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     def _sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         raise NotImplementedError(f"{type(self).__name__} cannot sample")
 
+    def _min_features(self) -> int:
+        """Fewest features the components can model (coupling flows: 2)."""
+        return 2
+
     def _fitted_state(self) -> dict[str, Any]:
         """Plain-data fitted attributes to save (beyond the model's weights)."""
         return {}
@@ -226,7 +230,10 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     def _validate_X(self, X: object) -> Tensor:
         """Validate X for a fitted model and return it standardised, as a tensor."""
         self._check_is_fitted()
-        x = check_array(X, "X", n_features=self.n_features_in_, allow_images=True)
+        x = check_array(
+            X, "X", n_features=self.n_features_in_, fitted_by=type(self).__name__,
+            allow_images=True,
+        )  # fmt: skip
         return self._standardise(x, self._fitted_dtype)
 
     def _chunked(self, fn: Callable[[Tensor], Tensor], u: Tensor) -> np.ndarray:
@@ -281,6 +288,12 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         self._validate_params()
         init_from_env(self._torch_device)  # under torchrun: train data-parallel
         x = check_array(X, "X", min_samples=2, allow_images=True)
+        if x.shape[1] < self._min_features():
+            raise ValueError(
+                f"X has {x.shape[1]} feature, but {type(self).__name__} with coupling flows "
+                f"needs at least {self._min_features()}: each coupling splits the features "
+                "in two"
+            )
         if self.n_components > x.shape[0]:
             raise ValueError(
                 f"n_components={self.n_components} is larger than the number of samples "
