@@ -293,6 +293,7 @@ BAD_FIT = [
     (scipy.sparse.csr_matrix(np.eye(3)), None, {}, TypeError, r"sparse matrix.*toarray"),
     (np.arange(10.0)[:, None], None, {}, ValueError, "1 feature, but VMoNF .* at least 2"),
     (np.c_[np.arange(10.0), np.ones(10)], None, {}, ValueError, "constant column"),
+    (np.c_[np.arange(10.0), 1e12 + 1e-5 * np.arange(10)], None, {}, ValueError, "constant col"),
     (blobs(10)[0], None, {"n_components": 11}, ValueError, "larger than the number"),
     (blobs(10)[0], np.full(10, 7), {}, ValueError, r"\[-1, 3\)"),
     (blobs(10)[0], np.full(10, 0.5), {}, TypeError, "integer"),
@@ -401,6 +402,12 @@ def test_save_load_is_exact_for_data_far_from_zero_in_float32(tmp_path):
     assert loaded.standardizer_.mean.dtype == torch.float64
     np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+
+
+def test_unit_spread_far_from_zero_is_data_not_a_constant_column():
+    X = np.random.default_rng(0).normal(size=(200, 2)) + 1e12
+    model = VMoNF(2, random_state=0, **{**FAST, "max_epochs": 1}).fit(X)
+    assert np.isfinite(model.score(X))
 
 
 def test_a_numpy_integer_seed_works_like_the_int():

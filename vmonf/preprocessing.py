@@ -34,9 +34,14 @@ class Standardizer(nn.Module):
         unit = torch.where(magnitude > 0, magnitude, torch.ones_like(magnitude))
         scaled = x / unit
         scale = scaled.std(dim=0, unbiased=False) * unit
-        constant = (scale <= 1e-12 * magnitude).nonzero().flatten().tolist()
+        # Spread within float64 round-off of the magnitude (eps 2.2e-16) is no spread;
+        # 1e12 + N(0, 1) (relative spread 1e-12) is data.
+        constant = (scale <= 1e-14 * magnitude).nonzero().flatten().tolist()
         if constant:
-            raise ValueError(f"X has constant column(s) {constant}: no density can be fitted there")
+            raise ValueError(
+                f"X has constant column(s) {constant} (to float64 precision): no density "
+                "can be fitted there"
+            )
         self.mean.copy_(scaled.mean(dim=0) * unit)
         self.scale.copy_(scale)
         return self
