@@ -63,6 +63,19 @@ def test_elbo_attribute_is_the_mean_elbo_in_the_users_units():
     assert scaled.elbo_ == pytest.approx(model.elbo_ - 2 * np.log(100), abs=1e-4)
 
 
+def test_history_losses_are_in_the_users_units():
+    X, _ = blobs(300)
+    params = {**FAST, "max_epochs": 2, "validation_fraction": 0.1}
+    small, large = (VMoNF(2, random_state=0, **params).fit(s * X) for s in (1.0, 1000.0))
+    for key in ("loss", "val_loss"):  # a negative log density: + log 1000 per feature
+        np.testing.assert_allclose(
+            np.subtract(large.history_[key], small.history_[key]), 2 * np.log(1000.0), rtol=1e-4
+        )
+    # the last epoch's exact held-out NLL is the model's, scored in the user's units
+    held_out = -large.history_["val_loss"][-1]
+    assert held_out == pytest.approx(large.score(1000.0 * X), abs=1.0)
+
+
 def test_output_shapes_and_probabilities(fitted):
     model, X, _ = fitted
     proba = model.predict_proba(X[:10])
@@ -150,12 +163,14 @@ def test_files_of_the_previous_format_load_and_save_again(tmp_path):
     del payload["format"]
     log_det = float(model.standardizer_.log_abs_det())
     payload["fitted"]["elbo_"] -= log_det
+    payload["fitted"]["history_"]["loss"] = [v + log_det for v in model.history_["loss"]]
     for name in ("labels_", "fit_time_"):
         del payload["fitted"][name]
     payload["params"]["actnorm"] = 1
     old = save_checkpoint(payload, tmp_path / "old.pt", "VMoNF")
     loaded = VMoNF.load(old)
     assert loaded.elbo_ == pytest.approx(model.elbo_)  # now in the user's units
+    np.testing.assert_allclose(loaded.history_["loss"], model.history_["loss"])  # these too
     np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
     VMoNF.load(loaded.save(tmp_path / "again.pt"))  # and it saves again
 

@@ -67,8 +67,9 @@ RESUMABLE_CHANGES = frozenset(
 
 
 # Version of what save() writes; load() reads every earlier one. 2: VMoNF's elbo_ in the
-# user's units (it was standardised), fit_time_ and labels_ saved.
-SAVE_FORMAT = 2
+# user's units (it was standardised), fit_time_ and labels_ saved. 3: VMoNF's
+# history_ losses in the user's units.
+SAVE_FORMAT = 3
 
 
 def check_loadable_device(

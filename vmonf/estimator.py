@@ -57,6 +57,17 @@ class _Fit(NamedTuple):
     initial_train_elbo: float
 
 
+def _history_in_user_units(
+    history: dict[str, list[float]], log_abs_det: float
+) -> dict[str, list[float]]:
+    """Per-epoch history with its losses (nats per point, computed on standardised data)
+    moved to the user's units: a loss is a negative log density, so -log|det|."""
+    return {
+        key: [float(v) - log_abs_det if key in ("loss", "val_loss") else float(v) for v in values]
+        for key, values in history.items()
+    }
+
+
 class VMoNF(MixtureEstimator):
     """Variational Mixture of Normalizing Flows (Pires & Figueiredo, 2020).
 
@@ -528,9 +539,10 @@ class VMoNF(MixtureEstimator):
         or shows divergence."""
         model = fit.model
         self.model_ = model
-        self.history_ = {k: [float(v) for v in vs] for k, vs in fit.history.items()}
+        log_det = float(self.standardizer_.log_abs_det())  # to the user's units
+        self.history_ = _history_in_user_units(fit.history, log_det)
         self.n_iter_ = fit.n_epochs
-        self.elbo_ = float(fit.elbo) + float(self.standardizer_.log_abs_det())  # user's units
+        self.elbo_ = float(fit.elbo) + log_det
         self.weights_ = model.mixture.log_weights().exp().detach().double().cpu().numpy()
         self.labels_ = self._chunked(self._log_proba, x).argmax(axis=1).astype(np.int64)
         floor = fit.initial_train_elbo - math.log(self.n_components) - DIVERGENCE_MARGIN
@@ -549,8 +561,11 @@ class VMoNF(MixtureEstimator):
         warnings.warn(message, ConvergenceWarning, stacklevel=4)
 
     def _upgrade_fitted(self, version: int) -> None:
+        log_det = float(self.standardizer_.log_abs_det())
         if version < 2:  # elbo_ was saved in standardised units
-            self.elbo_ += float(self.standardizer_.log_abs_det())
+            self.elbo_ += log_det
+        if version < 3:  # and history_'s losses up to format 2
+            self.history_ = _history_in_user_units(self.history_, log_det)
 
     # -- VMoNF-specific API ------------------------------------------------------------
     def predict_proba(self, X: object, posterior: str = "amortized") -> np.ndarray:
