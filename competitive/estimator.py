@@ -122,7 +122,8 @@ class CompetitiveMixture(MixtureEstimator):
         max_time: wall-clock budget of the whole fit in seconds (None = no limit).
         batch_size, learning_rate, adam_betas, weight_decay, lr_schedule: generator
             optimiser (Adam; ``"constant"`` or ``"cosine"``, restarted every round).
-        validation_fraction: share of points held out for ``history_["val_score"]``.
+        validation_fraction: share of points held out (not trained on) to monitor
+            ``history_["val_score"]``; 0 (the default) trains on all of X.
         random_state, verbose, device, dtype, n_threads, compile, checkpoint,
             checkpoint_every, checkpoint_seconds: as :class:`vmonf.VMoNF`
             (``fit(X, resume=True)``); ``compile`` applies to the generators' training.
@@ -132,7 +133,8 @@ class CompetitiveMixture(MixtureEstimator):
     Fitted attributes: ``weights_`` (K,), ``labels_`` ((N,), the owner of each row of X;
     held-out rows get the final assignment rule's choice, -1 where no rule was
     trained), ``history_`` (per round: ``share`` (K,), ``n_changed``,
-    ``val_score`` (held-out mean log p(x), nats; an ELBO bound for VAEs),
+    ``val_score`` (with ``validation_fraction`` > 0: held-out mean log p(x), nats; an
+    ELBO bound for VAEs),
     ``round_time`` and ``time`` (s)), ``n_iter_`` (rounds), ``converged_``,
     ``pretrain_time_`` (s), ``fit_time_`` (s, with the time before a resume),
     ``n_features_in_``.
@@ -176,7 +178,7 @@ class CompetitiveMixture(MixtureEstimator):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         weight_decay: float = 0.0,
         lr_schedule: str = "constant",
-        validation_fraction: float = 0.1,
+        validation_fraction: float = 0.0,
         random_state: int | None = None,
         verbose: bool = False,
         device: str = "cpu",
@@ -538,9 +540,7 @@ class CompetitiveMixture(MixtureEstimator):
         with torch.no_grad():  # data-parallel: each rank scores its shard, all get all
             return gather_rows(lambda xs: _by_chunks(self._likelihood_scores, xs), x)
 
-    def _held_out_score(self, x_val: Tensor | None) -> float:
-        if x_val is None:
-            return math.nan
+    def _held_out_score(self, x_val: Tensor) -> float:
         self.model_.eval()
         with torch.no_grad(), self._seeded(0):  # a VAE's bound: the same noise each round
             return float(_by_chunks(self._bound, x_val).mean())
@@ -566,7 +566,8 @@ class CompetitiveMixture(MixtureEstimator):
         self.model_ = self._build(with_discriminators=False)
         self.pretrain_time_ = math.nan  # set when pre-training ends
         history: dict[str, list[Any]] = {
-            "share": [], "n_changed": [], "val_score": [], "round_time": [], "time": [],
+            "share": [], "n_changed": [], "round_time": [], "time": [],
+            **({} if x_val is None else {"val_score": []}),
         }  # fmt: skip
         progress = _Progress(owners=init.argmax(1))
         try:
@@ -672,7 +673,8 @@ class CompetitiveMixture(MixtureEstimator):
                     (torch.bincount(owners, minlength=k).double() / owners.numel()).tolist()
                 )
                 history["n_changed"].append(changed)
-                history["val_score"].append(self._held_out_score(x_val))
+                if x_val is not None:
+                    history["val_score"].append(self._held_out_score(x_val))
                 history["round_time"].append(time.perf_counter() - round_started)
                 history["time"].append(time.perf_counter() - started)
                 self._notify(progress.n_rounds)

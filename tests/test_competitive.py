@@ -58,7 +58,7 @@ def gaussian_log_prob(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def fitted() -> tuple[CompetitiveMixture, np.ndarray, np.ndarray]:
     X, y = blobs()
-    return CompetitiveMixture(3, random_state=0, **FAST).fit(X), X, y
+    return CompetitiveMixture(3, random_state=0, validation_fraction=0.1, **FAST).fit(X), X, y
 
 
 # --------------------------------------------------------------------------- generators
@@ -222,6 +222,14 @@ def test_fit_discriminators_rejects_mismatched_shapes():
 
 
 # --------------------------------------------------------------------------- estimator
+
+
+def test_by_default_every_point_trains_and_no_validation_score_is_kept():
+    X, _ = blobs(300)
+    model = CompetitiveMixture(3, random_state=0, **FAST).fit(X)
+    assert "val_score" not in model.history_
+    shares = np.bincount(model.labels_, minlength=3) / len(X)
+    np.testing.assert_allclose(np.sort(model.history_["share"][-1]), np.sort(shares))
 
 
 def test_fit_sets_history_and_weights(fitted):
