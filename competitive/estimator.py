@@ -87,6 +87,12 @@ class CompetitiveMixture(MixtureEstimator):
     no more than ``tol * N`` points change owner, or after ``max_rounds`` rounds.
     Mixing weights are the shares of points won.
 
+    ``predict`` applies the assignment rule that trained the generators (the argmax of
+    the likelihood estimates, plus log pi_k with ``assign_with_weights``), and
+    ``predict_proba`` is the softmax of those scores: without ``assign_with_weights``
+    it is not the Bayes posterior pi_k p_k(x) / p(x) of the mixture density that
+    ``score_samples`` and ``sample`` use.
+
     Args:
         n_components: number of generators K.
         generator: ``"flow"`` (exact likelihood), ``"vae"`` (no exact likelihood:
