@@ -257,6 +257,9 @@ def test_image_mixture_vmonf_round_trip(digits, tmp_path):
     assert model.predict_proba(X, posterior="exact").shape == (X.shape[0], 3)
     log_p = model.score_samples(X)
     np.testing.assert_array_equal(log_p, model.score_samples(X))  # seeded dequantisation
+    # ... by each image's pixels: an image scores the same wherever it sits
+    np.testing.assert_allclose(model.score_samples(X[::-1]), log_p[::-1], rtol=1e-12)
+    np.testing.assert_allclose(model.score_samples(X[5:6]), log_p[5:6], rtol=1e-12)
     assert np.all(np.isfinite(log_p))
     bpd = model.bits_per_dim(X)
     assert bpd == pytest.approx(-log_p.mean() / (64 * math.log(2)))
@@ -345,6 +348,8 @@ def test_image_mixture_validation(digits):
     assert (model.transform_, model.estimator_) == before  # the old fit, kept whole
     with pytest.raises(ValueError, match="pca_components"):
         ImageMixture(_vmonf(), n_levels=17, pca_components=65).fit(X)
+    with pytest.warns(UserWarning, match="brightest pixel of X is level 16, far below n_l"):
+        ImageMixture(_vmonf(), pca_components=4).fit(X[:100])  # n_levels: 256 by default
 
 
 def test_numpy_settings_save_and_load(digits, tmp_path):

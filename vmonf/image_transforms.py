@@ -23,6 +23,7 @@ bits per dimension.
 
 from __future__ import annotations
 
+import hashlib
 import math
 from typing import Any
 
@@ -37,6 +38,7 @@ __all__ = [
     "check_images",
     "checkerboard_order",
     "dequantize",
+    "dequantize_by_content",
     "quantize",
 ]
 
@@ -94,6 +96,16 @@ def dequantize(
     With ``rng=None`` u = 1/2 (the centre of every pixel's bin: deterministic).
     """
     noise = 0.5 if rng is None else rng.random(levels.shape)
+    return (levels + noise) / float(n_levels)
+
+
+def dequantize_by_content(levels: np.ndarray, n_levels: int, seed: int) -> np.ndarray:
+    """:func:`dequantize` with each row's u drawn from ``seed`` and that row's values only:
+    an image is dequantised the same wherever it sits and whatever it is scored with."""
+    noise = np.empty(levels.shape)
+    for i, row in enumerate(np.ascontiguousarray(levels, dtype=np.int64)):
+        digest = hashlib.blake2b(row.tobytes(), digest_size=8).digest()
+        noise[i] = np.random.default_rng([seed, int.from_bytes(digest, "little")]).random(row.shape)
     return (levels + noise) / float(n_levels)
 
 

@@ -18,6 +18,7 @@ from __future__ import annotations
 import math
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any, Self
 
@@ -41,6 +42,7 @@ from vmonf.image_transforms import (
     check_image_shape,
     check_images,
     dequantize,
+    dequantize_by_content,
     quantize,
 )
 
@@ -108,15 +110,18 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         check_image_shape(shape, self.image_shape_)
         return levels
 
-    def _scoring_rng(self) -> np.random.Generator:
+    def _features(self, X: object, noise: bool) -> tuple[np.ndarray, np.ndarray]:
+        """Images -> (features (N, d), extra log-density terms (N,), nats), dequantised at
+        the bins' centres or (``noise``) with scoring noise: with a ``random_state``,
+        each image's drawn from its own values, else fresh."""
+        levels = self._pixels(X)
         seed = check_seed(self.random_state)
-        return np.random.default_rng(None if seed is None else [seed, 1])
-
-    def _features(
-        self, X: object, rng: np.random.Generator | None
-    ) -> tuple[np.ndarray, np.ndarray]:
-        """Images -> (features (N, d), extra log-density terms (N,), nats)."""
-        v = dequantize(self._pixels(X), self.n_levels, rng)
+        if not noise:
+            v = dequantize(levels, self.n_levels)
+        elif seed is None:
+            v = dequantize(levels, self.n_levels, np.random.default_rng())
+        else:
+            v = dequantize_by_content(levels, self.n_levels, seed)
         return self.transform_.forward(v)
 
     # -- fitting -------------------------------------------------------------------------
@@ -139,6 +144,15 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
             init_from_env(self.estimator._torch_device)
             seed = broadcast_int(int(np.random.SeedSequence().generate_state(1)[0]))
         levels, shape = check_images(X, self.n_levels)
+        top = int(levels.max())
+        if top < self.n_levels // 4:
+            warnings.warn(
+                f"the brightest pixel of X is level {top}, far below n_levels="
+                f"{self.n_levels}: if X has {top + 1} levels (datasets.images('digits') has "
+                "17), pass n_levels to match, or bits per dimension and samples are off",
+                UserWarning,
+                stacklevel=2,
+            )
         transform = ImageTransform(
             self.n_levels,
             logit_alpha=self.logit_alpha,
@@ -156,7 +170,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
     # -- features and assignments ------------------------------------------------------
     def transform(self, X: object) -> np.ndarray:
         """Model features (N, d) of images X, each pixel at the centre of its bin."""
-        return self._features(X, None)[0]
+        return self._features(X, noise=False)[0]
 
     def predict_proba(self, X: object, **kwargs: Any) -> np.ndarray:
         """Responsibilities (N, K) of the wrapped estimator (keyword options passed on)."""
@@ -172,12 +186,11 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
     def score_samples(self, X: object) -> np.ndarray:
         """log p(x + u) of each image, (N,), nats on the pixel scale [0, L)^D.
 
-        One uniform dequantisation draw per image (seeded by ``random_state``); its
-        expectation lower-bounds the discrete log-probability of the image. The draws
-        follow the rows of X: the same X gives the same values, but one image's value
-        depends on its row (a mean over many images does not).
+        One uniform dequantisation draw per image; its expectation lower-bounds the
+        discrete log-probability of the image. With a ``random_state`` the draw depends on
+        that seed and the image's pixels only: an image scores the same in any batch.
         """
-        features, extra = self._features(X, self._scoring_rng())
+        features, extra = self._features(X, noise=True)
         return self.estimator_.score_samples(features) + extra
 
     def score(self, X: object, y: object | None = None) -> float:
@@ -187,7 +200,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
     def elbo(self, X: object) -> np.ndarray:
         """The wrapped estimator's per-image bound (``elbo``), (N,), nats on the pixel scale:
         VMoNF's ELBO; for CompetitiveMixture exact log p (flows) or an ELBO (VAEs)."""
-        features, extra = self._features(X, self._scoring_rng())
+        features, extra = self._features(X, noise=True)
         elbo = getattr(self.estimator_, "elbo", None)
         if not callable(elbo):
             raise TypeError(f"{type(self.estimator_).__name__} has no elbo")
