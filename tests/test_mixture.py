@@ -89,6 +89,22 @@ def test_mixture_loss_switches_on_labels_and_objective():
         torch.testing.assert_close(marginal[y < 0], marginal_nll(joint)[y < 0])
 
 
+@pytest.mark.parametrize("objective", ["elbo", "marginal"])
+def test_a_labelled_point_gets_finite_gradients_where_another_component_is_at_minus_inf(
+    objective,
+):
+    """The unlabelled branch is computed for labelled rows too (and discarded): its
+    0 * inf must not reach q's gradient."""
+    log_joint = torch.tensor([[-1.0, -float("inf")], [-2.0, -3.0]], requires_grad=True)
+    logits = torch.zeros(2, 2, requires_grad=True)
+    y = torch.tensor([0, -1])
+    loss = mixture_loss(log_joint, torch.log_softmax(logits, -1), y, alpha=1.0,
+                        objective=objective)  # fmt: skip
+    assert torch.isfinite(loss).all()
+    loss.sum().backward()
+    assert torch.isfinite(logits.grad).all() and torch.isfinite(log_joint.grad).all()
+
+
 def test_every_parameter_gets_a_gradient():
     model = random_model().train()
     x = torch.randn(32, 2)

@@ -7,7 +7,7 @@ from torch import Tensor, nn
 
 from vmonf._validation import check_positive_int
 from vmonf.mixture import MixtureOfFlows
-from vmonf.objectives import elbo, labelled_loss, mixture_loss, unlabelled_loss
+from vmonf.objectives import elbo, mixture_loss
 from vmonf.posterior import PosteriorNet
 
 __all__ = ["VariationalMixture"]
@@ -48,12 +48,11 @@ class VariationalMixture(nn.Module):
         ranking[labelled, y[labelled]] = torch.inf  # the label takes the first slot
         log_joint, log_q_top = self._at_top_k(x, log_q, ranking, top_k)
         renormalised = log_q_top - log_q_top.logsumexp(1, keepdim=True)
-        first = torch.zeros_like(y)
-        return torch.where(
-            labelled,
-            labelled_loss(log_joint, log_q_top, first, alpha),
-            unlabelled_loss(log_joint, renormalised, alpha=alpha, objective=objective),
-        )
+        first = torch.where(labelled, 0, -1)  # a label sits in the first slot
+        return mixture_loss(
+            log_joint, log_q_top, first, alpha=alpha, objective=objective,
+            log_q_unlabelled=renormalised,
+        )  # fmt: skip
 
     def elbo(self, x: Tensor, temperature: float | None = None, top_k: int | None = None) -> Tensor:
         """ELBO per point (N,), nats; with ``top_k``, the bound over each point's

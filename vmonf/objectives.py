@@ -63,9 +63,21 @@ def mixture_loss(
     *,
     alpha: float,
     objective: str = "elbo",
+    log_q_unlabelled: Tensor | None = None,
 ) -> Tensor:
     """Per-point loss of a (semi-)supervised mixture: :func:`labelled_loss` where y >= 0,
-    else :func:`unlabelled_loss`."""
+    else :func:`unlabelled_loss` with ``log_q_unlabelled`` (default ``log_q``).
+
+    Both branches run on every row; the unlabelled one sees log_joint = 0 on labelled
+    rows, so that a log p_k(x) = -inf there cannot send 0 * inf = NaN gradients to q
+    through the branch that is not taken.
+    """
+    is_labelled = y >= 0
     labelled = labelled_loss(log_joint, log_q, y, alpha)
-    unlabelled = unlabelled_loss(log_joint, log_q, alpha=alpha, objective=objective)
-    return torch.where(y >= 0, labelled, unlabelled)
+    unlabelled = unlabelled_loss(
+        torch.where(is_labelled[:, None], 0.0, log_joint),
+        log_q if log_q_unlabelled is None else log_q_unlabelled,
+        alpha=alpha,
+        objective=objective,
+    )
+    return torch.where(is_labelled, labelled, unlabelled)
