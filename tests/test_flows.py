@@ -15,7 +15,7 @@ from nflows.transforms.coupling import AffineCouplingTransform
 from nflows.transforms.lu import LULinear as NflowsLULinear
 from torch import nn
 
-from vmonf.coupling import LULinear, bounded_log_scale
+from vmonf.coupling import ActNorm, LULinear, bounded_log_scale
 from vmonf.flows import ComponentFlows, student_t_log_prob
 
 CONFIGS = [
@@ -78,6 +78,15 @@ def test_every_parameter_gets_a_gradient():
     loss.backward()
     for name, p in flows.named_parameters():
         assert p.grad is not None and torch.any(p.grad != 0), name
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e8, 3e8])
+def test_actnorm_initialises_to_unit_spread_even_far_from_zero(offset):
+    x = offset + torch.randn(2, 512, 3, generator=torch.Generator().manual_seed(0))
+    norm = ActNorm(n_components=2, n_features=3).train()
+    z, _ = norm(x)
+    torch.testing.assert_close(z.std(1), torch.ones(2, 3), rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(z.mean(1), torch.zeros(2, 3), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("base_df", [None, 8.0])

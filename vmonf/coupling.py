@@ -488,14 +488,12 @@ class ActNorm(Transform):
         """Per-component mean and standard deviation of the batch, pooled over the
         data-parallel ranks' shards so that every rank starts the same as one process."""
         x = inputs.double()
-        stats = [x.sum(1).flatten(), x.square().sum(1).flatten(), x.new_tensor([x.shape[1]])]
-        pooled = all_reduce_sum(torch.cat(stats))
-        count, (total, total_sq) = pooled[-1], pooled[:-1].view(2, *self.loc.shape)
-        mean = total / count
-        if count > 1:
-            std = ((total_sq - total * mean) / (count - 1)).clamp_min(0.0).sqrt()
-        else:
-            std = torch.ones_like(mean)
+        # Two passes (mean, then squared deviations from it): the one-pass sum of squares
+        # cancels when the data's offset is ~1e8 times its spread.
+        pooled = all_reduce_sum(torch.cat([x.sum(1).flatten(), x.new_tensor([x.shape[1]])]))
+        count, mean = pooled[-1], (pooled[:-1] / pooled[-1]).view(self.loc.shape)
+        deviations = all_reduce_sum((x - mean).square().sum(1, keepdim=True))
+        std = (deviations / (count - 1)).sqrt() if count > 1 else torch.ones_like(mean)
         self.loc.copy_(mean)
         self.log_scale.copy_(torch.log(std.clamp_min(1e-6)))
         self.initialized.fill_(True)
