@@ -321,6 +321,7 @@ BAD_FIT = [
     (blobs(10)[0], None, {"init": "magic"}, ValueError, "init"),
     (blobs(10)[0], None, {"device": "tpu"}, ValueError, "device"),
     (blobs(10)[0], None, {"validation_fraction": 0.7}, ValueError, "validation_fraction"),
+    (blobs(10)[0], None, {"patience": 3}, ValueError, "needs validation_fraction > 0"),
     (blobs(10)[0], None, {"elbo_top_k": 1}, ValueError, "elbo_top_k must be >= 2"),
     (blobs(10)[0], None, {"elbo_top_k": 4}, ValueError, r"elbo_top_k must be <= n_components"),
     (blobs(10)[0], None, {"elbo_top_k": 2.0}, TypeError, "elbo_top_k"),

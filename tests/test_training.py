@@ -94,6 +94,8 @@ def test_early_stopping_restores_the_best_epoch():
     assert result.n_epochs == 5
     assert result.best_validation == 0.0
     torch.testing.assert_close(module.weight.detach(), snapshots[1])
+    with pytest.raises(ValueError, match=r"patience .* needs validation data"):
+        train(module, objective, data, TrainConfig(max_epochs=5, patience=3), generator=None)
 
 
 def test_a_nan_loss_is_skipped_and_never_reaches_the_weights():

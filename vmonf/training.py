@@ -291,6 +291,8 @@ def train(
     n = data[0].shape[0]
     if n == 0:
         raise ValueError("cannot train on zero points")
+    if config.patience is not None and validation is None:
+        raise ValueError("patience (early stopping) needs validation data")
     n_ranks = rank_and_size()[1]
     if min(n, config.batch_size) < n_ranks:  # the first global batch: a point per rank
         raise ValueError(
