@@ -141,6 +141,8 @@ def test_sampling_follows_the_weights():
     assert x.shape == (20000, 2)
     share = torch.bincount(c, minlength=3) / 20000.0
     torch.testing.assert_close(share, torch.tensor([0.7, 0.2, 0.1]), atol=0.015, rtol=0)
+    x, c = mixture.sample(0)  # none is a valid number
+    assert x.shape == (0, 2) and c.shape == (0,)
 
 
 def test_responsibility_weights():

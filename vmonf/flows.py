@@ -240,6 +240,12 @@ class ComponentFlows(nn.Module):
             raise ValueError(
                 f"{name} has {x.shape[0]} component slices, expected {self.n_components}"
             )
+        dtype = next(self.parameters()).dtype
+        if x.dtype != dtype:
+            raise TypeError(
+                f"{name} has dtype {x.dtype} but the flows compute in {dtype}: convert one "
+                f"({name}.to(dtype) or flows.to(...))"
+            )
 
     def _stack(self, x: Tensor) -> Tensor:
         return x.expand(self.n_components, *x.shape) if x.dim() == 2 else x

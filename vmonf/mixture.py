@@ -18,6 +18,8 @@ WEIGHT_MODES = ("uniform", "learned", "responsibilities")
 def draw_components(log_weights: Tensor, n: int, generator: torch.Generator | None) -> Tensor:
     """n component indices ~ Categorical(exp(log_weights)), (n,) int64 on log_weights'
     device; drawn on the generator's device (CPU without one)."""
+    if n == 0:  # torch.multinomial refuses to draw none
+        return torch.empty(0, dtype=torch.long, device=log_weights.device)
     device = "cpu" if generator is None else generator.device
     probs = log_weights.detach().double().exp().to(device)
     components = torch.multinomial(probs, n, replacement=True, generator=generator)
