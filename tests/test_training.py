@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+import types
 
 import pytest
 import torch
@@ -256,3 +258,13 @@ def test_a_parameter_listed_twice_is_trained_once():
     result = train(module, objective, data, TrainConfig(max_epochs=2, batch_size=32),
                    generator=torch.Generator().manual_seed(0), parameters=params)  # fmt: skip
     assert result.n_steps == 16 and torch.isfinite(module.weight).all()
+
+
+def test_progress_bars_show_in_a_terminal_or_notebook_never_in_a_log(monkeypatch, capsys):
+    module, objective, data = quadratic_problem()
+    config = TrainConfig(max_epochs=2, batch_size=64, verbose=True, desc="fitting")
+    train(module, objective, data, config, generator=torch.Generator().manual_seed(0))
+    assert "fitting" not in capsys.readouterr().err  # pytest's stderr: not a terminal
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    train(module, objective, data, config, generator=torch.Generator().manual_seed(0))
+    assert "fitting" in capsys.readouterr().err

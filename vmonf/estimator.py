@@ -106,7 +106,8 @@ class VMoNF(MixtureEstimator):
             (``history_["val_loss"]``) and choose among restarts; with ``patience``,
             training stops after that many epochs without improvement and the best
             epoch is restored.
-        random_state, verbose, device (``"cpu"``, ``"cuda"``, ``"auto"``), dtype
+        random_state, verbose (progress bars in a terminal or a Jupyter notebook; none
+            when output goes to a file or pipe), device (``"cpu"``, ``"cuda"``, ``"auto"``), dtype
             (``"float32"``/``"float64"``), n_threads (torch threads while fitting and
             scoring; 1 is fastest for small flows on few cores, None = leave as is).
         elbo_top_k: None (default) for the exact ELBO over all K components; an int

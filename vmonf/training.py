@@ -89,7 +89,7 @@ class TrainConfig:
         patience: early stopping after this many epochs without a better
             validation loss (None = no early stopping; needs validation data).
         max_bad_steps: non-finite steps tolerated before giving up.
-        verbose: show a progress bar (only when stderr is a terminal).
+        verbose: show a progress bar (only in a terminal or a Jupyter kernel).
         desc: progress bar label.
     """
 
@@ -132,6 +132,11 @@ class TrainResult:
     n_bad_steps: int = 0
     stop_reason: str = "max_epochs"
     best_validation: float = math.inf
+
+
+def _can_show_progress() -> bool:
+    """A terminal, or a Jupyter kernel (tqdm.auto draws a widget there); not a log file."""
+    return sys.stderr.isatty() or "ipykernel" in sys.modules
 
 
 @functools.cache
@@ -345,7 +350,7 @@ def train(
             "best": None if best is None else best.state,
         }
 
-    show = config.verbose and sys.stderr.isatty()
+    show = config.verbose and _can_show_progress()
     bar = tqdm(
         range(state.epoch, config.max_epochs),
         desc=config.desc,
