@@ -112,6 +112,8 @@ def test_foreign_files_are_refused(model_file, tmp_path):
         VMoNF.load(archive)
     with pytest.raises(CheckpointError, match="no checkpoint file"):
         VMoNF.load(tmp_path)  # a folder
+    with pytest.raises(FileNotFoundError, match="no checkpoint file"):  # as open() would
+        VMoNF.load(tmp_path / "missing.pt")
 
 
 def test_valid_file_with_wrong_content_gives_a_clear_error(tmp_path):

@@ -23,6 +23,7 @@ from vmonf._validation import check_output_file
 
 __all__ = [
     "CheckpointError",
+    "CheckpointNotFoundError",
     "from_plain",
     "load_checkpoint",
     "plain_setting",
@@ -35,6 +36,10 @@ FORMAT_KEY = "vmonf_format"
 
 class CheckpointError(ValueError):
     """A checkpoint file is missing, truncated, corrupted, foreign or unsafe."""
+
+
+class CheckpointNotFoundError(CheckpointError, FileNotFoundError):
+    """No checkpoint file at the path (both a CheckpointError and a FileNotFoundError)."""
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike, kind: str) -> Path:
@@ -75,7 +80,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     """
     path = Path(path)
     if not path.is_file():
-        raise CheckpointError(f"no checkpoint file at {path}")
+        raise CheckpointNotFoundError(f"no checkpoint file at {path}")
     wrapper = _safe_load(path, path)
     if not isinstance(wrapper, dict) or wrapper.get(FORMAT_KEY) != kind:
         found = wrapper.get(FORMAT_KEY) if isinstance(wrapper, dict) else type(wrapper).__name__
