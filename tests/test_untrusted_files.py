@@ -118,8 +118,25 @@ def test_foreign_files_are_refused(model_file, tmp_path):
 
 def test_valid_file_with_wrong_content_gives_a_clear_error(tmp_path):
     path = save_checkpoint({"params": {"n_components": 2}}, tmp_path / "m.pt", "VMoNF")
-    with pytest.raises(ValueError, match="incompatible VMoNF checkpoint"):
+    with pytest.raises(CheckpointError, match="incompatible VMoNF checkpoint"):
         VMoNF.load(path)
+
+
+@pytest.mark.parametrize(
+    ("edit", "match"),
+    [
+        ({"fitted": None}, "incompatible"),
+        ({"params": [1, 2]}, "holds no settings"),
+        ({"fitted": {"_fitted_device": 1}}, "'_fitted_device' is not a fitted attribute"),
+        ({"format": 99}, "format 99: this version of vmonf reads formats 1 to"),
+        ({"format": "2"}, "format '2'"),
+    ],
+)
+def test_hand_edited_model_files_raise_checkpoint_errors(model_file, tmp_path, edit, match):
+    payload = {**load_checkpoint(model_file, "VMoNF"), **edit}
+    edited = save_checkpoint(payload, tmp_path / "edited.pt", "VMoNF")  # a valid checksum
+    with pytest.raises(CheckpointError, match=match):
+        VMoNF.load(edited)
 
 
 def test_saving_to_a_directory_or_under_a_file_gives_a_clear_error(tmp_path):

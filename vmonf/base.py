@@ -80,7 +80,10 @@ def check_loadable_device(
     if device is not None:
         check_choice(device, "device", ("cpu", "cuda", "auto"))
         return
-    if dict(payload.get("params", {})).get("device") == "cuda" and not torch.cuda.is_available():
+    params = payload.get("params", {}) if isinstance(payload, dict) else None
+    if not isinstance(params, dict):
+        raise CheckpointError(f"{path} holds no settings")
+    if params.get("device") == "cuda" and not torch.cuda.is_available():
         raise CheckpointError(
             f"{path} was fitted with device='cuda' and CUDA is not available here: "
             f"load it with {loader}.load(path, device='cpu')"
@@ -457,23 +460,36 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         ``torch.load``'s ``map_location`` does: a model fitted on a GPU loads on a CPU-only
         machine with ``device="cpu"``.
         """
+        if device is not None:
+            check_choice(device, "device", ("cpu", "cuda", "auto"))
         payload = load_checkpoint(path, cls._checkpoint_kind)
-        version = payload.get("format", 1)
-        check_loadable_device(payload, device, path, cls.__name__)
         try:
+            version = payload.get("format", 1)
+            if not isinstance(version, int) or not 1 <= version <= SAVE_FORMAT:
+                raise CheckpointError(
+                    f"file format {version!r}: this version of vmonf reads formats 1 to "
+                    f"{SAVE_FORMAT} (a newer vmonf wrote it?)"
+                )
+            check_loadable_device(payload, device, path, cls.__name__)
             params = cls._upgrade_params(dict(payload["params"]), version)
             if device is not None:
                 params["device"] = device
             estimator = cls(**params)
-            for name, value in payload["fitted"].items():
+            for name, value in dict(payload["fitted"]).items():
+                if not (isinstance(name, str) and name.endswith("_") and name[0] != "_"):
+                    raise CheckpointError(f"{name!r} is not a fitted attribute")
                 setattr(estimator, name, from_plain(value))
             estimator.standardizer_ = Standardizer(estimator.n_features_in_)
             estimator.standardizer_.load_state_dict(payload["standardizer"])
             estimator.model_ = estimator._build_to_load(payload["model"])
             estimator.model_.load_state_dict(payload["model"])
             estimator._upgrade_fitted(version)
-        except (KeyError, TypeError, RuntimeError, ValueError) as exc:
-            raise ValueError(
+        except CheckpointError as exc:
+            if str(path) in str(exc):
+                raise
+            raise CheckpointError(f"{path} holds an unusable {cls.__name__} file: {exc}") from None
+        except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(
                 f"{path} holds an incompatible {cls.__name__} checkpoint: {exc}"
             ) from None
         device, dtype = estimator._torch_device, estimator._torch_dtype

@@ -267,21 +267,28 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         device it was fitted on (see :meth:`MixtureEstimator.load`).
         """
         payload = load_checkpoint(path, cls._checkpoint_kind)
-        check_loadable_device(payload.get("estimator", {}), device, path, cls.__name__)
-        kind = payload["estimator_kind"]
-        inner_cls = estimator_class or _estimator_classes().get(kind)
+        kind = payload.get("estimator_kind")
+        inner_cls = estimator_class or _estimator_classes().get(kind)  # type: ignore[arg-type]
         if inner_cls is None:
             raise CheckpointError(
                 f"{path} wraps a {kind} estimator, which is not imported: import the module "
                 "that defines it (e.g. `import competitive`) or pass estimator_class"
             )
         with tempfile.TemporaryDirectory() as tmp:
-            inner_path = save_checkpoint(payload["estimator"], Path(tmp) / "estimator.pt", kind)
-            estimator = inner_cls.load(inner_path, device=device)
-        model = cls(estimator, **payload["params"])
-        state = {k: from_plain(v) for k, v in payload["transform"].items()}
-        model.transform_ = ImageTransform.from_state(state)
+            inner_path = Path(tmp) / "estimator.pt"
+            try:
+                check_loadable_device(payload.get("estimator"), device, path, cls.__name__)
+                save_checkpoint(payload["estimator"], inner_path, str(kind))
+                estimator = inner_cls.load(inner_path, device=device)
+                model = cls(estimator, **payload["params"])
+                state = {k: from_plain(v) for k, v in payload["transform"].items()}
+                model.transform_ = ImageTransform.from_state(state)
+                model.image_shape_ = tuple(int(s) for s in payload["image_shape_"])
+            except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
+                reason = str(exc).replace(str(inner_path), "its estimator")
+                raise CheckpointError(
+                    f"{path} holds an unusable {cls.__name__} file: {reason}"
+                ) from None
         model.estimator_ = estimator
-        model.image_shape_ = tuple(int(s) for s in payload["image_shape_"])
         model.n_features_in_ = int(math.prod(model.image_shape_))
         return model
