@@ -312,6 +312,8 @@ BAD_FIT = [
     (blobs(10)[0], None, {"n_components": 11}, ValueError, "larger than the number"),
     (blobs(10)[0], np.full(10, 7), {}, ValueError, r"\[-1, 3\)"),
     (blobs(10)[0], np.full(10, 0.5), {}, TypeError, "integer"),
+    (blobs(10)[0], np.full(10, 2**64 - 1, dtype=np.uint64), {}, ValueError, "int64 range"),
+    (blobs(10)[0], np.full(10, 1e30), {}, ValueError, "int64 range"),
     (blobs(10)[0], np.zeros(9, dtype=int), {}, ValueError, "9 labels"),
     (blobs(10)[0], None, {"n_components": 0}, ValueError, "n_components"),
     (blobs(10)[0], None, {"learning_rate": -1.0}, ValueError, "learning_rate"),

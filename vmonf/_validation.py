@@ -118,6 +118,8 @@ def check_integer_labels(y: object, name: str = "y", n_samples: int | None = Non
             raise TypeError(f"{name} must hold integer labels, got non-integer values")
     elif not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
         raise TypeError(f"{name} must hold integer labels, got dtype {arr.dtype}")
+    if arr.size and (arr.max() >= 2**63 or arr.min() < -(2**63)):  # int64 would wrap them
+        raise ValueError(f"{name} has labels beyond the int64 range")
     return arr.astype(np.int64)
 
 
