@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -257,6 +258,17 @@ def test_pinwheel_far_points_are_finite_and_fast():
     start = time.perf_counter()
     toy.log_prob(X)
     assert time.perf_counter() - start < 2.0
+
+
+@pytest.mark.parametrize("name", datasets.available_toys())
+def test_log_density_is_minus_inf_far_beyond_overflow_never_nan(name):
+    toy = datasets.toy(name)
+    huge = np.array([[1e155, 0.0], [1.7e308, -1.7e308], [0.0, 0.0]])
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no overflow warnings either
+        log_p, log_joint = toy.log_prob(huge), toy.log_joint(huge)
+    assert not np.isnan(log_p).any() and not np.isnan(log_joint).any()
+    assert np.all(log_p[:2] == -np.inf) or np.all(log_p[:2] < -1e300)
 
 
 # --------------------------------------------------------------------- circles and moons

@@ -64,7 +64,7 @@ class ToyDistribution(ABC):
 
     def log_joint(self, X: object) -> FloatArray:
         """log p(x, y=k) in nats, shape (N, n_classes); logsumexp over k is ``log_prob``."""
-        return self._log_joint(self._check_X(X))
+        return self._finite_input_log_joint(self._check_X(X))
 
     def log_prob(self, X: object) -> FloatArray:
         """The true log density log p(x) in nats, shape (N,)."""
@@ -86,7 +86,14 @@ class ToyDistribution(ABC):
         return check_array(X, "X", n_features=self.n_features)
 
     def _log_prob(self, X: FloatArray) -> FloatArray:
-        return np.asarray(logsumexp(self._log_joint(X), axis=1), dtype=np.float64)
+        return np.asarray(logsumexp(self._finite_input_log_joint(X), axis=1), dtype=np.float64)
+
+    def _finite_input_log_joint(self, X: FloatArray) -> FloatArray:
+        """:meth:`_log_joint`, where a NaN (a square overflowing, then inf - inf, at
+        |x| ~ 1e155 or beyond) is what it stands for: density 0, log -inf."""
+        with np.errstate(over="ignore", invalid="ignore"):
+            log_joint = self._log_joint(X)
+        return np.where(np.isnan(log_joint), -np.inf, log_joint)
 
     def _log_class_prior(self) -> float:
         """log p(y=k) for the uniform class weights every toy here uses."""
