@@ -212,6 +212,20 @@ def test_reporting_checks_its_inputs_up_front(tmp_path):
     assert path.read_text().strip().endswith("}")
 
 
+def test_infinities_are_told_apart_from_not_applicable(tmp_path):
+    assert [reporting.format_number(v) for v in (None, math.nan, math.inf, -math.inf, 0.5)] == [
+        "n/a", "n/a", "inf", "-inf", "0.500"
+    ]  # fmt: skip
+    table = reporting.format_table({"kl_to_truth": math.inf, "ari": math.nan}, labelled=False)
+    assert "inf ± n/a  nats" in table
+    values = {"nan": math.nan, "inf": math.inf, "minus_inf": -math.inf, "one": 1.0}
+    read = json.loads(reporting.write_json(values, tmp_path / "m.json").read_text())
+    assert read["nan"] is None and read["inf"] == "Infinity"  # strict JSON
+    back = {k: reporting.as_float(v) for k, v in read.items()}
+    assert math.isnan(back.pop("nan")) and back == {"inf": math.inf, "minus_inf": -math.inf,
+                                                    "one": 1.0}  # fmt: skip
+
+
 def test_vmonf_never_imports_competitive_unless_a_command_needs_it():
     code = (
         "import sys\n"

@@ -707,8 +707,7 @@ def run_compete(args: argparse.Namespace) -> int:
     ).score
 
     def num(key: str, digits: int = 3) -> str:
-        value = results.get(key)
-        return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+        return reporting.format_number(results.get(key), digits)
 
     estimator.save(out / "model.pt")  # first: the fit survives a closed stdout
     print(

@@ -33,6 +33,7 @@ __all__ = [
     "Toy",
     "as_float",
     "evaluate_on_toy",
+    "format_number",
     "format_table",
     "markdown_table",
     "mean_sd",
@@ -177,8 +178,7 @@ def format_table(results: Mapping[str, Any], *, labelled: bool) -> str:
     """The short human-readable summary of :func:`evaluate_on_toy` results (+ ``fit_time``)."""
 
     def num(key: str, digits: int = 3) -> str:
-        value = results.get(key)
-        return "n/a" if value is None or not math.isfinite(value) else f"{value:.{digits}f}"
+        return format_number(results.get(key), digits)
 
     rows = [
         (
@@ -344,8 +344,18 @@ def versions() -> dict[str, str]:
     }
 
 
+def format_number(value: object, digits: int = 3) -> str:
+    """A number for people: fixed ``digits``; 'inf'/'-inf'; 'n/a' for None or NaN (a
+    value that does not apply or could not be computed)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "n/a"
+    number = float(value)  # type: ignore[arg-type]
+    return f"{number:.{digits}f}" if math.isfinite(number) else ("inf" if number > 0 else "-inf")
+
+
 def _plain(value: object) -> object:
-    """JSON-ready copy: numpy -> Python, tuples -> lists, non-finite floats -> None."""
+    """JSON-ready copy: numpy -> Python, tuples -> lists, NaN -> None and +-inf ->
+    "Infinity"/"-Infinity" (strict JSON has neither; :func:`as_float` reads both back)."""
     if isinstance(value, Mapping):
         return {str(k): _plain(v) for k, v in value.items()}
     if isinstance(value, list | tuple | np.ndarray):
@@ -353,14 +363,15 @@ def _plain(value: object) -> object:
     if isinstance(value, np.generic):
         value = value.item()
     if isinstance(value, float) and not math.isfinite(value):
-        return None
+        return None if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
     if isinstance(value, Path):
         return str(value)
     return value
 
 
 def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
-    """Write ``data`` as strict JSON (NaN/inf become null), indented, atomically enough."""
+    """Write ``data`` as strict JSON (NaN becomes null, +-inf "Infinity"/"-Infinity"),
+    indented, atomically enough."""
     path = check_output_file(path)
     tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_text(json.dumps(_plain(data), indent=2, allow_nan=False) + "\n")
@@ -369,7 +380,8 @@ def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
 
 
 def as_float(value: object) -> float:
-    """A number from JSON: None (a NaN or inf written as null) is NaN."""
+    """A number from JSON as :func:`write_json` writes it: None (a NaN) is NaN,
+    "Infinity"/"-Infinity" are +-inf."""
     return math.nan if value is None else float(value)  # type: ignore[arg-type]
 
 
