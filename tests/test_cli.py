@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 import os
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
-from vmonf import VMoNF, reporting
+from vmonf import VMoNF, cli, reporting
 from vmonf.cli import UsageError, build_parser, main, toy_param
 from vmonf.reporting import partial_labels
 
@@ -225,6 +227,19 @@ def test_infinities_are_told_apart_from_not_applicable(tmp_path):
     back = {k: reporting.as_float(v) for k, v in read.items()}
     assert math.isnan(back.pop("nan")) and back == {"inf": math.inf, "minus_inf": -math.inf,
                                                     "one": 1.0}  # fmt: skip
+
+
+@pytest.mark.parametrize(("device", "has_cuda", "joins_on"), [
+    ("auto", True, "cuda"), ("auto", False, "cpu"), ("cuda", True, "cuda"), ("cpu", True, "cpu"),
+])  # fmt: skip
+def test_under_torchrun_ranks_join_on_the_device_they_compute_on(
+    monkeypatch, device, has_cuda, joins_on
+):
+    joined = []
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: has_cuda)
+    monkeypatch.setattr(cli, "init_from_env", lambda d: joined.append(d.type))
+    assert cli._join_process_group(argparse.Namespace(device=device, quiet=False))
+    assert joined == [joins_on]
 
 
 def test_vmonf_never_imports_competitive_unless_a_command_needs_it():

@@ -224,7 +224,8 @@ def _relaunch_under_torchrun(argv: Sequence[str], nproc: int) -> int:
 def _join_process_group(args: argparse.Namespace) -> bool:
     """Under torchrun, join the process group; returns whether this is the rank that
     prints and writes (the others only train)."""
-    init_from_env(torch.device("cuda" if args.device == "cuda" else "cpu"))
+    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    init_from_env(torch.device("cuda" if cuda else "cpu"))  # NCCL, one GPU per rank
     main_rank = is_main_process()
     if not main_rank:
         args.quiet = True
