@@ -77,6 +77,17 @@ def test_a_crashing_rank_fails_the_run_with_its_error_not_a_hang(tmp_path):
     assert not (tmp_path / "m.pt").exists()
 
 
+def test_resuming_from_a_folder_only_some_machines_see_is_an_error_not_a_hang(tmp_path):
+    state = str(tmp_path / "state.pt")
+    first = torchrun(str(WORKER), "vmonf", str(tmp_path / "m.pt"), "--checkpoint", state)
+    assert first.returncode == 0, first.stderr[-3000:]
+    resumed = torchrun(str(WORKER), "vmonf", str(tmp_path / "m2.pt"), "--checkpoint", state,
+                       "--resume", "--unshared-rank", "1")  # fmt: skip
+    assert resumed.returncode != 0
+    assert "was found by 1 of 2 processes" in resumed.stderr
+    assert "Timed out" not in resumed.stderr
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

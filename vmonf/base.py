@@ -41,7 +41,7 @@ from vmonf.checkpoint import (
     save_checkpoint,
     to_plain,
 )
-from vmonf.distributed import broadcast_int, init_from_env
+from vmonf.distributed import broadcast_int, count_ranks, init_from_env
 from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer, fingerprint
 from vmonf.training import (
@@ -267,7 +267,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         settings = {
             k: v for k, v in self.get_params(deep=False).items() if k not in RESUMABLE_CHANGES
         }
-        return Checkpointer(
+        checkpointer = Checkpointer(
             self.checkpoint,
             fingerprint(x, labels, settings={"estimator": type(self).__name__, **settings}),
             every_steps=self.checkpoint_every,
@@ -275,6 +275,14 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             resume=resume,
             seed=seed,
         )
+        if resume:  # data-parallel: rank 0 wrote the file; every rank must read it
+            found, ranks = count_ranks(checkpointer.resumed, self._torch_device)
+            if 0 < found < ranks:
+                raise ValueError(
+                    f"{self.checkpoint} was found by {found} of {ranks} processes: a "
+                    "data-parallel fit resumes only from a folder every machine shares"
+                )
+        return checkpointer
 
     # -- public API --------------------------------------------------------------------
     def fit(self, X: object, y: object | None = None, *, resume: bool = False) -> Self:

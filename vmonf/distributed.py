@@ -31,6 +31,7 @@ __all__ = [
     "any_rank",
     "broadcast_int",
     "broadcast_module",
+    "count_ranks",
     "gather_rows",
     "init_from_env",
     "is_main_process",
@@ -114,12 +115,18 @@ def all_reduce_sum(values: Tensor) -> Tensor:
     return values
 
 
+def count_ranks(flag: bool, device: torch.device) -> tuple[int, int]:
+    """(how many ranks ``flag`` holds on, number of ranks): a collective call."""
+    size = rank_and_size()[1]
+    if size == 1:
+        return int(flag), 1
+    value = torch.tensor([float(flag)], device=device)
+    return int(all_reduce_sum(value).item()), size
+
+
 def any_rank(flag: bool, device: torch.device) -> bool:
     """Whether ``flag`` holds on any rank (a collective decision, e.g. to stop)."""
-    if rank_and_size()[1] == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    return bool(all_reduce_sum(value) > 0)
+    return count_ranks(flag, device)[0] > 0
 
 
 def all_reduce_gradients(parameters: Sequence[nn.Parameter], loss: Tensor) -> Tensor:

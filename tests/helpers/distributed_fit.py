@@ -2,7 +2,10 @@
 PYTHONPATH): one fit, saved by rank 0.
 
 torchrun --nproc-per-node 2 tests/helpers/distributed_fit.py vmonf OUT [--crash-rank R]
-    [--points N] [--seedless]
+    [--points N] [--seedless] [--checkpoint PATH [--resume] [--unshared-rank R]]
+
+``--unshared-rank R`` gives rank R a checkpoint path of its own (PATH.unshared), as a
+machine without the others' shared folder would see it.
 
 ``--seedless`` fits with random_state=None and fails unless every rank draws its
 batches in the same order (the weights agree anyway: gradients are summed).
@@ -53,9 +56,15 @@ def main() -> None:
     parser.add_argument("--crash-rank", type=int, default=None)
     parser.add_argument("--points", type=int, default=301, help="301: uneven shards")
     parser.add_argument("--seedless", action="store_true")
+    parser.add_argument("--checkpoint", default=None)
+    parser.add_argument("--resume", action="store_true")
+    parser.add_argument("--unshared-rank", type=int, default=None)
     args = parser.parse_args()
     torch.set_num_threads(1)
     model = SETTINGS[args.estimator]()
+    if args.checkpoint is not None:
+        unshared = int(os.environ.get("RANK", "0")) == args.unshared_rank
+        model.set_params(checkpoint=args.checkpoint + (".unshared" if unshared else ""))
     orders: list[torch.Tensor] = []
     if args.seedless:
         model.set_params(random_state=None)
@@ -73,7 +82,7 @@ def main() -> None:
                 raise RuntimeError(f"injected crash on rank {args.crash_rank}")
 
         model.set_params(callback=crash)
-    model.fit(data(args.points))
+    model.fit(data(args.points), resume=args.resume)
     if args.seedless:
         mine = torch.cat(orders)  # each training stage's first epoch order
         everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
