@@ -119,6 +119,7 @@ def test_animation_is_written(tmp_path):
         (["fit", "moons", "--toy-param", "noise=-1"], "noise"),
         (["fit", "moons", "--labels", "10", "--components", "1"], "--components"),
         (["fit", "moons", "--n-train", "20", "--labels", "30"], "label"),
+        (["fit", "pinwheel", "--labels", "2"], "at least the toy's 5 classes"),
         (["fit", "moons", "--seed", str(2**64)], "--seed"),
         (["compete", "moons", "--seed", str(2**63 - 2)], "--seed"),  # seed + 2 is used
         (["compete", "moons", "--generator", "vae"], "--assignment discriminator"),

@@ -301,7 +301,8 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
         metavar="N",
         type=non_negative_int,
         default=0,
-        help="label N training points, spread evenly over classes (semi-supervised)",
+        help="label N training points, spread evenly over classes (semi-supervised; "
+        "0, or at least the number of classes)",
     )
     data.add_argument(
         "--n-train",
@@ -393,6 +394,11 @@ def run_fit(args: argparse.Namespace) -> int:
     if args.labels and n_components < toy.n_classes:
         raise ValueError(
             f"--labels needs --components >= the toy's {toy.n_classes} classes, got {n_components}"
+        )
+    if 0 < args.labels < toy.n_classes:  # a class without a label leaves its component unnamed
+        raise ValueError(
+            f"--labels must be 0 or at least the toy's {toy.n_classes} classes (one label names "
+            f"each class's component; accuracy needs them all), got {args.labels}"
         )
     out: Path = args.out if args.out is not None else Path("runs") / f"{toy.name}-{args.seed}"
     main_rank = _join_process_group(args)
