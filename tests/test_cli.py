@@ -99,12 +99,17 @@ def test_semi_supervised_fit_reports_accuracy(tmp_path, capsys):
     assert "Bayes-optimal" in printed
 
 
-def test_animation_is_written(tmp_path):
+def test_animation_is_written(tmp_path, capsys):
     status = main(["fit", "moons", *BASE, "--out", str(tmp_path)])
     assert status == 0
     gif = tmp_path / "training.gif"
     assert gif.read_bytes()[:6] in (b"GIF87a", b"GIF89a")
     VMoNF.load(tmp_path / "model.pt")  # the recorder callback is not saved
+    capsys.readouterr()
+    # A run without the animation into the same folder says the old one is still there.
+    loud = [a for a in TINY if a != "--quiet"]
+    assert main(["fit", "moons", *loud, "--out", str(tmp_path)]) == 0
+    assert f"{tmp_path}/ also holds training.gif from an earlier run" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize(

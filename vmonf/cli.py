@@ -11,6 +11,7 @@ stderr and exit status 2; a failed training run exits with 1.
 from __future__ import annotations
 
 import argparse
+import json
 import math
 import os
 import subprocess
@@ -230,6 +231,23 @@ def _join_process_group(args: argparse.Namespace) -> bool:
     if not main_rank:
         args.quiet = True
     return main_rank
+
+
+def _write_report(args: argparse.Namespace, out: Path, report: dict[str, Any]) -> None:
+    """Write ``out/metrics.json`` and say what was written, and which outputs of an
+    earlier run in the same folder (listed in its metrics.json) were not replaced."""
+    try:
+        earlier = json.loads((out / "metrics.json").read_text()).get("files", [])
+    except (OSError, ValueError, AttributeError):
+        earlier = []
+    stale = sorted(
+        name for name in set(map(str, earlier)) - set(report["files"])
+        if "/" not in name and (out / name).is_file()
+    )  # fmt: skip
+    reporting.write_json(report, out / "metrics.json")
+    _status(args, f"wrote {out}/: {', '.join(report['files'])}")
+    if stale:
+        _status(args, f"note: {out}/ also holds {', '.join(stale)} from an earlier run")
 
 
 def _checkpoint_settings(args: argparse.Namespace, out: Path) -> dict[str, Any]:
@@ -510,8 +528,7 @@ def run_fit(args: argparse.Namespace) -> int:
         "files": sorted(p.name for p in [*files, out / "model.pt", out / "metrics.json"]),
         "versions": reporting.versions(),
     }
-    reporting.write_json(report, out / "metrics.json")
-    _status(args, f"wrote {out}/: {', '.join(report['files'])}")
+    _write_report(args, out, report)
     return 0
 
 
@@ -777,8 +794,7 @@ def run_compete(args: argparse.Namespace) -> int:
         "files": sorted(f.name for f in files),
         "versions": reporting.versions(),
     }
-    reporting.write_json(report, out / "metrics.json")
-    _status(args, f"wrote {out}/: {', '.join(report['files'])}")
+    _write_report(args, out, report)
     return 0
 
 
