@@ -142,16 +142,27 @@ def test_device_and_dtype_set_after_a_fit_wait_for_the_next_fit(fitted):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="needs a machine without CUDA")
 def test_a_model_fitted_on_cuda_loads_on_a_cpu_machine_with_device_cpu(fitted, tmp_path):
     model, X, _ = fitted
-    on_gpu = clone(model).set_params(device="cuda")  # what a CUDA fit saves: tensors on CPU
-    vars(on_gpu).update({k: v for k, v in vars(model).items() if k.endswith("_")})
-    path = on_gpu.save(tmp_path / "gpu.pt")
+    payload = load_checkpoint(model.save(tmp_path / "cpu.pt"), "VMoNF")
+    payload["params"]["device"] = "cuda"  # what a CUDA fit saves: tensors on CPU
+    path = save_checkpoint(payload, tmp_path / "gpu.pt", "VMoNF")
     with pytest.raises(CheckpointError, match=r"load\(path, device='cpu'\)"):
         VMoNF.load(path)
     loaded = VMoNF.load(path, device="cpu")
     assert loaded.device == "cpu"
     np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
-    with pytest.raises(ValueError, match="device must be one of"):
-        VMoNF.load(path, device="gpu")
+    for bad in ("gpu", "cuda"):  # the argument's fault, not the file's
+        with pytest.raises(ValueError, match="device") as raised:
+            VMoNF.load(path, device=bad)
+        assert not isinstance(raised.value, CheckpointError)
+
+
+def test_a_model_saves_as_it_was_fitted_not_as_set_params_changed_it_since(fitted, tmp_path):
+    model, X, _ = fitted
+    changed = clone(model).set_params(dtype="float64" if model.dtype == "float32" else "float32")
+    vars(changed).update({k: v for k, v in vars(model).items() if k.endswith("_")})
+    loaded = VMoNF.load(changed.save(tmp_path / "m.pt"))
+    assert loaded.dtype == model.dtype
+    np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
 
 
 def test_files_of_the_previous_format_load_and_save_again(tmp_path):
@@ -324,6 +335,7 @@ BAD_FIT = [
     (blobs(10)[0], None, {"device": "tpu"}, ValueError, "device"),
     (blobs(10)[0], None, {"validation_fraction": 0.7}, ValueError, "validation_fraction"),
     (blobs(10)[0], None, {"patience": 3}, ValueError, "needs validation_fraction > 0"),
+    (blobs(4)[0], None, {"patience": 3, "validation_fraction": 0.1}, ValueError, "holds out none"),
     (blobs(10)[0], None, {"elbo_top_k": 1}, ValueError, "elbo_top_k must be >= 2"),
     (blobs(10)[0], None, {"elbo_top_k": 4}, ValueError, r"elbo_top_k must be <= n_components"),
     (blobs(10)[0], None, {"elbo_top_k": 2.0}, TypeError, "elbo_top_k"),
@@ -339,6 +351,14 @@ BAD_FIT = [
 def test_bad_fit_input_gives_clear_errors(X, y, params, error, match):
     with pytest.raises(error, match=match):
         VMoNF(**{"n_components": 3, **FAST, **params}).fit(X, y)
+
+
+def test_boolean_and_half_precision_labels_are_labels():
+    X, _ = blobs(40)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for y in (np.arange(40) % 2 == 0, (np.arange(40) % 2).astype(np.float16)):
+            VMoNF(2, random_state=0, **{**FAST, "max_epochs": 1}).fit(X, y)
 
 
 def test_object_arrays_of_numbers_and_read_only_arrays_are_taken_as_they_are(fitted):

@@ -273,6 +273,9 @@ def test_image_mixture_vmonf_round_trip(digits, tmp_path):
     path = model.save(tmp_path / "m.pt")
     loaded = ImageMixture.load(path)
     np.testing.assert_array_equal(loaded.predict(X), pred)
+    with pytest.raises(ValueError, match="device must be one of") as raised:
+        ImageMixture.load(path, device="gpu")
+    assert "holds" not in str(raised.value)  # the argument's fault, not the file's
     np.testing.assert_allclose(loaded.score_samples(X), log_p)
     assert loaded.pca_components == 6 and loaded.image_shape_ == (8, 8)
 

@@ -118,8 +118,10 @@ def check_integer_labels(y: object, name: str = "y", n_samples: int | None = Non
             raise TypeError(f"{name} must hold integer labels, got non-integer values")
     elif not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
         raise TypeError(f"{name} must hold integer labels, got dtype {arr.dtype}")
-    if arr.size and (arr.max() >= 2**63 or arr.min() < -(2**63)):  # int64 would wrap them
-        raise ValueError(f"{name} has labels beyond the int64 range")
+    if arr.size and arr.dtype.kind in "uf":  # beyond int64, the cast would wrap them
+        low, high = arr.min().item(), arr.max().item()  # Python numbers: exact compares
+        if high > np.iinfo(np.int64).max or low < np.iinfo(np.int64).min:
+            raise ValueError(f"{name} has labels beyond the int64 range")
     return arr.astype(np.int64)
 
 

@@ -51,12 +51,13 @@ from vmonf.training import (
     warm_up_optimizer,
 )
 
-__all__ = ["MixtureEstimator", "NotFittedError", "check_loadable_device"]
+__all__ = ["MixtureEstimator", "NotFittedError", "check_loadable_device", "torch_device"]
 
 # Rows per no-grad evaluation chunk: K x rows x width activations of a few MiB stay in
 # cache and reuse freed memory; 65536-row chunks scored 2-2.5x slower (K = 5, width 32).
 CHUNK = 4096
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+DEVICES = ("cpu", "cuda", "auto")
 # Standardised magnitudes beyond these overflow the model's arithmetic (z**2, MLPs).
 MAX_STANDARDISED = {torch.float32: 1e15, torch.float64: 1e150}
 # Settings that do not change what a fit computes: a fit may resume under other values.
@@ -72,13 +73,23 @@ RESUMABLE_CHANGES = frozenset(
 SAVE_FORMAT = 3
 
 
+def torch_device(device: object) -> torch.device:
+    """The torch device a ``device`` setting ("cpu", "cuda", "auto") names here; a
+    ValueError for another value, or for "cuda" without CUDA."""
+    check_choice(device, "device", DEVICES)
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device='cuda' was requested but CUDA is not available")
+    return torch.device(str(device))
+
+
 def check_loadable_device(
     payload: dict[str, Any], device: str | None, path: str | os.PathLike, loader: str
 ) -> None:
     """Refuse, with the way out, a checkpoint fitted on CUDA where there is none, unless
-    ``device`` overrides where it loads."""
+    ``device`` (checked by the caller with :func:`torch_device`) overrides where it loads."""
     if device is not None:
-        check_choice(device, "device", ("cpu", "cuda", "auto"))
         return
     params = payload.get("params", {}) if isinstance(payload, dict) else None
     if not isinstance(params, dict):
@@ -159,7 +170,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         check_positive_int(self.batch_size, "batch_size")
         check_positive_float(self.learning_rate, "learning_rate")
         check_seed(self.random_state)
-        check_choice(self.device, "device", ("cpu", "cuda", "auto"))
+        check_choice(self.device, "device", DEVICES)
         check_choice(self.dtype, "dtype", tuple(DTYPES))
         if self.n_threads is not None:
             check_positive_int(self.n_threads, "n_threads")
@@ -179,11 +190,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     @property
     def _torch_device(self) -> torch.device:
-        if self.device == "auto":
-            return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("device='cuda' was requested but CUDA is not available")
-        return torch.device(self.device)
+        return torch_device(self.device)
 
     @property
     def _torch_dtype(self) -> torch.dtype:
@@ -444,7 +451,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         self._check_is_fitted()
         payload = {
             # Callables (e.g. a callback) are not data: they are not saved.
-            "params": {k: plain_setting(v) for k, v in self.get_params(deep=False).items()},
+            "params": {k: plain_setting(v) for k, v in self._fitted_params().items()},
             "format": SAVE_FORMAT,
             "model": {k: v.cpu() for k, v in self.model_.state_dict().items()},
             "standardizer": {k: v.cpu() for k, v in self.standardizer_.state_dict().items()},
@@ -460,6 +467,16 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         }
         return save_checkpoint(payload, path, self._checkpoint_kind)
 
+    def _fitted_params(self) -> dict[str, Any]:
+        """The settings as fitted: ``dtype`` and ``device`` that ``set_params`` changed
+        since take effect at the next fit, so a saved model loads as it computes now."""
+        params = self.get_params(deep=False)
+        dtype = self._fitted_dtype
+        params["dtype"] = next(name for name, value in DTYPES.items() if value == dtype)
+        if params["device"] != "auto" or torch_device("auto") != self._fitted_device:
+            params["device"] = self._fitted_device.type
+        return params
+
     @classmethod
     def load(cls, path: str | os.PathLike, device: str | None = None) -> Self:
         """Read an estimator written by :meth:`save` (``torch.load(weights_only=True)``).
@@ -469,7 +486,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         machine with ``device="cpu"``.
         """
         if device is not None:
-            check_choice(device, "device", ("cpu", "cuda", "auto"))
+            torch_device(device)  # a bad argument is the caller's, not the file's
         payload = load_checkpoint(path, cls._checkpoint_kind)
         try:
             version = payload.get("format", 1)

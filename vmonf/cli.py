@@ -240,6 +240,8 @@ def _write_report(args: argparse.Namespace, out: Path, report: dict[str, Any]) -
         earlier = json.loads((out / "metrics.json").read_text()).get("files", [])
     except (OSError, ValueError, AttributeError):
         earlier = []
+    if not isinstance(earlier, list):  # someone else's metrics.json
+        earlier = []
     stale = sorted(
         name for name in set(map(str, earlier)) - set(report["files"])
         if "/" not in name and (out / name).is_file()

@@ -334,6 +334,8 @@ class VMoNF(MixtureEstimator):
         rank = torch.where(labelled, 1, 0) + torch.where(first, 2, 0)
         candidates = torch.argsort(rank, stable=True)[:n_val]
         candidates = candidates[~first[candidates]]
+        if candidates.numel() == 0:  # every candidate was a class's only label
+            return order, None
         held = torch.zeros(n, dtype=torch.bool)
         held[candidates] = True
         return order[~held], order[held]
@@ -505,6 +507,11 @@ class VMoNF(MixtureEstimator):
         self, x: Tensor, y: Tensor, generator: torch.Generator, checkpointer: Checkpointer | None
     ) -> None:
         train_idx, val_idx = self._split(y, generator)
+        if self.patience is not None and val_idx is None:
+            raise ValueError(
+                f"patience needs held-out points, and validation_fraction="
+                f"{self.validation_fraction} of {y.numel()} points holds out none"
+            )
         x_train, y_train = x[train_idx], y[train_idx]
         x_val = None if val_idx is None else x[val_idx]
         labelled = y_train >= 0

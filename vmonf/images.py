@@ -26,7 +26,7 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin, DensityMixin, clone
 
 from vmonf._validation import check_positive_int, check_seed
-from vmonf.base import MixtureEstimator, NotFittedError, check_loadable_device
+from vmonf.base import MixtureEstimator, NotFittedError, check_loadable_device, torch_device
 from vmonf.checkpoint import (
     CheckpointError,
     from_plain,
@@ -266,6 +266,8 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         CompetitiveMixture), or given as ``estimator_class``. ``device`` overrides the
         device it was fitted on (see :meth:`MixtureEstimator.load`).
         """
+        if device is not None:
+            torch_device(device)  # a bad argument is the caller's, not the file's
         payload = load_checkpoint(path, cls._checkpoint_kind)
         kind = payload.get("estimator_kind")
         inner_cls = estimator_class or _estimator_classes().get(kind)  # type: ignore[arg-type]

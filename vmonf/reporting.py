@@ -347,9 +347,11 @@ def versions() -> dict[str, str]:
 def format_number(value: object, digits: int = 3) -> str:
     """A number for people: fixed ``digits``; 'inf'/'-inf'; 'n/a' for None or NaN (a
     value that does not apply or could not be computed)."""
-    if value is None or (isinstance(value, float) and math.isnan(value)):
+    if value is None:
         return "n/a"
     number = float(value)  # type: ignore[arg-type]
+    if math.isnan(number):
+        return "n/a"
     return f"{number:.{digits}f}" if math.isfinite(number) else ("inf" if number > 0 else "-inf")
 
 
