@@ -125,7 +125,8 @@ class CompetitiveMixture(MixtureEstimator):
         keep_discriminators: continue training the same discriminators every round
             instead of fresh ones.
         max_epochs: generator epochs per round (the paper: 10).
-        max_time: wall-clock budget of the whole fit in seconds (None = no limit).
+        max_time: wall-clock budget of the whole fit in seconds (None = no limit; as
+            :class:`vmonf.VMoNF`, without a process's one-off optimiser import).
         batch_size, learning_rate, adam_betas, weight_decay, lr_schedule: generator
             optimiser (Adam; ``"constant"`` or ``"cosine"``, restarted every round).
         validation_fraction: share of points held out (not trained on) to monitor

@@ -99,7 +99,8 @@ class VMoNF(MixtureEstimator):
         alpha: weight of the labelled cross-entropy.
         max_epochs, max_time, batch_size, learning_rate, weight_decay, lr_schedule:
             optimisation (``max_time``: seconds per restart, pre-training included;
-            None = no limit).
+            None = no limit; a process's first fit also pays a one-off 1-3 s import
+            of torch's optimiser code, outside the budget).
         validation_fraction: share of points held out (unlabelled ones first; labelled
             ones only when those run short, and never every label of a class) to monitor
             the exact NLL
