@@ -272,6 +272,25 @@ def competitive_loop_step(k: int, arch: Arch, steps: int) -> Callable[[], int]:
     )
 
 
+def gemm_floor(k: int, arch: Arch) -> Callable[[], int]:
+    """The arithmetic both contenders share, alone: the three (K, batch, hidden) x
+    (K, hidden, hidden) products per coupling of one training step (forward, input
+    gradient, weight gradient), as batched GEMMs into reused buffers. One call = one
+    step's worth."""
+    h = torch.randn(k, arch.batch, arch.hidden)
+    w = torch.randn(k, arch.hidden, arch.hidden)
+    out, weight_grad = torch.empty_like(h), torch.empty_like(w)
+
+    def run() -> int:
+        for _ in range(arch.n_layers):
+            torch.bmm(h, w, out=out)
+            torch.bmm(h, w.mT, out=out)
+            torch.bmm(h.mT, h, out=weight_grad)
+        return 1
+
+    return run
+
+
 # --------------------------------------------------------------------------- timing
 
 
@@ -323,29 +342,33 @@ def section_loop(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             "loop": loop_step(k, arch, args.steps),
             "competitive": competitive_step(k, arch, args.steps),
             "competitive_loop": competitive_loop_step(k, arch, args.steps),
+            "gemm_floor": gemm_floor(k, arch),
         }
         # Round 0 (not timed) compiles: the warm-up is in the compile section.
         t = interleaved(contenders, args.rounds, dict.fromkeys(contenders, n_threads))
         ratio = t["vmonf"]["wall"] / t["loop"]["wall"]
         compiled_ratio = t["vmonf_compiled"]["wall"] / t["loop"]["wall"]
         comp_ratio = t["competitive"]["wall"] / t["competitive_loop"]["wall"]
+        floor_ratio = t["gemm_floor"]["wall"] / t["loop"]["wall"]
         results[f"{n_threads}_threads"] = {
             "times": t,
             "ratio": ratio,
             "compiled_ratio": compiled_ratio,
             "competitive_ratio": comp_ratio,
+            "gemm_floor_ratio": floor_ratio,
         }
         rows.append([
             n_threads, ms(t["loop"]["wall"]), ms(t["vmonf"]["wall"]), f"{ratio:.2f}",
             verdict(ratio, n_threads), ms(t["vmonf_compiled"]["wall"]), f"{compiled_ratio:.2f}",
             verdict(compiled_ratio, n_threads), f"<= {targets[n_threads]:.2f}",
             ms(t["competitive_loop"]["wall"]), ms(t["competitive"]["wall"]), f"{comp_ratio:.2f}",
+            ms(t["gemm_floor"]["wall"]), f"{floor_ratio:.2f}",
         ])  # fmt: skip
     header = [
         "threads", "nflows loop (ms/step)", "VMoNF batched, eager (ms/step)", "ratio", "",
         "VMoNF batched, compile=True (ms/step)", "ratio", "", "target",
         "competitive: nflows loop on owned points (ms/step)", "competitive batched (ms/step)",
-        "ratio",
+        "ratio", f"the step's {arch.hidden}x{arch.hidden} GEMMs alone (ms/step)", "ratio (floor)",
     ]  # fmt: skip
     title = f"Training step, K = 5, {arch.name} (median of {args.rounds} interleaved rounds)"
     return {"arch": asdict(arch), "targets": targets, **results}, _titled(
