@@ -18,6 +18,7 @@ from vmonf import VMoNF
 from vmonf.base import NotFittedError
 from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vmonf.mixture import MixtureOfFlows
+from vmonf.preprocessing import Standardizer
 
 FAST = dict(
     max_epochs=4,
@@ -474,3 +475,58 @@ def test_a_failed_fit_leaves_the_previous_fit_whole_not_half_updated():
         fresh.fit(X)
     with pytest.raises(NotFittedError):
         fresh.predict(X)
+
+
+def test_standardizer_round_trips_and_standardises():
+    scales = torch.tensor([0.1, 5.0, 300.0], dtype=torch.float64)
+    x = torch.randn(200, 3, dtype=torch.float64) * scales + 40.0
+    standardizer = Standardizer(3).fit(x)
+    u = standardizer(x)
+    torch.testing.assert_close(u.mean(0), torch.zeros_like(scales), atol=1e-12, rtol=0)
+    torch.testing.assert_close(u.std(0, unbiased=False), torch.ones_like(scales))
+    torch.testing.assert_close(standardizer.inverse(u), x, rtol=1e-12, atol=1e-10)
+
+
+def test_suggest_labels_picks_the_most_uncertain_rows():
+    X, _ = blobs(300)
+    model = VMoNF(3, random_state=0, **FAST).fit(X)
+    proba = model.predict_proba(X)
+    entropy = -(proba * np.log(np.clip(proba, 1e-300, None))).sum(1)
+    picks = model.suggest_labels(X, 5)
+    assert entropy[picks].min() >= np.delete(entropy, picks).max()
+
+
+def test_pre_training_teaches_q_the_labels_even_with_alpha_zero():
+    # With alpha = 0 and the marginal objective, only pre-training trains q on labels.
+    X, y = blobs(300)
+    model = VMoNF(3, alpha=0.0, objective="marginal", init="labels", random_state=0, **FAST)
+    assert (model.fit(X, y).predict(X) == y).mean() > 0.95
+
+
+def test_val_loss_is_the_exact_held_out_nll(monkeypatch):
+    # One blob and K = 2: q(c|x) is far from the exact posterior, so -ELBO > -log p.
+    X = np.random.default_rng(0).normal(size=(200, 2))
+    monkeypatch.setattr(
+        VMoNF, "_split", lambda self, y, g: (torch.arange(150), torch.arange(150, 200))
+    )
+    model = VMoNF(2, random_state=0, validation_fraction=0.25, **{**FAST, "max_epochs": 2}).fit(X)
+    assert -model.history_["val_loss"][-1] == pytest.approx(model.score(X[150:]), abs=1e-6)
+
+
+def test_marginal_responsibility_weights_use_the_exact_posterior(monkeypatch):
+    X, y = blobs(300)
+    partial = np.where(np.arange(300) % 3 == 0, y, -1)
+    original, checked = VMoNF._mean_responsibility, []
+
+    def spy(self, model, x, labels):
+        got = original(self, model, x, labels)
+        expected = model.mixture.posterior(x).exp()
+        expected[labels >= 0] = torch.nn.functional.one_hot(labels[labels >= 0], 3).to(expected)
+        torch.testing.assert_close(got, expected.mean(0), rtol=0, atol=1e-10)
+        checked.append(True)
+        return got
+
+    monkeypatch.setattr(VMoNF, "_mean_responsibility", spy)
+    params = dict(objective="marginal", weights="responsibilities", random_state=0)
+    VMoNF(3, **params, **FAST).fit(X, partial)
+    assert checked

@@ -16,7 +16,7 @@ from nflows.transforms.lu import LULinear as NflowsLULinear
 from torch import nn
 
 from vmonf.coupling import ActNorm, LULinear, bounded_log_scale
-from vmonf.flows import ComponentFlows, student_t_log_prob
+from vmonf.flows import ComponentFlows, alternating_masks, group_by_component, student_t_log_prob
 
 CONFIGS = [
     dict(n_features=2, n_components=3, n_layers=4, hidden_features=16),
@@ -287,3 +287,28 @@ def test_bad_inputs_give_clear_errors():
         ComponentFlows(n_features=2, base_df="5")
     with pytest.raises(TypeError, match="actnorm must be True or False"):
         ComponentFlows(n_features=2, actnorm="False")  # a non-empty str is truthy
+
+
+def test_lu_linear_starts_as_the_identity():
+    z, logdet = LULinear(2, 3)(x := torch.randn(2, 5, 3))
+    torch.testing.assert_close(z, x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(logdet, torch.zeros(2, 5), rtol=0, atol=1e-12)
+
+
+def test_alternating_masks_alternate():
+    assert [m.tolist() for m in alternating_masks(3, 3)] == [[1, 0, 1], [0, 1, 0], [1, 0, 1]]
+
+
+def test_sample_components_draws_independent_points():
+    flows = ComponentFlows(n_features=2, n_components=2, n_layers=2, hidden_features=4)
+    components = torch.tensor([0, 1] * 2000)
+    x = flows.sample_components(components, generator=torch.Generator().manual_seed(0))
+    assert torch.unique(x, dim=0).shape[0] == x.shape[0]
+    for k in (0, 1):  # an untrained flow is the identity: its points are N(0, I)
+        torch.testing.assert_close(x[components == k].std(0), torch.ones(2), atol=0.08, rtol=0)
+
+
+def test_group_by_component_keeps_non_binary_weights():
+    index, slot_weights = group_by_component(torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.5]]))
+    assert index.tolist() == [[0, 2], [1, 2]]
+    assert slot_weights.tolist() == [[2.0, 3.0], [1.0, 0.5]]

@@ -309,3 +309,26 @@ def test_matching_works_for_any_label_values_and_tables_stay_bounded():
     assert metrics.clustering_accuracy(y_true, y_pred) == 0.8
     with pytest.raises(ValueError, match="number the labels"):
         metrics.contingency_table(y_true, y_pred)
+
+
+def test_kde_protocol_reproduces_its_definition():
+    """Without shuffling: the first M generated points are centres, the rest select the
+    bandwidth, and the first n_test test points are scored."""
+    rng = np.random.default_rng(7)
+    generated = rng.standard_normal((300, 2)) * [1.0, 3.0]
+    test = rng.standard_normal((80, 2))
+    result = kde_log_likelihood(generated, test, n_select=50, n_test=30, shuffle=False)
+    centres, select = generated[:250], generated[250:]
+    h0 = np.median(np.linalg.norm(np.diff(centres, axis=0), axis=1))
+    np.testing.assert_allclose(result.bandwidths, kde_bandwidth_grid(h0), rtol=1e-12)
+    selection = [gaussian_kde_log_density(select, centres, h).mean() for h in result.bandwidths]
+    np.testing.assert_allclose(result.selection_scores, selection, rtol=1e-10)
+    per_point = gaussian_kde_log_density(test[:30], centres, result.bandwidth)
+    assert result.score == pytest.approx(per_point.mean(), rel=1e-12)
+    assert result.stderr == pytest.approx(per_point.std(ddof=1) / math.sqrt(30), rel=1e-12)
+
+
+def test_kl_estimate_stderr_is_the_standard_error_of_the_mean():
+    true_log_density = np.array([0.0, 1.0, 2.0, 4.0])
+    estimate = kl_to_truth_estimate(true_log_density, np.zeros(4))
+    assert estimate.stderr == pytest.approx(np.std(true_log_density, ddof=1) / 2.0, rel=1e-12)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -264,3 +266,27 @@ def test_model_loss_rejects_a_bad_top_k():
     x, y = torch.randn(5, 2), torch.full((5,), -1)
     with pytest.raises(ValueError, match="top_k"):
         model.loss(x, y, alpha=1.0, objective="elbo", top_k=0)
+
+
+def test_schedule_scales_with_the_initial_temperature():
+    schedule = TemperatureSchedule("exponential", 2.0, 1e-3, 0.01)
+    assert schedule(1000) == pytest.approx(2.0 / math.e, rel=1e-12)
+
+
+@pytest.mark.parametrize("temperature", [0.3, 2.5])
+def test_posterior_divides_logits_by_the_temperature_once(temperature):
+    posterior = random_model().posterior
+    x = torch.randn(10, 2)
+    expected = torch.log_softmax(posterior.net(x) / temperature, dim=-1)
+    torch.testing.assert_close(posterior(x, temperature), expected, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("objective", ["elbo", "marginal"])
+def test_loss_uses_the_given_temperature(objective):
+    model, x = random_model(), torch.randn(12, 2)
+    unlabelled = model.loss(x, torch.full((12,), -1), alpha=1.0, objective="elbo", temperature=0.3)
+    torch.testing.assert_close(unlabelled, -model.elbo(x, temperature=0.3), rtol=0, atol=1e-10)
+    y = torch.randint(0, 3, (12,))
+    labelled = model.loss(x, y, alpha=0.7, objective=objective, temperature=0.3)
+    expected = labelled_loss(model.mixture.log_joint(x), model.posterior(x, 0.3), y, 0.7)
+    torch.testing.assert_close(labelled, expected, rtol=0, atol=1e-10)
