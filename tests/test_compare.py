@@ -20,6 +20,7 @@ from competitive.compare import (
     component_log_prob,
     discriminator_estimate,
     exact_log_ratios,
+    own_discriminator_estimate,
 )
 from competitive.figures import (
     plot_agreement_rounds,
@@ -341,3 +342,47 @@ def test_round_tracker_checks_its_inputs_when_made():
         RoundTracker(X, true_log_prob=np.zeros(4))
     with pytest.raises(ValueError, match="saturation"):
         RoundTracker(X, saturation=0.7)
+
+
+def test_mae_owned_is_taken_on_the_exact_owners_points():
+    exact = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    estimate = np.array([[0.0, 1.0], [1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])  # row 0 misassigned
+    stats = compare_log_ratios(estimate, exact)
+    np.testing.assert_allclose(stats.mae_owned, [0.5, 0.0])
+    assert stats.agreement == 0.75
+
+
+def test_discriminator_estimate_is_normalised_over_x_train_not_x_eval():
+    X = blobs(300, 0)[0]
+    model = CompetitiveMixture(
+        3, generator="kmeans", max_rounds=0, dtype="float64", random_state=0
+    ).fit(X)
+    settings = CompetitiveMixture(3, discriminator_hidden=8, discriminator_epochs=1)
+    whole = discriminator_estimate(model, X, X, settings=settings, random_state=4)
+    part = discriminator_estimate(model, X, X[:50], settings=settings, random_state=4)
+    np.testing.assert_allclose(part.logits, whole.logits[:50], rtol=0, atol=1e-12)
+    np.testing.assert_allclose(part.log_ratio, whole.log_ratio[:50], rtol=0, atol=1e-12)
+
+
+def test_own_estimate_logits_are_log_d_over_1_minus_d():
+    X = blobs(300, 0)[0]
+    model = CompetitiveMixture(3, assignment="discriminator", random_state=0, **FAST).fit(X)
+    own = own_discriminator_estimate(model, X)
+    # log_ratio = log (1 - D) / D - log Z = -logit - log Z
+    log_norm = model.model_.log_norm.double().numpy()
+    np.testing.assert_allclose(own.logits, -own.log_ratio - log_norm, atol=1e-10)
+
+
+def test_round_tracker_with_the_truth_scores_against_the_truth():
+    X, X_eval = blobs(300, 5)[0], blobs(200, 6)[0]
+    truth = true_log_prob(X_eval)
+    tracker = RoundTracker(X_eval, true_log_prob=truth)
+    model = CompetitiveMixture(
+        3, assignment="discriminator", random_state=0, callback=tracker, **FAST
+    ).fit(X)
+    own = own_discriminator_estimate(model, X_eval)  # the last record's discriminators
+    exact = exact_log_ratios(model, X_eval, truth)
+    want = compare_log_ratios(own.log_ratio, exact["truth"], logits=own.logits).summary()
+    other = compare_log_ratios(own.log_ratio, exact["mixture"], logits=own.logits).summary()
+    assert abs(want["mae"] - other["mae"]) > 1e-3  # the two targets differ here
+    assert tracker.history["mae"][-1] == pytest.approx(want["mae"], rel=1e-12)

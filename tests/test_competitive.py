@@ -13,6 +13,7 @@ import pytest
 import torch
 from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
+from torch.distributions import Normal, kl_divergence
 
 from competitive import (
     CompetitiveMixture,
@@ -24,8 +25,9 @@ from competitive import (
     bagging,
     single_model,
 )
-from competitive.assignment import hard_assign, mixing_weights, training_weights
+from competitive.assignment import hard_assign, min_count, mixing_weights, training_weights
 from competitive.discriminators import fit_discriminators, log_ratio_normaliser
+from competitive.generators import _gaussian_log_prob
 from competitive.studies import StudySettings
 from vmonf.checkpoint import load_checkpoint, save_checkpoint
 from vmonf.cli import main
@@ -498,3 +500,209 @@ def test_public_helpers_check_their_inputs():
         discriminators.log_ratio(torch.zeros(4, 3))
     with pytest.raises(ValueError, match="max_rounds"):
         StudySettings(max_rounds=0)
+
+
+# --------------------------------------------------------------------------- mutation audit
+
+
+def test_a_starved_component_keeps_training_on_the_points_it_owns():
+    # Component 1 owns point 0, where its score is the lowest of its column.
+    scores = torch.tensor([[-9.0, -8.0], [0.0, -1.0], [0.0, -2.0], [0.0, -3.0]])
+    owners = hard_assign(scores)
+    assert owners.tolist() == [1, 0, 0, 0]
+    weights = training_weights(owners, scores, minimum=2)
+    expected = torch.tensor([[0.0, 1.0], [1.0, 1.0], [1.0, 1.0], [1.0, 0.0]])
+    torch.testing.assert_close(weights, expected)  # its own point and its 2 best others
+
+
+def test_min_count_rounds_up():
+    assert min_count(10, 0.25) == 3
+    assert min_count(10, 0.2) == 2
+    assert min_count(7, 0.0) == 0
+
+
+def test_mixing_weights_fall_back_to_plain_shares_when_nobody_reaches_the_minimum():
+    pi = mixing_weights(torch.tensor([0, 0, 1]), 2, minimum=5)
+    torch.testing.assert_close(pi, torch.tensor([2 / 3, 1 / 3], dtype=torch.float64))
+
+
+def test_gaussian_log_prob_matches_torch_distributions():
+    x, mean, log_var = torch.randn(3, 5, 4), torch.randn(3, 5, 4), torch.randn(3, 5, 4)
+    expected = Normal(mean, (0.5 * log_var).exp()).log_prob(x).sum(-1)
+    torch.testing.assert_close(_gaussian_log_prob(x, mean, log_var), expected)
+
+
+def test_vae_loss_is_the_negative_one_sample_elbo():
+    vae = VAEGenerators(3, 2, hidden_features=8, latent_features=2)
+    xs = torch.randn(2, 5, 3)
+    torch.manual_seed(1)
+    loss = vae.stacked_loss(xs)
+    torch.manual_seed(1)
+    mu, log_var = vae._split(vae.encoder(xs))
+    std = (0.5 * log_var).exp()
+    z = mu + std * torch.randn_like(mu)  # the same reparameterised draw
+    mean, decoder_log_var = vae._split(vae.decoder(z))
+    kl = kl_divergence(Normal(mu, std), Normal(0.0, 1.0)).sum(-1)
+    reconstruction = Normal(mean, (0.5 * decoder_log_var).exp()).log_prob(xs).sum(-1)
+    torch.testing.assert_close(loss, kl - reconstruction)
+
+
+@pytest.mark.parametrize("noise", [False, True])
+def test_vae_samples_are_the_decoder_mean_or_a_draw_of_p_x_given_z(noise):
+    vae = VAEGenerators(3, 2, hidden_features=8, latent_features=2, decoder_noise=noise)
+    with torch.no_grad():
+        drawn = vae.sample(4, torch.Generator().manual_seed(0))
+        generator = torch.Generator().manual_seed(0)
+        mean, log_var = vae._split(vae.decoder(torch.randn(2, 4, 2, generator=generator)))
+        expected = mean
+        if noise:
+            expected = mean + (0.5 * log_var).exp() * torch.randn(mean.shape, generator=generator)
+    torch.testing.assert_close(drawn, expected)
+
+
+def test_kmeans_centre_without_points_stays_where_it_was():
+    generators = KMeansGenerators(2, 2, centres=torch.tensor([[0.0, 0.0], [5.0, 5.0]]))
+    x = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    generators.fit_weighted(
+        x, torch.tensor([[1.0, 0.0], [1.0, 0.0]]), TrainConfig(), torch.Generator()
+    )
+    expected = torch.tensor([[2.0, 3.0], [5.0, 5.0]])
+    torch.testing.assert_close(generators.centres.detach(), expected)
+
+
+def test_weighted_training_loss_is_the_mean_over_points_of_the_weighted_sum():
+    x = torch.randn(64, 2)
+    generators = FlowGenerators(2, 2, n_layers=2, hidden_features=8)
+    state = {k: v.clone() for k, v in generators.state_dict().items()}
+    with torch.no_grad():
+        expected = float(-generators.log_prob(x).sum(1).mean())
+    config = TrainConfig(max_epochs=1, batch_size=64, learning_rate=1e-12)
+    losses = []
+    for scale in (1.0, 2.0):
+        generators.load_state_dict(state)
+        result = generators.fit_weighted(x, scale * torch.ones(64, 2), config, torch.Generator())
+        losses.append(result.history["loss"][0])
+    assert losses == pytest.approx([expected, 2 * expected], rel=1e-9)
+
+
+def test_assignment_prior_is_log_pi_floored_at_min_share():
+    rng = np.random.default_rng(0)
+    X = np.concatenate(
+        [rng.normal(c, 1.0, size=(n, 2)) for c, n in (([0, 0], 240), ([8, 0], 60), ([0, 8], 6))]
+    )
+    model = CompetitiveMixture(
+        3, generator="kmeans", init="kmeans", assign_with_weights=True, max_rounds=3,
+        dtype="float64", random_state=0,
+    ).fit(X)  # fmt: skip
+    log_weights = np.log(model.weights_)
+    assert np.ptp(log_weights[np.isfinite(log_weights)]) > 0.5  # uneven shares
+    prior = np.maximum(log_weights, np.log(0.1 / 3))
+    log_pk = model.model_.generators.log_prob(model._validate_X(X)).detach().numpy()
+    logits = log_pk + prior
+    expected = np.exp(logits - logits.max(1, keepdims=True))
+    expected /= expected.sum(1, keepdims=True)
+    np.testing.assert_allclose(model.predict_proba(X), expected, rtol=1e-8, atol=1e-12)
+
+
+def test_a_starved_component_trains_on_its_best_points_during_the_rounds():
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(0.0, 1.0, size=(99, 1)), [[100.0]]])  # one outlier
+    owners = np.zeros(100, dtype=int)
+    owners[-1] = 1  # component 1 starts on the outlier alone and keeps only it
+    model = CompetitiveMixture(
+        2, generator="kmeans", init=owners, min_share=0.05, max_rounds=5, dtype="float64",
+        random_state=0,
+    ).fit(X)  # fmt: skip
+    assert model.labels_.tolist() == [0] * 99 + [1] and model.weights_[1] == 0.0
+    centres = model.standardizer_.inverse(model.model_.generators.centres.detach()).numpy()
+    best = np.sort(X[:, 0])[-5:]  # the outlier and the 4 points nearest to it (5 = 5 %)
+    assert centres[1, 0] == pytest.approx(best.mean(), abs=1e-9)
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # one round
+@pytest.mark.parametrize("keep", [False, True])
+def test_keep_discriminators_reuses_one_set_else_trains_fresh_ones(keep):
+    seen = []  # the objects themselves: ids of freed modules could be reused
+    CompetitiveMixture(
+        3, assignment="discriminator", keep_discriminators=keep, n_layers=2, hidden_features=8,
+        pretrain_epochs=1, max_epochs=1, max_rounds=1, batch_size=128, discriminator_hidden=16,
+        discriminator_batch_size=128, dtype="float64", random_state=0,
+        callback=lambda model, r: seen.append(model.model_.discriminators),
+    ).fit(blobs(300)[0])  # fmt: skip
+    assert len(seen) == 2
+    assert (seen[0] is seen[1]) == keep
+
+
+def spy_on_fit_weighted(monkeypatch, cls) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Record the (x, weights) of every ``cls.fit_weighted`` call."""
+    captured = []
+    original = cls.fit_weighted
+
+    def spy(self, x, weights, *args, **kwargs):
+        captured.append((x.clone(), weights.clone()))
+        return original(self, x, weights, *args, **kwargs)
+
+    monkeypatch.setattr(cls, "fit_weighted", spy)
+    return captured
+
+
+def test_bagging_trains_each_generator_on_a_bootstrap_of_n_over_k_points(monkeypatch):
+    captured = spy_on_fit_weighted(monkeypatch, KMeansGenerators)
+    bagging(3, generator="kmeans", random_state=0, dtype="float64").fit(blobs(300)[0])
+    ((_, weights),) = captured  # pre-training only: no rounds
+    assert weights.shape == (300, 3)
+    torch.testing.assert_close(weights.sum(0), torch.full((3,), 100.0))  # N/K draws each
+    assert torch.equal(weights, weights.round()) and weights.max() > 1  # with replacement
+
+
+def test_single_model_trains_on_every_point_once(monkeypatch):
+    captured = spy_on_fit_weighted(monkeypatch, KMeansGenerators)
+    single_model(generator="kmeans", random_state=0, dtype="float64").fit(blobs(90)[0])
+    ((_, weights),) = captured
+    torch.testing.assert_close(weights, torch.ones(90, 1))
+
+
+def test_baselines_never_run_competitive_rounds_whatever_the_params():
+    assert bagging(3, max_rounds=5).max_rounds == 0
+    assert single_model(max_rounds=5).max_rounds == 0
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # one round
+def test_validation_fraction_holds_out_that_share_of_the_points(monkeypatch):
+    captured = spy_on_fit_weighted(monkeypatch, KMeansGenerators)
+    CompetitiveMixture(
+        3, generator="kmeans", validation_fraction=0.2, max_rounds=1, dtype="float64",
+        random_state=0,
+    ).fit(blobs(300)[0])  # fmt: skip
+    assert [x.shape[0] for x, _ in captured] == [240, 240]  # pre-training and round 1
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # one round
+def test_a_discriminator_fit_normalises_its_ratio_over_the_training_points():
+    X = blobs(300)[0]
+    model = CompetitiveMixture(
+        3, assignment="discriminator", n_layers=2, hidden_features=8, pretrain_epochs=1,
+        max_epochs=1, max_rounds=1, batch_size=128, discriminator_hidden=16,
+        discriminator_batch_size=128, dtype="float64", random_state=0,
+    ).fit(X)  # fmt: skip
+    # mean_i (1 - D_k) / D_k / Z_k = 1 over the points the discriminators trained on
+    np.testing.assert_allclose(np.exp(model.log_ratio(X)).mean(0), 1.0, rtol=1e-9)
+
+
+def test_a_point_tied_between_its_owner_and_another_component_keeps_its_owner(monkeypatch):
+    calls = []
+
+    def scores(self, u):  # round 0: component 2 wins everything; later 1 and 2 tie
+        calls.append(1)
+        s = torch.zeros(u.shape[0], 3, dtype=u.dtype)
+        s[:, 2] = 1.0
+        if len(calls) > 1:
+            s[:, 1] = 1.0
+        return s
+
+    monkeypatch.setattr(CompetitiveMixture, "_likelihood_scores", scores)
+    model = CompetitiveMixture(
+        3, generator="kmeans", max_rounds=3, dtype="float64", random_state=0
+    ).fit(blobs(60)[0])
+    assert model.history_["n_changed"] == [0] and model.converged_
+    assert (model.labels_ == 2).all()

@@ -197,3 +197,13 @@ def test_pyro_elbo_of_frozen_model():
     vm = make_model(2).requires_grad_(False).eval()  # eval: pyro.module warns otherwise
     x = blobs(12)
     assert abs((pyro_elbo(vm, x) - vm.elbo(x).mean()).item()) < 1e-5
+
+
+def test_flow_component_samples_in_the_users_units():
+    flows = ComponentFlows(n_features=2, n_components=3, n_layers=2, hidden_features=8)
+    standardizer = Standardizer(2).fit(3.0 * torch.randn(50, 2) + 5.0)
+    components = torch.tensor([2, 0, 0, 1, 2])
+    torch.manual_seed(3)
+    drawn = FlowComponent(flows, components, standardizer).sample()
+    torch.manual_seed(3)
+    torch.testing.assert_close(drawn, standardizer.inverse(flows.sample_components(components)))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import math
 import os
 import signal
@@ -17,7 +18,7 @@ from torch import nn
 
 from competitive import CompetitiveMixture
 from vmonf import VMoNF
-from vmonf.checkpoint import CheckpointError, load_checkpoint
+from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vmonf.resume import (
     KIND,
     Checkpointer,
@@ -130,8 +131,12 @@ def test_checkpoint_is_written_atomically_and_a_failed_write_keeps_the_old_file(
     checkpointer.write(progress={"step": 1})
     before = path.read_bytes()
 
+    real_save = torch.save
+
     def torn_save(obj, handle, *args, **kwargs):
-        handle.write(b"half a file")
+        if isinstance(handle, io.BytesIO):  # the content is serialised in memory first
+            return real_save(obj, handle, *args, **kwargs)
+        handle.write(b"half a file")  # then the write to disk breaks halfway
         raise OSError("disk full")
 
     monkeypatch.setattr(torch, "save", torn_save)
@@ -375,3 +380,23 @@ def test_rng_states_round_trip_cpu_and_cuda(monkeypatch):
     monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
     set_rng_state(rng_state())
     assert len(restored) == 1 and torch.equal(restored[0][0], torch.ones(4, dtype=torch.uint8))
+
+
+def test_checkpoints_are_synced_before_the_rename_and_readable_by_others(tmp_path, monkeypatch):
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(fd):
+        events.append("fsync")
+        real_fsync(fd)
+
+    def replace(source, target):
+        events.append("replace")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    monkeypatch.setattr(os, "replace", replace)
+    path = save_checkpoint({"step": 1}, tmp_path / "model.pt", "K")
+    assert events == ["fsync", "replace", "fsync"]  # the file's data, then the folder entry
+    assert path.stat().st_mode & 0o777 == 0o644
+    assert load_checkpoint(path, "K") == {"step": 1}

@@ -12,7 +12,7 @@ from torch import nn
 
 import vmonf.training
 from vmonf.packing import pack_parameters
-from vmonf.training import NonFiniteLossError, TrainConfig, train
+from vmonf.training import NonFiniteLossError, TrainConfig, _cosine_factor, train
 
 
 def quadratic_problem():
@@ -268,3 +268,107 @@ def test_progress_bars_show_in_a_terminal_or_notebook_never_in_a_log(monkeypatch
     monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
     train(module, objective, data, config, generator=torch.Generator().manual_seed(0))
     assert "fitting" in capsys.readouterr().err
+
+
+def scalar_problem(target: float = 10.0):
+    """(w - target)^2 for one scalar w starting at 0; 8 points, so one step per epoch
+    at batch_size=8."""
+    module = nn.Module()
+    module.w = nn.Parameter(torch.zeros(1))
+    data = (torch.zeros(8, 1),)
+
+    def objective(batch, step):
+        return ((module.w - target) ** 2).sum() + 0.0 * batch[0].sum()
+
+    return module, objective, data
+
+
+def test_cosine_schedule_runs_from_the_rate_down_to_the_floor():
+    assert _cosine_factor(0, 10, 0.05) == pytest.approx(1.0)
+    assert _cosine_factor(5, 10, 0.05) == pytest.approx(0.525)
+    assert _cosine_factor(10, 10, 0.05) == pytest.approx(0.05)
+    assert _cosine_factor(99, 10, 0.05) == pytest.approx(0.05)
+
+
+def test_cosine_schedule_starts_afresh_at_start_step():
+    module, objective, data = scalar_problem()
+    config = TrainConfig(max_epochs=4, batch_size=8, learning_rate=0.1, lr_floor=0.05)
+    result = train(module, objective, data, config, generator=torch.Generator(), start_step=1000)
+    expected = [0.1 * _cosine_factor(step, 4, 0.05) for step in range(4)]
+    assert result.history["lr"] == pytest.approx(expected, rel=1e-12)
+
+
+def test_a_non_finite_step_halves_the_rate_and_restarts_adam():
+    module, objective, data = scalar_problem()
+    trace = []
+
+    def faulty(batch, step):
+        trace.append(float(module.w.detach()))
+        loss = objective(batch, step) * (100.0 if step == 0 else 1.0)  # a big first gradient
+        return loss * math.nan if step == 1 else loss
+
+    config = TrainConfig(
+        max_epochs=3, batch_size=8, learning_rate=0.1, lr_schedule="constant", grad_clip=None
+    )
+    with pytest.warns(RuntimeWarning, match="halved"):
+        result = train(module, faulty, data, config, generator=torch.Generator())
+    assert result.n_bad_steps == 1
+    assert result.history["lr"] == pytest.approx([0.1, 0.1, 0.05])
+    assert trace[:3] == pytest.approx([0.0, 0.1, 0.0])  # NaN at step 1: back to the start
+    # A fresh Adam's first step moves w by the (halved) rate, whatever the old moments.
+    assert float(module.w.detach()) == pytest.approx(0.05, rel=1e-6)
+
+
+def test_max_bad_steps_non_finite_steps_are_tolerated_then_it_stops():
+    module, objective, data = scalar_problem()
+    config = TrainConfig(max_epochs=20, batch_size=8, max_bad_steps=4)
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError) as info:
+        train(module, lambda b, s: objective(b, s) * math.nan, data, config,
+              generator=torch.Generator())  # fmt: skip
+    assert info.value.result.n_bad_steps == 5
+
+
+def validated_run(values, nan_from=None, patience=2, max_bad_steps=10):
+    """One step per epoch; epoch e's validation loss is values[e] (then the last value);
+    losses are NaN from step ``nan_from`` on. Returns the module, the result (None if
+    training gave up) and the weights at the end of each epoch."""
+    module, objective, data = scalar_problem()
+    n_validations, snapshots = [0], []
+
+    def validation_objective(batch, step):
+        n_validations[0] += 1
+        return torch.tensor(values[min(n_validations[0], len(values)) - 1])
+
+    def loss(batch, step):
+        value = objective(batch, step)
+        return value * math.nan if nan_from is not None and step >= nan_from else value
+
+    config = TrainConfig(
+        max_epochs=30, batch_size=8, learning_rate=0.1, patience=patience,
+        max_bad_steps=max_bad_steps,
+    )  # fmt: skip
+    try:
+        result = train(
+            module, loss, data, config, generator=torch.Generator(), validation=data,
+            validation_objective=validation_objective,
+            on_epoch_end=lambda e, s, h: snapshots.append(module.w.detach().clone()),
+        )  # fmt: skip
+    except NonFiniteLossError:
+        result = None
+    return module, result, snapshots
+
+
+def test_early_stopping_needs_a_strictly_better_validation_loss():
+    module, result, snapshots = validated_run([1.0, 0.0, 0.0, 0.0, 0.0, 0.0])
+    assert result.stop_reason == "early_stopping" and result.n_epochs == 4
+    torch.testing.assert_close(module.w.detach(), snapshots[1])  # the first of the tied epochs
+
+
+def test_giving_up_on_non_finite_losses_keeps_the_best_validated_weights():
+    # Best validation at epoch 1, worse at epochs 2 and 3, NaN from step 4 on.
+    with pytest.warns(RuntimeWarning):
+        module, result, snapshots = validated_run(
+            [1.0, 0.0, 2.0, 3.0], nan_from=4, patience=100, max_bad_steps=2
+        )
+    assert result is None
+    torch.testing.assert_close(module.w.detach(), snapshots[1])
