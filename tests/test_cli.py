@@ -263,3 +263,45 @@ def test_vmonf_never_imports_competitive_unless_a_command_needs_it():
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "nope" in done.stderr
+
+
+# --------------------------------------------------------------- cli (C2, C4)
+
+
+class _Stop(BaseException):
+    pass
+
+
+def _capture(monkeypatch, target, name):
+    seen = {}
+
+    class Fake:
+        def __init__(self, *args, **kwargs):
+            seen.update(kwargs)
+
+        def get_params(self):
+            return {}
+
+        def fit(self, *args, **kwargs):
+            raise _Stop
+
+    monkeypatch.setattr(target, name, Fake)
+    return seen
+
+
+def test_fit_passes_lr_to_the_estimator(monkeypatch, tmp_path):
+    seen = _capture(monkeypatch, cli, "VMoNF")
+    with pytest.raises(_Stop):
+        cli.main(["fit", "moons", "--lr", "0.0123", "--quiet", "--no-animation",
+                  "--out", str(tmp_path)])  # fmt: skip
+    assert seen["learning_rate"] == 0.0123
+
+
+def test_compete_passes_pretrain_epochs_to_the_estimator(monkeypatch, tmp_path):
+    import competitive
+
+    seen = _capture(monkeypatch, competitive, "CompetitiveMixture")
+    with pytest.raises(_Stop):
+        cli.main(["compete", "moons", "--pretrain-epochs", "3", "--quiet",
+                  "--out", str(tmp_path)])  # fmt: skip
+    assert seen["pretrain_epochs"] == 3

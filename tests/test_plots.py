@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import matplotlib.axes
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 from scipy.stats import multivariate_normal
 
+from vmonf import plots
 from vmonf.plots import (
     animate_assignments,
     animate_density,
@@ -225,3 +227,39 @@ def test_training_curves_clip_a_huge_first_epoch_and_pair_validation(tmp_path):
     path = plot_training_curves(history, tmp_path / "t.png")
     with Image.open(path) as image:
         assert image.size[0] > image.size[1]  # two panels side by side: loss (+val), lr
+
+
+# --------------------------------------------------------------- plots (L1, L2, L3)
+
+
+def test_density_grid_value_at_each_node_is_the_density_there():
+    bounds = (-3.0, 3.0, -2.0, 2.0)
+    xx, yy, dens = plots.density_grid(lambda p: p[:, 0] + 2.0 * p[:, 1], bounds, resolution=7)
+    np.testing.assert_allclose(dens, np.exp(xx + 2.0 * yy))
+
+
+@pytest.fixture
+def imshow_vmax(monkeypatch):
+    seen = []
+    original = matplotlib.axes.Axes.imshow
+
+    def spy(self, *args, **kwargs):
+        seen.append(kwargs.get("vmax"))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy)
+    return seen
+
+
+def test_density_comparison_shares_one_colour_scale(tmp_path, imshow_vmax):
+    bounds = (-1.0, 1.0, -1.0, 1.0)
+    plots.plot_density_comparison(
+        lambda p: np.full(len(p), np.log(5.0)), lambda p: np.zeros(len(p)), bounds,
+        tmp_path / "d.png", resolution=5,
+    )  # fmt: skip
+    assert imshow_vmax == [pytest.approx(5.0)] * 2  # the truth's peak, on both panels
+
+
+def test_animate_density_uses_the_given_vmax(tmp_path, imshow_vmax):
+    plots.animate_density([np.ones((4, 4))], (0.0, 1.0, 0.0, 1.0), tmp_path / "a.gif", vmax=3.0)
+    assert imshow_vmax == [3.0]
