@@ -10,10 +10,11 @@ import numpy as np
 import pytest
 from scipy.special import logsumexp
 from scipy.stats import norm
+from sklearn.datasets import make_moons
 
 from vmonf import datasets
 from vmonf.datasets.gaussians import skewed_gmm_means, skewed_gmm_variance
-from vmonf.datasets.moons import moons_log_density, moons_n_nodes
+from vmonf.datasets.moons import moons_arcs, moons_log_density, moons_n_nodes
 
 # (toy name, parameters, minimum accuracy of predict on own samples)
 CASES = {
@@ -382,3 +383,33 @@ def test_bad_sample_and_entropy_arguments():
         toy.sample(10, seed="a")
     with pytest.raises(ValueError, match="n must be >= 2"):
         toy.entropy(n=1)
+
+
+def test_moons_arcs_are_scikit_learns():
+    """The density and the sampler share moons_arcs: only an outside reference pins it."""
+    X, y = make_moons(n_samples=200, noise=0.0, shuffle=False)
+    t = np.linspace(0.0, np.pi, 100)
+    arcs = moons_arcs(t)
+    np.testing.assert_allclose(arcs[0], X[y == 0], atol=1e-12)
+    np.testing.assert_allclose(arcs[1], X[y == 1], atol=1e-12)
+
+
+def test_eight_gaussians_means_sit_at_angles_2pi_k_over_8():
+    toy = datasets.toy("eight_gaussians", radius=3.0)
+    angles = 2 * np.pi * np.arange(8) / 8
+    np.testing.assert_allclose(toy.means, 3.0 * np.column_stack([np.cos(angles), np.sin(angles)]),
+                               atol=1e-12)  # fmt: skip
+    # and class k is the one around mean k
+    X = toy.means + 0.01
+    np.testing.assert_array_equal(toy.predict(X), np.arange(8))
+
+
+def test_pinwheel_with_many_windings_sums_every_preimage():
+    """rate 8: the circle map winds several times per branch; all levels count."""
+    toy = datasets.toy("pinwheel", rate=8.0, n_classes=3)
+    X, _ = toy.sample(6, seed=3)
+    log_joint = toy.log_joint(X)
+    reference = np.array([brute_force_pinwheel(toy, x, n_grid=2**20)[0] for x in X])
+    relevant = reference > -30
+    assert relevant.sum() >= 6
+    np.testing.assert_allclose(log_joint[relevant], reference[relevant], rtol=0, atol=1e-3)

@@ -15,6 +15,14 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
 
 from vmonf import VMoNF
+from vmonf._validation import (
+    MAX_SEED,
+    check_betas,
+    check_bool,
+    check_integer_labels,
+    check_positive_int,
+    check_seed,
+)
 from vmonf.base import NotFittedError
 from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vmonf.mixture import MixtureOfFlows
@@ -530,3 +538,64 @@ def test_marginal_responsibility_weights_use_the_exact_posterior(monkeypatch):
     params = dict(objective="marginal", weights="responsibilities", random_state=0)
     VMoNF(3, **params, **FAST).fit(X, partial)
     assert checked
+
+
+# Smaller than FAST: these tests need a fitted model, not a good one.
+SMALL = dict(max_epochs=2, n_layers=2, hidden_features=8, init_steps=5,
+             posterior_hidden=(8,), batch_size=64, random_state=0)  # fmt: skip
+
+
+def test_fit_leaves_the_callers_global_torch_rng_alone():
+    torch.manual_seed(123)
+    expected = torch.rand(5)
+    torch.manual_seed(123)
+    VMoNF(2, **SMALL).fit(blobs(200)[0])
+    torch.testing.assert_close(torch.rand(5), expected, rtol=0, atol=0)
+
+
+def test_saved_device_is_where_it_computes_when_auto_would_move_it(tmp_path, monkeypatch):
+    model = VMoNF(2, device="cpu", **SMALL).fit(blobs(200)[0])
+    model.set_params(device="auto")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)  # auto would mean cuda
+    payload = load_checkpoint(model.save(tmp_path / "m.pt"), "VMoNF")
+    assert payload["params"]["device"] == "cpu"
+
+
+def test_n_components_equal_to_n_samples_is_allowed():
+    X = blobs(6)[0]
+    VMoNF(6, **SMALL).fit(X)  # no error
+    with pytest.raises(ValueError, match="larger than the number"):
+        VMoNF(7, **SMALL).fit(X)
+
+
+def test_validation_fraction_one_half_is_refused():
+    with pytest.raises(ValueError, match=r"validation_fraction must be < 0\.5"):
+        VMoNF(2, validation_fraction=0.5, **SMALL).fit(blobs(200)[0])
+
+
+def test_float32_model_refuses_values_beyond_its_arithmetic():
+    model = VMoNF(2, dtype="float32", **SMALL).fit(blobs(200)[0])
+    with pytest.raises(ValueError, match="standard deviations"):
+        model.score_samples(np.array([[1e20, 0.0]]))
+
+
+def test_labels_must_be_below_n_components():
+    X = blobs(30)[0]
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 2\)"):
+        VMoNF(2, **SMALL).fit(X, np.full(30, 2))
+
+
+def test_validation_boundaries():
+    assert check_seed(MAX_SEED) == MAX_SEED
+    with pytest.raises(ValueError):
+        check_seed(MAX_SEED + 1)
+    with pytest.raises(TypeError, match="must be an integer"):
+        check_positive_int(True, "n")
+    with pytest.raises(ValueError, match="two numbers in"):
+        check_betas((0.9, 1.0), "adam_betas")
+    assert check_betas((0.0, 0.999), "adam_betas") == (0.0, 0.999)
+    with pytest.raises(TypeError, match="True or False"):
+        check_bool(2, "compile")
+    assert check_bool(1, "compile") is True
+    with pytest.raises(ValueError, match="int64 range"):
+        check_integer_labels(np.full(3, -1e30))

@@ -400,3 +400,27 @@ def test_checkpoints_are_synced_before_the_rename_and_readable_by_others(tmp_pat
     assert events == ["fsync", "replace", "fsync"]  # the file's data, then the folder entry
     assert path.stat().st_mode & 0o777 == 0o644
     assert load_checkpoint(path, "K") == {"step": 1}
+
+
+def test_checkpoint_is_due_after_exactly_every_steps(tmp_path):
+    cp = Checkpointer(tmp_path / "s.pt", "id", every_steps=5, every_seconds=None)
+    assert not cp.due(4)
+    assert cp.due(5)
+
+
+def test_replaying_a_finished_stage_restores_the_global_rng(tmp_path):
+    path = tmp_path / "s.pt"
+    cp = Checkpointer(path, "id", every_steps=None, every_seconds=None)
+    stage = cp.open_stage()
+    torch.manual_seed(1)
+    torch.rand(3)
+    stage.finish({"n": 1}, nn.Linear(2, 2), torch.Generator().manual_seed(0))
+    expected = torch.get_rng_state()
+    resumed = Checkpointer(path, "id", resume=True)
+    torch.manual_seed(99)
+    assert resumed.open_stage().replay(nn.Linear(2, 2), torch.Generator()) == {"n": 1}
+    assert torch.equal(torch.get_rng_state(), expected)
+
+
+def test_fingerprint_tells_shapes_apart():
+    assert fingerprint(np.zeros((2, 3)), settings={}) != fingerprint(np.zeros((3, 2)), settings={})
