@@ -33,6 +33,7 @@ from vmonf.image_transforms import (
     check_images,
     checkerboard_order,
     dequantize,
+    dequantize_by_content,
     quantize,
 )
 from vmonf.images import ImageMixture
@@ -499,3 +500,54 @@ def test_the_mnist_pickle_reader_accepts_arrays_and_refuses_code():
 
     with pytest.raises(pickle.UnpicklingError, match=r"refusing builtins\.print"):
         image_data._ArraysOnlyUnpickler(io.BytesIO(pickle.dumps(Payload()))).load()
+
+
+def test_digits_split_is_1347_train_450_test():
+    assert len(image_data.images("digits", "train")[1]) == 1347
+    assert len(image_data.images("digits", "test")[1]) == 450
+
+
+def test_transform_state_round_trip_keeps_the_checkerboard_order():
+    X, _ = image_data.images("digits", "train")
+    v = dequantize(X.reshape(len(X), -1), 17, np.random.default_rng(0))
+    t = ImageTransform(17, image_shape=(8, 8)).fit(v)
+    back = ImageTransform.from_state(t.get_state())
+    np.testing.assert_array_equal(back.forward(v)[0], t.forward(v)[0])
+
+
+def test_pca_variances_are_the_maximum_likelihood_ones():
+    X, _ = image_data.images("digits", "train")
+    v = dequantize(X.reshape(len(X), -1), 17, np.random.default_rng(0))
+    t = ImageTransform(17, pca_components=4).fit(v)
+    s = 0.05 + 0.9 * v
+    y = np.log(s) - np.log1p(-s)
+    coords = (y - y.mean(axis=0)) @ t.components_
+    np.testing.assert_allclose(t.variances_[:10], coords.var(axis=0)[:10], rtol=1e-10)
+
+
+def test_dequantize_by_content_depends_on_the_seed():
+    levels = np.arange(12).reshape(2, 6)
+    a, b = dequantize_by_content(levels, 17, 0), dequantize_by_content(levels, 17, 1)
+    assert not np.allclose(a, b)
+    np.testing.assert_array_equal(a, dequantize_by_content(levels, 17, 0))
+
+
+@pytest.fixture(scope="module")
+def small_lenet():
+    X, y = image_data.images("digits", "train")
+    model = im.train_lenet(X, y, 17, epochs=3)
+    return im.FeatureNet(model, "digits", 17, (8, 8), 10, "x", 0.0), X, y
+
+
+def test_feature_net_scales_pixels_as_training_did(small_lenet):
+    net, X, _ = small_lenet
+    x = torch.as_tensor(X, dtype=torch.float32).reshape(-1, 1, 8, 8) / 16.0
+    with torch.no_grad():
+        expected = net.model.features(x).double().numpy()
+    np.testing.assert_allclose(net.features(X), expected, rtol=1e-6, atol=1e-6)
+
+
+def test_label_histogram_has_every_class_even_when_unseen(small_lenet):
+    net, X, y = small_lenet
+    hist = im.label_histogram(X[y == 0][:5], net)
+    assert hist.shape == (10,) and hist.sum() == 5

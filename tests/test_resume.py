@@ -16,6 +16,7 @@ import pytest
 import torch
 from torch import nn
 
+import vmonf.resume as resume_module
 from competitive import CompetitiveMixture
 from vmonf import VMoNF
 from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
@@ -424,3 +425,19 @@ def test_replaying_a_finished_stage_restores_the_global_rng(tmp_path):
 
 def test_fingerprint_tells_shapes_apart():
     assert fingerprint(np.zeros((2, 3)), settings={}) != fingerprint(np.zeros((3, 2)), settings={})
+
+
+def test_checkpoints_come_every_checkpoint_every_steps(tmp_path, monkeypatch):
+    writes = []
+    real = resume_module.save_checkpoint
+
+    def counted(*args, **kwargs):
+        writes.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(resume_module, "save_checkpoint", counted)
+    params = {**VMONF, "n_components": 2, "max_epochs": 8, "init_steps": 5}
+    VMoNF(**params, checkpoint=tmp_path / "s.pt", checkpoint_every=10, checkpoint_seconds=None).fit(
+        blobs(320)  # 5 batches of 64 per epoch: 40 steps
+    )
+    assert len(writes) <= 12, len(writes)
