@@ -620,14 +620,20 @@ def test_a_starved_component_trains_on_its_best_points_during_the_rounds():
     assert centres[1, 0] == pytest.approx(best.mean(), abs=1e-9)
 
 
+# One short round of discriminator assignment (the settings, not the result, are tested).
+ONE_DISCRIMINATOR_ROUND = dict(
+    assignment="discriminator", n_layers=2, hidden_features=8, pretrain_epochs=1, max_epochs=1,
+    max_rounds=1, batch_size=128, discriminator_hidden=16, discriminator_batch_size=128,
+    dtype="float64", random_state=0,
+)  # fmt: skip
+
+
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # one round
 @pytest.mark.parametrize("keep", [False, True])
 def test_keep_discriminators_reuses_one_set_else_trains_fresh_ones(keep):
     seen = []  # the objects themselves: ids of freed modules could be reused
     CompetitiveMixture(
-        3, assignment="discriminator", keep_discriminators=keep, n_layers=2, hidden_features=8,
-        pretrain_epochs=1, max_epochs=1, max_rounds=1, batch_size=128, discriminator_hidden=16,
-        discriminator_batch_size=128, dtype="float64", random_state=0,
+        3, keep_discriminators=keep, **ONE_DISCRIMINATOR_ROUND,
         callback=lambda model, r: seen.append(model.model_.discriminators),
     ).fit(blobs(300)[0])  # fmt: skip
     assert len(seen) == 2
@@ -681,11 +687,7 @@ def test_validation_fraction_holds_out_that_share_of_the_points(monkeypatch):
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # one round
 def test_a_discriminator_fit_normalises_its_ratio_over_the_training_points():
     X = blobs(300)[0]
-    model = CompetitiveMixture(
-        3, assignment="discriminator", n_layers=2, hidden_features=8, pretrain_epochs=1,
-        max_epochs=1, max_rounds=1, batch_size=128, discriminator_hidden=16,
-        discriminator_batch_size=128, dtype="float64", random_state=0,
-    ).fit(X)  # fmt: skip
+    model = CompetitiveMixture(3, **ONE_DISCRIMINATOR_ROUND).fit(X)
     # mean_i (1 - D_k) / D_k / Z_k = 1 over the points the discriminators trained on
     np.testing.assert_allclose(np.exp(model.log_ratio(X)).mean(0), 1.0, rtol=1e-9)
 

@@ -541,8 +541,7 @@ def test_marginal_responsibility_weights_use_the_exact_posterior(monkeypatch):
 
 
 # Smaller than FAST: these tests need a fitted model, not a good one.
-SMALL = dict(max_epochs=2, n_layers=2, hidden_features=8, init_steps=5,
-             posterior_hidden=(8,), batch_size=64, random_state=0)  # fmt: skip
+SMALL = {**FAST, "max_epochs": 2, "hidden_features": 8, "init_steps": 5, "random_state": 0}
 
 
 def test_fit_leaves_the_callers_global_torch_rng_alone():
