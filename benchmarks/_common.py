@@ -28,6 +28,11 @@ def machine() -> dict[str, Any]:
     }
 
 
+def summary(doc: str | None) -> str:
+    """A module docstring's first paragraph on one line (for ``--help``)."""
+    return " ".join((doc or "").split("\n\n")[0].split())
+
+
 def _init_worker() -> None:
     torch.set_num_threads(1)
 

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from _common import run_parallel, write_results
+from _common import run_parallel, summary, write_results
 
 from competitive import CompetitiveMixture, bagging, single_model
 from vmonf import datasets, metrics
@@ -205,7 +205,7 @@ PAPER_COLUMNS = ("kVAEs", "bag", "VAE-150")
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("suite", choices=["flows", "discriminator", "vae", "all"])
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=2)

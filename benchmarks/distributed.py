@@ -22,7 +22,7 @@ import time
 from pathlib import Path
 
 import torch
-from _common import machine, write_results
+from _common import machine, summary, write_results
 
 import vmonf.training as training
 from vmonf import VMoNF, datasets
@@ -67,7 +67,7 @@ def worker(out: Path, epochs: int, batch_size: int, n_points: int) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--nproc", type=int, nargs="+", default=[1, 2])
     parser.add_argument("--epochs", type=int, default=30)
     parser.add_argument("--batch-size", type=int, default=512)

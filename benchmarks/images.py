@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from _common import run_parallel, write_results
+from _common import run_parallel, summary, write_results
 from sklearn.cluster import KMeans
 from sklearn.mixture import GaussianMixture
 
@@ -312,7 +312,7 @@ def _classes(text: str | None) -> list[int] | None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("suite", choices=["digits", "cluster", "compete"])
     parser.add_argument("--seeds", type=int, default=None)
     parser.add_argument("--jobs", type=int, default=2)

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from _common import run_parallel, write_results
+from _common import run_parallel, summary, write_results
 from sklearn.mixture import GaussianMixture
 
 from vmonf import VMoNF, datasets
@@ -165,7 +165,7 @@ def table(cases: list[Case], results: list[dict[str, Any]]) -> str:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("suite", choices=["single-flow", "vmonf"])
     parser.add_argument("--seeds", type=int, default=5)
     parser.add_argument("--jobs", type=int, default=2)

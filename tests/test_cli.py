@@ -305,3 +305,21 @@ def test_compete_passes_pretrain_epochs_to_the_estimator(monkeypatch, tmp_path):
         cli.main(["compete", "moons", "--pretrain-epochs", "3", "--quiet",
                   "--out", str(tmp_path)])  # fmt: skip
     assert seen["pretrain_epochs"] == 3
+
+
+def test_training_figure_labels_loss_and_time_units(tmp_path, monkeypatch):
+    X = np.random.default_rng(0).normal(size=(50, 2))
+    model = VMoNF(2, max_epochs=1, n_layers=2, hidden_features=8, init_steps=5).fit(X)
+    seen: dict[str, object] = {}
+    real = reporting.plots.plot_training_curves
+
+    def spy(history, path, **options):
+        seen.update(options)
+        return real(history, path, **options)
+
+    monkeypatch.setattr(reporting.plots, "plot_training_curves", spy)
+    reporting.write_figures(
+        model, None, X, np.zeros(50, int), tmp_path, reporting.plot_bounds(X), labelled=False,
+        history={"loss": [1.0], "lr": [1e-3], "temperature": [1.0]},
+    )  # fmt: skip
+    assert seen["units"] == {"loss": "nats per point"}  # only the keys the history has

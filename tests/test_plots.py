@@ -263,3 +263,14 @@ def test_density_comparison_shares_one_colour_scale(tmp_path, imshow_vmax):
 def test_animate_density_uses_the_given_vmax(tmp_path, imshow_vmax):
     plots.animate_density([np.ones((4, 4))], (0.0, 1.0, 0.0, 1.0), tmp_path / "a.gif", vmax=3.0)
     assert imshow_vmax == [3.0]
+
+
+def test_training_curves_label_the_units_given(tmp_path, monkeypatch):
+    labels: list[str] = []
+    record = lambda ax, label, *args, **kwargs: labels.append(label)  # noqa: E731
+    monkeypatch.setattr(matplotlib.axes.Axes, "set_ylabel", record)
+    history = {"loss": [1.0, 0.5], "val_loss": [1.1, 0.6], "lr": [1e-3, 1e-3], "time": [1, 2]}
+    plot_training_curves(history, tmp_path / "t.png", units={"loss": "nats", "time": "s"})
+    assert labels == ["nats", "s"]  # val_loss shares the loss panel; lr has no unit
+    with pytest.raises(ValueError, match=r"units names keys not in history: \['temp'\]"):
+        plot_training_curves(history, tmp_path / "x.png", units={"temp": "K"})

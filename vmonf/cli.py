@@ -744,7 +744,7 @@ def run_compete(args: argparse.Namespace) -> int:
         ("KL(truth || model)", f"{num('kl_to_truth')} ± {num('kl_to_truth_stderr')}  nats"),
         (
             "KDE protocol score",
-            f"{num('kde_score')}  (perfect generator {num('kde_perfect_generator')})",
+            f"{num('kde_score')}  nats  (perfect generator {num('kde_perfect_generator')})",
         ),
         ("ARI", num("ari")),
         ("clustering accuracy", f"{num('clustering_accuracy')}  (Hungarian matching)"),

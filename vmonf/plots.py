@@ -380,6 +380,7 @@ def plot_training_curves(
     path: PathLike,
     *,
     log_scale: Sequence[str] = (),
+    units: Mapping[str, str] | None = None,
     title: str | None = None,
     dpi: int = 100,
 ) -> Path:
@@ -387,7 +388,8 @@ def plot_training_curves(
 
     Each value is a sequence of numbers, or of rows (n, K) drawn as K lines (e.g. a
     competitive fit's per-component ``share``); NaN/inf are drawn as gaps. Keys named
-    in ``log_scale`` get a logarithmic y axis.
+    in ``log_scale`` get a logarithmic y axis; ``units`` labels a key's y axis
+    (e.g. ``{"loss": "nats", "time": "s"}``).
     """
     if not isinstance(history, Mapping):
         raise TypeError(
@@ -406,9 +408,11 @@ def plot_training_curves(
         if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
             raise TypeError(f"history[{key!r}] must hold numbers, got dtype {arr.dtype}")
         series.append((str(key), arr.astype(np.float64)))
-    unknown = set(log_scale) - set(history)
-    if unknown:
-        raise ValueError(f"log_scale names keys not in history: {sorted(unknown)}")
+    units = {} if units is None else dict(units)
+    for option, keys in (("log_scale", log_scale), ("units", units)):
+        unknown = set(keys) - set(history)
+        if unknown:
+            raise ValueError(f"{option} names keys not in history: {sorted(unknown)}")
     out = check_output_file(path)
     dpi = check_positive_int(dpi, "dpi")
     # "val_loss" is drawn on the "loss" panel, so the two can be compared.
@@ -432,6 +436,8 @@ def plot_training_curves(
             ax.legend(fontsize="small")
         ax.set_title(name + _clip_to_bulk(ax, np.concatenate([a for _, a in curves])))
         ax.set_xlabel("epoch")
+        if name in units:
+            ax.set_ylabel(units[name])
         if name in log_scale:
             ax.set_yscale("log")
         ax.grid(alpha=0.3)

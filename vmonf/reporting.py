@@ -45,6 +45,8 @@ __all__ = [
 ]
 
 Bounds = tuple[float, float, float, float]
+# y-axis labels of training.png: the loss is per point (nats), the time cumulative.
+_HISTORY_UNITS = {"loss": "nats per point", "time": "seconds since the start"}
 
 
 class Toy(Protocol):
@@ -304,7 +306,8 @@ def write_figures(
         )
     )
     if history:
-        written.append(plots.plot_training_curves(history, out / "training.png"))
+        units = {key: unit for key, unit in _HISTORY_UNITS.items() if key in history}
+        written.append(plots.plot_training_curves(history, out / "training.png", units=units))
     if recorder is not None and recorder.frames:
         vmax = max(float(recorder.frames[-1].max()), 1e-12)
         if toy is not None:
