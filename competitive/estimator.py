@@ -38,7 +38,7 @@ from vmonf.base import MixtureEstimator
 from vmonf.distributed import gather_rows
 from vmonf.mixture import draw_components, generator_on
 from vmonf.resume import Checkpointer
-from vmonf.training import NonFiniteLossError, TrainConfig
+from vmonf.training import FitClock, NonFiniteLossError, TrainConfig
 
 __all__ = ["ASSIGNMENTS", "GENERATORS", "INITS", "CompetitiveMixture", "CompetitiveModel"]
 
@@ -126,7 +126,8 @@ class CompetitiveMixture(MixtureEstimator):
             instead of fresh ones.
         max_epochs: generator epochs per round (the paper: 10).
         max_time: wall-clock budget of the whole fit in seconds (None = no limit; as
-            :class:`vmonf.VMoNF`, without a process's one-off optimiser import).
+            :class:`vmonf.VMoNF`, without a process's one-off optimiser import and
+            the ``callback``'s time).
         batch_size, learning_rate, adam_betas, weight_decay, lr_schedule: generator
             optimiser (Adam; ``"constant"`` or ``"cosine"``, restarted every round).
         validation_fraction: share of points held out (not trained on) to monitor
@@ -135,15 +136,17 @@ class CompetitiveMixture(MixtureEstimator):
             checkpoint_every, checkpoint_seconds: as :class:`vmonf.VMoNF`
             (``fit(X, resume=True)``); ``compile`` applies to the generators' training.
         callback: ``callback(estimator, round)`` after every round (round 0 = after
-            pre-training); inside it the public methods use the current model.
+            pre-training); inside it the public methods use the current model. Its
+            time is not counted against ``max_time`` (it is part of ``fit_time_``).
 
     Fitted attributes: ``weights_`` (K,), ``labels_`` ((N,), the owner of each row of X;
     held-out rows get the final assignment rule's choice, -1 where no rule was
     trained), ``history_`` (per round: ``share`` (K,), ``n_changed``,
     ``val_score`` (with ``validation_fraction`` > 0: held-out mean log p(x), nats; an
     ELBO bound for VAEs),
-    ``round_time`` and ``time`` (s)), ``n_iter_`` (rounds), ``converged_``,
-    ``pretrain_time_`` (s), ``fit_time_`` (s, with the time before a resume),
+    ``round_time`` and ``time`` (s, training only: the callback's time left out)),
+    ``n_iter_`` (rounds), ``converged_``, ``pretrain_time_`` (s),
+    ``fit_time_`` (s, wall time, with the time before a resume),
     ``n_features_in_``.
     """
 
@@ -511,16 +514,11 @@ class CompetitiveMixture(MixtureEstimator):
         counts.scatter_add_(1, draws, torch.ones_like(draws, dtype=self._torch_dtype))
         return counts.T
 
-    def _remaining(self, started: float) -> float | None:
-        if self.max_time is None:
-            return None
-        return max(self.max_time - (time.perf_counter() - started), 1e-3)
-
     def _assignment_scores(
         self,
         x: Tensor,
         generator: torch.Generator,
-        started: float,
+        clock: FitClock,
         checkpointer: Checkpointer | None,
     ) -> Tensor:
         """Train the discriminators if needed, then the (N, K) likelihood estimates of the
@@ -538,7 +536,7 @@ class CompetitiveMixture(MixtureEstimator):
                 model.discriminators,
                 x,
                 fake,
-                self._discriminator_config(self._remaining(started)),
+                self._discriminator_config(clock.remaining(self.max_time)),
                 generator,
                 checkpointer,
             )
@@ -552,15 +550,16 @@ class CompetitiveMixture(MixtureEstimator):
         with torch.no_grad(), self._seeded(0):  # a VAE's bound: the same noise each round
             return float(_by_chunks(self._bound, x_val).mean())
 
-    def _notify(self, round_: int) -> None:
+    def _notify(self, round_: int, clock: FitClock) -> None:
         if self.callback is not None:
-            self.callback(self, round_)
+            with clock.excluding():
+                self.callback(self, round_)
             self.model_.eval()
 
     def _fit(
         self, x: Tensor, y: Tensor, generator: torch.Generator, checkpointer: Checkpointer | None
     ) -> None:
-        started = time.perf_counter()
+        clock = FitClock()  # max_time's clock: the callback's time is left out
         train_idx, val_idx = self._split(x.shape[0], generator)
         x_train = x[train_idx]
         x_val = None if val_idx is None else x[val_idx]
@@ -579,7 +578,7 @@ class CompetitiveMixture(MixtureEstimator):
         progress = _Progress(owners=init.argmax(1))
         try:
             self._rounds(x_train, x_val, init, minimum, history, generator, checkpointer,
-                         started, progress)  # fmt: skip
+                         clock, progress)  # fmt: skip
         except NonFiniteLossError:
             progress.converged = False
             self._set_fitted(progress, x_train, train_idx, x_val, val_idx, history)
@@ -636,7 +635,7 @@ class CompetitiveMixture(MixtureEstimator):
         history: dict[str, list[Any]],
         generator: torch.Generator,
         checkpointer: Checkpointer | None,
-        started: float,
+        clock: FitClock,
         progress: _Progress,
     ) -> None:
         """Pre-training, then rounds of training and re-assignment. Keeps ``progress``
@@ -646,31 +645,31 @@ class CompetitiveMixture(MixtureEstimator):
         gens.fit_weighted(
             x_train,
             init,
-            self._generator_config(self.pretrain_epochs, self._remaining(started)),
+            self._generator_config(self.pretrain_epochs, clock.remaining(self.max_time)),
             generator,
             checkpointer,
             compile=self.compile,
         )
-        self.pretrain_time_ = time.perf_counter() - started
+        self.pretrain_time_ = clock.elapsed()
         if self.max_rounds > 0:
-            scores = self._assignment_scores(x_train, generator, started, checkpointer)
+            scores = self._assignment_scores(x_train, generator, clock, checkpointer)
             owners = hard_assign(scores + self._assignment_prior())
             progress.owners, progress.assigned = owners, True
             model.log_weights.copy_(mixing_weights(owners, k, minimum).log())
-            self._notify(0)
+            self._notify(0, clock)
             for _ in range(self.max_rounds):
-                if self.max_time is not None and time.perf_counter() - started > self.max_time:
+                if self.max_time is not None and clock.elapsed() > self.max_time:
                     break
                 round_started = time.perf_counter()
                 gens.fit_weighted(
                     x_train,
                     training_weights(owners, scores, minimum),
-                    self._generator_config(self.max_epochs, self._remaining(started)),
+                    self._generator_config(self.max_epochs, clock.remaining(self.max_time)),
                     generator,
                     checkpointer,
                     compile=self.compile,
                 )
-                scores = self._assignment_scores(x_train, generator, started, checkpointer)
+                scores = self._assignment_scores(x_train, generator, clock, checkpointer)
                 new = hard_assign(scores + self._assignment_prior(), previous=owners)
                 changed = int((new != owners).sum())
                 owners = new
@@ -683,8 +682,8 @@ class CompetitiveMixture(MixtureEstimator):
                 if x_val is not None:
                     history["val_score"].append(self._held_out_score(x_val))
                 history["round_time"].append(time.perf_counter() - round_started)
-                history["time"].append(time.perf_counter() - started)
-                self._notify(progress.n_rounds)
+                history["time"].append(clock.elapsed())
+                self._notify(progress.n_rounds, clock)
                 if changed <= self.tol * x_train.shape[0]:
                     progress.converged = True
                     break

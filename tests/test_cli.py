@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -112,6 +113,17 @@ def test_animation_is_written(tmp_path, capsys):
     assert f"{tmp_path}/ also holds training.gif from an earlier run" in capsys.readouterr().err
     (tmp_path / "metrics.json").write_text('{"files": null}')  # someone else's: no matter
     assert main(["fit", "moons", *TINY, "--out", str(tmp_path)]) == 0
+
+
+def test_fit_time_leaves_out_the_animation_frames_drawn_during_the_fit(tmp_path, monkeypatch):
+    clock = iter(range(10**6))  # every frame takes exactly 1 "second" on this clock
+    monkeypatch.setattr(reporting, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
+    monkeypatch.setattr(reporting, "write_figures", lambda *args, **kwargs: [])  # not needed
+    assert main(["fit", "moons", *BASE, "--out", str(tmp_path)]) == 0
+    metrics = _report(tmp_path)["metrics"]
+    assert metrics["recording_time"] == 2.0  # epochs 1 and 2; not the final model's frame
+    fit_time = VMoNF.load(tmp_path / "model.pt").fit_time_  # the fit's wall time
+    assert metrics["fit_time"] == pytest.approx(fit_time - 2.0, abs=1e-12)
 
 
 @pytest.mark.parametrize(

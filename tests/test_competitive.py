@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -15,6 +17,7 @@ from sklearn.cluster import KMeans
 from sklearn.metrics import adjusted_rand_score
 from torch.distributions import Normal, kl_divergence
 
+import competitive.estimator
 from competitive import (
     CompetitiveMixture,
     Discriminators,
@@ -29,6 +32,7 @@ from competitive.assignment import hard_assign, min_count, mixing_weights, train
 from competitive.discriminators import fit_discriminators, log_ratio_normaliser
 from competitive.generators import _gaussian_log_prob
 from competitive.studies import StudySettings
+from vmonf import cli, training
 from vmonf.checkpoint import load_checkpoint, save_checkpoint
 from vmonf.cli import main
 from vmonf.training import NonFiniteLossError, TrainConfig
@@ -404,6 +408,25 @@ def test_a_fit_failing_mid_rounds_keeps_the_last_assignment():
     np.testing.assert_array_equal(np.bincount(model.labels_, minlength=2), shares["round 1"])
 
 
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")
+def test_the_callbacks_time_is_not_counted_against_max_time(monkeypatch):
+    now = [0.0]  # a clock that only the callback moves, 100 "seconds" per round
+    fake_time = SimpleNamespace(perf_counter=lambda: now[0])
+    monkeypatch.setattr(training, "time", fake_time)
+    monkeypatch.setattr(competitive.estimator, "time", fake_time)
+
+    def slow_callback(estimator: CompetitiveMixture, round_: int) -> None:
+        now[0] += 100.0
+
+    X, _ = blobs(300)
+    model = CompetitiveMixture(
+        3, **FAST, max_time=50.0, callback=slow_callback, random_state=0
+    ).fit(X)
+    assert model.n_iter_ >= 1  # not stopped by round 0's callback
+    assert model.history_["time"] == [0.0] * model.n_iter_
+    assert model.pretrain_time_ == 0.0
+
+
 def test_labels_follow_the_rows_of_X_with_a_validation_split():
     X, y = blobs(400)
     model = CompetitiveMixture(3, **FAST, generator="kmeans", init="kmeans",
@@ -443,7 +466,9 @@ def test_bad_input_and_labels():
 # --------------------------------------------------------------------------- the command
 
 
-def test_compete_command_writes_metrics_checkpoint_and_figures(tmp_path):
+def test_compete_command_writes_metrics_checkpoint_and_figures(tmp_path, monkeypatch):
+    clock = itertools.count()  # each call of the round recorder takes 1 "second"
+    monkeypatch.setattr(cli, "time", SimpleNamespace(perf_counter=lambda: next(clock)))
     out = tmp_path / "run"
     argv = [
         "compete", "skewed_gmm", "--toy-param", "n_modes=3", "--n-train", "600",
@@ -457,7 +482,12 @@ def test_compete_command_writes_metrics_checkpoint_and_figures(tmp_path):
     assert len(report["history"]["share"]) == report["fitted"]["n_rounds"]
     for name in ("model.pt", "assignments.png", "samples.png", "shares.png"):
         assert (out / name).is_file(), name
-    assert CompetitiveMixture.load(out / "model.pt").n_components == 3
+    fitted = CompetitiveMixture.load(out / "model.pt")
+    assert fitted.n_components == 3
+    # Recording the assignments (after pre-training and each round) is not fit time.
+    assert report["metrics"]["recording_time"] == report["fitted"]["n_rounds"] + 1
+    fit_time = report["metrics"]["fit_time"]
+    assert fit_time == pytest.approx(fitted.fit_time_ - report["metrics"]["recording_time"])
 
 
 def test_the_command_prints_warnings_as_one_line_each(tmp_path, capsys):

@@ -6,12 +6,14 @@ import os
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+import vmonf.distributed as distributed
 from vmonf.checkpoint import load_checkpoint
 from vmonf.distributed import ShardedBatches, gather_rows, rank_and_size, shard_range
 
@@ -41,6 +43,64 @@ def test_sharding_helpers_in_one_process():
     assert sorted(seen) == list(range(10)) and batches.global_size == 2
     x = torch.arange(12.0).reshape(6, 2)
     torch.testing.assert_close(gather_rows(lambda t: t * 2, x), x * 2)
+
+
+class _ThreadRanks:
+    """torch.distributed as gather_rows sees it, with one thread per rank: all_gather
+    meets at a barrier, as the ranks of a process group meet in the collective."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self.local = threading.local()
+        self.barrier = threading.Barrier(size, timeout=30)
+        self.sent: dict[int, torch.Tensor] = {}
+
+    def is_available(self) -> bool:
+        return True
+
+    def is_initialized(self) -> bool:
+        return True
+
+    def get_rank(self) -> int:
+        return self.local.rank
+
+    def get_world_size(self) -> int:
+        return self.size
+
+    def all_gather(self, parts: list[torch.Tensor], tensor: torch.Tensor) -> None:
+        self.sent[self.local.rank] = tensor.clone()
+        self.barrier.wait()
+        for r, part in enumerate(parts):
+            part.copy_(self.sent[r])
+        self.barrier.wait()  # every rank has copied before the next collective
+
+
+@pytest.mark.parametrize("n", [10, 11, 2])  # shards 4+3+3, 4+4+3, 1+1+0
+def test_gather_rows_with_three_uneven_shards_returns_every_row_in_order(monkeypatch, n):
+    group = _ThreadRanks(3)
+    monkeypatch.setattr(distributed, "dist", group)
+    x = torch.arange(3.0 * n).reshape(n, 3) ** 1.5
+    seen: dict[int, list[float]] = {}
+    results: dict[int, torch.Tensor] = {}
+
+    def fn(rows: torch.Tensor) -> torch.Tensor:
+        seen[group.local.rank] = rows[:, 0].tolist()
+        return torch.stack([rows.sum(1), rows[:, 0] - rows[:, 2]], 1)  # (rows, 2)
+
+    def rank(r: int) -> None:
+        group.local.rank = r
+        results[r] = gather_rows(fn, x)
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    expected = torch.stack([x.sum(1), x[:, 0] - x[:, 2]], 1)
+    for r in range(3):
+        torch.testing.assert_close(results[r], expected, rtol=0, atol=0, msg=f"rank {r}")
+        start, stop = shard_range(n, r, 3)
+        assert seen[r] == x[start:stop, 0].tolist()  # each rank computed only its own rows
 
 
 @pytest.mark.parametrize(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 import warnings
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -14,7 +15,7 @@ from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
 
-from vmonf import VMoNF
+from vmonf import VMoNF, training
 from vmonf._validation import (
     MAX_SEED,
     check_betas,
@@ -251,6 +252,20 @@ def test_the_one_off_optimizer_warm_up_is_outside_max_time(monkeypatch):
     model = VMoNF(2, random_state=0, **settings).fit(X)
     assert model.fit_time_ < 0.9 + 0.5
     assert model.n_iter_ == 3
+
+
+def test_the_callbacks_time_is_not_counted_against_max_time(monkeypatch):
+    now = [0.0]  # a clock that only the callback moves, 100 "seconds" per epoch
+    monkeypatch.setattr(training, "time", SimpleNamespace(perf_counter=lambda: now[0]))
+
+    def slow_callback(estimator: VMoNF, epoch: int) -> None:
+        now[0] += 100.0
+
+    X, _ = blobs(300)
+    settings = {**FAST, "max_epochs": 3, "max_time": 50.0, "init_steps": 10}
+    model = VMoNF(2, random_state=0, callback=slow_callback, **settings).fit(X)
+    assert model.n_iter_ == 3  # not stopped after the first epoch's callback
+    assert model.history_["time"] == [0.0, 0.0, 0.0]  # training time, callbacks left out
 
 
 def test_responsibility_weights_use_q_for_unlabelled_points_under_the_elbo():

@@ -12,6 +12,7 @@ import io
 import math
 import pickle
 import struct
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -551,3 +552,66 @@ def test_label_histogram_has_every_class_even_when_unseen(small_lenet):
     net, X, y = small_lenet
     hist = im.label_histogram(X[y == 0][:5], net)
     assert hist.shape == (10,) and hist.sum() == 5
+
+
+def test_lenet_cache_is_kept_per_number_of_epochs(cache, monkeypatch):
+    trained = []
+    real = im.train_lenet
+
+    def quick(X, y, n_levels, *, epochs):  # 64 images: the cache is under test, not LeNet
+        trained.append(epochs)
+        return real(X[:64], y[:64], n_levels, epochs=epochs)
+
+    monkeypatch.setattr(im, "train_lenet", quick)
+    one = im.lenet("digits", epochs=1)
+    two = im.lenet("digits", epochs=2)  # not the 1-epoch network from the cache
+    assert two.sha256 != one.sha256
+    assert im.lenet("digits", epochs=1).sha256 == one.sha256  # each from its own file
+    assert im.lenet("digits", epochs=2).sha256 == two.sha256
+    assert trained == [1, 2]
+
+
+def test_train_lenet_depends_on_its_seed_not_the_global_rng():
+    X, y = image_data.images("digits", "train", classes=[3, 4])
+    torch.manual_seed(1)
+    a = im.train_lenet(X[:64], y[:64], 17, epochs=1, seed=3)
+    torch.manual_seed(2)
+    state = torch.get_rng_state()
+    b = im.train_lenet(X[:64], y[:64], 17, epochs=1, seed=3)
+    assert im._weights_hash(a) == im._weights_hash(b)
+    assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
+
+
+def test_a_keras_layout_cache_is_read_as_it_is(tmp_path, monkeypatch):
+    source = {f"{part}_{kind}": np.zeros(2, np.int64) for part in ("train", "test")
+              for kind in ("x", "y")}  # fmt: skip
+    monkeypatch.setitem(image_data._SOURCES, "fake", (lambda: source, True, 2))
+    monkeypatch.setenv("VMONF_DATA", str(tmp_path))
+    keras = {"x_train": np.full(2, 1), "y_train": np.full(2, 2),
+             "x_test": np.full(2, 3), "y_test": np.full(2, 4)}  # fmt: skip
+    np.savez(tmp_path / "fake.npz", **keras)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # read, not rebuilt from the source
+        arrays = image_data._arrays.__wrapped__("fake")
+    assert {key: int(a[0]) for key, a in arrays.items()} == {
+        "train_x": 1, "train_y": 2, "test_x": 3, "test_y": 4
+    }  # fmt: skip
+
+
+@pytest.mark.parametrize(("zero", "dtype_code"), [(0, 0x0D), (1, 0x08)])  # floats; bad magic
+def test_idx_files_other_than_unsigned_bytes_are_refused(tmp_path, zero, dtype_code):
+    path = tmp_path / "x-idx1-ubyte"
+    path.write_bytes(struct.pack(">HBBI", zero, dtype_code, 1, 2) + np.ones(2, ">f4").tobytes())
+    with pytest.raises(ValueError, match="not an IDX file of unsigned bytes"):
+        image_data._read_idx(path)
+
+
+def test_cache_dir_is_vmonf_data_then_xdg_cache_home_then_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.setenv("VMONF_DATA", str(tmp_path / "data"))
+    assert image_data.cache_dir() == tmp_path / "data"
+    monkeypatch.delenv("VMONF_DATA")
+    assert image_data.cache_dir() == tmp_path / "xdg" / "vmonf"
+    monkeypatch.setenv("XDG_CACHE_HOME", "")  # empty: unset, as the XDG spec says
+    assert image_data.cache_dir() == tmp_path / "home" / ".cache" / "vmonf"

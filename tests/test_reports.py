@@ -4,6 +4,8 @@ they use, checked cell by cell on synthetic results (float64)."""
 from __future__ import annotations
 
 import argparse
+import functools
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
@@ -141,6 +143,132 @@ def test_study_settings_n_test_overrides_the_case():
     case = studies.FULL_CASES[0]
     assert studies.StudySettings(n_test=7).scaled(case).n_test == 7
     assert studies.StudySettings().scaled(case).n_test == case.n_test
+
+
+class _Clock:
+    """A stand-in for time.perf_counter that moves only when a fake fit or tracker works."""
+
+    def __init__(self):
+        self.now = 100.0
+
+    def perf_counter(self):
+        return self.now
+
+
+# Held-out mean log-likelihood of each run: the run each number came from is recognisable.
+_LOG_LIKELIHOOD = {"competitive (exact)": -1.0, "competitive (discriminator)": -2.0,
+                   "uniform exact": -3.0, "uniform discriminator": -4.0}  # fmt: skip
+
+
+class _StudyModel:
+    """Any model of run_study: a fit takes 2 s of the clock plus its callback's tracking."""
+
+    def __init__(self, clock, name):
+        self.clock, self.name, self.callback, self.fitted_on = clock, name, None, None
+
+    def set_params(self, **params):
+        self.callback = params["callback"]
+        return self
+
+    def fit(self, X, y=None):
+        self.fitted_on = X
+        self.clock.now += 2.0
+        for round_ in range(3):
+            if self.callback is not None:
+                self.callback(self, round_)
+        self.history_ = {"n_changed": [4, 0]}
+        return self
+
+    def score_samples(self, X):
+        return np.full(len(X), _LOG_LIKELIHOOD.get(self.name, -9.0))
+
+    def score(self, X):
+        return float(self.score_samples(X).mean())
+
+    def predict(self, X):
+        return (np.asarray(X)[:, 0] > 0.5).astype(int)
+
+    def predict_proba(self, X):  # no exact posterior: evaluate_on_toy reports NaN
+        return np.eye(2)[self.predict(X)]
+
+
+class _StudyTracker:
+    """RoundTracker as run_study uses it: each round's tracking takes 0.5 s of the clock."""
+
+    def __init__(self, X_eval, true_log_prob, clock):
+        self.X_eval, self.clock = X_eval, clock
+        self.seconds, self.history, self.owners = 0.0, {"round": []}, []
+
+    def __call__(self, estimator, round_):
+        self.clock.now += 0.5
+        self.seconds += 0.5
+        self.history["round"].append(round_)
+
+
+@pytest.fixture
+def fake_study(monkeypatch):
+    """run_study with instant stand-ins for the fits, the tracker and the comparisons;
+    returns (run, held-out sets passed to the comparisons, their training sets)."""
+    clock = _Clock()
+    monkeypatch.setattr(studies, "time", SimpleNamespace(perf_counter=clock.perf_counter))
+    monkeypatch.setattr(
+        studies, "_builders",
+        lambda case, k, seed, settings: {n: functools.partial(_StudyModel, clock, n)
+                                         for n in studies.METHODS},
+    )  # fmt: skip
+    monkeypatch.setattr(
+        studies, "_competitive",
+        lambda case, k, seed, settings, init="kmeans", assignment="exact": _StudyModel(
+            clock, f"{init} {assignment}"
+        ),
+    )  # fmt: skip
+    monkeypatch.setattr(studies, "RoundTracker", functools.partial(_StudyTracker, clock=clock))
+    train, test = [], []
+
+    def compare(model, X, X_test, **kwargs):
+        train.append(X)
+        test.append(X_test)
+        stats = SimpleNamespace(summary=dict, as_dict=dict)
+        return SimpleNamespace(stats={"truth": stats}, estimate=SimpleNamespace(train_time=0.0))
+
+    monkeypatch.setattr(studies, "compare_with_exact", compare)
+    case = studies.Case("moons", "moons", n_train=300, n_test=300)  # same sizes: see below
+
+    def run(seed):
+        return studies.run_study(case, seed, studies.StudySettings(n_test=300))
+
+    return run, test, train
+
+
+def _rows(X):
+    return {tuple(row) for row in np.asarray(X).tolist()}
+
+
+def test_study_held_out_points_are_no_seeds_training_points(fake_study):
+    run, test, train = fake_study
+    for seed in range(3):
+        run(seed)
+    for i, X_test in enumerate(test):
+        assert X_test.shape == (300, 2)
+        for X in train:  # this seed's training set and every other seed's
+            assert not _rows(X_test) & _rows(X), f"test set of run {i} is training data"
+
+
+def test_study_fit_time_leaves_out_the_round_trackers_time(fake_study):
+    run, _, _ = fake_study
+    methods = run(0)["methods"]
+    assert methods["competitive (discriminator)"]["fit_time"] == 2.0  # 3.5 s, 1.5 s tracking
+    assert methods["competitive (exact)"]["fit_time"] == 2.0  # untracked, as every other
+
+
+def test_study_rounds_table_takes_each_exact_score_from_its_own_run(fake_study):
+    run, _, _ = fake_study
+    rounds = run(0)["rounds"]
+    assert rounds["kmeans"]["log_likelihood_exact"] == -1.0  # competitive (exact)
+    assert rounds["kmeans"]["log_likelihood_discriminator"] == -2.0
+    assert rounds["uniform"]["log_likelihood_exact"] == -3.0  # its own uniform exact run
+    assert rounds["uniform"]["log_likelihood_discriminator"] == -4.0
+    assert rounds["kmeans"]["history"]["round"] == [0, 1, 2]
 
 
 # --------------------------------------------------------------- reporting (P3, P4, P5)

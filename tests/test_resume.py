@@ -383,6 +383,22 @@ def test_rng_states_round_trip_cpu_and_cuda(monkeypatch):
     assert len(restored) == 1 and torch.equal(restored[0][0], torch.ones(4, dtype=torch.uint8))
 
 
+def test_training_states_keep_the_cuda_rngs_once_cuda_is_in_use(tmp_path, monkeypatch):
+    # No GPU here: CUDA's RNG calls are faked, as in the round trip above.
+    cuda_states = [torch.full((4,), 7, dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: cuda_states)
+    path = tmp_path / "s.pt"
+    stage = Checkpointer(path, "id", every_steps=None, every_seconds=None).open_stage()
+    stage.save(3, {"loop": {"step": 3}}, torch.device("cpu"))  # the stage in progress
+    assert torch.equal(load_checkpoint(path, KIND)["progress"]["rng"]["cuda"][0], cuda_states[0])
+    stage.finish({"n": 1}, nn.Linear(2, 2), torch.Generator())  # ... and when it is finished
+    restored = []
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    Checkpointer(path, "id", resume=True).open_stage().replay(nn.Linear(2, 2), torch.Generator())
+    assert len(restored) == 1 and torch.equal(restored[0][0], cuda_states[0])
+
+
 def test_checkpoints_are_synced_before_the_rename_and_readable_by_others(tmp_path, monkeypatch):
     events = []
     real_fsync, real_replace = os.fsync, os.replace

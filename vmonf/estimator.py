@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import math
 import os
-import time
 import warnings
 from collections.abc import Callable
 from numbers import Integral
@@ -31,7 +30,14 @@ from vmonf.model import VariationalMixture
 from vmonf.objectives import marginal_nll
 from vmonf.posterior import PosteriorNet, TemperatureSchedule
 from vmonf.resume import Checkpointer
-from vmonf.training import NonFiniteLossError, TrainConfig, TrainResult, evaluate, train
+from vmonf.training import (
+    FitClock,
+    NonFiniteLossError,
+    TrainConfig,
+    TrainResult,
+    evaluate,
+    train,
+)
 
 __all__ = ["VMoNF"]
 
@@ -98,9 +104,9 @@ class VMoNF(MixtureEstimator):
             step), floored at ``min_temperature``) for q's softmax.
         alpha: weight of the labelled cross-entropy.
         max_epochs, max_time, batch_size, learning_rate, weight_decay, lr_schedule:
-            optimisation (``max_time``: seconds per restart, pre-training included;
-            None = no limit; a process's first fit also pays a one-off 1-3 s import
-            of torch's optimiser code, outside the budget).
+            optimisation (``max_time``: seconds per restart, pre-training included,
+            the ``callback`` not counted; None = no limit; a process's first fit also
+            pays a one-off 1-3 s import of torch's optimiser code, outside the budget).
         validation_fraction: share of points held out (unlabelled ones first; labelled
             ones only when those run short, and never every label of a class) to monitor
             the exact NLL
@@ -126,7 +132,8 @@ class VMoNF(MixtureEstimator):
             continues from it (see :mod:`vmonf.resume`).
         callback: ``callback(estimator, epoch)`` after every training epoch; inside
             it the estimator's public methods (``score_samples``, ``predict``...) use
-            the model being trained (e.g. to record animation frames).
+            the model being trained (e.g. to record animation frames). Its time is
+            not counted against ``max_time`` (it is part of ``fit_time_``).
 
     Fitted attributes: ``weights_`` (K,), ``history_`` (per-epoch lists),
     ``n_iter_`` (epochs), ``n_features_in_``, ``labels_`` ((N,), the most probable
@@ -379,7 +386,7 @@ class VMoNF(MixtureEstimator):
     ) -> _Fit:
         """Pre-train (optionally) and train ``model``; the ELBOs are on ``val`` if given,
         else on ``x``."""
-        started = time.perf_counter()
+        clock = FitClock()  # max_time's clock: the callback's time is left out
 
         def negative_bound(batch: tuple[Tensor, ...], _: int) -> Tensor:
             return -model.elbo(batch[0], top_k=self.elbo_top_k).mean()
@@ -414,8 +421,9 @@ class VMoNF(MixtureEstimator):
                 return loss.mean()
 
             pretrained = train(
-                model, pretrain, (xi, yi), config, generator=generator, checkpointer=checkpointer
-            )
+                model, pretrain, (xi, yi), config, generator=generator,
+                checkpointer=checkpointer, clock=clock,
+            )  # fmt: skip
             step = pretrained.n_steps
             planned = config.max_epochs * steps_per_epoch
             if pretrained.stop_reason == "max_time" and step < planned:
@@ -455,19 +463,17 @@ class VMoNF(MixtureEstimator):
                     model.mixture.update_weights(self._mean_responsibility(model, x, y))
             if self.callback is not None:
                 self.model_ = model
-                self.callback(self, epoch)
+                with clock.excluding():
+                    self.callback(self, epoch)
 
         validation = (
             None if val is None else (val, torch.full_like(val[:, 0], -1, dtype=torch.long))
-        )
-        remaining = (
-            None if self.max_time is None else self.max_time - (time.perf_counter() - started)
         )
         result = train(
             model,
             objective,
             (x, y),
-            self._train_config(max_time=None if remaining is None else max(remaining, 1e-3)),
+            self._train_config(max_time=clock.remaining(self.max_time)),
             generator=generator,
             validation=validation,
             validation_objective=lambda batch, _: marginal_nll(
@@ -476,6 +482,7 @@ class VMoNF(MixtureEstimator):
             on_epoch_end=on_epoch_end,
             start_step=step,
             checkpointer=checkpointer,
+            clock=clock,
         )
         temperatures = result.history.get("temperature") or [temperature(main_start)]
         kept = -1  # the last epoch's weights, or with patience the best epoch's (restored)

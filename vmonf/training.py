@@ -46,6 +46,7 @@ from vmonf.packing import pack_parameters
 from vmonf.resume import Checkpointer, set_rng_state
 
 __all__ = [
+    "FitClock",
     "NonFiniteLossError",
     "ShardedBatches",
     "TrainConfig",
@@ -137,6 +138,37 @@ class TrainResult:
 def _can_show_progress() -> bool:
     """A terminal, or a Jupyter kernel (tqdm.auto draws a widget there); not a log file."""
     return sys.stderr.isatty() or "ipykernel" in sys.modules
+
+
+class FitClock:
+    """The clock of a fit's ``max_time``: wall time less the time spent in the
+    :meth:`excluding` blocks, so that a user's callback (recording frames, tracking
+    rounds) does not take training time away. Pass it to :func:`train` as ``clock``."""
+
+    def __init__(self) -> None:
+        self._excluded = 0.0
+        self._started = time.perf_counter()
+
+    def __call__(self) -> float:
+        """Seconds on this clock (an arbitrary origin, like ``time.perf_counter``)."""
+        return time.perf_counter() - self._excluded
+
+    def elapsed(self) -> float:
+        """Seconds counted since the clock was made."""
+        return self() - self._started
+
+    def remaining(self, budget: float | None) -> float | None:
+        """What is left of ``budget`` seconds (at least 1 ms; None = no budget)."""
+        return None if budget is None else max(budget - self.elapsed(), 1e-3)
+
+    @contextmanager
+    def excluding(self) -> Iterator[None]:
+        """Time inside this block is not counted."""
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._excluded += time.perf_counter() - started
 
 
 @functools.cache
@@ -260,6 +292,7 @@ def train(
     sampler: Callable[[int, int, torch.Generator], ShardedBatches] = ShardedBatches,
     start_step: int = 0,
     checkpointer: Checkpointer | None = None,
+    clock: Callable[[], float] | None = None,
 ) -> TrainResult:
     """Minimise ``objective`` over ``data`` with Adam; returns the history.
 
@@ -280,6 +313,8 @@ def train(
         start_step: global step offset, e.g. for temperature schedules across stages.
         checkpointer: periodic training-state checkpoints (:mod:`vmonf.resume`); a
             stage it finished before is replayed, one it was in is continued.
+        clock: seconds for ``max_time`` and the history's ``time`` (default
+            ``time.perf_counter``; a :class:`FitClock` leaves callbacks out).
 
     The trained parameters (those that require grad) are first packed into one buffer
     (:func:`vmonf.packing.pack_parameters`): each stays the same Parameter object, now a
@@ -337,10 +372,11 @@ def train(
     if stage is not None and stage.progress is not None:
         best = _resume(stage.progress, module, optimizer, good, state, result)
         stage.last_saved_step = state.step
-    started = time.perf_counter() - state.elapsed
+    clock = clock or time.perf_counter
+    started = clock() - state.elapsed
 
     def snapshot() -> dict[str, object]:
-        state.elapsed = time.perf_counter() - started
+        state.elapsed = clock() - started
         return {
             "loop": dict(vars(state)),
             "result": _result_fields(result),
@@ -428,13 +464,13 @@ def train(
             if stage is not None and stage.due(state.step, device):
                 stage.save(state.step, snapshot(), device)
             if config.max_time is not None and any_rank(
-                time.perf_counter() - started > config.max_time, device
+                clock() - started > config.max_time, device
             ):
                 out_of_time = True
                 break
         state.batch = 0
         result.n_epochs = epoch + 1
-        elapsed = time.perf_counter() - started
+        elapsed = clock() - started
         seen = state.epoch_seen
         result.history["loss"].append(state.epoch_total / seen if seen else math.nan)
         result.history["lr"].append(optimizer.param_groups[0]["lr"])
@@ -460,8 +496,7 @@ def train(
         if seen:
             state.good_due = True
         if out_of_time or (  # the time now: validation and callbacks took some too
-            config.max_time is not None
-            and any_rank(time.perf_counter() - started > config.max_time, device)
+            config.max_time is not None and any_rank(clock() - started > config.max_time, device)
         ):
             result.stop_reason = "max_time"
             break
