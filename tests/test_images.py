@@ -613,5 +613,6 @@ def test_cache_dir_is_vmonf_data_then_xdg_cache_home_then_home(tmp_path, monkeyp
     assert image_data.cache_dir() == tmp_path / "data"
     monkeypatch.delenv("VMONF_DATA")
     assert image_data.cache_dir() == tmp_path / "xdg" / "vmonf"
-    monkeypatch.setenv("XDG_CACHE_HOME", "")  # empty: unset, as the XDG spec says
-    assert image_data.cache_dir() == tmp_path / "home" / ".cache" / "vmonf"
+    for ignored in ("", "relative/cache"):  # empty or relative: unset, as the XDG spec says
+        monkeypatch.setenv("XDG_CACHE_HOME", ignored)
+        assert image_data.cache_dir() == tmp_path / "home" / ".cache" / "vmonf"

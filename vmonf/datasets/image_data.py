@@ -60,11 +60,12 @@ class DatasetUnavailableError(FileNotFoundError):
 
 def cache_dir() -> Path:
     """Folder of cached ``.npz`` files: ``$VMONF_DATA``, ``$XDG_CACHE_HOME/vmonf`` or
-    ``~/.cache/vmonf`` (created on demand)."""
+    ``~/.cache/vmonf`` (created on demand). A relative ``$XDG_CACHE_HOME`` is ignored,
+    as the XDG spec says."""
     if os.environ.get("VMONF_DATA"):
         return Path(os.environ["VMONF_DATA"])
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base) / "vmonf"
+    xdg = Path(os.environ.get("XDG_CACHE_HOME") or ".")
+    return (xdg if xdg.is_absolute() else Path.home() / ".cache") / "vmonf"
 
 
 def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
