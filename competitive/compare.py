@@ -137,6 +137,8 @@ def _settings(
     if settings is not None:
         if not isinstance(settings, CompetitiveMixture):
             raise TypeError(f"settings must be a CompetitiveMixture, got {type(settings).__name__}")
+        settings._validate_common()  # errors name the settings' own parameters
+        settings._validate_params()
         return settings
     if isinstance(estimator, CompetitiveMixture):
         return estimator

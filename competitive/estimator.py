@@ -34,11 +34,11 @@ from vmonf._validation import (
     check_positive_float,
     check_positive_int,
 )
-from vmonf.base import MixtureEstimator
+from vmonf.base import DIVERGENCE_MARGIN, MixtureEstimator, divergence_floor
 from vmonf.distributed import gather_rows
 from vmonf.mixture import draw_components, generator_on
 from vmonf.resume import Checkpointer
-from vmonf.training import FitClock, NonFiniteLossError, TrainConfig
+from vmonf.training import MAX_BATCH, FitClock, NonFiniteLossError, TrainConfig
 
 __all__ = ["ASSIGNMENTS", "GENERATORS", "INITS", "CompetitiveMixture", "CompetitiveModel"]
 
@@ -61,6 +61,7 @@ class _Progress:
     assigned: bool = False  # owners come from an assignment (else from ``init``)
     n_rounds: int = 0
     converged: bool = False
+    out_of_time: bool = False  # max_time stopped the rounds
 
 
 class CompetitiveModel(nn.Module):
@@ -145,7 +146,9 @@ class CompetitiveMixture(MixtureEstimator):
     ``val_score`` (with ``validation_fraction`` > 0: held-out mean log p(x), nats; an
     ELBO bound for VAEs),
     ``round_time`` and ``time`` (s, training only: the callback's time left out)),
-    ``n_iter_`` (rounds), ``converged_``, ``pretrain_time_`` (s),
+    ``n_iter_`` (rounds), ``converged_`` (False, with a ConvergenceWarning, while
+    assignments still changed, or when the fit diverged: its mean training score more
+    than log K + 1 nats below the untrained model's), ``pretrain_time_`` (s),
     ``fit_time_`` (s, wall time, with the time before a resume),
     ``n_features_in_``.
     """
@@ -281,7 +284,9 @@ class CompetitiveMixture(MixtureEstimator):
                     f"got {share}"
                 )
         check_positive_int(self.discriminator_epochs, "discriminator_epochs")
-        check_positive_int(self.discriminator_batch_size, "discriminator_batch_size")
+        check_positive_int(
+            self.discriminator_batch_size, "discriminator_batch_size", maximum=MAX_BATCH
+        )
         check_positive_float(self.discriminator_learning_rate, "discriminator_learning_rate")
         check_betas(self.discriminator_betas, "discriminator_betas")
         # Architectures and optimiser settings are checked by their constructors.
@@ -570,6 +575,7 @@ class CompetitiveMixture(MixtureEstimator):
         # the assignment; discriminators are built when first trained (round 0), so a
         # fit that fails before never predicts with untrained ones.
         self.model_ = self._build(with_discriminators=False)
+        initial_score = self._held_out_score(x_train)  # the untrained model's, for divergence
         self.pretrain_time_ = math.nan  # set when pre-training ends
         history: dict[str, list[Any]] = {
             "share": [], "n_changed": [], "round_time": [], "time": [],
@@ -584,12 +590,23 @@ class CompetitiveMixture(MixtureEstimator):
             self._set_fitted(progress, x_train, train_idx, x_val, val_idx, history)
             raise  # the generators keep their last good state
         self._set_fitted(progress, x_train, train_idx, x_val, val_idx, history)
-        n_rounds, converged = progress.n_rounds, progress.converged
-        if not converged:
+        final_score = self._held_out_score(x_train)
+        if not final_score >= divergence_floor(initial_score, self.n_components):  # or NaN
+            self.converged_ = False
             warnings.warn(
-                f"CompetitiveMixture: assignments still changed after {n_rounds} round(s) "
-                f"({history['n_changed'][-1] if history['n_changed'] else 'n/a'} points in "
-                "the last); raise max_rounds or tol",
+                "CompetitiveMixture fit diverged: its mean training score (log-likelihood; "
+                f"an ELBO for VAEs) is {initial_score - final_score:.4g} nats per point below "
+                f"the untrained model's, more than log K + {DIVERGENCE_MARGIN:g}; lower "
+                "learning_rate",
+                ConvergenceWarning,
+                stacklevel=3,
+            )
+        elif not progress.converged:
+            last = history["n_changed"][-1] if history["n_changed"] else "n/a"
+            remedy = "raise max_time" if progress.out_of_time else "raise max_rounds or tol"
+            warnings.warn(
+                f"CompetitiveMixture: assignments still changed after {progress.n_rounds} "
+                f"round(s) ({last} points in the last); {remedy}",
                 ConvergenceWarning,
                 stacklevel=3,
             )
@@ -659,6 +676,7 @@ class CompetitiveMixture(MixtureEstimator):
             self._notify(0, clock)
             for _ in range(self.max_rounds):
                 if self.max_time is not None and clock.elapsed() > self.max_time:
+                    progress.out_of_time = True
                     break
                 round_started = time.perf_counter()
                 gens.fit_weighted(

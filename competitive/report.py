@@ -39,6 +39,7 @@ from competitive.studies import (
     StudySettings,
     run_study,
 )
+from vmonf.cli import output_folder
 from vmonf.reporting import as_float, markdown_table, mean_sd, versions, write_json
 
 __all__ = ["DESCRIPTION", "QUICK", "add_arguments", "render", "run"]
@@ -62,6 +63,7 @@ QUICK = StudySettings(
     max_rounds=3,
     figure_points=1024,
 )
+MAX_SEEDS = 1000  # seeds per toy: 7 toys x 1000 seeds is days of fits already
 #: The full report: 3 seeds, 15 s per fit. Discriminators 2-128-128-1, batch 256, Adam
 #: 2e-3 (beta1 0.5), 2 epochs, fresh every round: the paper's 2-500-500-1 with batch 32
 #: took 5-35 s per training here and left no time for a single round within 15 s.
@@ -71,7 +73,7 @@ FULL = StudySettings(discriminator={"hidden": 128, "batch_size": 256, "learning_
 # --------------------------------------------------------------------------- command line
 
 
-def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
+def _positive(kind: Callable[[str], Any], maximum: float = math.inf) -> Callable[[str], Any]:
     def parse(text: str) -> Any:
         try:
             value = kind(text)
@@ -79,6 +81,8 @@ def _positive(kind: Callable[[str], Any]) -> Callable[[str], Any]:
             value = math.nan
         if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
             raise argparse.ArgumentTypeError(f"expected a positive number, got {text!r}")
+        if value > maximum:
+            raise argparse.ArgumentTypeError(f"expected at most {maximum:g}, got {text!r}")
         return value
 
     return parse
@@ -93,7 +97,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="one seed, smaller data, 3 s per fit, small discriminators (< 3 min on 2 cores)",
     )
     parser.add_argument(
-        "--seeds", type=_positive(int), default=None, help="seeds per toy (default: 3; quick: 1)"
+        "--seeds",
+        type=_positive(int, maximum=MAX_SEEDS),
+        default=None,
+        help=f"seeds per toy (default: 3; quick: 1; at most {MAX_SEEDS})",
     )
     parser.add_argument(
         "--budget",
@@ -111,7 +118,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--out",
         metavar="DIR",
-        type=Path,
+        type=output_folder,
         default=None,
         help="output folder (default: runs/report, or runs/report-quick)",
     )

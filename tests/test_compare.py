@@ -122,6 +122,22 @@ def test_compare_with_exact_checks_its_arguments_before_training_anything(true_m
         compare_with_exact(est, X, X_eval[:1])
 
 
+@pytest.mark.parametrize(
+    "setting",
+    [
+        {"discriminator_hidden": 0},
+        {"discriminator_batch_size": 0},
+        {"discriminator_learning_rate": -1.0},
+        {"discriminator_layers": -1},
+    ],
+)
+def test_bad_discriminator_settings_are_named_as_the_user_wrote_them(true_modes, setting):
+    est, X, X_eval = true_modes
+    (name,) = setting
+    with pytest.raises(ValueError, match=f"^{name} must be"):
+        discriminator_estimate(est, X, X_eval, settings=CompetitiveMixture(3, **setting))
+
+
 def test_discriminator_estimate_is_seeded_and_leaves_the_global_rng_alone(true_modes):
     est, X, X_eval = true_modes
     settings = CompetitiveMixture(3, discriminator_hidden=8, discriminator_epochs=1)

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import torch
 from sklearn.cluster import KMeans
+from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
 from torch.distributions import Normal, kl_divergence
 
@@ -323,6 +324,7 @@ def test_baselines_bagging_and_single_model():
     ("params", "error", "match"),
     [
         ({"generator": "gan"}, ValueError, "generator"),
+        ({"callback": "print"}, TypeError, "callback must be callable"),
         ({"assignment": "soft"}, ValueError, "assignment"),
         ({"generator": "vae", "assignment": "exact"}, ValueError, "discriminator"),
         ({"generator": "vae", "assignment": "discriminator", "base_df": 5.0}, ValueError, "VAE"),
@@ -425,6 +427,25 @@ def test_the_callbacks_time_is_not_counted_against_max_time(monkeypatch):
     assert model.n_iter_ >= 1  # not stopped by round 0's callback
     assert model.history_["time"] == [0.0] * model.n_iter_
     assert model.pretrain_time_ == 0.0
+
+
+def test_a_diverged_fit_is_flagged_not_returned_as_converged():
+    X, _ = blobs(200)
+    settings = {**FAST, "learning_rate": 5.0, "batch_size": 16, "max_rounds": 0}
+    with pytest.warns(ConvergenceWarning, match=r"fit diverged: .* nats per point below"):
+        model = CompetitiveMixture(2, **settings, random_state=0).fit(X)
+    assert not model.converged_
+
+
+def test_a_fit_stopped_by_max_time_says_so(monkeypatch):
+    clock = itertools.count(step=10.0)  # 10 "seconds" pass at every look at the clock
+    fake_time = SimpleNamespace(perf_counter=lambda: next(clock))
+    monkeypatch.setattr(training, "time", fake_time)
+    monkeypatch.setattr(competitive.estimator, "time", fake_time)
+    X, _ = blobs(300)
+    with pytest.warns(ConvergenceWarning, match=r"after 0 round\(s\) .*; raise max_time$"):
+        model = CompetitiveMixture(3, **FAST, max_time=5.0, random_state=0).fit(X)
+    assert not model.converged_
 
 
 def test_labels_follow_the_rows_of_X_with_a_validation_split():

@@ -354,6 +354,7 @@ BAD_FIT = [
     (blobs(10)[0], None, {"learning_rate": -1.0}, ValueError, "learning_rate"),
     (blobs(10)[0], None, {"batch_size": 0}, ValueError, "batch_size"),
     (blobs(10)[0], None, {"max_time": 0}, ValueError, "max_time"),
+    (blobs(10)[0], None, {"callback": 5}, TypeError, "callback must be callable"),
     (blobs(10)[0], None, {"objective": "wasserstein"}, ValueError, "objective"),
     (blobs(10)[0], None, {"init": "magic"}, ValueError, "init"),
     (blobs(10)[0], None, {"device": "tpu"}, ValueError, "device"),
@@ -613,3 +614,13 @@ def test_validation_boundaries():
     assert check_bool(1, "compile") is True
     with pytest.raises(ValueError, match="int64 range"):
         check_integer_labels(np.full(3, -1e30))
+
+
+def test_numpy_integer_settings_fit_as_python_ints_and_absurd_ones_are_refused():
+    X, _ = blobs(200)
+    settings = {**FAST, "max_epochs": 1, "batch_size": np.int64(64)}
+    model = VMoNF(2, n_threads=np.int64(1), random_state=0, **settings).fit(X)
+    reference = VMoNF(2, n_threads=1, random_state=0, **{**settings, "batch_size": 64}).fit(X)
+    np.testing.assert_array_equal(model.score_samples(X), reference.score_samples(X))
+    with pytest.raises(ValueError, match=r"n_threads must be <= 1024, got 100000"):
+        VMoNF(2, n_threads=100_000).fit(X)  # torch would crash the process

@@ -251,6 +251,27 @@ def test_student_t_log_density_matches_scipy_and_stays_finite_far_out_in_float32
     torch.testing.assert_close(got.double(), student_t_log_prob(far, 4.0), rtol=1e-6, atol=0)
 
 
+@pytest.mark.parametrize("df", [1e4, 1e6])
+def test_student_t_log_density_keeps_float32_precision_at_large_df(df):
+    # (df + 1) / 2 times log1p(z^2 / df): computed as log hypot, float32's rounding of
+    # 1 + z^2 / df cost about 0.03 nats at df = 1e6.
+    z = torch.tensor([[0.3, -1.0], [2.5, 4.0], [-6.0, 0.01]])
+    expected = torch.as_tensor(scipy.stats.t(df).logpdf(z.double().numpy()).sum(-1))
+    got = student_t_log_prob(z, df).double()
+    torch.testing.assert_close(got, expected, rtol=0, atol=2e-5)
+
+
+def test_student_t_gradient_stays_finite_where_t_squared_overflows():
+    z = torch.tensor([[1e20, 0.5]], requires_grad=True)
+    student_t_log_prob(z, 4.0).sum().backward()
+    assert torch.isfinite(z.grad).all() and z.grad[0, 0] < 0
+
+
+def test_base_df_beyond_the_gaussian_limit_is_refused():
+    with pytest.raises(ValueError, match=r"base_df must be <= 1e\+06, got 1e\+08: .*base_df=None"):
+        ComponentFlows(n_features=2, n_components=1, base_df=1e8)
+
+
 def test_sample_components_draws_from_the_named_flow():
     # Flows that are pure shifts of N(0, I) by +-10 make the source obvious.
     flows = ComponentFlows(n_features=2, n_components=2, n_layers=2, hidden_features=4)

@@ -6,6 +6,7 @@ import math
 import sys
 import types
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -372,3 +373,15 @@ def test_giving_up_on_non_finite_losses_keeps_the_best_validated_weights():
         )
     assert result is None
     torch.testing.assert_close(module.w.detach(), snapshots[1])
+
+
+def test_config_turns_numpy_scalars_into_python_numbers():
+    # A parameter grid built with np.arange hands out numpy scalars; torch refuses them
+    # as split sizes.
+    config = TrainConfig(
+        max_epochs=np.int64(2), batch_size=np.int32(8), learning_rate=np.float32(0.5)
+    )
+    assert (type(config.max_epochs), type(config.batch_size)) == (int, int)
+    assert type(config.learning_rate) is float and config.learning_rate == 0.5
+    with pytest.raises(ValueError, match=r"batch_size must be <= 2147483647"):
+        TrainConfig(batch_size=2**63)

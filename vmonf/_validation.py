@@ -137,12 +137,16 @@ def check_labels(y: object, n_samples: int, n_classes: int, name: str = "y") -> 
     return arr
 
 
-def check_positive_int(value: object, name: str, *, minimum: int = 1) -> int:
-    """Return ``value`` as an int >= ``minimum``."""
+def check_positive_int(
+    value: object, name: str, *, minimum: int = 1, maximum: int | None = None
+) -> int:
+    """Return ``value`` as a Python int >= ``minimum`` (and <= ``maximum``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
     if value < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
+    if maximum is not None and value > maximum:
+        raise ValueError(f"{name} must be <= {maximum}, got {value}")
     return int(value)
 
 

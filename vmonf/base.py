@@ -45,13 +45,22 @@ from vmonf.distributed import broadcast_int, count_ranks, init_from_env
 from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer, fingerprint
 from vmonf.training import (
+    MAX_BATCH,
+    MAX_THREADS,
     NonFiniteLossError,
     fit_threads,
     torch_threads,
     warm_up_optimizer,
 )
 
-__all__ = ["MixtureEstimator", "NotFittedError", "check_loadable_device", "torch_device"]
+__all__ = [
+    "DIVERGENCE_MARGIN",
+    "MixtureEstimator",
+    "NotFittedError",
+    "check_loadable_device",
+    "divergence_floor",
+    "torch_device",
+]
 
 # Rows per no-grad evaluation chunk: K x rows x width activations of a few MiB stay in
 # cache and reuse freed memory; 65536-row chunks scored 2-2.5x slower (K = 5, width 32).
@@ -71,6 +80,16 @@ RESUMABLE_CHANGES = frozenset(
 # user's units (it was standardised), fit_time_ and labels_ saved. 3: VMoNF's
 # history_ losses in the user's units.
 SAVE_FORMAT = 3
+# A fit whose mean training score (ELBO or log-likelihood, nats per point) ends this far
+# below log K under the untrained model's has diverged: an untrained mixture that only
+# sharpens its assignments loses at most log K, so anything worse means broken flows.
+DIVERGENCE_MARGIN = 1.0
+
+
+def divergence_floor(initial_score: float, n_components: int) -> float:
+    """The lowest mean training score (nats per point) of a fit that has not diverged,
+    given the untrained model's ``initial_score``."""
+    return initial_score - math.log(n_components) - DIVERGENCE_MARGIN
 
 
 def torch_device(device: object) -> torch.device:
@@ -167,13 +186,13 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         check_positive_int(self.n_components, "n_components")
         check_positive_int(self.max_epochs, "max_epochs")
         check_positive_float(self.max_time, "max_time", allow_none=True)
-        check_positive_int(self.batch_size, "batch_size")
+        check_positive_int(self.batch_size, "batch_size", maximum=MAX_BATCH)
         check_positive_float(self.learning_rate, "learning_rate")
         check_seed(self.random_state)
         check_choice(self.device, "device", DEVICES)
         check_choice(self.dtype, "dtype", tuple(DTYPES))
         if self.n_threads is not None:
-            check_positive_int(self.n_threads, "n_threads")
+            check_positive_int(self.n_threads, "n_threads", maximum=MAX_THREADS)
         check_bool(self.compile, "compile")
         fraction = check_positive_float(
             self.validation_fraction, "validation_fraction", allow_zero=True
@@ -187,6 +206,11 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         if self.checkpoint_every is not None:
             check_positive_int(self.checkpoint_every, "checkpoint_every")
         check_positive_float(self.checkpoint_seconds, "checkpoint_seconds", allow_none=True)
+        if self.callback is not None and not callable(self.callback):
+            raise TypeError(
+                f"callback must be callable as callback(estimator, epoch_or_round) or None, "
+                f"got {type(self.callback).__name__}"
+            )
 
     @property
     def _torch_device(self) -> torch.device:

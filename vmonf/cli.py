@@ -29,7 +29,7 @@ from vmonf import __version__, datasets, reporting
 from vmonf._validation import MAX_SEED
 from vmonf.distributed import init_from_env, is_main_process
 from vmonf.estimator import VMoNF
-from vmonf.flows import MIN_BASE_DF
+from vmonf.flows import MAX_BASE_DF, MIN_BASE_DF
 from vmonf.resume import TrainingInterrupted
 from vmonf.training import NonFiniteLossError
 
@@ -100,7 +100,19 @@ def _degrees_of_freedom(text: str) -> float:
         raise argparse.ArgumentTypeError(
             f"expected at least {MIN_BASE_DF:.4g} (float32's smallest normal number), got {text!r}"
         )
+    if value > MAX_BASE_DF:
+        raise argparse.ArgumentTypeError(
+            f"expected at most {MAX_BASE_DF:g} (leave --base-df out for the normal base), "
+            f"got {text!r}"
+        )
     return value
+
+
+def output_folder(text: str) -> Path:
+    """An ``--out`` folder: a non-empty path (an empty one would mean the current folder)."""
+    if not text.strip():
+        raise argparse.ArgumentTypeError("expected a folder, got an empty path")
+    return Path(text)
 
 
 def _scalar(text: str) -> object:
@@ -384,7 +396,7 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument(
         "--out",
         metavar="DIR",
-        type=Path,
+        type=output_folder,
         default=None,
         help="output folder (default: runs/TOY-SEED)",
     )
@@ -630,7 +642,7 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
     out.add_argument(
         "--out",
         metavar="DIR",
-        type=Path,
+        type=output_folder,
         default=None,
         help="output folder (default: runs/compete-TOY-SEED)",
     )
@@ -648,6 +660,11 @@ def run_compete(args: argparse.Namespace) -> int:
     if args.generator == "vae" and args.assignment == "exact":
         raise UsageError(
             "--generator vae needs --assignment discriminator: VAEs have no exact likelihood"
+        )
+    if args.rounds == 0 and args.assignment == "discriminator":
+        raise UsageError(
+            "--rounds 0 trains no discriminator, so nothing could assign the points: use "
+            "--rounds >= 1 or --assignment exact"
         )
     toy = datasets.toy(args.toy, **dict(args.toy_param))
     k = toy.n_classes if args.components is None else args.components
@@ -706,6 +723,7 @@ def run_compete(args: argparse.Namespace) -> int:
     if not main_rank:
         return 0  # rank 0 evaluates and writes the run folder
     estimator.set_params(callback=None)  # a callable cannot go into model.pt
+    estimator.save(out / "model.pt")  # first: the fit survives a failure below
     pred = estimator.predict(X_test)
     results: dict[str, Any] = {
         "ari": metrics.adjusted_rand_index(y_test, pred),
@@ -741,7 +759,6 @@ def run_compete(args: argparse.Namespace) -> int:
     def num(key: str, digits: int = 3) -> str:
         return reporting.format_number(results.get(key), digits)
 
-    estimator.save(out / "model.pt")  # first: the fit survives a closed stdout
     print(
         f"{toy.name}: competitive K={k} {args.generator} generators, {args.assignment} "
         f"assignment, {args.n_train} training points, {args.n_test} held-out, seed {args.seed}"

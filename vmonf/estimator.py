@@ -23,7 +23,7 @@ from vmonf._validation import (
     check_positive_int,
     check_widths,
 )
-from vmonf.base import CHUNK, MixtureEstimator
+from vmonf.base import CHUNK, DIVERGENCE_MARGIN, MixtureEstimator, divergence_floor
 from vmonf.flows import ComponentFlows
 from vmonf.mixture import WEIGHT_MODES, MixtureOfFlows
 from vmonf.model import VariationalMixture
@@ -43,10 +43,6 @@ __all__ = ["VMoNF"]
 
 INITS = ("auto", "kmeans", "labels", "propagate", "random")
 OBJECTIVES = ("elbo", "marginal")
-# A fit whose ELBO ends this far (nats per point) below log K under the untrained
-# model's has diverged: an untrained mixture (identical flows) that only sharpens q
-# loses at most log K, so anything worse means broken flows or a broken q.
-DIVERGENCE_MARGIN = 1.0
 
 
 class _Fit(NamedTuple):
@@ -563,8 +559,7 @@ class VMoNF(MixtureEstimator):
         self.elbo_ = float(fit.elbo) + log_det
         self.weights_ = model.mixture.log_weights().exp().detach().double().cpu().numpy()
         self.labels_ = self._chunked(self._log_proba, x).argmax(axis=1).astype(np.int64)
-        floor = fit.initial_train_elbo - math.log(self.n_components) - DIVERGENCE_MARGIN
-        diverged = fit.train_elbo < floor
+        diverged = fit.train_elbo < divergence_floor(fit.initial_train_elbo, self.n_components)
         self.converged_ = bool(np.isfinite(fit.elbo)) and not diverged
         if not warn or self.converged_:
             return

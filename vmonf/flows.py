@@ -28,15 +28,26 @@ SAMPLE_CHUNK = 65536
 
 
 MIN_BASE_DF = torch.finfo(torch.float32).tiny
+# Beyond it the Student-t base is the standard normal to within float32's precision:
+# base_df=None is that limit, computed exactly.
+MAX_BASE_DF = 1e6
+# log1p(t^2) is computed as 2 log|t| beyond it (t^2 overflows float32 at |t| ~ 1.8e19).
+_LARGE_T = 1e18
 
 
 def student_t_log_prob(z: Tensor, df: float) -> Tensor:
     """Log-density of independent standard Student-t coordinates: (..., D) -> (...), nats."""
     log_norm = math.lgamma((df + 1) / 2) - math.lgamma(df / 2) - 0.5 * math.log(df * math.pi)
-    # log1p(t^2) as 2 log hypot(1, t): t^2 overflows float32 beyond |t| ~ 1.8e19, where
-    # the density (about -(df + 1) log|t|) is still far inside float32's range.
+    # log1p(t^2) keeps full precision for small t (large df, where it is multiplied by
+    # (df + 1) / 2); where t^2 would overflow, it is 2 log|t| (the density, about
+    # -(df + 1) log|t|, is still far inside float32's range). Both branches get finite
+    # inputs, so neither sends a NaN gradient through the other.
     t = z / math.sqrt(df)
-    log1p_t2 = 2.0 * torch.log(torch.hypot(t, t.new_ones(())))
+    large = t.abs() > _LARGE_T
+    t_small = torch.where(large, 0.0, t)
+    log1p_t2 = torch.where(
+        large, 2.0 * torch.log(t.abs().clamp_min(1.0)), torch.log1p(t_small * t_small)
+    )
     return z.shape[-1] * log_norm - (df + 1) / 2 * log1p_t2.sum(-1)
 
 
@@ -189,6 +200,11 @@ class ComponentFlows(nn.Module):
             raise ValueError(
                 f"base_df must be >= {MIN_BASE_DF:.4g} (float32's smallest normal number), "
                 f"got {self.base_df:g}"
+            )
+        if self.base_df is not None and self.base_df > MAX_BASE_DF:
+            raise ValueError(
+                f"base_df must be <= {MAX_BASE_DF:g}, got {self.base_df:g}: beyond it the "
+                "Student-t base is the standard normal, which base_df=None gives exactly"
             )
         layers: list[nn.Module] = []
         for mask in alternating_masks(self.n_features, self.n_layers):

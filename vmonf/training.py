@@ -59,6 +59,8 @@ __all__ = [
 ]
 
 Batch = tuple[Tensor, ...]
+MAX_BATCH = 2**31 - 1  # torch indexes a batch's points with 64-bit sizes; 2**63 overflows
+MAX_THREADS = 1024  # torch.set_num_threads(100_000) crashes the process
 Objective = Callable[[Batch, int], Tensor]
 
 
@@ -109,18 +111,26 @@ class TrainConfig:
     desc: str = "fit"
 
     def __post_init__(self) -> None:
-        check_positive_int(self.max_epochs, "max_epochs")
-        check_positive_float(self.max_time, "max_time", allow_none=True)
-        check_positive_int(self.batch_size, "batch_size")
-        check_positive_float(self.learning_rate, "learning_rate")
-        check_betas(self.adam_betas, "adam_betas")
-        check_positive_float(self.weight_decay, "weight_decay", allow_zero=True)
-        check_choice(self.lr_schedule, "lr_schedule", ("constant", "cosine"))
-        check_positive_float(self.lr_floor, "lr_floor")
-        check_positive_float(self.grad_clip, "grad_clip", allow_none=True)
+        # The checked values replace the given ones: numpy scalars (from a parameter
+        # grid) become the Python numbers that torch requires, e.g. of split sizes.
+        checked = {
+            "max_epochs": check_positive_int(self.max_epochs, "max_epochs"),
+            "max_time": check_positive_float(self.max_time, "max_time", allow_none=True),
+            "batch_size": check_positive_int(self.batch_size, "batch_size", maximum=MAX_BATCH),
+            "learning_rate": check_positive_float(self.learning_rate, "learning_rate"),
+            "weight_decay": check_positive_float(
+                self.weight_decay, "weight_decay", allow_zero=True
+            ),
+            "lr_floor": check_positive_float(self.lr_floor, "lr_floor"),
+            "grad_clip": check_positive_float(self.grad_clip, "grad_clip", allow_none=True),
+            "max_bad_steps": check_positive_int(self.max_bad_steps, "max_bad_steps", minimum=0),
+        }
         if self.patience is not None:
-            check_positive_int(self.patience, "patience")
-        check_positive_int(self.max_bad_steps, "max_bad_steps", minimum=0)
+            checked["patience"] = check_positive_int(self.patience, "patience")
+        check_betas(self.adam_betas, "adam_betas")
+        check_choice(self.lr_schedule, "lr_schedule", ("constant", "cosine"))
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)
 
 
 @dataclass
@@ -186,7 +196,7 @@ def torch_threads(n_threads: int | None) -> Iterator[None]:
         yield
         return
     previous = torch.get_num_threads()
-    torch.set_num_threads(n_threads)
+    torch.set_num_threads(int(n_threads))  # torch and threadpoolctl refuse numpy ints
     try:
         yield
     finally:
@@ -201,7 +211,7 @@ def fit_threads(n_threads: int | None) -> Iterator[None]:
     if n_threads is None:
         yield
         return
-    with torch_threads(n_threads), threadpool_limits(n_threads):
+    with torch_threads(n_threads), threadpool_limits(int(n_threads)):
         yield
 
 
