@@ -349,6 +349,14 @@ def test_bad_toy_name_and_parameters():
         ("rings", {"radii": 1.0}, TypeError, "radii"),
         ("moons", {"noise": 0}, ValueError, "noise"),
         ("eight_gaussians", {"radius": -2}, ValueError, "radius"),
+        # Lengths outside [1e-3, 1e3]: minutes per density, or samples scoring -inf.
+        ("moons", {"noise": 1e-4}, ValueError, r"noise must lie in \[0.001, 1000\]"),
+        ("pinwheel", {"radial_std": 1e30}, ValueError, "radial_std must lie in"),
+        ("pinwheel", {"scale": 1e4}, ValueError, "scale must lie in"),
+        ("pinwheel", {"n_classes": 10**6}, ValueError, "n_classes must be <= 1000"),
+        ("eight_gaussians", {"noise": 1e-170}, ValueError, "noise must lie in"),
+        ("rings", {"radii": (1.0, 1e200)}, ValueError, r"radii\[1\] must lie in"),
+        ("two_circles", {"noise": 5e3}, ValueError, "noise must lie in"),
     ],
 )
 def test_bad_parameter_values(name, params, error, match):

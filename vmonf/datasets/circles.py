@@ -13,9 +13,8 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from vmonf._validation import check_positive_float
 from vmonf.datasets._numerics import log_normal
-from vmonf.datasets.base import FloatArray, IntArray, ToyDistribution
+from vmonf.datasets.base import FloatArray, IntArray, ToyDistribution, check_length
 
 __all__ = ["RadialMixture", "Rings", "TwoCircles"]
 
@@ -25,7 +24,7 @@ class RadialMixture(ToyDistribution):
 
     def __init__(self, *, radii: Sequence[float], noise: float) -> None:
         radii = _check_radii(radii)
-        noise = check_positive_float(noise, "noise")
+        noise = check_length(noise, "noise")
         super().__init__(n_classes=len(radii), params={"radii": radii, "noise": noise})
         self._radii = np.array(radii)
         self._noise = noise
@@ -50,7 +49,7 @@ def _check_radii(radii: object) -> tuple[float, ...]:
         raise TypeError(f"radii must be a sequence of numbers, got {type(radii).__name__}")
     if len(radii) == 0:
         raise ValueError("radii must hold at least one radius")
-    return tuple(check_positive_float(r, f"radii[{i}]") for i, r in enumerate(radii))
+    return tuple(check_length(r, f"radii[{i}]") for i, r in enumerate(radii))
 
 
 class TwoCircles(RadialMixture):

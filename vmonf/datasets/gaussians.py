@@ -11,9 +11,9 @@ import itertools
 
 import numpy as np
 
-from vmonf._validation import check_positive_float, check_positive_int
+from vmonf._validation import check_positive_int
 from vmonf.datasets._numerics import log_isotropic_normal
-from vmonf.datasets.base import FloatArray, IntArray, ToyDistribution
+from vmonf.datasets.base import FloatArray, IntArray, ToyDistribution, check_length
 
 __all__ = [
     "EightGaussians",
@@ -76,8 +76,8 @@ class EightGaussians(IsotropicGaussianMixture):
     name = "eight_gaussians"
 
     def __init__(self, *, radius: float = 2.0, noise: float = 0.2) -> None:
-        radius = check_positive_float(radius, "radius")
-        noise = check_positive_float(noise, "noise")
+        radius = check_length(radius, "radius")
+        noise = check_length(noise, "noise")
         angles = 2.0 * np.pi * np.arange(8) / 8.0
         means = radius * np.column_stack([np.cos(angles), np.sin(angles)])
         super().__init__(means=means, std=noise, params={"radius": radius, "noise": noise})

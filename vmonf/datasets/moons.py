@@ -14,9 +14,8 @@ import functools
 import numpy as np
 from scipy.special import logsumexp, roots_legendre
 
-from vmonf._validation import check_positive_float
 from vmonf.datasets._numerics import in_chunks, log_isotropic_normal
-from vmonf.datasets.base import FloatArray, IntArray, ToyDistribution
+from vmonf.datasets.base import FloatArray, IntArray, ToyDistribution, check_length
 
 __all__ = ["Moons", "moons_arcs", "moons_log_density", "moons_n_nodes"]
 
@@ -62,7 +61,7 @@ class Moons(ToyDistribution):
     name = "moons"
 
     def __init__(self, *, noise: float = 0.1) -> None:
-        noise = check_positive_float(noise, "noise")
+        noise = check_length(noise, "noise")
         super().__init__(n_classes=2, params={"noise": noise})
         self._noise = noise
         self._n_nodes = moons_n_nodes(noise)

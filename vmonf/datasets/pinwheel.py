@@ -33,7 +33,7 @@ from scipy.special import logsumexp
 
 from vmonf._validation import check_positive_float, check_positive_int
 from vmonf.datasets._numerics import in_chunks, log_normal
-from vmonf.datasets.base import FloatArray, IntArray, ToyDistribution
+from vmonf.datasets.base import MAX_CLASSES, FloatArray, IntArray, ToyDistribution, check_length
 
 __all__ = ["Pinwheel"]
 
@@ -60,11 +60,11 @@ class Pinwheel(ToyDistribution):
         rate: float = 0.25,
         scale: float = 0.5,
     ) -> None:
-        radial_std = check_positive_float(radial_std, "radial_std")
-        tangential_std = check_positive_float(tangential_std, "tangential_std")
-        n_classes = check_positive_int(n_classes, "n_classes")
+        radial_std = check_length(radial_std, "radial_std")
+        tangential_std = check_length(tangential_std, "tangential_std")
+        n_classes = check_positive_int(n_classes, "n_classes", maximum=MAX_CLASSES)
         rate = check_positive_float(rate, "rate", allow_zero=True)
-        scale = check_positive_float(scale, "scale")
+        scale = check_length(scale, "scale")
         params = {
             "radial_std": radial_std,
             "tangential_std": tangential_std,
