@@ -20,6 +20,8 @@ __all__ = ["bagging", "single_model"]
 
 def _no_rounds(params: dict[str, Any]) -> dict[str, Any]:
     """No competitive round: VAEs need no exact assignment (there is no assignment at all)."""
+    if "max_rounds" in params:
+        raise TypeError("bagging and single_model train no competitive round: drop max_rounds")
     if params.get("generator") == "vae":
         params.setdefault("assignment", "discriminator")
     return {**params, "max_rounds": 0}

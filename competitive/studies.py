@@ -126,6 +126,9 @@ class StudySettings:
                 f"unknown discriminator setting(s) {sorted(unknown)}; choose from "
                 f"{', '.join(DISCRIMINATOR_SETTINGS)}"
             )
+        # The values as the estimator checks them (errors name discriminator_<key>).
+        settings = {f"discriminator_{key}": value for key, value in self.discriminator.items()}
+        CompetitiveMixture(2, **settings)._validate_params()
 
     def scaled(self, case: Case) -> Case:
         """``case`` with this study's data size and epochs."""

@@ -346,6 +346,8 @@ def test_report_helpers_count_seeds_honestly():
         StudySettings(figure_points=0)
     with pytest.raises(ValueError, match="unknown discriminator setting"):
         StudySettings(discriminator={"hiden": 16})
+    with pytest.raises(ValueError, match="discriminator_hidden must be >= 1"):
+        StudySettings(discriminator={"hidden": 0})  # at once, not after hours of fits
     assert len({tuple(c) for c in class_colours(25)}) == 25
     assert competitive.figures.class_colours is class_colours  # its own cycled 20 reds
 

@@ -429,6 +429,13 @@ def test_the_callbacks_time_is_not_counted_against_max_time(monkeypatch):
     assert model.pretrain_time_ == 0.0
 
 
+def test_baselines_refuse_rounds_they_would_drop():
+    with pytest.raises(TypeError, match="no competitive round: drop max_rounds"):
+        bagging(2, max_rounds=5)
+    with pytest.raises(TypeError, match="no competitive round: drop max_rounds"):
+        single_model(max_rounds=1)
+
+
 def test_a_diverged_fit_is_flagged_not_returned_as_converged():
     X, _ = blobs(200)
     settings = {**FAST, "learning_rate": 5.0, "batch_size": 16, "max_rounds": 0}

@@ -624,3 +624,13 @@ def test_numpy_integer_settings_fit_as_python_ints_and_absurd_ones_are_refused()
     np.testing.assert_array_equal(model.score_samples(X), reference.score_samples(X))
     with pytest.raises(ValueError, match=r"n_threads must be <= 1024, got 100000"):
         VMoNF(2, n_threads=100_000).fit(X)  # torch would crash the process
+
+
+def test_fit_and_load_arguments_are_named_when_wrong(tmp_path):
+    X, _ = blobs(50)
+    with pytest.raises(TypeError, match="resume must be True or False"):
+        VMoNF(2, **FAST).fit(X, resume="yes")
+    with pytest.raises(ValueError, match="checkpoint must name a file, got the directory"):
+        VMoNF(2, **FAST, checkpoint=tmp_path).fit(X)
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike, got NoneType"):
+        VMoNF.load(None)

@@ -44,7 +44,7 @@ BAD_X = [
     (np.zeros((0, 2)), ValueError, "at least"),
     (np.array([[1.0, 2.0]]), ValueError, "at least 2"),
     (np.array([["a", "b"], ["c", "d"]]), TypeError, "numbers"),
-    (np.array([[1 + 2j, 0], [1, 1]]), TypeError, "real-valued"),
+    (np.array([[1 + 2j, 0], [1, 1]]), ValueError, "real-valued"),
     (np.c_[np.arange(10.0), np.full(10, 3.0)], ValueError, "constant column"),
     ([[1.0, 2.0], [3.0, "x"]], TypeError, "numbers"),
     ("not an array", TypeError, "numbers"),

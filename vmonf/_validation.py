@@ -48,9 +48,9 @@ def check_array(
 
     With ``allow_images``, arrays of 3 or more dimensions (images (N, H, W) or
     (N, H, W, C)) are flattened to (N, H*W*C). Raises ``TypeError`` for non-numeric
-    or sparse input and ``ValueError`` for wrong dimensionality, too few rows, a
-    feature-count mismatch (with ``n_features``, that of ``fitted_by``) or non-finite
-    values.
+    or sparse input and ``ValueError`` for complex numbers (as scikit-learn), wrong
+    dimensionality, too few rows, a feature-count mismatch (with ``n_features``, that
+    of ``fitted_by``) or non-finite values.
     """
     if scipy.sparse.issparse(X):
         raise TypeError(f"{name} is a sparse matrix: pass a dense array ({name}.toarray())")
@@ -65,7 +65,7 @@ def check_array(
     if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
         raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
     if np.iscomplexobj(arr):
-        raise TypeError(f"{name} must be real-valued, got dtype {arr.dtype}")
+        raise ValueError(f"{name} must be real-valued, got dtype {arr.dtype}")
     if arr.ndim == 1 and allow_1d:
         arr = arr[:, None]
     if arr.ndim >= 3 and allow_images:

@@ -203,6 +203,8 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             raise TypeError(
                 f"checkpoint must be a file path or None, got {type(self.checkpoint).__name__}"
             )
+        if self.checkpoint is not None and Path(self.checkpoint).is_dir():
+            raise ValueError(f"checkpoint must name a file, got the directory {self.checkpoint!r}")
         if self.checkpoint_every is not None:
             check_positive_int(self.checkpoint_every, "checkpoint_every")
         check_positive_float(self.checkpoint_seconds, "checkpoint_seconds", allow_none=True)
@@ -329,6 +331,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         """
         self._validate_common()
         self._validate_params()
+        check_bool(resume, "resume")
         init_from_env(self._torch_device)  # under torchrun: train data-parallel
         x = check_array(X, "X", min_samples=2, allow_images=True)
         if x.shape[1] < self._min_features():

@@ -78,6 +78,8 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     Uses ``torch.load(weights_only=True)``: a file that would run code on load is
     refused. Any unreadable or foreign file raises :class:`CheckpointError`.
     """
+    if not isinstance(path, str | os.PathLike):
+        raise TypeError(f"path must be a str or os.PathLike, got {type(path).__name__}")
     path = Path(path)
     if not path.is_file():
         raise CheckpointNotFoundError(f"no checkpoint file at {path}")
