@@ -727,9 +727,9 @@ def test_single_model_trains_on_every_point_once(monkeypatch):
     torch.testing.assert_close(weights, torch.ones(90, 1))
 
 
-def test_baselines_never_run_competitive_rounds_whatever_the_params():
-    assert bagging(3, max_rounds=5).max_rounds == 0
-    assert single_model(max_rounds=5).max_rounds == 0
+def test_baselines_never_run_competitive_rounds():
+    assert bagging(3).max_rounds == 0
+    assert single_model().max_rounds == 0  # and refuse max_rounds (test above)
 
 
 @pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # one round
