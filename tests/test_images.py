@@ -413,6 +413,8 @@ def test_estimators_accept_image_shaped_input(tmp_path):
     assert loaded.sample(2, random_state=0)[0].shape == (2, 3, 4)
     flat = _vmonf().fit(X.reshape(120, 12))
     assert flat.image_shape_ is None and flat.sample(2, random_state=0)[0].shape == (2, 12)
+    with pytest.raises(ValueError, match=r"X must be 2-D .* got shape \(120, 3, 4\)"):
+        flat.predict(X)  # fitted to rows, not images: a 3-D X is a mistake
     comp = CompetitiveMixture(2, n_layers=2, pretrain_epochs=1, max_rounds=0, random_state=0)
     assert comp.fit(X).sample(3, random_state=0)[0].shape == (3, 3, 4)
 

@@ -265,11 +265,12 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         return u.to(dtype)
 
     def _validate_X(self, X: object) -> Tensor:
-        """Validate X for a fitted model and return it standardised, as a tensor."""
+        """Validate X for a fitted model and return it standardised, as a tensor; images
+        (N, H, W[, C]) only for a model fitted to images."""
         self._check_is_fitted()
         x = check_array(
             X, "X", n_features=self.n_features_in_, fitted_by=type(self).__name__,
-            allow_images=True,
+            allow_images=getattr(self, "image_shape_", None) is not None,
         )  # fmt: skip
         return self._standardise(x, self._fitted_dtype)
 
