@@ -550,10 +550,11 @@ class CompetitiveMixture(MixtureEstimator):
         with torch.no_grad():  # data-parallel: each rank scores its shard, all get all
             return gather_rows(lambda xs: _by_chunks(self._likelihood_scores, xs), x)
 
-    def _held_out_score(self, x_val: Tensor) -> float:
+    def _mean_score(self, x: Tensor) -> float:
+        """Mean per-point score of x (N, D): log p(x), or a VAE's fixed-noise ELBO, nats."""
         self.model_.eval()
         with torch.no_grad(), self._seeded(0):  # a VAE's bound: the same noise each round
-            return float(_by_chunks(self._bound, x_val).mean())
+            return float(_by_chunks(self._bound, x).mean())
 
     def _notify(self, round_: int, clock: FitClock) -> None:
         if self.callback is not None:
@@ -575,7 +576,7 @@ class CompetitiveMixture(MixtureEstimator):
         # the assignment; discriminators are built when first trained (round 0), so a
         # fit that fails before never predicts with untrained ones.
         self.model_ = self._build(with_discriminators=False)
-        initial_score = self._held_out_score(x_train)  # the untrained model's, for divergence
+        initial_score = self._mean_score(x_train)  # the untrained model's, for divergence
         self.pretrain_time_ = math.nan  # set when pre-training ends
         history: dict[str, list[Any]] = {
             "share": [], "n_changed": [], "round_time": [], "time": [],
@@ -590,7 +591,7 @@ class CompetitiveMixture(MixtureEstimator):
             self._set_fitted(progress, x_train, train_idx, x_val, val_idx, history)
             raise  # the generators keep their last good state
         self._set_fitted(progress, x_train, train_idx, x_val, val_idx, history)
-        final_score = self._held_out_score(x_train)
+        final_score = self._mean_score(x_train)
         if not final_score >= divergence_floor(initial_score, self.n_components):  # or NaN
             self.converged_ = False
             warnings.warn(
@@ -698,7 +699,7 @@ class CompetitiveMixture(MixtureEstimator):
                 )
                 history["n_changed"].append(changed)
                 if x_val is not None:
-                    history["val_score"].append(self._held_out_score(x_val))
+                    history["val_score"].append(self._mean_score(x_val))
                 history["round_time"].append(time.perf_counter() - round_started)
                 history["time"].append(clock.elapsed())
                 self._notify(progress.n_rounds, clock)
