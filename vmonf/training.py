@@ -59,7 +59,7 @@ __all__ = [
 ]
 
 Batch = tuple[Tensor, ...]
-MAX_BATCH = 2**31 - 1  # torch indexes a batch's points with 64-bit sizes; 2**63 overflows
+MAX_BATCH = 2**31 - 1  # far beyond any memory; a size of 2**63 overflowed inside torch
 MAX_THREADS = 1024  # torch.set_num_threads(100_000) crashes the process
 Objective = Callable[[Batch, int], Tensor]
 
