@@ -332,3 +332,17 @@ def test_kl_estimate_stderr_is_the_standard_error_of_the_mean():
     true_log_density = np.array([0.0, 1.0, 2.0, 4.0])
     estimate = kl_to_truth_estimate(true_log_density, np.zeros(4))
     assert estimate.stderr == pytest.approx(np.std(true_log_density, ddof=1) / 2.0, rel=1e-12)
+
+
+def test_kde_protocol_is_scale_equivariant_and_refuses_scales_float64_cannot_hold():
+    rng = np.random.default_rng(0)
+    generated, test = rng.normal(size=(600, 2)), rng.normal(size=(100, 2))
+    base = kde_log_likelihood(generated, test, n_test=None).score
+    scaled = kde_log_likelihood(generated * 1e50, test * 1e50, n_test=None).score
+    assert scaled == pytest.approx(base - 2 * np.log(1e50), rel=1e-12)  # nats of a 2-D density
+    for scale in (1e200, 1e-200):  # squares over- or underflowed: NaN, -inf or "identical"
+        with pytest.raises(ValueError, match="standardise generated and test first"):
+            kde_log_likelihood(generated * scale, test * scale, n_test=None)
+    for bandwidth in (1e-200, 1e200):
+        with pytest.raises(ValueError, match=r"bandwidth must lie in \[1e-100, 1e\+100\]"):
+            gaussian_kde_log_density(test, generated, bandwidth)

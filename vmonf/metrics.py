@@ -347,6 +347,21 @@ def _kde_log_density_multi(
     return out
 
 
+# Kernel widths whose squares (and inverse squares) stay far inside float64's range, as
+# do the squared distances between points on that scale.
+MIN_BANDWIDTH, MAX_BANDWIDTH = 1e-100, 1e100
+
+
+def _check_bandwidth(value: object, name: str) -> float:
+    h = check_positive_float(value, name)
+    if not MIN_BANDWIDTH <= h <= MAX_BANDWIDTH:
+        raise ValueError(
+            f"{name} must lie in [{MIN_BANDWIDTH:g}, {MAX_BANDWIDTH:g}], got {h:g}: "
+            "standardise the points first"
+        )
+    return h
+
+
 def gaussian_kde_log_density(queries: object, centres: object, bandwidth: float) -> np.ndarray:
     """Log density (Q,) in nats of an isotropic Gaussian KDE at ``queries`` (Q, D).
 
@@ -356,7 +371,7 @@ def gaussian_kde_log_density(queries: object, centres: object, bandwidth: float)
     """
     c = check_array(centres, "centres")
     q = check_array(queries, "queries", n_features=c.shape[1])
-    h = check_positive_float(bandwidth, "bandwidth")
+    h = _check_bandwidth(bandwidth, "bandwidth")
     return _kde_log_density_multi(q, c, np.array([h]))[0]
 
 
@@ -364,6 +379,15 @@ def kde_bandwidth_grid(h0: float) -> np.ndarray:
     """The protocol's bandwidth grid (14,): ``h0 * 2**(k - 7)`` for k = 0..13."""
     h0 = check_positive_float(h0, "h0")
     return h0 * 2.0 ** (np.arange(14) - 7)
+
+
+def _gaps(points: np.ndarray) -> np.ndarray:
+    """Euclidean distances (M - 1,) between consecutive rows, computed on rows scaled to
+    at most 1 so that no square under- or overflows."""
+    scale = float(np.abs(points).max())
+    if scale == 0.0:
+        return np.zeros(points.shape[0] - 1)
+    return scale * np.linalg.norm(np.diff(points / scale, axis=0), axis=1)
 
 
 def kde_log_likelihood(
@@ -413,7 +437,7 @@ def kde_log_likelihood(
         g = g[np.random.default_rng(seed).permutation(g.shape[0])]
     centres, select = g[: g.shape[0] - n_select], g[g.shape[0] - n_select :]
 
-    gaps = np.linalg.norm(np.diff(centres, axis=0), axis=1)
+    gaps = _gaps(centres)
     h0 = float(np.median(gaps))
     if h0 <= 0.0:
         positive = gaps[gaps > 0]
@@ -421,6 +445,11 @@ def kde_log_likelihood(
             raise ValueError("generated points are all identical: no KDE bandwidth can be set")
         h0 = float(np.median(positive))
     bandwidths = kde_bandwidth_grid(h0)
+    if not MIN_BANDWIDTH <= bandwidths[0] <= bandwidths[-1] <= MAX_BANDWIDTH:
+        raise ValueError(
+            f"generated points lie {h0:.3g} apart, a scale whose bandwidth grid leaves "
+            f"[{MIN_BANDWIDTH:g}, {MAX_BANDWIDTH:g}]: standardise generated and test first"
+        )
     selection_scores = _kde_log_density_multi(select, centres, bandwidths).mean(axis=1)
     best = int(np.argmax(selection_scores))
     bandwidth = float(bandwidths[best])
