@@ -355,6 +355,7 @@ BAD_FIT = [
     (blobs(10)[0], None, {"batch_size": 0}, ValueError, "batch_size"),
     (blobs(10)[0], None, {"max_time": 0}, ValueError, "max_time"),
     (blobs(10)[0], None, {"callback": 5}, TypeError, "callback must be callable"),
+    (blobs(10)[0], None, {"patience": "x"}, TypeError, "patience must be an integer"),
     (blobs(10)[0], None, {"objective": "wasserstein"}, ValueError, "objective"),
     (blobs(10)[0], None, {"init": "magic"}, ValueError, "init"),
     (blobs(10)[0], None, {"device": "tpu"}, ValueError, "device"),

@@ -236,8 +236,12 @@ class VMoNF(MixtureEstimator):
         check_positive_float(self.min_temperature, "min_temperature")
         check_positive_float(self.alpha, "alpha", allow_zero=True)
         check_widths(self.posterior_hidden, "posterior_hidden")
-        if self.patience is not None and not self.validation_fraction:
-            raise ValueError("patience stops on the held-out NLL: it needs validation_fraction > 0")
+        if self.patience is not None:
+            check_positive_int(self.patience, "patience")  # its own error first
+            if not self.validation_fraction:
+                raise ValueError(
+                    "patience stops on the held-out NLL: it needs validation_fraction > 0"
+                )
         if self.elbo_top_k is not None:
             # With one component q(c|x) would get no gradient from unlabelled points.
             check_positive_int(self.elbo_top_k, "elbo_top_k", minimum=2)
