@@ -333,3 +333,14 @@ def test_group_by_component_keeps_non_binary_weights():
     index, slot_weights = group_by_component(torch.tensor([[2.0, 0.0], [0.0, 1.0], [3.0, 0.5]]))
     assert index.tolist() == [[0, 2], [1, 2]]
     assert slot_weights.tolist() == [[2.0, 3.0], [1.0, 0.5]]
+
+
+def test_actnorm_waits_for_points_and_refuses_non_finite_ones():
+    flows = ComponentFlows(n_features=2, n_components=2, n_layers=2, actnorm=True)
+    assert flows.log_prob(torch.zeros(0, 2)).shape == (0, 2)  # an empty batch: no 0/0
+    x = torch.randn(50, 2, generator=torch.Generator().manual_seed(0))
+    assert torch.isfinite(flows.log_prob(x)).all()  # initialised from these points
+    fresh = ComponentFlows(n_features=2, n_components=2, n_layers=2, actnorm=True)
+    with pytest.raises(ValueError, match="ActNorm cannot initialise from non-finite inputs"):
+        fresh.initialize(torch.tensor([[0.0, 1.0], [float("nan"), 0.0]]))
+    assert not bool(fresh.layers[0].initialized)

@@ -491,6 +491,10 @@ class ActNorm(Transform):
         # Two passes (mean, then squared deviations from it): the one-pass sum of squares
         # cancels when the data's offset is ~1e8 times its spread.
         pooled = all_reduce_sum(torch.cat([x.sum(1).flatten(), x.new_tensor([x.shape[1]])]))
+        if not bool(pooled[-1]):
+            return  # no points on any rank: wait for a batch that has some
+        if not bool(torch.isfinite(pooled).all()):
+            raise ValueError("ActNorm cannot initialise from non-finite inputs")
         count, mean = pooled[-1], (pooled[:-1] / pooled[-1]).view(self.loc.shape)
         deviations = all_reduce_sum((x - mean).square().sum(1, keepdim=True))
         std = (deviations / (count - 1)).sqrt() if count > 1 else torch.ones_like(mean)
