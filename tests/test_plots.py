@@ -274,3 +274,14 @@ def test_training_curves_label_the_units_given(tmp_path, monkeypatch):
     assert labels == ["nats", "s"]  # val_loss shares the loss panel; lr has no unit
     with pytest.raises(ValueError, match=r"units names keys not in history: \['temp'\]"):
         plot_training_curves(history, tmp_path / "x.png", units={"temp": "K"})
+
+
+def test_a_huge_label_is_refused_not_given_a_palette_row_per_value(tmp_path):
+    # A label of 10**9 used to allocate a 10**9-colour palette (7.5 GiB, then killed).
+    with pytest.raises(ValueError, match=r"plots colour labels 0\.\.999, got a label 1000000000"):
+        plot_samples(np.zeros((2, 2)), [0, 10**9], tmp_path / "s.png")
+    with pytest.raises(ValueError, match="got a label 1000000"):
+        plots.plot_component_images(np.zeros((2, 4, 4)), [0, 10**6], tmp_path / "c.png")
+    with pytest.raises(ValueError, match="n_classes must be <= 1000"):
+        plots.class_colours(10**6)
+    assert plots.class_colours(1000).shape == (1000, 4)

@@ -52,6 +52,7 @@ PathLike = str | os.PathLike[str]
 LogProbFn = Callable[[np.ndarray], object]
 
 _UNLABELLED_COLOUR = (0.6, 0.6, 0.6, 1.0)
+MAX_CLASSES = 1000  # colours a plot tells apart (and palette rows it allocates)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -119,9 +120,11 @@ def _save_png(fig: Figure, path: Path, dpi: int) -> Path:
 
 
 def class_colours(n_classes: int) -> np.ndarray:
-    """(n_classes, 4) RGBA categorical colours (tab10, then tab20, then hsv)."""
+    """(n_classes, 4) RGBA categorical colours (tab10, then tab20, then hsv); at most
+    ``MAX_CLASSES`` (a label of 10**9 would otherwise ask for a 10**9-colour palette)."""
     from matplotlib import colormaps
 
+    n_classes = check_positive_int(n_classes, "n_classes", minimum=0, maximum=MAX_CLASSES)
     if n_classes <= 10:
         return colormaps["tab10"](np.arange(n_classes))
     if n_classes <= 20:
@@ -274,9 +277,14 @@ def plot_samples(
 
 def _resolve_n_classes(n_classes: int | None, *labels: np.ndarray | None) -> int:
     inferred = _infer_n_classes(*labels)
+    if inferred > MAX_CLASSES:
+        raise ValueError(
+            f"plots colour labels 0..{MAX_CLASSES - 1}, got a label {inferred - 1}: "
+            "renumber the labels (e.g. np.unique(labels, return_inverse=True)[1])"
+        )
     if n_classes is None:
         return max(inferred, 1)
-    n_classes = check_positive_int(n_classes, "n_classes")
+    n_classes = check_positive_int(n_classes, "n_classes", maximum=MAX_CLASSES)
     if n_classes < inferred:
         raise ValueError(f"n_classes={n_classes} but a label {inferred - 1} is present")
     return n_classes
