@@ -290,3 +290,13 @@ def test_loss_uses_the_given_temperature(objective):
     labelled = model.loss(x, y, alpha=0.7, objective=objective, temperature=0.3)
     expected = labelled_loss(model.mixture.log_joint(x), model.posterior(x, 0.3), y, 0.7)
     torch.testing.assert_close(labelled, expected, rtol=0, atol=1e-10)
+
+
+def test_posterior_refuses_temperatures_that_give_nan_or_a_reversed_q():
+    q = PosteriorNet(2, 3)
+    x = torch.randn(4, 2, generator=torch.Generator().manual_seed(0))
+    for bad in (0.0, -1.0, float("nan")):  # NaN, or argmax flipped by T < 0
+        with pytest.raises(ValueError, match="temperature must be finite and > 0"):
+            q(x, temperature=bad)
+    with pytest.raises(ValueError, match=r"minimum temperature \(1\) must be <= the initial"):
+        TemperatureSchedule("exponential", initial=0.1, minimum=1.0)

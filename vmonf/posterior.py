@@ -33,11 +33,24 @@ class TemperatureSchedule:
         check_positive_float(self.initial, "initial temperature")
         check_positive_float(self.rate, "temperature rate", allow_zero=True)
         check_positive_float(self.minimum, "minimum temperature")
+        if self.kind == "exponential" and self.minimum > self.initial:
+            raise ValueError(
+                f"minimum temperature ({self.minimum:g}) must be <= the initial one "
+                f"({self.initial:g})"
+            )
 
     def __call__(self, step: int) -> float:
         if self.kind == "constant":
             return self.initial
         return max(self.minimum, self.initial * math.exp(-self.rate * step))
+
+
+def _checked_temperature(temperature: object) -> float | Tensor:
+    # Not a tensor (e.g. the stored buffer: no sync to check it), and not under
+    # torch.compile, where a symbolic float's check would break the graph.
+    if isinstance(temperature, Tensor) or torch.compiler.is_compiling():
+        return temperature  # type: ignore[return-value]
+    return check_positive_float(temperature, "temperature")
 
 
 class PosteriorNet(nn.Module):
@@ -73,5 +86,7 @@ class PosteriorNet(nn.Module):
 
     def forward(self, x: Tensor, temperature: float | None = None) -> Tensor:
         """log q(c | x): (N, D) -> (N, K), at ``temperature`` (default: the stored one)."""
-        t = self.temperature if temperature is None else temperature
+        # A given T is checked (cheap for a float): T <= 0 or NaN would give NaN or a
+        # reversed posterior.
+        t = self.temperature if temperature is None else _checked_temperature(temperature)
         return torch.log_softmax(self.net(x) / t, dim=-1)
