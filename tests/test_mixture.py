@@ -89,6 +89,11 @@ def test_mixture_loss_switches_on_labels_and_objective():
         torch.testing.assert_close(loss[y >= 0], labelled_loss(joint, log_q, y, 0.5)[y >= 0])
         marginal = mixture_loss(joint, log_q, y, alpha=0.0, objective="marginal")
         torch.testing.assert_close(marginal[y < 0], marginal_nll(joint)[y < 0])
+        with pytest.raises(ValueError, match="objective must be 'elbo' or 'marginal'"):
+            mixture_loss(joint, log_q, y, alpha=0.5, objective="elbox")  # not a silent marginal
+        for bad in (-1.0, float("nan")):  # -1 would flip the cross-entropy's sign
+            with pytest.raises(ValueError, match="alpha must be >= 0"):
+                mixture_loss(joint, log_q, y, alpha=bad)
 
 
 @pytest.mark.parametrize("objective", ["elbo", "marginal"])

@@ -52,6 +52,8 @@ def unlabelled_loss(log_joint: Tensor, log_q: Tensor, *, alpha: float, objective
     """
     if objective == "elbo":
         return -elbo(log_joint, log_q)
+    if objective != "marginal":  # a string compare: free, also under torch.compile
+        raise ValueError(f"objective must be 'elbo' or 'marginal', got {objective!r}")
     target = torch.softmax(log_joint.detach(), dim=-1)
     return marginal_nll(log_joint) - alpha * (target * log_q).sum(-1)
 
@@ -72,6 +74,10 @@ def mixture_loss(
     rows, so that a log p_k(x) = -inf there cannot send 0 * inf = NaN gradients to q
     through the branch that is not taken.
     """
+    # alpha < 0 would flip the cross-entropy's sign (the bug DESIGN.md names). Checked
+    # eagerly only: under torch.compile a symbolic float's check breaks the graph.
+    if not torch.compiler.is_compiling() and not alpha >= 0:
+        raise ValueError(f"alpha must be >= 0, got {alpha}")
     is_labelled = y >= 0
     labelled = labelled_loss(log_joint, log_q, y, alpha)
     unlabelled = unlabelled_loss(
