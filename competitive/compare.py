@@ -413,8 +413,16 @@ class RoundTracker:
         if self.X_train is not None:
             self.X_train = check_array(self.X_train, "X_train", min_samples=2)
         _check_saturation(self.saturation)
+        seed = check_seed(self.random_state, "random_state")
+        if seed is None:
+            raise TypeError("random_state must be an int (round r uses random_state + r)")
+        self.random_state = seed
 
     def __call__(self, estimator: CompetitiveMixture, round_: int) -> None:
+        if not isinstance(estimator, CompetitiveMixture):
+            raise TypeError(
+                f"RoundTracker is a CompetitiveMixture callback, got {type(estimator).__name__}"
+            )
         started = time.perf_counter()
         if estimator.model_.discriminators is not None:
             estimate = own_discriminator_estimate(estimator, self.X_eval)

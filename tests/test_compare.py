@@ -360,6 +360,12 @@ def test_round_tracker_checks_its_inputs_when_made():
         RoundTracker(X, true_log_prob=np.zeros(4))
     with pytest.raises(ValueError, match="saturation"):
         RoundTracker(X, saturation=0.7)
+    with pytest.raises(TypeError, match="random_state must be an int"):
+        RoundTracker(X, random_state="a")
+    with pytest.raises(ValueError, match="random_state must be in"):
+        RoundTracker(X, random_state=-5)
+    with pytest.raises(TypeError, match="a CompetitiveMixture callback, got VMoNF"):
+        RoundTracker(X)(VMoNF(2), 0)
 
 
 def test_mae_owned_is_taken_on_the_exact_owners_points():
