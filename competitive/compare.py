@@ -137,8 +137,7 @@ def _settings(
     if settings is not None:
         if not isinstance(settings, CompetitiveMixture):
             raise TypeError(f"settings must be a CompetitiveMixture, got {type(settings).__name__}")
-        settings._validate_common()  # errors name the settings' own parameters
-        settings._validate_params()
+        settings._validate_settings()  # errors name the settings' own parameters
         return settings
     if isinstance(estimator, CompetitiveMixture):
         return estimator

@@ -274,6 +274,8 @@ def test_training_curves_label_the_units_given(tmp_path, monkeypatch):
     assert labels == ["nats", "s"]  # val_loss shares the loss panel; lr has no unit
     with pytest.raises(ValueError, match=r"units names keys not in history: \['temp'\]"):
         plot_training_curves(history, tmp_path / "x.png", units={"temp": "K"})
+    with pytest.raises(TypeError, match="units must map history keys to labels, got str"):
+        plot_training_curves(history, tmp_path / "x.png", units="nats")
 
 
 def test_a_huge_label_is_refused_not_given_a_palette_row_per_value(tmp_path):

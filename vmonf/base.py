@@ -182,6 +182,11 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         return {}
 
     # -- validation and plumbing -------------------------------------------------------
+    def _validate_settings(self) -> None:
+        """Check every hyper-parameter (the shared ones, then the subclass's)."""
+        self._validate_common()
+        self._validate_params()
+
     def _validate_common(self) -> None:
         check_positive_int(self.n_components, "n_components")
         check_positive_int(self.max_epochs, "max_epochs")
@@ -330,8 +335,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         ``resume=True`` continues from that file when it exists and ends with the
         same weights as an uninterrupted fit.
         """
-        self._validate_common()
-        self._validate_params()
+        self._validate_settings()
         check_bool(resume, "resume")
         init_from_env(self._torch_device)  # under torchrun: train data-parallel
         x = check_array(X, "X", min_samples=2, allow_images=True)

@@ -416,6 +416,8 @@ def plot_training_curves(
         if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
             raise TypeError(f"history[{key!r}] must hold numbers, got dtype {arr.dtype}")
         series.append((str(key), arr.astype(np.float64)))
+    if units is not None and not isinstance(units, Mapping):
+        raise TypeError(f"units must map history keys to labels, got {type(units).__name__}")
     units = {} if units is None else dict(units)
     for option, keys in (("log_scale", log_scale), ("units", units)):
         unknown = set(keys) - set(history)
