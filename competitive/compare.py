@@ -255,12 +255,15 @@ def _correlation(fn: Any, a: np.ndarray, b: np.ndarray) -> float:
 
 
 def _check_ratio_array(values: object, name: str) -> np.ndarray:
-    arr = np.asarray(values, dtype=np.float64)
-    if arr.ndim != 2 or arr.shape[0] < 2 or arr.shape[1] < 1:
-        raise ValueError(f"{name} must be (N, K) with N >= 2, got shape {arr.shape}")
-    if not np.isfinite(arr).all():
-        raise ValueError(f"{name} must be finite")
-    return arr
+    """(N, K) finite real log-ratios, N >= 2, as float64 (:func:`check_array`'s checks:
+    a complex estimate is refused, not silently cut to its real part)."""
+    try:
+        shape = np.shape(values)
+    except ValueError:  # ragged rows: check_array says so
+        return check_array(values, name)
+    if len(shape) != 2 or shape[0] < 2 or shape[1] < 1:
+        raise ValueError(f"{name} must be (N, K) with N >= 2, got shape {shape}")
+    return check_array(values, name)
 
 
 def _check_saturation(saturation: object) -> float:

@@ -9,23 +9,19 @@ figure, writes a PNG at ``path`` and returns the ``Path``.
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from vmonf._validation import (
     check_array,
     check_integer_labels,
-    check_output_file,
     check_positive_int,
 )
-from vmonf.plots import class_colours
+from vmonf.plots import check_dpi, class_colours, figure_file, new_figure, save_png
 
 __all__ = [
     "plot_agreement_rounds",
@@ -38,12 +34,6 @@ __all__ = [
 Bounds = tuple[float, float, float, float]
 
 
-def _figure(width: float, height: float) -> Figure:
-    fig = Figure(figsize=(width, height), layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig
-
-
 def _plane(ax: Axes, bounds: Bounds | None) -> None:
     """A bare 2-D scatter panel: no ticks, window fixed to ``bounds`` when given."""
     if bounds is not None:
@@ -51,12 +41,6 @@ def _plane(ax: Axes, bounds: Bounds | None) -> None:
         ax.set_ylim(bounds[2], bounds[3])
     ax.set_xticks([])
     ax.set_yticks([])
-
-
-def _save(fig: Figure, path: str | os.PathLike, dpi: int) -> Path:
-    out = check_output_file(path)
-    fig.savefig(out, format="png", dpi=dpi)
-    return out
 
 
 def _check_owners(owners: object, n_points: int, n_components: int, name: str) -> np.ndarray:
@@ -93,7 +77,8 @@ def plot_assignment_rounds(
     shown = np.unique(np.linspace(0, len(owners) - 1, min(max_panels, len(owners))).round())
     cols = min(4, shown.size)
     rows = math.ceil(shown.size / cols)
-    fig = _figure(3.0 * cols, 2.8 * rows)
+    out, dpi = figure_file(path), check_dpi(dpi)
+    fig = new_figure(3.0 * cols, 2.8 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     palette = class_colours(n_components)
     for ax, i in zip(axes, shown.astype(int), strict=False):
@@ -102,7 +87,7 @@ def plot_assignment_rounds(
         _plane(ax, bounds)
     for ax in axes[shown.size :]:
         ax.set_axis_off()
-    return _save(fig, path, dpi)
+    return save_png(fig, out, dpi)
 
 
 def plot_shares(shares: Sequence[Sequence[float]], path: Path, *, dpi: int = 100) -> Path:
@@ -112,7 +97,8 @@ def plot_shares(shares: Sequence[Sequence[float]], path: Path, *, dpi: int = 100
         raise ValueError(
             f"shares must be (rounds, K) with at least one round and component, got {arr.shape}"
         )
-    fig = _figure(5.0, 3.4)
+    out, dpi = figure_file(path), check_dpi(dpi)
+    fig = new_figure(5.0, 3.4)
     ax = fig.add_subplot()
     palette = class_colours(arr.shape[1])
     rounds = np.arange(1, arr.shape[0] + 1)
@@ -124,7 +110,7 @@ def plot_shares(shares: Sequence[Sequence[float]], path: Path, *, dpi: int = 100
     ax.grid(alpha=0.3)
     if arr.shape[1] <= 12:
         ax.legend(title="component", fontsize="small", ncols=2)
-    return _save(fig, path, dpi)
+    return save_png(fig, out, dpi)
 
 
 def _check_pair(a: object, b: object, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -164,7 +150,8 @@ def plot_estimate_vs_exact(
     diagonal = np.concatenate([diagonal, np.linspace(0.0, max(hi, 0.0), 20)])
     cols = min(k, 5)
     n_rows = math.ceil(k / cols)
-    fig = _figure(2.8 * cols, 2.7 * n_rows)
+    out, dpi = figure_file(path), check_dpi(dpi)
+    fig = new_figure(2.8 * cols, 2.7 * n_rows)
     axes = fig.subplots(n_rows, cols, squeeze=False).ravel()
     palette = class_colours(k)
     for j, ax in enumerate(axes[:k]):
@@ -178,7 +165,7 @@ def plot_estimate_vs_exact(
         ax.set_axis_off()
     fig.supxlabel(xlabel + ", symlog", fontsize="small")
     fig.supylabel(ylabel + ", symlog", fontsize="small")
-    return _save(fig, path, dpi)
+    return save_png(fig, out, dpi)
 
 
 def plot_agreement_rounds(
@@ -192,7 +179,8 @@ def plot_agreement_rounds(
     """One line per run: a value per round (index 0 = right after pre-training)."""
     if not curves or any(len(v) == 0 for v in curves.values()):
         raise ValueError("curves must map each label to at least one value")
-    fig = _figure(5.6, 3.6)
+    out, dpi = figure_file(path), check_dpi(dpi)
+    fig = new_figure(5.6, 3.6)
     ax = fig.add_subplot()
     palette = class_colours(len(curves))
     for colour, (label, values) in zip(palette, curves.items(), strict=True):
@@ -205,7 +193,7 @@ def plot_agreement_rounds(
     ax.legend(fontsize="small", ncols=2 if len(curves) > 4 else 1)
     if title is not None:
         ax.set_title(title, fontsize="small")
-    return _save(fig, path, dpi)
+    return save_png(fig, out, dpi)
 
 
 def plot_disagreement(
@@ -226,7 +214,8 @@ def plot_disagreement(
     a = _check_owners(exact, pts.shape[0], n_components, "exact")
     b = _check_owners(estimated, pts.shape[0], n_components, "estimated")
     differ = a != b
-    fig = _figure(9.0, 3.2)
+    out, dpi = figure_file(path), check_dpi(dpi)
+    fig = new_figure(9.0, 3.2)
     axes = fig.subplots(1, 3)
     palette = class_colours(n_components)
     for ax, owners, name in zip(
@@ -241,4 +230,4 @@ def plot_disagreement(
         _plane(ax, bounds)
     if title is not None:
         fig.suptitle(title, fontsize="small")
-    return _save(fig, path, dpi)
+    return save_png(fig, out, dpi)

@@ -184,7 +184,8 @@ def test_compare_log_ratios_on_constructed_values():
     [
         (np.zeros((5, 2)), np.zeros((5, 3)), {}, "shape"),
         (np.zeros((5,)), np.zeros((5,)), {}, r"\(N, K\)"),
-        (np.full((5, 2), np.nan), np.zeros((5, 2)), {}, "finite"),
+        (np.full((5, 2), np.nan), np.zeros((5, 2)), {}, "NaN or infinite"),
+        (np.zeros((5, 2)) + 1j, np.zeros((5, 2)), {}, "estimate must be real-valued"),
         (np.zeros((5, 2)), np.zeros((5, 2)), {"saturation": 0.7}, "saturation"),
         (np.zeros((5, 2)), np.zeros((5, 2)), {"logits": np.zeros((4, 2))}, "logits"),
     ],
@@ -312,6 +313,11 @@ def test_comparison_figures_are_written(tmp_path):
         X2, [good, good + 2], ["a", "b"], tmp_path / "j.png", n_components=3
     )
     assert path.exists()
+    # dpi and path are checked as vmonf.plots checks them (dpi was not checked at all)
+    with pytest.raises(ValueError, match="dpi must be >= 1, got 0"):
+        plot_agreement_rounds({"x": [1.0]}, tmp_path / "k.png", dpi=0)
+    with pytest.raises(ValueError, match=r"path must end in \.png"):
+        plot_agreement_rounds({"x": [1.0]}, tmp_path / "k.pdf")
 
 
 # --------------------------------------------------------------------------- the report

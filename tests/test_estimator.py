@@ -433,13 +433,13 @@ def test_student_t_base_fits_round_trips_and_samples(tmp_path):
 def test_top_k_elbo_fits_reproducibly_and_round_trips(tmp_path, monkeypatch):
     X, y = blobs()
     widths = []  # components listed per point at each call
-    original = MixtureOfFlows.log_joint_at
+    original = MixtureOfFlows._log_joint_at
 
     def spy(self, x, components):
         widths.append(components.shape[1])
         return original(self, x, components)
 
-    monkeypatch.setattr(MixtureOfFlows, "log_joint_at", spy)
+    monkeypatch.setattr(MixtureOfFlows, "_log_joint_at", spy)
     model = VMoNF(3, random_state=0, elbo_top_k=2, **FAST).fit(X)
     assert 2 in widths, "training did not use the top-2 path"  # pre-training lists 1
     again = VMoNF(3, random_state=0, elbo_top_k=2, **FAST).fit(X)

@@ -293,7 +293,9 @@ def test_bad_inputs_give_clear_errors():
         flows.log_prob([[0.0, 1.0]])
     for d in (2, 4):  # D = 2 used to promote silently, D = 4 to fail deep inside a GEMM
         flows64 = ComponentFlows(n_features=d, n_components=2).double()
-        with pytest.raises(TypeError, match=r"dtype torch\.float32 but the flows compute in"):
+        with pytest.raises(
+            TypeError, match=r"dtype torch\.float32 but the weights of the flows are torch\.float64"
+        ):
             flows64.log_prob(torch.randn(3, d).float())
     with pytest.raises(ValueError, match="component"):
         flows.sample(3, component=2)

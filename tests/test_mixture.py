@@ -158,6 +158,18 @@ def test_responsibility_weights():
     torch.testing.assert_close(mixture.log_weights().exp(), torch.tensor([0.25, 0.75]))
     with pytest.raises(RuntimeError, match="responsibilities"):
         MixtureOfFlows(ComponentFlows(2, 2), "uniform").update_weights(torch.tensor([0.5, 0.5]))
+    mixture.update_weights([2.0, 6.0])  # normalised, as log_weights() always was
+    torch.testing.assert_close(mixture.log_weights().exp(), torch.tensor([0.25, 0.75]))
+    for bad, error, message in [
+        (torch.ones(3) / 3, ValueError, r"shape \(2,\), one entry per component, got \(3,\)"),
+        (torch.tensor([math.nan, 1.0]), ValueError, "finite and >= 0"),
+        (torch.tensor([-0.5, 1.5]), ValueError, "finite and >= 0"),
+        (torch.zeros(2), ValueError, "all zero"),
+        (["a", "b"], TypeError, "mean_responsibility must be numbers"),
+    ]:
+        with pytest.raises(error, match=message):
+            mixture.update_weights(bad)
+    torch.testing.assert_close(mixture.log_weights().exp(), torch.tensor([0.25, 0.75]))
 
 
 # --------------------------------------------------------------------------- top-k ELBO
@@ -182,6 +194,23 @@ def test_log_joint_at_equals_the_gathered_dense_log_joint():
     dense_grads = torch.autograd.grad((dense * weights).sum(), params, allow_unused=True)
     for g, g_ref in zip(grads, dense_grads, strict=True):
         torch.testing.assert_close(g, g_ref)
+
+
+def test_log_joint_at_refuses_components_it_cannot_gather():
+    mixture = random_model(k=3).mixture
+    x = torch.randn(4, 2)
+    for components, error, message in [
+        ([[0], [1], [2], [0]], TypeError, "components must be a torch.Tensor, got list"),
+        (torch.zeros(4, 1), TypeError, "int64 indices, got dtype torch.float"),
+        (torch.zeros(4, dtype=torch.long), ValueError, r"shape \(4, k\), one row per point"),
+        (torch.zeros(5, 1, dtype=torch.long), ValueError, r"shape \(4, k\)"),
+        (torch.full((4, 1), 3), ValueError, r"lie in \[0, 3\)"),
+        (torch.full((4, 1), -1), ValueError, r"lie in \[0, 3\)"),
+    ]:
+        with pytest.raises(error, match=message):
+            mixture.log_joint_at(x, components)
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 2\), got \(4, 3\)"):
+        mixture.log_joint_at(torch.randn(4, 3), torch.zeros(4, 1, dtype=torch.long))
 
 
 @pytest.mark.parametrize("objective", ["elbo", "marginal"])
@@ -305,3 +334,21 @@ def test_posterior_refuses_temperatures_that_give_nan_or_a_reversed_q():
             q(x, temperature=bad)
     with pytest.raises(ValueError, match=r"minimum temperature \(1\) must be <= the initial"):
         TemperatureSchedule("exponential", initial=0.1, minimum=1.0)
+
+
+def test_posterior_refuses_points_of_the_wrong_shape_type_or_dtype():
+    q = PosteriorNet(2, 3).float()
+    for x, error, message in [
+        (torch.randn(4, 3), ValueError, r"x must have shape \(N, 2\), got \(4, 3\)"),
+        (torch.randn(4), ValueError, r"x must have shape \(N, 2\), got \(4,\)"),
+        (torch.randn(4, 2).numpy(), TypeError, "x must be a torch.Tensor, got ndarray"),
+        (
+            torch.randn(4, 2).double(),
+            TypeError,
+            "float64 but the weights of the posterior are torch.float32",
+        ),
+        (torch.ones(4, 2, dtype=torch.long), TypeError, "dtype torch.int64"),
+    ]:
+        with pytest.raises(error, match=message):
+            q(x)
+    assert q.double()(torch.randn(4, 2).double()).dtype == torch.float64

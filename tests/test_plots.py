@@ -287,3 +287,32 @@ def test_a_huge_label_is_refused_not_given_a_palette_row_per_value(tmp_path):
     with pytest.raises(ValueError, match="n_classes must be <= 1000"):
         plots.class_colours(10**6)
     assert plots.class_colours(1000).shape == (1000, 4)
+
+
+def test_paths_dpi_and_colormaps_are_checked_before_drawing(tmp_path):
+    X, y = _data()
+    for name in ("s.pdf", "s.svg", "s"):  # PNG bytes under another name misled viewers
+        with pytest.raises(ValueError, match=r"path must end in \.png: this function writes a PNG"):
+            plot_samples(X, y, tmp_path / "sub" / name)
+    assert not (tmp_path / "sub").exists()  # refused before its folder was made
+    _assert_image(plot_samples(X, y, tmp_path / "s.PNG"), "PNG")
+    with pytest.raises(ValueError, match=r"path must end in \.gif"):
+        animate_assignments(X, [y], tmp_path / "a.png")
+    with pytest.raises(ValueError, match="dpi must be <= 1200, got 1000000"):
+        plot_samples(X, y, tmp_path / "s.png", dpi=10**6)  # Agg fails past 2**16 pixels
+    with pytest.raises(ValueError, match="cmap 'nope' is not a matplotlib colormap"):
+        plot_density_comparison(None, _model_log_prob, BOUNDS, tmp_path / "d.png", cmap="nope")
+    with pytest.raises(TypeError, match="cmap must be a colormap name or a Colormap, got int"):
+        plot_image_grid(np.zeros((2, 4, 4)), tmp_path / "g.png", cmap=3)
+    from matplotlib import colormaps
+
+    out = plot_image_grid(np.zeros((2, 4, 4)), tmp_path / "g.png", cmap=colormaps["magma"])
+    _assert_image(out, "PNG")
+
+
+def test_animations_take_torch_tensors(tmp_path):
+    X, y = _data()
+    grids = torch.from_numpy(np.stack([density_grid(_true_log_prob, BOUNDS, 12)[2]] * 2))
+    _assert_image(animate_density(grids, BOUNDS, tmp_path / "d.gif"), "GIF", n_frames=2)
+    labels = torch.from_numpy(np.stack([y, y[::-1]]))
+    _assert_image(animate_assignments(X, labels, tmp_path / "a.gif"), "GIF", n_frames=2)

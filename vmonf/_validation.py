@@ -13,6 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse
+import torch
 
 # torch seeds are 64-bit: keep to the signed range, with room for derived seeds.
 MAX_SEED = 2**63 - 1
@@ -26,6 +27,7 @@ __all__ = [
     "check_integer_labels",
     "check_labels",
     "check_output_file",
+    "check_points",
     "check_positive_float",
     "check_positive_int",
     "check_seed",
@@ -91,6 +93,35 @@ def check_array(
         bad = int((~np.isfinite(arr)).any(axis=1).sum())
         raise ValueError(f"{name} contains NaN or infinite values ({bad} row(s))")
     return arr
+
+
+def check_points(
+    x: object,
+    n_features: int,
+    dtype: torch.dtype,
+    name: str = "x",
+    *,
+    computed_by: str = "module",
+    n_components: int | None = None,
+) -> None:
+    """Refuse anything but a tensor of ``dtype`` shaped (N, n_features) or, with
+    ``n_components``, also (n_components, N, n_features): a ``TypeError`` for a
+    non-tensor or another dtype, a ``ValueError`` for another shape."""
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    stacked = n_components is not None and x.dim() == 3
+    if not (x.dim() == 2 or stacked) or x.shape[-1] != n_features:
+        expected = f"(N, {n_features})"
+        if n_components is not None:
+            expected += f" or ({n_components}, N, {n_features})"
+        raise ValueError(f"{name} must have shape {expected}, got {tuple(x.shape)}")
+    if stacked and x.shape[0] != n_components:
+        raise ValueError(f"{name} has {x.shape[0]} component slices, expected {n_components}")
+    if x.dtype != dtype:
+        raise TypeError(
+            f"{name} has dtype {x.dtype} but the weights of the {computed_by} are {dtype}: "
+            f"convert one ({name}.to({dtype}) or {computed_by}.to(...))"
+        )
 
 
 def image_shape(X: object) -> tuple[int, ...] | None:

@@ -10,7 +10,13 @@ import torch
 from nflows.distributions.normal import StandardNormal
 from torch import Tensor, nn
 
-from vmonf._validation import check_bool, check_choice, check_positive_float, check_positive_int
+from vmonf._validation import (
+    check_bool,
+    check_choice,
+    check_points,
+    check_positive_float,
+    check_positive_int,
+)
 from vmonf.coupling import ACTIVATIONS, ActNorm, AffineCoupling, LULinear, coupling_forward
 
 __all__ = [
@@ -245,23 +251,10 @@ class ComponentFlows(nn.Module):
         return next(self.parameters())
 
     def _check(self, x: Tensor, name: str) -> None:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-        if x.shape[-1] != self.n_features or x.dim() not in (2, 3):
-            raise ValueError(
-                f"{name} must have shape (N, {self.n_features}) or "
-                f"({self.n_components}, N, {self.n_features}), got {tuple(x.shape)}"
-            )
-        if x.dim() == 3 and x.shape[0] != self.n_components:
-            raise ValueError(
-                f"{name} has {x.shape[0]} component slices, expected {self.n_components}"
-            )
-        dtype = next(self.parameters()).dtype
-        if x.dtype != dtype:
-            raise TypeError(
-                f"{name} has dtype {x.dtype} but the flows compute in {dtype}: convert one "
-                f"({name}.to(dtype) or flows.to(...))"
-            )
+        check_points(
+            x, self.n_features, self._reference.dtype, name,
+            computed_by="flows", n_components=self.n_components,
+        )  # fmt: skip
 
     def _stack(self, x: Tensor) -> Tensor:
         return x.expand(self.n_components, *x.shape) if x.dim() == 2 else x

@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from vmonf._validation import check_choice, check_positive_int
+from vmonf._validation import check_choice, check_points, check_positive_int
 from vmonf.flows import ComponentFlows, group_by_component
 
 __all__ = ["WEIGHT_MODES", "MixtureOfFlows", "draw_components", "generator_on"]
@@ -76,7 +76,28 @@ class MixtureOfFlows(nn.Module):
         does, :func:`group_by_component`), so the cost is that of K x (the largest
         count) points instead of K x N. ActNorm layers still initialise from the whole
         batch, as in :meth:`log_joint`: the regrouped slices repeat point 0 as padding.
+
+        Raises ``TypeError``/``ValueError`` for an x that is not an (N, D) tensor of
+        the flows' dtype, or components that are not an (N, k) int64 tensor of indices
+        in [0, K).
         """
+        flows = self.flows
+        check_points(x, flows.n_features, next(flows.parameters()).dtype, computed_by="flows")
+        n, k = x.shape[0], self.n_components
+        if not isinstance(components, Tensor):
+            raise TypeError(f"components must be a torch.Tensor, got {type(components).__name__}")
+        if components.dtype != torch.long:
+            raise TypeError(f"components must be int64 indices, got dtype {components.dtype}")
+        if components.dim() != 2 or components.shape[0] != n:
+            raise ValueError(
+                f"components must have shape ({n}, k), one row per point, got "
+                f"{tuple(components.shape)}"
+            )
+        if components.numel() and (components.min() < 0 or components.max() >= k):
+            raise ValueError(f"components must lie in [0, {k})")
+        return self._log_joint_at(x, components)
+
+    def _log_joint_at(self, x: Tensor, components: Tensor) -> Tensor:
         self.flows.initialize(x)
         n, k = x.shape[0], self.n_components
         listed = torch.zeros(n, k, dtype=torch.bool, device=x.device)
@@ -98,10 +119,25 @@ class MixtureOfFlows(nn.Module):
 
     @torch.no_grad()
     def update_weights(self, mean_responsibility: Tensor) -> None:
-        """Set pi to the given (K,) mean responsibilities (``"responsibilities"`` mode)."""
+        """Set pi to the given (K,) mean responsibilities (``"responsibilities"`` mode):
+        finite, >= 0 and not all zero; normalised to sum to 1."""
         if self.weight_mode != "responsibilities":
             raise RuntimeError("update_weights needs weights='responsibilities'")
-        self.weight_logits.copy_(torch.log(mean_responsibility.clamp_min(1e-12)))
+        logits = self.weight_logits
+        try:
+            weights = torch.as_tensor(mean_responsibility, dtype=logits.dtype, device=logits.device)
+        except (TypeError, ValueError, RuntimeError) as exc:
+            raise TypeError(f"mean_responsibility must be numbers: {exc}") from None
+        if weights.shape != logits.shape:
+            raise ValueError(
+                f"mean_responsibility must have shape {tuple(logits.shape)}, one entry per "
+                f"component, got {tuple(weights.shape)}"
+            )
+        if not (bool(torch.isfinite(weights).all()) and bool((weights >= 0).all())):
+            raise ValueError("mean_responsibility must be finite and >= 0")
+        if not bool(weights.sum() > 0):
+            raise ValueError("mean_responsibility must not be all zero")
+        logits.copy_(torch.log(weights.clamp_min(1e-12)))
 
     @torch.no_grad()
     def sample(self, n: int, generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:

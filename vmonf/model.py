@@ -74,4 +74,4 @@ class VariationalMixture(nn.Module):
         """log p(x, c) and log q(c|x) at each point's ``top_k`` best-ranked components,
         (N, top_k) each; each flow runs only on the points that list it."""
         components = ranking.topk(top_k, dim=1).indices
-        return self.mixture.log_joint_at(x, components), log_q.gather(1, components)
+        return self.mixture._log_joint_at(x, components), log_q.gather(1, components)

@@ -19,9 +19,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.animation import FuncAnimation, PillowWriter
 from matplotlib.backends.backend_agg import FigureCanvasAgg
-from matplotlib.colors import BoundaryNorm, ListedColormap
+from matplotlib.colors import BoundaryNorm, Colormap, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
@@ -34,17 +35,23 @@ from vmonf._validation import (
 )
 
 __all__ = [
+    "MAX_DPI",
     "animate_assignments",
     "animate_density",
+    "check_cmap",
+    "check_dpi",
     "class_colours",
     "density_grid",
+    "figure_file",
     "grid_points",
+    "new_figure",
     "plot_component_images",
     "plot_decision_regions",
     "plot_density_comparison",
     "plot_image_grid",
     "plot_samples",
     "plot_training_curves",
+    "save_png",
 ]
 
 Bounds = tuple[float, float, float, float]
@@ -53,6 +60,8 @@ LogProbFn = Callable[[np.ndarray], object]
 
 _UNLABELLED_COLOUR = (0.6, 0.6, 0.6, 1.0)
 MAX_CLASSES = 1000  # colours a plot tells apart (and palette rows it allocates)
+# A 5-inch figure is then 6000 pixels wide; Agg refuses images beyond 2**16 pixels a side.
+MAX_DPI = 1200
 
 
 # --------------------------------------------------------------------------- helpers
@@ -108,13 +117,45 @@ def _check_points_2d(X: object, name: str = "X") -> np.ndarray:
     return check_array(X, name, n_features=2)
 
 
-def _new_figure(width: float, height: float) -> Figure:
+def new_figure(width: float, height: float) -> Figure:
+    """A figure of ``width`` x ``height`` inches on its own Agg canvas (no pyplot state)."""
     fig = Figure(figsize=(width, height), layout="constrained")
     FigureCanvasAgg(fig)
     return fig
 
 
-def _save_png(fig: Figure, path: Path, dpi: int) -> Path:
+def figure_file(path: object, suffix: str = ".png") -> Path:
+    """``path`` as a writable file ending in ``suffix`` (the format written there)."""
+    if (
+        isinstance(path, str | os.PathLike)
+        and Path(path).suffix.lower() != suffix
+        and not Path(path).is_dir()  # check_output_file says what is wrong with that
+    ):
+        raise ValueError(
+            f"path must end in {suffix}: this function writes a {suffix[1:].upper()} image, "
+            f"got {str(path)!r}"
+        )
+    return check_output_file(path)
+
+
+def check_dpi(dpi: object) -> int:
+    """Dots per inch in [1, ``MAX_DPI``]."""
+    return check_positive_int(dpi, "dpi", maximum=MAX_DPI)
+
+
+def check_cmap(cmap: object) -> str | Colormap:
+    """A matplotlib colormap or the name of a registered one."""
+    if isinstance(cmap, Colormap):
+        return cmap
+    if not isinstance(cmap, str):
+        raise TypeError(f"cmap must be a colormap name or a Colormap, got {type(cmap).__name__}")
+    if cmap not in colormaps:
+        raise ValueError(f"cmap {cmap!r} is not a matplotlib colormap (e.g. 'viridis', 'gray')")
+    return cmap
+
+
+def save_png(fig: Figure, path: Path, dpi: int) -> Path:
+    """Write ``fig`` as a PNG at ``path`` (checked by :func:`figure_file`); returns it."""
     fig.savefig(path, format="png", dpi=dpi)
     return path
 
@@ -122,8 +163,6 @@ def _save_png(fig: Figure, path: Path, dpi: int) -> Path:
 def class_colours(n_classes: int) -> np.ndarray:
     """(n_classes, 4) RGBA categorical colours (tab10, then tab20, then hsv); at most
     ``MAX_CLASSES`` (a label of 10**9 would otherwise ask for a 10**9-colour palette)."""
-    from matplotlib import colormaps
-
     n_classes = check_positive_int(n_classes, "n_classes", minimum=0, maximum=MAX_CLASSES)
     if n_classes <= 10:
         return colormaps["tab10"](np.arange(n_classes))
@@ -197,7 +236,7 @@ def plot_density_comparison(
     *,
     resolution: int = 200,
     titles: tuple[str, str] = ("true density", "model density"),
-    cmap: str = "viridis",
+    cmap: str | Colormap = "viridis",
     dpi: int = 100,
 ) -> Path:
     """Heatmaps of the true and model densities side by side, on one colour scale.
@@ -206,15 +245,16 @@ def plot_density_comparison(
     """
     bounds = _check_bounds(bounds)
     names = _check_titles(titles, 2, "panels (true, model)") or ["true density", "model density"]
-    dpi = check_positive_int(dpi, "dpi")
-    out = check_output_file(path)
+    dpi = check_dpi(dpi)
+    cmap = check_cmap(cmap)
+    out = figure_file(path)
     panels: list[tuple[str, np.ndarray]] = []
     if true_log_prob is not None:
         panels.append((names[0], density_grid(true_log_prob, bounds, resolution)[2]))
     panels.append((names[1], density_grid(model_log_prob, bounds, resolution)[2]))
     vmax = max(float(d.max()) for _, d in panels)
     vmax = vmax if vmax > 0 else 1.0
-    fig = _new_figure(4.2 * len(panels) + 0.8, 4.0)
+    fig = new_figure(4.2 * len(panels) + 0.8, 4.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     image = None
     for ax, (title, dens) in zip(axes, panels, strict=True):
@@ -225,7 +265,7 @@ def plot_density_comparison(
         ax.set_xlabel("$x_1$")
     axes[0].set_ylabel("$x_2$")
     fig.colorbar(image, ax=list(axes), label="density")
-    return _save_png(fig, out, dpi)
+    return save_png(fig, out, dpi)
 
 
 def _plane_axes(ax: object, bounds: Bounds | None) -> None:
@@ -256,11 +296,11 @@ def plot_samples(
     """
     pts = _check_points_2d(X)
     lab = None if labels is None else check_integer_labels(labels, "labels", pts.shape[0])
-    out = check_output_file(path)
+    out = figure_file(path)
     marker_size = check_positive_float(marker_size, "marker_size")
-    dpi = check_positive_int(dpi, "dpi")
+    dpi = check_dpi(dpi)
     n_classes = _resolve_n_classes(n_classes, lab)
-    fig = _new_figure(5.0, 4.6)
+    fig = new_figure(5.0, 4.6)
     ax = fig.add_subplot()
     if lab is None:
         ax.scatter(pts[:, 0], pts[:, 1], s=marker_size, color="C0", linewidths=0)
@@ -272,7 +312,7 @@ def plot_samples(
     _plane_axes(ax, bounds)
     if title is not None:
         ax.set_title(title)
-    return _save_png(fig, out, dpi)
+    return save_png(fig, out, dpi)
 
 
 def _resolve_n_classes(n_classes: int | None, *labels: np.ndarray | None) -> int:
@@ -326,8 +366,8 @@ def plot_decision_regions(
     if not callable(predict):
         raise TypeError(f"predict must be callable, got {type(predict).__name__}")
     bounds = _check_bounds(bounds)
-    out = check_output_file(path)
-    dpi = check_positive_int(dpi, "dpi")
+    out = figure_file(path)
+    dpi = check_dpi(dpi)
     marker_size = check_positive_float(marker_size, "marker_size")
     pts = None if X is None else _check_points_2d(X)
     if y is not None and pts is None:
@@ -349,7 +389,7 @@ def plot_decision_regions(
     palette = class_colours(n_classes)
     cmap = ListedColormap(palette[:, :3])
     norm = BoundaryNorm(np.arange(n_classes + 1) - 0.5, n_classes)
-    fig = _new_figure(5.0, 4.6)
+    fig = new_figure(5.0, 4.6)
     ax = fig.add_subplot()
     ax.imshow(
         region.reshape(xx.shape),
@@ -380,7 +420,7 @@ def plot_decision_regions(
     ax.set_ylabel("$x_2$")
     if title is not None:
         ax.set_title(title)
-    return _save_png(fig, out, dpi)
+    return save_png(fig, out, dpi)
 
 
 def plot_training_curves(
@@ -423,8 +463,8 @@ def plot_training_curves(
         unknown = set(keys) - set(history)
         if unknown:
             raise ValueError(f"{option} names keys not in history: {sorted(unknown)}")
-    out = check_output_file(path)
-    dpi = check_positive_int(dpi, "dpi")
+    out = figure_file(path)
+    dpi = check_dpi(dpi)
     # "val_loss" is drawn on the "loss" panel, so the two can be compared.
     panels: dict[str, list[tuple[str, np.ndarray]]] = {}
     for key, arr in series:
@@ -436,7 +476,7 @@ def plot_training_curves(
     n = len(panels)
     n_cols = min(n, 3)
     n_rows = math.ceil(n / n_cols)
-    fig = _new_figure(3.6 * n_cols, 2.8 * n_rows)
+    fig = new_figure(3.6 * n_cols, 2.8 * n_rows)
     axes = fig.subplots(n_rows, n_cols, squeeze=False).ravel()
     for ax, (name, curves) in zip(axes, panels.items(), strict=False):
         for key, arr in curves:
@@ -455,7 +495,7 @@ def plot_training_curves(
         ax.set_visible(False)
     if title is not None:
         fig.suptitle(title)
-    return _save_png(fig, out, dpi)
+    return save_png(fig, out, dpi)
 
 
 def _clip_to_bulk(ax: object, values: np.ndarray) -> str:
@@ -478,7 +518,7 @@ def plot_image_grid(
     path: PathLike,
     *,
     n_cols: int | None = None,
-    cmap: str = "gray",
+    cmap: str | Colormap = "gray",
     vmin: float | None = None,
     vmax: float | None = None,
     padding: int = 1,
@@ -509,8 +549,9 @@ def plot_image_grid(
     n_cols = min(n_cols, n)
     n_rows = math.ceil(n / n_cols)
     padding = check_positive_int(padding, "padding", minimum=0)
-    out = check_output_file(path)
-    dpi = check_positive_int(dpi, "dpi")
+    out = figure_file(path)
+    dpi = check_dpi(dpi)
+    cmap = check_cmap(cmap)
     lo = float(arr.min()) if vmin is None else _check_finite(vmin, "vmin")
     hi = float(arr.max()) if vmax is None else _check_finite(vmax, "vmax")
     if hi <= lo:
@@ -527,7 +568,7 @@ def plot_image_grid(
         img = arr[i] if arr.ndim == 3 else np.clip((arr[i] - lo) / (hi - lo), 0.0, 1.0)
         mosaic[y0 : y0 + h, x0 : x0 + w] = img
     scale = max(1.0, 512.0 / max(mosaic.shape[0], mosaic.shape[1]))
-    fig = _new_figure(
+    fig = new_figure(
         mosaic.shape[1] * scale / dpi + 0.2, mosaic.shape[0] * scale / dpi + (0.5 if title else 0.2)
     )
     ax = fig.add_subplot()
@@ -548,7 +589,7 @@ def plot_image_grid(
             spine.set_visible(False)
     if title is not None:
         ax.set_title(title)
-    return _save_png(fig, out, dpi)
+    return save_png(fig, out, dpi)
 
 
 def plot_component_images(
@@ -607,7 +648,7 @@ def animate_density(
     *,
     fps: int = 5,
     titles: Sequence[str] | None = None,
-    cmap: str = "viridis",
+    cmap: str | Colormap = "viridis",
     vmax: float | None = None,
     dpi: int = 80,
 ) -> Path:
@@ -616,6 +657,8 @@ def animate_density(
     Row 0 of a grid is the bottom edge ``ymin`` (as :func:`density_grid` returns it).
     All frames share one colour scale, [0, ``vmax``] (default: the largest value).
     """
+    if hasattr(frames, "detach"):  # a torch tensor of frames
+        frames = _to_numpy(frames)
     if isinstance(frames, np.ndarray) and frames.ndim == 3:
         frames = list(frames)
     if not isinstance(frames, Sequence) or len(frames) == 0:
@@ -630,13 +673,14 @@ def animate_density(
         if not np.isfinite(g).all() or (g < 0).any():
             raise ValueError(f"frames[{i}] must hold finite, non-negative densities")
     bounds = _check_bounds(bounds)
-    out = check_output_file(path)
+    out = figure_file(path, ".gif")
     fps = check_positive_int(fps, "fps")
-    dpi = check_positive_int(dpi, "dpi")
+    dpi = check_dpi(dpi)
+    cmap = check_cmap(cmap)
     names = _check_titles(titles, len(grids), "frames")
     top = max(float(g.max()) for g in grids) if vmax is None else check_positive_float(vmax, "vmax")
     top = top if top > 0 else 1.0
-    fig = _new_figure(5.0, 4.2)
+    fig = new_figure(5.0, 4.2)
     ax = fig.add_subplot()
     image = ax.imshow(
         grids[0], origin="lower", extent=bounds, cmap=cmap, vmin=0.0, vmax=top, aspect="auto"
@@ -669,6 +713,8 @@ def animate_assignments(
     Use it to watch component assignments evolve during training (-1 = grey).
     """
     pts = _check_points_2d(X)
+    if hasattr(label_frames, "detach"):  # a torch tensor of label arrays
+        label_frames = _to_numpy(label_frames)
     if isinstance(label_frames, np.ndarray) and label_frames.ndim == 2:
         label_frames = list(label_frames)
     if not isinstance(label_frames, Sequence) or len(label_frames) == 0:
@@ -677,13 +723,13 @@ def animate_assignments(
         check_integer_labels(f, f"label_frames[{i}]", pts.shape[0])
         for i, f in enumerate(label_frames)
     ]
-    out = check_output_file(path)
+    out = figure_file(path, ".gif")
     fps = check_positive_int(fps, "fps")
-    dpi = check_positive_int(dpi, "dpi")
+    dpi = check_dpi(dpi)
     marker_size = check_positive_float(marker_size, "marker_size")
     names = _check_titles(titles, len(labs), "frames")
     n_classes = _resolve_n_classes(n_classes, *labs)
-    fig = _new_figure(5.0, 4.6)
+    fig = new_figure(5.0, 4.6)
     ax = fig.add_subplot()
     scatter = ax.scatter(
         pts[:, 0], pts[:, 1], s=marker_size, c=_label_colours(labs[0], n_classes), linewidths=0

@@ -8,7 +8,12 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from vmonf._validation import check_choice, check_positive_float, check_positive_int
+from vmonf._validation import (
+    check_choice,
+    check_points,
+    check_positive_float,
+    check_positive_int,
+)
 from vmonf.coupling import ACTIVATIONS
 
 __all__ = ["PosteriorNet", "TemperatureSchedule"]
@@ -89,4 +94,6 @@ class PosteriorNet(nn.Module):
         # A given T is checked (cheap for a float): T <= 0 or NaN would give NaN or a
         # reversed posterior.
         t = self.temperature if temperature is None else _checked_temperature(temperature)
+        if not torch.compiler.is_compiling():  # shapes and dtypes are guarded there
+            check_points(x, self.n_features, self.temperature.dtype, computed_by="posterior")
         return torch.log_softmax(self.net(x) / t, dim=-1)

@@ -20,6 +20,7 @@ from pyro.distributions import constraints
 from pyro.infer import TraceEnum_ELBO
 from torch import Tensor
 
+from vmonf._validation import check_points
 from vmonf.estimator import VMoNF
 from vmonf.flows import ComponentFlows
 from vmonf.model import VariationalMixture
@@ -131,10 +132,8 @@ class PyroMixture:
         self.name = name
 
     def _check(self, x: Tensor) -> None:
-        d = self.vm.mixture.flows.n_features
-        if not isinstance(x, Tensor) or x.dim() != 2 or x.shape[1] != d:
-            shape = tuple(x.shape) if isinstance(x, Tensor) else type(x).__name__
-            raise ValueError(f"x must be a tensor of shape (N, {d}), got {shape}")
+        dtype = next(self.vm.parameters()).dtype
+        check_points(x, self.vm.mixture.flows.n_features, dtype, computed_by="mixture")
 
     def model(self, x: Tensor, temperature: float | None = None) -> None:
         """p(x, c) = pi_c p_c(x) for x (N, D) observed; c latent, one per point."""
