@@ -80,9 +80,11 @@ RESUMABLE_CHANGES = frozenset(
 # user's units (it was standardised), fit_time_ and labels_ saved. 3: VMoNF's
 # history_ losses in the user's units.
 SAVE_FORMAT = 3
-# A fit whose mean training score (ELBO or log-likelihood, nats per point) ends this far
-# below log K under the untrained model's has diverged: an untrained mixture that only
-# sharpens its assignments loses at most log K, so anything worse means broken flows.
+# A fit whose mean training log-likelihood (exact, nats per point) ends this far below
+# log K under the untrained model's has diverged: with uniform weights, flows that each
+# model their own points at least as well as the untrained density lose at most log K
+# against it, so anything worse means broken flows. (Not the ELBO: while q(c|x) is still
+# wrong the bound can sit far below log p(x).)
 DIVERGENCE_MARGIN = 1.0
 
 

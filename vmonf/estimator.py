@@ -33,6 +33,7 @@ from vmonf.resume import Checkpointer
 from vmonf.training import (
     FitClock,
     NonFiniteLossError,
+    Objective,
     TrainConfig,
     TrainResult,
     evaluate,
@@ -46,17 +47,18 @@ OBJECTIVES = ("elbo", "marginal")
 
 
 class _Fit(NamedTuple):
-    """One training run's outcome. ELBOs are mean nats per point, standardised units:
-    ``elbo`` on the validation split (the training data without one), the other two
-    on the training data, before and after training (what divergence is judged on:
-    held-out data would also flag plain overfitting)."""
+    """One training run's outcome, in mean nats per point, standardised units: ``elbo``
+    on the validation split (the training data without one); the exact log-likelihoods
+    on the training data before and after training (what divergence is judged on: the
+    ELBO of a short fit whose q is still wrong can fall far below the untrained model's
+    while log p(x) rises, and held-out data would also flag plain overfitting)."""
 
     model: VariationalMixture
     history: dict[str, list[float]]
     n_epochs: int
     elbo: float
-    train_elbo: float
-    initial_train_elbo: float
+    train_log_likelihood: float
+    initial_train_log_likelihood: float
 
 
 def _history_in_user_units(
@@ -391,11 +393,14 @@ class VMoNF(MixtureEstimator):
         def negative_bound(batch: tuple[Tensor, ...], _: int) -> Tensor:
             return -model.elbo(batch[0], top_k=self.elbo_top_k).mean()
 
-        def mean_elbo(points: Tensor) -> float:  # standardised units
-            model.eval()
-            return -evaluate(negative_bound, (points,), 0)
+        def negative_log_likelihood(batch: tuple[Tensor, ...], _: int) -> Tensor:
+            return marginal_nll(model.mixture.log_joint(batch[0])).mean()
 
-        initial_train_elbo = mean_elbo(x)
+        def mean_score(objective: Objective, points: Tensor) -> float:  # standardised units
+            model.eval()
+            return -evaluate(objective, (points,), 0)
+
+        initial_log_likelihood = mean_score(negative_log_likelihood, x)
         init_labels = self._initial_labels(x, y, seed)
         step = 0
         if init_labels is not None:
@@ -476,9 +481,7 @@ class VMoNF(MixtureEstimator):
             self._train_config(max_time=clock.remaining(self.max_time)),
             generator=generator,
             validation=validation,
-            validation_objective=lambda batch, _: marginal_nll(
-                model.mixture.log_joint(batch[0])
-            ).mean(),
+            validation_objective=negative_log_likelihood,
             on_epoch_end=on_epoch_end,
             start_step=step,
             checkpointer=checkpointer,
@@ -490,10 +493,13 @@ class VMoNF(MixtureEstimator):
         if self.patience is not None and np.isfinite(val_loss).any():
             kept = int(np.nanargmin(val_loss))  # train() keeps the first best, never a NaN
         model.posterior.temperature.fill_(temperatures[kept])
-        train_elbo = mean_elbo(x)
-        held_out_elbo = train_elbo if val is None else mean_elbo(val)
         return _Fit(
-            model, result.history, result.n_epochs, held_out_elbo, train_elbo, initial_train_elbo
+            model,
+            result.history,
+            result.n_epochs,
+            mean_score(negative_bound, x if val is None else val),
+            mean_score(negative_log_likelihood, x),
+            initial_log_likelihood,
         )
 
     def _mean_responsibility(self, model: VariationalMixture, x: Tensor, y: Tensor) -> Tensor:
@@ -553,8 +559,8 @@ class VMoNF(MixtureEstimator):
 
     def _set_fitted(self, fit: _Fit, x: Tensor, warn: bool = True) -> None:
         """Store ``fit`` as the fitted state (``labels_`` of every row of ``x``);
-        ``converged_`` is False (with a ConvergenceWarning) when its ELBO is non-finite
-        or shows divergence."""
+        ``converged_`` is False (with a ConvergenceWarning) when its ELBO or training
+        log-likelihood is non-finite, or that log-likelihood shows divergence."""
         model = fit.model
         self.model_ = model
         log_det = float(self.standardizer_.log_abs_det())  # to the user's units
@@ -563,18 +569,22 @@ class VMoNF(MixtureEstimator):
         self.elbo_ = float(fit.elbo) + log_det
         self.weights_ = model.mixture.log_weights().exp().detach().double().cpu().numpy()
         self.labels_ = self._chunked(self._log_proba, x).argmax(axis=1).astype(np.int64)
-        diverged = fit.train_elbo < divergence_floor(fit.initial_train_elbo, self.n_components)
-        self.converged_ = bool(np.isfinite(fit.elbo)) and not diverged
+        finite = math.isfinite(fit.elbo) and math.isfinite(fit.train_log_likelihood)
+        diverged = finite and fit.train_log_likelihood < divergence_floor(
+            fit.initial_train_log_likelihood, self.n_components
+        )
+        self.converged_ = finite and not diverged
         if not warn or self.converged_:
             return
         if diverged:
             message = (
-                "VMoNF fit diverged: its ELBO on the training data is "
-                f"{fit.initial_train_elbo - fit.train_elbo:.4g} nats per point below the "
+                "VMoNF fit diverged: its log-likelihood on the training data is "
+                f"{fit.initial_train_log_likelihood - fit.train_log_likelihood:.4g} nats per "
+                "point below the "
                 f"untrained model's, more than log K + {DIVERGENCE_MARGIN:g}; lower learning_rate"
             )
         else:
-            message = "VMoNF fit ended with a non-finite ELBO"
+            message = "VMoNF fit ended with a non-finite ELBO or log-likelihood"
         warnings.warn(message, ConvergenceWarning, stacklevel=4)
 
     def _upgrade_fitted(self, version: int) -> None:
