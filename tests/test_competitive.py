@@ -36,6 +36,7 @@ from competitive.studies import StudySettings
 from vmonf import cli, training
 from vmonf.checkpoint import load_checkpoint, save_checkpoint
 from vmonf.cli import main
+from vmonf.coupling import LULinear
 from vmonf.training import NonFiniteLossError, TrainConfig
 
 FAST = dict(
@@ -369,8 +370,19 @@ def test_without_rounds_discriminator_assignment_refuses_instead_of_guessing():
         model.predict(X)
     with pytest.raises(ValueError, match="max_rounds >= 1"):
         model.log_ratio(X)
-    assert model.n_parameters() == sum(p.numel() for p in model.model_.generators.parameters())
+    assert model.n_parameters() == _free_parameters(model.model_.generators)
     assert np.isfinite(model.score(X))  # the flows' exact density is still there
+
+
+def _free_parameters(module: torch.nn.Module) -> int:
+    """Trained entries that reach the density: LULinear reads only the strict
+    triangles of its (K, D, D) ``lower`` and ``upper`` factors."""
+    total = sum(p.numel() for p in module.parameters())
+    for layer in module.modules():
+        if isinstance(layer, LULinear):
+            k, d, _ = layer.lower.shape
+            total -= 2 * (k * d * d - k * d * (d - 1) // 2)
+    return total
 
 
 def test_a_fit_failing_in_pre_training_keeps_no_untrained_discriminators(tmp_path):
@@ -476,7 +488,8 @@ def test_bic_counts_the_generators_and_the_free_weights_not_the_discriminators()
     params = {**FAST, "max_rounds": 1, "discriminator_hidden": 8, "random_state": 0}
     exact = CompetitiveMixture(2, **params).fit(X)
     ratio = CompetitiveMixture(2, assignment="discriminator", **params).fit(X)
-    n_flows = sum(p.numel() for p in exact.model_.generators.parameters())
+    n_flows = _free_parameters(exact.model_.generators)
+    assert any(isinstance(m, LULinear) for m in exact.model_.generators.modules())
     assert exact.n_parameters() == ratio.n_parameters() == n_flows + 1  # K - 1 = 1 weight
 
 

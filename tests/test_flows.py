@@ -318,6 +318,24 @@ def test_lu_linear_starts_as_the_identity():
     torch.testing.assert_close(logdet, torch.zeros(2, 5), rtol=0, atol=1e-12)
 
 
+def test_lu_linear_counts_as_many_free_parameters_as_nflows_lu_linear():
+    """BIC/AIC count LULinear's trained entries less those it never reads; nflows stores
+    exactly the free ones (strict triangles, diagonal, bias)."""
+    k, d = 3, 4
+    layer = LULinear(k, d)
+    total = sum(p.numel() for p in layer.parameters())
+    free_per_component = sum(p.numel() for p in NflowsLULinear(d).parameters())
+    assert total - layer.n_unused_parameters() == k * free_per_component
+    with torch.no_grad():
+        layer.lower.normal_()
+        layer.upper.normal_()
+    layer(torch.randn(k, 6, d))[0].square().sum().backward()
+    unused = (layer.lower.grad == 0).sum() + (layer.upper.grad == 0).sum()
+    assert int(unused) == layer.n_unused_parameters()  # the entries with no gradient
+    layer.lower.requires_grad_(False)  # a frozen factor is not counted at all
+    assert layer.n_unused_parameters() == k * d * (d + 1) // 2
+
+
 def test_alternating_masks_alternate():
     assert [m.tolist() for m in alternating_masks(3, 3)] == [[1, 0, 1], [0, 1, 0], [1, 0, 1]]
 

@@ -41,6 +41,7 @@ from vmonf.checkpoint import (
     save_checkpoint,
     to_plain,
 )
+from vmonf.coupling import LULinear
 from vmonf.distributed import broadcast_int, count_ranks, init_from_env
 from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer, fingerprint
@@ -464,10 +465,16 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     def n_parameters(self) -> int:
         """Number of fitted scalars that define p(x) (for BIC/AIC): the components'
-        trained parameters plus the free mixing weights."""
+        trained parameters (less entries a layer never reads, such as the unused
+        triangles of :class:`~vmonf.coupling.LULinear`'s factors) plus the free mixing
+        weights."""
         self._check_is_fitted()
-        trained = self._density_module().parameters()
-        return sum(p.numel() for p in trained if p.requires_grad) + self._n_weight_parameters()
+        module = self._density_module()
+        trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
+        unused = sum(
+            layer.n_unused_parameters() for layer in module.modules() if isinstance(layer, LULinear)
+        )
+        return trained - unused + self._n_weight_parameters()
 
     def bic(self, X: object) -> float:
         """Bayesian information criterion on X (lower is better)."""

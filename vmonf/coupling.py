@@ -539,6 +539,14 @@ class LULinear(Transform):
         self.bias = nn.Parameter(torch.zeros(n_components, 1, n_features))
         self.register_buffer("eye", torch.eye(n_features), persistent=False)
 
+    def n_unused_parameters(self) -> int:
+        """Trained entries that never reach the map: the diagonal and upper triangle of
+        ``lower``, and the diagonal and lower triangle of ``upper`` (whose diagonal is
+        ``unconstrained_diag``), K * D * (D + 1) when both are trained."""
+        k, d, _ = self.lower.shape
+        per_factor = k * d * (d + 1) // 2
+        return per_factor * (int(self.lower.requires_grad) + int(self.upper.requires_grad))
+
     def _factors(self) -> tuple[Tensor, Tensor, Tensor]:
         diag = F.softplus(self.unconstrained_diag) + self.eps
         lower = torch.tril(self.lower, -1) + self.eye
