@@ -104,6 +104,12 @@ def exact_log_ratios(
 
     Returns ``{"mixture": log p_k - log p_mix}`` (N, K), the fitted mixture as p_data,
     plus ``"truth": log p_k - log p_true`` when ``true_log_prob`` (N,) is given.
+
+    The discriminators are trained with the *data* as their real class, so ``"truth"``
+    is what they estimate. ``"mixture"`` stands in when the truth is unknown: it
+    differs from that target by log p_true - log p_mix at each point (the same for
+    every k), so argmax agreement and ARI are unaffected, but its errors and bias
+    include the model's misfit (the bias moves by about -KL(true || mix)).
     """
     log_pk = component_log_prob(estimator, X)
     out = {"mixture": log_pk - estimator.score_samples(X)[:, None]}  # type: ignore[attr-defined]
@@ -217,7 +223,9 @@ class RatioStats:
 
     Per component (K,): ``spearman`` and ``pearson`` correlation, ``mae`` (mean
     absolute error), ``bias`` (mean estimate - exact), ``mae_owned`` (MAE on the
-    points whose exact argmax is k; NaN if none), ``saturated`` (share of points
+    points whose exact argmax is k; NaN if none: ``mae`` and ``bias`` are dominated by
+    points far from component k, tens of nats below, where no sample of k fell for
+    its discriminator to learn from), ``saturated`` (share of points
     where D_k lies within ``saturation`` of 0 or 1; NaN without logits). Overall:
     ``agreement`` (share of points where the two argmaxes agree) and ``ari``
     (adjusted Rand index of the two partitions).
@@ -385,7 +393,8 @@ class RoundTracker:
     Round 0 is right after pre-training. A run with discriminator assignment is judged
     by its own discriminators; any other run by fresh ones trained on ``X_train``
     (required then). Statistics are taken at ``X_eval`` against the truth when
-    ``true_log_prob`` is given, else against the mixture.
+    ``true_log_prob`` is given, else against the mixture (whose errors then include the
+    model's misfit: see :func:`exact_log_ratios`).
 
     Attributes: ``history`` (per round: ``round`` and the means of :meth:`RatioStats.summary`),
     ``owners`` (per round: (exact argmax, discriminator argmax) at X_eval), ``seconds``

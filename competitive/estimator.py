@@ -89,10 +89,12 @@ class CompetitiveMixture(MixtureEstimator):
     Mixing weights are the shares of points won.
 
     ``predict`` applies the assignment rule that trained the generators (the argmax of
-    the likelihood estimates, plus log pi_k with ``assign_with_weights``), and
-    ``predict_proba`` is the softmax of those scores: without ``assign_with_weights``
-    it is not the Bayes posterior pi_k p_k(x) / p(x) of the mixture density that
-    ``score_samples`` and ``sample`` use.
+    the likelihood estimates, plus log max(pi_k, min share) with ``assign_with_weights``),
+    and ``predict_proba`` is the softmax of those scores. It is the Bayes posterior
+    pi_k p_k(x) / p(x) of the mixture density that ``score_samples`` and ``sample`` use
+    only with exact assignment, ``assign_with_weights`` and every pi_k at or above the
+    floor; a component below it keeps the floor's probability, so that load balancing
+    can win it points back.
 
     Args:
         n_components: number of generators K.
@@ -101,7 +103,8 @@ class CompetitiveMixture(MixtureEstimator):
             degenerate generator x = mu_k + eps: competitive training is k-means).
         assignment: ``"exact"`` (argmax log p_k(x); flows and k-means only) or
             ``"discriminator"`` (argmax of the normalised (1 - D_k)/D_k).
-        assign_with_weights: add log pi_k to the scores before the argmax.
+        assign_with_weights: add log pi_k, floored at the log of the minimum share
+            that load balancing keeps (``min_share``), to the scores before the argmax.
         init: ``"uniform"`` (pre-train every generator on all points),
             ``"random_split"`` (each on a random 1/K of them), ``"kmeans"`` (each on
             one k-means cluster of the standardised points), ``"bootstrap"`` (each on

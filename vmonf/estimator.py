@@ -121,8 +121,8 @@ class VMoNF(MixtureEstimator):
             p(x)). Each flow then runs on about k/K of the batch: for many
             components, a step costs about k flows instead of K.
         compile: run the training steps through ``torch.compile`` (dynamic shapes).
-            On CPU a step of a K = 5 flow mixture takes 0.65-0.8x the time, after
-            40-60 s of compilation at a process's first fit (about 25 s with a warm
+            On CPU a step of a K = 5 flow mixture takes 0.62-0.89x the time, after
+            45-75 s of compilation at a process's first fit (about 25 s with a warm
             on-disk cache): it pays off only for long fits (README, "Speed").
         checkpoint: file for resumable training state (None = none): written
             atomically every ``checkpoint_every`` steps or ``checkpoint_seconds``
