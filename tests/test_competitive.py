@@ -542,6 +542,16 @@ def test_the_command_prints_warnings_as_one_line_each(tmp_path, capsys):
     assert ".py:" not in err  # no Python source location
 
 
+def test_compete_without_rounds_prints_no_time_per_round(tmp_path, capsys):
+    argv = [
+        "compete", "pinwheel", "--n-train", "200", "--n-test", "64", "--rounds", "0",
+        "--pretrain-epochs", "1", "--quiet", "--out", str(tmp_path / "r"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    fit_time = next(line for line in capsys.readouterr().out.splitlines() if "fit time" in line)
+    assert "per round" not in fit_time  # it said "(n/a s per round)"
+
+
 def test_vmonf_never_imports_competitive():
     code = "import sys, vmonf, vmonf.cli; assert 'competitive' not in sys.modules"
     subprocess.run([sys.executable, "-c", code], check=True, cwd=Path(__file__).parents[1])

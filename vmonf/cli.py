@@ -307,7 +307,7 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
         "--temperature",
         choices=("constant", "anneal"),
         default="constant",
-        help="softmax temperature of q: 1, or annealed T = exp(-1e-3 step) as in the paper",
+        help="temperature of q: 1, or annealed T = max(0.05, exp(-1e-3 step)) as in the paper",
     )
     model.add_argument(
         "--layers",
@@ -384,7 +384,10 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
         "--init-steps",
         metavar="S",
         type=non_negative_int,
-        help="pre-training steps on k-means clusters (or the labels); 0 = none (default: VMoNF's)",
+        help=(
+            "pre-training steps on k-means clusters, or with --labels on the labels spread to "
+            "every point when each class has one; 0 = none (default: VMoNF's)"
+        ),
     )
     train.add_argument(
         "--device",
@@ -409,7 +412,7 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
         "--quiet",
         "-q",
         action="store_true",
-        help="no progress bar or status lines; only the results table",
+        help="no progress bar or status lines; only the results table (and any warnings)",
     )
     _add_checkpoint_arguments(p)
     p.set_defaults(handler=run_fit)
@@ -646,7 +649,9 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
         default=None,
         help="output folder (default: runs/compete-TOY-SEED)",
     )
-    out.add_argument("--quiet", "-q", action="store_true", help="only the results table")
+    out.add_argument(
+        "--quiet", "-q", action="store_true", help="only the results table (and any warnings)"
+    )
     _add_checkpoint_arguments(p)
     p.set_defaults(handler=run_compete)
 
@@ -772,7 +777,11 @@ def run_compete(args: argparse.Namespace) -> int:
         ("ARI", num("ari")),
         ("clustering accuracy", f"{num('clustering_accuracy')}  (Hungarian matching)"),
         ("rounds", f"{estimator.n_iter_}  (converged: {estimator.converged_})"),
-        ("fit time", f"{num('fit_time', 1)} s  ({num('time_per_round', 2)} s per round)"),
+        (
+            "fit time",
+            f"{num('fit_time', 1)} s"
+            + (f"  ({num('time_per_round', 2)} s per round)" if estimator.n_iter_ else ""),
+        ),
     ]
     width = max(len(name) for name, _ in rows)
     print("\n".join(f"  {name:<{width}}  {value}" for name, value in rows), flush=True)
