@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -39,6 +40,14 @@ def test_mean_log_likelihood_basic_and_torch():
     assert mean_log_likelihood([-1.0, -2.0, -3.0]) == pytest.approx(-2.0)
     assert mean_log_likelihood(torch.tensor([-1.0, -3.0])) == pytest.approx(-2.0)
     assert isinstance(mean_log_likelihood(np.array([0.5])), float)
+
+
+def test_mean_log_likelihood_of_huge_finite_values_does_not_overflow():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # numpy's overflow warning included
+        assert mean_log_likelihood([1e308, 1e308]) == 1e308  # the plain mean's sum was inf
+        assert mean_log_likelihood([-1e308, -1e308]) == -1e308
+        assert mean_log_likelihood([1e308, -1e308]) == 0.0
 
 
 def test_mean_log_likelihood_minus_inf_propagates():

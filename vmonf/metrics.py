@@ -132,7 +132,13 @@ def mean_log_likelihood(log_probs: object) -> float:
 
     Returns ``-inf`` if any point has zero density; raises ``ValueError`` on NaN or +inf.
     """
-    return float(np.mean(_check_log_probs(log_probs, "log_probs")))
+    values = _check_log_probs(log_probs, "log_probs")
+    with np.errstate(over="ignore"):
+        mean = np.mean(values)
+    if not np.isfinite(mean) and np.isfinite(values).all():  # the sum overflowed
+        scale = np.abs(values).max()
+        mean = np.mean(values / scale) * scale
+    return float(mean)
 
 
 def kl_to_truth_estimate(true_log_prob: object, model_log_prob: object) -> Estimate:
