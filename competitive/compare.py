@@ -266,10 +266,10 @@ def _check_ratio_array(values: object, name: str) -> np.ndarray:
     """(N, K) finite real log-ratios, N >= 2, as float64 (:func:`check_array`'s checks:
     a complex estimate is refused, not silently cut to its real part)."""
     try:
-        shape = np.shape(values)
+        shape: tuple[int, ...] | None = np.shape(values)
     except ValueError:  # ragged rows: check_array says so
-        return check_array(values, name)
-    if len(shape) != 2 or shape[0] < 2 or shape[1] < 1:
+        shape = None
+    if shape is not None and (len(shape) != 2 or shape[0] < 2 or shape[1] < 1):
         raise ValueError(f"{name} must be (N, K) with N >= 2, got shape {shape}")
     return check_array(values, name)
 

@@ -41,7 +41,6 @@ from vmonf.checkpoint import (
     save_checkpoint,
     to_plain,
 )
-from vmonf.coupling import LULinear
 from vmonf.distributed import broadcast_int, count_ranks, init_from_env
 from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer, fingerprint
@@ -471,8 +470,10 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         self._check_is_fitted()
         module = self._density_module()
         trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
-        unused = sum(
-            layer.n_unused_parameters() for layer in module.modules() if isinstance(layer, LULinear)
+        unused = sum(  # layers that say so, such as LULinear
+            layer.n_unused_parameters()
+            for layer in module.modules()
+            if hasattr(layer, "n_unused_parameters")
         )
         return trained - unused + self._n_weight_parameters()
 
