@@ -153,7 +153,8 @@ class CompetitiveMixture(MixtureEstimator):
     assignments still changed, or when the fit diverged: its mean training score more
     than log K + 1 nats below the untrained model's), ``pretrain_time_`` (s),
     ``fit_time_`` (s, wall time, with the time before a resume),
-    ``n_features_in_``.
+    ``n_features_in_``, ``fitted_params_`` (the settings of the fit, which predictions and
+    :meth:`save` keep to: ``set_params`` changes the next fit).
     """
 
     _checkpoint_kind = "CompetitiveMixture"
@@ -297,7 +298,8 @@ class CompetitiveMixture(MixtureEstimator):
         self._discriminator_config(None)
 
     def _min_share(self) -> float:
-        return 0.1 / self.n_components if self.min_share is None else float(self.min_share)
+        share = self._fitted_setting("min_share")
+        return 0.1 / self._fitted_setting("n_components") if share is None else float(share)
 
     def _generator_config(self, epochs: int, max_time: float | None) -> TrainConfig:
         return TrainConfig(
@@ -391,15 +393,17 @@ class CompetitiveMixture(MixtureEstimator):
         return self.model_.generators  # the discriminators only estimate p_k
 
     def _n_weight_parameters(self) -> int:
-        return self.n_components - 1 if self.max_rounds > 0 else 0  # shares won
+        fitted = self._fitted_setting
+        return fitted("n_components") - 1 if fitted("max_rounds") > 0 else 0  # shares won
 
     def _can_assign(self) -> bool:
-        return self.assignment == "exact" or self.model_.discriminators is not None
+        exact = self._fitted_setting("assignment") == "exact"
+        return exact or self.model_.discriminators is not None
 
     def _likelihood_scores(self, u: Tensor) -> Tensor:
         """Log-likelihood estimates (N, K): exact, or the discriminators' (standardised units)."""
         model = self.model_
-        if self.assignment == "exact":
+        if self._fitted_setting("assignment") == "exact":
             return model.generators.log_prob(u)
         if model.discriminators is None:
             raise ValueError(
@@ -411,7 +415,7 @@ class CompetitiveMixture(MixtureEstimator):
     def _assignment_prior(self) -> Tensor | float:
         """log pi_k added before the argmax (``assign_with_weights``), floored at
         ``min_share``: a component load balancing keeps training can win points back."""
-        if not self.assign_with_weights:
+        if not self._fitted_setting("assign_with_weights"):
             return 0.0
         share, log_weights = self._min_share(), self.model_.log_weights
         return log_weights.clamp_min(math.log(share)) if share > 0 else log_weights
@@ -440,7 +444,7 @@ class CompetitiveMixture(MixtureEstimator):
     # -- public API ----------------------------------------------------------------------
     def score_samples(self, X: object) -> np.ndarray:
         """Exact log p(x) of each row, (N,), nats, user's units (flows and k-means only)."""
-        if self.generator == "vae":
+        if self._fitted_setting("generator") == "vae":
             raise NoExactLikelihoodError(
                 "VAE generators have no exact likelihood, so score_samples is undefined; "
                 "evaluate samples with the KDE protocol instead: "

@@ -483,6 +483,23 @@ def test_without_rounds_every_row_is_labelled_by_the_final_rule():
     np.testing.assert_array_equal(model.labels_, model.predict(X))  # not init's argmax (0)
 
 
+def test_set_params_after_a_fit_changes_the_next_fit_not_this_one(tmp_path):
+    """Predictions and saved files keep the fitted settings: set_params(assignment=...)
+    after an exact fit used to make predict refuse, and save write an unloadable file."""
+    X, _ = blobs(300)
+    model = CompetitiveMixture(3, random_state=0, **{**FAST, "max_rounds": 1}).fit(X)
+    proba, bic = model.predict_proba(X), model.bic(X)
+    model.set_params(assignment="discriminator", assign_with_weights=True, n_layers=3)
+    np.testing.assert_array_equal(model.predict_proba(X), proba)
+    assert model.bic(X) == bic
+    loaded = CompetitiveMixture.load(model.save(tmp_path / "m.pt"))
+    assert loaded.get_params()["assignment"] == "exact"
+    np.testing.assert_array_equal(loaded.predict_proba(X), proba)
+    model.fit(X)
+    assert model.fitted_params_["assignment"] == "discriminator"
+    assert model.model_.discriminators is not None
+
+
 def test_bic_counts_the_generators_and_the_free_weights_not_the_discriminators():
     X, _ = blobs(200)
     params = {**FAST, "max_rounds": 1, "discriminator_hidden": 8, "random_state": 0}

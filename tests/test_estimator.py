@@ -635,3 +635,21 @@ def test_fit_and_load_arguments_are_named_when_wrong(tmp_path):
         VMoNF(2, **FAST, checkpoint=tmp_path).fit(X)
     with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike, got NoneType"):
         VMoNF.load(None)
+
+
+def test_set_params_after_a_fit_changes_the_next_fit_not_this_one(tmp_path):
+    """A saved file holds the settings the weights were fitted with: saving after
+    set_params(n_layers=...) used to write a file that load() refused."""
+    X, _ = blobs(300)
+    model = VMoNF(3, random_state=0, **FAST).fit(X)
+    proba, elbo, bic = model.predict_proba(X), model.elbo(X), model.bic(X)
+    model.set_params(n_layers=3, weights="learned", elbo_top_k=2)
+    np.testing.assert_array_equal(model.predict_proba(X), proba)
+    np.testing.assert_array_equal(model.elbo(X), elbo)  # not the top-2 bound
+    assert model.bic(X) == bic  # no learned weights counted
+    loaded = VMoNF.load(model.save(tmp_path / "m.pt"))
+    assert loaded.get_params()["n_layers"] == FAST["n_layers"]
+    np.testing.assert_array_equal(loaded.predict_proba(X), proba)
+    model.fit(X)  # the next fit takes the new settings
+    assert model.fitted_params_["n_layers"] == 3
+    assert len(model.model_.mixture.flows.layers) == 3

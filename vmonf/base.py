@@ -258,6 +258,15 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 f"This {type(self).__name__} instance is not fitted yet; call fit(X) first"
             )
 
+    def _fitted_setting(self, name: str) -> Any:
+        """The value setting ``name`` had when the model was fitted (or loaded); from the
+        start of a fit on, that fit's."""
+        params = getattr(self, "fitted_params_", None)
+        if params is None:  # unfitted (NotFittedError), or pickled by an older vmonf
+            self._check_is_fitted()
+            return getattr(self, name)
+        return params[name]
+
     def _standardise(self, x: np.ndarray, dtype: torch.dtype) -> Tensor:
         """Standardise in float64 (the standardiser is kept in float64), then cast to
         ``dtype``, refusing values so far out that they would overflow it."""
@@ -369,6 +378,9 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         warm_up_optimizer()  # a one-off import, outside max_time and fit_time_
         started = time.perf_counter()
         try:
+            # What this fit computes with: set_params after it changes the next fit, not
+            # this one's predictions or what save() writes beside its weights.
+            self.fitted_params_ = self.get_params(deep=False)
             device = self._torch_device
             with fit_threads(self.n_threads), self._seeded(seed, device), interruptible:
                 x64 = torch.as_tensor(x, dtype=torch.float64, device=device)
@@ -510,9 +522,9 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         return save_checkpoint(payload, path, self._checkpoint_kind)
 
     def _fitted_params(self) -> dict[str, Any]:
-        """The settings as fitted: ``dtype`` and ``device`` that ``set_params`` changed
-        since take effect at the next fit, so a saved model loads as it computes now."""
-        params = self.get_params(deep=False)
+        """The settings as fitted (``set_params`` since takes effect at the next fit), the
+        device as it resolved, so that a saved model loads as it computes now."""
+        params = dict(getattr(self, "fitted_params_", None) or self.get_params(deep=False))
         dtype = self._fitted_dtype
         params["dtype"] = next(name for name, value in DTYPES.items() if value == dtype)
         if params["device"] != "auto" or torch_device("auto") != self._fitted_device:
@@ -542,6 +554,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             if device is not None:
                 params["device"] = device
             estimator = cls(**params)
+            estimator.fitted_params_ = estimator.get_params(deep=False)
             for name, value in dict(payload["fitted"]).items():
                 if not (isinstance(name, str) and name.endswith("_") and name[0] != "_"):
                     raise CheckpointError(f"{name!r} is not a fitted attribute")

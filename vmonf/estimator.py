@@ -138,9 +138,11 @@ class VMoNF(MixtureEstimator):
     component of each row of X under q(c|x)), ``elbo_`` (mean ELBO, nats, user's units, on
     the validation split, or on the training data when ``validation_fraction=0``; with
     ``elbo_top_k`` the top-k bound),
-    ``converged_`` (False when the ELBO is non-finite or the fit diverged: its ELBO on the
-    training data more than log K + 1 nats below the untrained model's), ``fit_time_``
-    (s, with the time before a resume).
+    ``converged_`` (False when the ELBO is non-finite or the fit diverged: its
+    log-likelihood on the training data more than log K + 1 nats below the untrained
+    model's), ``fit_time_`` (s, with the time before a resume), ``fitted_params_``
+    (the settings of the fit, which predictions and :meth:`save` keep to: ``set_params``
+    changes the next fit).
     """
 
     _checkpoint_kind = "VMoNF"
@@ -310,7 +312,8 @@ class VMoNF(MixtureEstimator):
         return self.model_.mixture.flows  # q(c|x) does not enter p(x)
 
     def _n_weight_parameters(self) -> int:
-        return 0 if self.weights == "uniform" else self.n_components - 1
+        fitted = self._fitted_setting
+        return 0 if fitted("weights") == "uniform" else fitted("n_components") - 1
 
     def _sample(self, n: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
         return self.model_.mixture.sample(n, generator)
@@ -612,7 +615,8 @@ class VMoNF(MixtureEstimator):
         ``elbo_top_k``, the top-k bound that the fit trained."""
         u = self._validate_X(X)
         log_det = self.standardizer_.log_abs_det()
-        return self._chunked(lambda c: self.model_.elbo(c, top_k=self.elbo_top_k) + log_det, u)
+        top_k = self._fitted_setting("elbo_top_k")
+        return self._chunked(lambda c: self.model_.elbo(c, top_k=top_k) + log_det, u)
 
     def suggest_labels(self, X: object, n: int = 10) -> np.ndarray:
         """Indices of the ``n`` rows whose q(c|x) has the highest entropy (most worth labelling)."""
