@@ -153,7 +153,8 @@ class CompetitiveMixture(MixtureEstimator):
     assignments still changed, or when the fit diverged: its mean training score more
     than log K + 1 nats below the untrained model's), ``pretrain_time_`` (s),
     ``fit_time_`` (s, wall time, with the time before a resume),
-    ``n_features_in_``, ``fitted_params_`` (the settings of the fit, which predictions and
+    ``n_features_in_``, ``feature_names_in_`` (a data frame's column names, when fitted on
+    one), ``fitted_params_`` (the settings of the fit, which predictions and
     :meth:`save` keep to: ``set_params`` changes the next fit).
     """
 

@@ -653,3 +653,38 @@ def test_set_params_after_a_fit_changes_the_next_fit_not_this_one(tmp_path):
     model.fit(X)  # the next fit takes the new settings
     assert model.fitted_params_["n_layers"] == 3
     assert len(model.model_.mixture.flows.layers) == 3
+
+
+class _Frame:
+    """A minimal data frame: named columns and an array (pandas is not a dependency)."""
+
+    def __init__(self, data: np.ndarray, columns: list[str]) -> None:
+        self.values, self.columns = data, columns
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        return self.values if dtype is None else self.values.astype(dtype)
+
+    def reorder(self, order: list[int]) -> _Frame:
+        return _Frame(self.values[:, order], [self.columns[i] for i in order])
+
+
+def test_feature_names_are_kept_and_checked_as_in_scikit_learn(tmp_path):
+    """Columns in another order were scored silently as if in the fitted one."""
+    X, _ = blobs(300)
+    frame = _Frame(X, ["a", "b"])
+    model = VMoNF(3, random_state=0, **FAST).fit(frame)
+    np.testing.assert_array_equal(model.feature_names_in_, np.array(["a", "b"], dtype=object))
+    with pytest.warns(UserWarning, match="does not have valid feature names"):
+        np.testing.assert_array_equal(model.score_samples(frame), model.score_samples(X))
+    with pytest.raises(ValueError, match=r"feature names should match .* got \['b', 'a'\]"):
+        model.score_samples(frame.reorder([1, 0]))
+    with pytest.warns(UserWarning, match="X does not have valid feature names, but VMoNF"):
+        model.predict(X)
+    loaded = VMoNF.load(model.save(tmp_path / "m.pt"))
+    np.testing.assert_array_equal(loaded.feature_names_in_, model.feature_names_in_)
+    with pytest.raises(ValueError, match="feature names should match"):
+        loaded.predict(frame.reorder([1, 0]))
+    model.fit(X)  # refitted without names: none kept
+    assert not hasattr(model, "feature_names_in_")
+    with pytest.warns(UserWarning, match="X has feature names, but VMoNF was fitted without"):
+        model.predict(frame)

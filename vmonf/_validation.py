@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numbers
 import os
+import warnings
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -24,6 +25,7 @@ __all__ = [
     "check_betas",
     "check_bool",
     "check_choice",
+    "check_feature_names",
     "check_integer_labels",
     "check_labels",
     "check_output_file",
@@ -32,6 +34,7 @@ __all__ = [
     "check_positive_int",
     "check_seed",
     "check_widths",
+    "feature_names",
     "image_shape",
 ]
 
@@ -121,6 +124,45 @@ def check_points(
         raise TypeError(
             f"{name} has dtype {x.dtype} but the weights of the {computed_by} are {dtype}: "
             f"convert one ({name}.to({dtype}) or {computed_by}.to(...))"
+        )
+
+
+def feature_names(X: object) -> np.ndarray | None:
+    """The column names of a data frame X (pandas, polars, ...) as an object array when
+    they are all strings, as scikit-learn records them; else None."""
+    if isinstance(X, np.ndarray) or hasattr(X, "detach"):
+        return None
+    columns = getattr(X, "columns", None)
+    if columns is None:
+        return None
+    names = list(columns)
+    if not names or not all(isinstance(name, str) for name in names):
+        return None
+    return np.asarray(names, dtype=object)
+
+
+def check_feature_names(X: object, fitted: np.ndarray | None, fitted_by: str) -> None:
+    """scikit-learn's rule for X against the names seen in fit (``fitted``, None for
+    none): a ValueError for other names or another order, a UserWarning when only one
+    of the two has names."""
+    names = feature_names(X)
+    if fitted is not None and names is not None:
+        if names.shape != fitted.shape or not (names == fitted).all():
+            raise ValueError(
+                "The feature names should match those that were passed during fit: "
+                f"{fitted.tolist()}, got {names.tolist()}"
+            )
+    elif fitted is not None:
+        warnings.warn(
+            f"X does not have valid feature names, but {fitted_by} was fitted with feature names",
+            UserWarning,
+            stacklevel=4,
+        )
+    elif names is not None:
+        warnings.warn(
+            f"X has feature names, but {fitted_by} was fitted without feature names",
+            UserWarning,
+            stacklevel=4,
         )
 
 

@@ -27,10 +27,12 @@ from vmonf._validation import (
     check_array,
     check_bool,
     check_choice,
+    check_feature_names,
     check_labels,
     check_positive_float,
     check_positive_int,
     check_seed,
+    feature_names,
     image_shape,
 )
 from vmonf.checkpoint import (
@@ -284,6 +286,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         """Validate X for a fitted model and return it standardised, as a tensor; images
         (N, H, W[, C]) only for a model fitted to images."""
         self._check_is_fitted()
+        check_feature_names(X, getattr(self, "feature_names_in_", None), type(self).__name__)
         x = check_array(
             X, "X", n_features=self.n_features_in_, fitted_by=type(self).__name__,
             allow_images=getattr(self, "image_shape_", None) is not None,
@@ -386,6 +389,11 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 x64 = torch.as_tensor(x, dtype=torch.float64, device=device)
                 self.standardizer_ = Standardizer(x.shape[1]).to(device).fit(x64)
                 self.n_features_in_ = x.shape[1]
+                names = feature_names(X)  # a data frame's columns, as scikit-learn keeps them
+                if names is None:
+                    vars(self).pop("feature_names_in_", None)
+                else:
+                    self.feature_names_in_ = names
                 self.image_shape_ = image_shape(X)  # (H, W[, C]) when fitted to images
                 u = self._standardise(x, self._torch_dtype)
                 self._fit(u, torch.as_tensor(labels, device=u.device), generator, checkpointer)
@@ -515,6 +523,12 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                     "n_features_in_": self.n_features_in_,
                     "image_shape_": getattr(self, "image_shape_", None),
                     "fit_time_": getattr(self, "fit_time_", math.nan),
+                    # a list of str: an object array is no plain data
+                    **(
+                        {"feature_names_in_": self.feature_names_in_.tolist()}
+                        if hasattr(self, "feature_names_in_")
+                        else {}
+                    ),
                     **self._fitted_state(),
                 }.items()
             },
@@ -559,6 +573,10 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 if not (isinstance(name, str) and name.endswith("_") and name[0] != "_"):
                     raise CheckpointError(f"{name!r} is not a fitted attribute")
                 setattr(estimator, name, from_plain(value))
+            if hasattr(estimator, "feature_names_in_"):
+                estimator.feature_names_in_ = np.asarray(
+                    [str(name) for name in estimator.feature_names_in_], dtype=object
+                )
             estimator.standardizer_ = Standardizer(estimator.n_features_in_)
             estimator.standardizer_.load_state_dict(payload["standardizer"])
             estimator.model_ = estimator._build_to_load(payload["model"])

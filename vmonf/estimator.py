@@ -140,7 +140,8 @@ class VMoNF(MixtureEstimator):
     ``elbo_top_k`` the top-k bound),
     ``converged_`` (False when the ELBO is non-finite or the fit diverged: its
     log-likelihood on the training data more than log K + 1 nats below the untrained
-    model's), ``fit_time_`` (s, with the time before a resume), ``fitted_params_``
+    model's), ``fit_time_`` (s, with the time before a resume), ``feature_names_in_``
+    (a data frame's column names, when fitted on one), ``fitted_params_``
     (the settings of the fit, which predictions and :meth:`save` keep to: ``set_params``
     changes the next fit).
     """
