@@ -174,7 +174,8 @@ def discriminator_estimate(
     components = _components(est)
     config = _settings(est, settings)
     seed = check_seed(random_state, "random_state") or 0
-    u_train = est._validate_X(check_array(X_train, "X_train", min_samples=2))
+    check_array(X_train, "X_train", min_samples=2)
+    u_train = est._validate_X(X_train)  # the caller's object: its feature names are checked
     u_eval = est._validate_X(X_eval)
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)
@@ -182,7 +183,7 @@ def discriminator_estimate(
         torch.manual_seed(seed)
         discriminators = Discriminators(
             est.n_features_in_,
-            est.n_components,
+            est._fitted_setting("n_components"),  # set_params changes the next fit
             config.discriminator_hidden,
             config.discriminator_layers,
         ).to(device=u_train.device, dtype=u_train.dtype)
@@ -401,9 +402,9 @@ class RoundTracker:
     (time spent tracking; part of the fit's wall time).
     """
 
-    X_eval: np.ndarray
+    X_eval: object
     true_log_prob: np.ndarray | None = None
-    X_train: np.ndarray | None = None
+    X_train: object | None = None
     saturation: float = 1e-3
     random_state: int = 0
     history: dict[str, list[float]] = field(default_factory=dict)
@@ -411,18 +412,19 @@ class RoundTracker:
     seconds: float = 0.0
 
     def __post_init__(self) -> None:
-        # Checked now, not after pre-training (when the callback first runs).
-        self.X_eval = check_array(self.X_eval, "X_eval", min_samples=2)
+        # Checked now, not after pre-training (when the callback first runs); kept as
+        # given, so that the estimator checks a data frame's feature names.
+        n_eval = check_array(self.X_eval, "X_eval", min_samples=2).shape[0]
         if self.true_log_prob is not None:
             truth = np.asarray(self.true_log_prob, dtype=np.float64)
-            if truth.shape != (self.X_eval.shape[0],) or not np.isfinite(truth).all():
+            if truth.shape != (n_eval,) or not np.isfinite(truth).all():
                 raise ValueError(
-                    f"true_log_prob must be {self.X_eval.shape[0]} finite values, one per "
-                    f"row of X_eval; got shape {truth.shape}"
+                    f"true_log_prob must be {n_eval} finite values, one per row of X_eval; "
+                    f"got shape {truth.shape}"
                 )
             self.true_log_prob = truth
         if self.X_train is not None:
-            self.X_train = check_array(self.X_train, "X_train", min_samples=2)
+            check_array(self.X_train, "X_train", min_samples=2)
         _check_saturation(self.saturation)
         seed = check_seed(self.random_state, "random_state")
         if seed is None:

@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
 import torch
+from helpers.frames import Frame
 from PIL import Image
 from scipy.special import logsumexp
 
@@ -265,6 +267,24 @@ def test_round_tracker_records_every_round():
     exact = CompetitiveMixture(3, random_state=0, callback=fresh, **FAST).fit(X)
     assert len(fresh.history["agreement"]) == exact.n_iter_ + 1
     assert "saturated" in fresh.history
+
+
+def test_tracking_a_fit_on_a_data_frame_checks_its_names_without_warnings():
+    """The tracker and discriminator_estimate hand the caller's frames on: converted to
+    arrays first, each round warned four times that X had lost its feature names."""
+    X, _ = blobs(300, 5)
+    X_eval, _ = blobs(200, 6)
+    frame, frame_eval = Frame(X, ["a", "b"]), Frame(X_eval, ["a", "b"])
+    tracker = RoundTracker(frame_eval, true_log_prob=true_log_prob(X_eval), X_train=frame)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message=".*feature names")
+        model = CompetitiveMixture(3, random_state=0, callback=tracker, **FAST).fit(frame)
+    assert len(tracker.history["round"]) == model.n_iter_ + 1
+    model.set_params(n_components=2)  # the next fit's: the fitted K = 3 is estimated
+    estimate = discriminator_estimate(model, frame, frame_eval, settings=SMALL_DISCRIMINATORS)
+    assert estimate.log_ratio.shape == (200, 3)
+    with pytest.raises(ValueError, match="feature names should match"):
+        discriminator_estimate(model, frame.reorder([1, 0]), frame_eval)
 
 
 def test_accuracy_via_labels_names_clusters_by_the_labelled_points():

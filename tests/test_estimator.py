@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import pickle
 import time
 import warnings
+from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -11,11 +13,12 @@ import pytest
 import scipy.sparse
 import sklearn.exceptions
 import torch
+from helpers.frames import Frame
 from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
 
-from vmonf import VMoNF, training
+from vmonf import VMoNF, plots, training
 from vmonf._validation import (
     MAX_SEED,
     check_betas,
@@ -655,23 +658,10 @@ def test_set_params_after_a_fit_changes_the_next_fit_not_this_one(tmp_path):
     assert len(model.model_.mixture.flows.layers) == 3
 
 
-class _Frame:
-    """A minimal data frame: named columns and an array (pandas is not a dependency)."""
-
-    def __init__(self, data: np.ndarray, columns: list[str]) -> None:
-        self.values, self.columns = data, columns
-
-    def __array__(self, dtype=None, copy=None) -> np.ndarray:
-        return self.values if dtype is None else self.values.astype(dtype)
-
-    def reorder(self, order: list[int]) -> _Frame:
-        return _Frame(self.values[:, order], [self.columns[i] for i in order])
-
-
 def test_feature_names_are_kept_and_checked_as_in_scikit_learn(tmp_path):
     """Columns in another order were scored silently as if in the fitted one."""
     X, _ = blobs(300)
-    frame = _Frame(X, ["a", "b"])
+    frame = Frame(X, ["a", "b"])
     model = VMoNF(3, random_state=0, **FAST).fit(frame)
     np.testing.assert_array_equal(model.feature_names_in_, np.array(["a", "b"], dtype=object))
     with pytest.warns(UserWarning, match="does not have valid feature names"):
@@ -688,3 +678,25 @@ def test_feature_names_are_kept_and_checked_as_in_scikit_learn(tmp_path):
     assert not hasattr(model, "feature_names_in_")
     with pytest.warns(UserWarning, match="X has feature names, but VMoNF was fitted without"):
         model.predict(frame)
+
+
+def test_feature_name_warnings_name_the_callers_line_and_spare_plot_grids(tmp_path):
+    X, _ = blobs(300)
+    model = VMoNF(3, random_state=0, **FAST).fit(Frame(X, ["a", "b"]))
+    for method in (model.score, model.predict, model.bic):  # however deep the check ran
+        with pytest.warns(UserWarning, match="does not have valid feature names") as caught:
+            method(X)
+        assert [Path(w.filename).name for w in caught] == ["test_estimator.py"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the grid a plot makes has no names to check
+        plots.plot_density_comparison(None, model.score_samples, (-5, 10, -5, 10),
+                                      tmp_path / "d.png", resolution=20)  # fmt: skip
+
+
+def test_a_fitted_model_pickles_once_its_callback_is_cleared():
+    X, _ = blobs(100)
+    model = VMoNF(3, random_state=0, callback=lambda est, epoch: None, **FAST).fit(X)
+    model.set_params(callback=None)  # what the CLI does before saving
+    assert model.fitted_params_["callback"] is None  # the recorder is not kept alive
+    again = pickle.loads(pickle.dumps(model))
+    np.testing.assert_array_equal(again.score_samples(X), model.score_samples(X))

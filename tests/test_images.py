@@ -280,6 +280,13 @@ def test_image_mixture_vmonf_round_trip(digits, tmp_path):
     assert "holds" not in str(raised.value)  # the argument's fault, not the file's
     np.testing.assert_allclose(loaded.score_samples(X), log_p)
     assert loaded.pca_components == 6 and loaded.image_shape_ == (8, 8)
+    # set_params changes the next fit: this one keeps its levels and seed, also in save()
+    model.set_params(n_levels=256, random_state=None)
+    np.testing.assert_array_equal(model.score_samples(X), log_p)
+    assert model.sample(7, random_state=0)[0].max() < 17
+    resaved = ImageMixture.load(model.save(tmp_path / "m2.pt"))
+    assert resaved.get_params()["n_levels"] == 17
+    np.testing.assert_allclose(resaved.score_samples(X), log_p)
 
 
 def test_image_mixture_passes_resume_on_and_refuses_no_images(digits, tmp_path):

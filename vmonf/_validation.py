@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import numbers
 import os
+import sys
 import warnings
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -36,6 +38,7 @@ __all__ = [
     "check_widths",
     "feature_names",
     "image_shape",
+    "unnamed_points",
 ]
 
 
@@ -127,6 +130,20 @@ def check_points(
         )
 
 
+_NO_NAMES = "X does not have valid feature names"  # scikit-learn's words
+_PACKAGES = ("vmonf", "competitive")
+
+
+def _caller_outside_packages() -> int:
+    """The ``stacklevel`` for a warning raised by the function calling this one that
+    names the first frame outside vmonf and competitive: the user's line, however deep
+    inside the estimator the check ran."""
+    level, frame = 1, sys._getframe(1)  # the function that warns
+    while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _PACKAGES:
+        level, frame = level + 1, frame.f_back
+    return level
+
+
 def feature_names(X: object) -> np.ndarray | None:
     """The column names of a data frame X (pandas, polars, ...) as an object array when
     they are all strings, as scikit-learn records them; else None."""
@@ -154,16 +171,25 @@ def check_feature_names(X: object, fitted: np.ndarray | None, fitted_by: str) ->
             )
     elif fitted is not None:
         warnings.warn(
-            f"X does not have valid feature names, but {fitted_by} was fitted with feature names",
+            f"{_NO_NAMES}, but {fitted_by} was fitted with feature names",
             UserWarning,
-            stacklevel=4,
+            stacklevel=_caller_outside_packages(),
         )
     elif names is not None:
         warnings.warn(
             f"X has feature names, but {fitted_by} was fitted without feature names",
             UserWarning,
-            stacklevel=4,
+            stacklevel=_caller_outside_packages(),
         )
+
+
+@contextmanager
+def unnamed_points() -> Iterator[None]:
+    """For library code that evaluates a model at points it made itself (a plot's grid):
+    no warning that they lack the column names of a data frame the model was fitted on."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", _NO_NAMES, UserWarning)
+        yield
 
 
 def image_shape(X: object) -> tuple[int, ...] | None:

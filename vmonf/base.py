@@ -61,6 +61,7 @@ __all__ = [
     "NotFittedError",
     "check_loadable_device",
     "divergence_floor",
+    "fitted_setting",
     "torch_device",
 ]
 
@@ -94,6 +95,17 @@ def divergence_floor(initial_score: float, n_components: int) -> float:
     """The lowest mean training score (nats per point) of a fit that has not diverged,
     given the untrained model's ``initial_score``."""
     return initial_score - math.log(n_components) - DIVERGENCE_MARGIN
+
+
+def fitted_setting(estimator: Any, name: str) -> Any:
+    """The value setting ``name`` had when ``estimator`` was fitted (or loaded), from its
+    ``fitted_params_``; from the start of a fit on, that fit's. ``set_params`` after a
+    fit changes the next fit, not this one's predictions or saved settings."""
+    params = getattr(estimator, "fitted_params_", None)
+    if params is None:  # unfitted (NotFittedError), or pickled by an older vmonf
+        estimator._check_is_fitted()
+        return getattr(estimator, name)
+    return params[name]
 
 
 def torch_device(device: object) -> torch.device:
@@ -261,13 +273,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             )
 
     def _fitted_setting(self, name: str) -> Any:
-        """The value setting ``name`` had when the model was fitted (or loaded); from the
-        start of a fit on, that fit's."""
-        params = getattr(self, "fitted_params_", None)
-        if params is None:  # unfitted (NotFittedError), or pickled by an older vmonf
-            self._check_is_fitted()
-            return getattr(self, name)
-        return params[name]
+        return fitted_setting(self, name)
 
     def _standardise(self, x: np.ndarray, dtype: torch.dtype) -> Tensor:
         """Standardise in float64 (the standardiser is kept in float64), then cast to
@@ -383,7 +389,12 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         try:
             # What this fit computes with: set_params after it changes the next fit, not
             # this one's predictions or what save() writes beside its weights.
-            self.fitted_params_ = self.get_params(deep=False)
+            self.fitted_params_ = {
+                # A callback is no setting of the model: kept, it would hold what it
+                # recorded and stop a fitted model from pickling.
+                name: None if name == "callback" else value
+                for name, value in self.get_params(deep=False).items()
+            }
             device = self._torch_device
             with fit_threads(self.n_threads), self._seeded(seed, device), interruptible:
                 x64 = torch.as_tensor(x, dtype=torch.float64, device=device)
@@ -537,8 +548,11 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     def _fitted_params(self) -> dict[str, Any]:
         """The settings as fitted (``set_params`` since takes effect at the next fit), the
-        device as it resolved, so that a saved model loads as it computes now."""
-        params = dict(getattr(self, "fitted_params_", None) or self.get_params(deep=False))
+        device as it resolved, so that a saved model loads as it computes now; those that
+        do not change what a fit computes (``verbose``, ``n_threads``, ...) as they are."""
+        params = self.get_params(deep=False)
+        fitted = getattr(self, "fitted_params_", None) or {}
+        params.update({k: v for k, v in fitted.items() if k not in RESUMABLE_CHANGES})
         dtype = self._fitted_dtype
         params["dtype"] = next(name for name, value in DTYPES.items() if value == dtype)
         if params["device"] != "auto" or torch_device("auto") != self._fitted_device:

@@ -26,7 +26,13 @@ import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin, DensityMixin, clone
 
 from vmonf._validation import check_positive_int, check_seed
-from vmonf.base import MixtureEstimator, NotFittedError, check_loadable_device, torch_device
+from vmonf.base import (
+    MixtureEstimator,
+    NotFittedError,
+    check_loadable_device,
+    fitted_setting,
+    torch_device,
+)
 from vmonf.checkpoint import (
     CheckpointError,
     from_plain,
@@ -76,7 +82,9 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
 
     Input X: uint8/integer images (N, H, W) or (N, H, W, C), or flattened (N, D);
     samples come back in the same layout. Fitted attributes: ``estimator_``,
-    ``transform_`` (:class:`ImageTransform`), ``image_shape_``, ``n_features_in_`` (D).
+    ``transform_`` (:class:`ImageTransform`), ``image_shape_``, ``n_features_in_`` (D),
+    ``fitted_params_`` (the settings of the fit, which scoring, sampling and :meth:`save`
+    keep to: ``set_params`` changes the next fit).
     """
 
     _checkpoint_kind = "ImageMixture"
@@ -106,7 +114,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
     def _pixels(self, X: object) -> np.ndarray:
         """Validate images for the fitted model -> int64 (N, D)."""
         self._check_is_fitted()
-        levels, shape = check_images(X, self.n_levels)
+        levels, shape = check_images(X, fitted_setting(self, "n_levels"))
         check_image_shape(shape, self.image_shape_)
         return levels
 
@@ -115,13 +123,14 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         the bins' centres or (``noise``) with scoring noise: with a ``random_state``,
         each image's drawn from its own values, else fresh."""
         levels = self._pixels(X)
-        seed = check_seed(self.random_state)
+        seed = check_seed(fitted_setting(self, "random_state"))
+        n_levels = fitted_setting(self, "n_levels")
         if not noise:
-            v = dequantize(levels, self.n_levels)
+            v = dequantize(levels, n_levels)
         elif seed is None:
-            v = dequantize(levels, self.n_levels, np.random.default_rng())
+            v = dequantize(levels, n_levels, np.random.default_rng())
         else:
-            v = dequantize_by_content(levels, self.n_levels, seed)
+            v = dequantize_by_content(levels, n_levels, seed)
         return self.transform_.forward(v)
 
     # -- fitting -------------------------------------------------------------------------
@@ -134,6 +143,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
                 "estimator must be a vmonf MixtureEstimator (VMoNF, CompetitiveMixture), "
                 f"got {type(self.estimator).__name__}"
             )
+        settings = self.get_params(deep=False)
         seed = check_seed(self.random_state)
         if resume and seed is None:
             raise ValueError(
@@ -163,7 +173,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         features, _ = transform.fit(v).forward(v)
         estimator = clone(self.estimator).fit(features, y, resume=resume)
         # Set only now: a failed fit leaves the previous fit whole, never half replaced.
-        self.transform_, self.estimator_ = transform, estimator
+        self.transform_, self.estimator_, self.fitted_params_ = transform, estimator, settings
         self.image_shape_, self.n_features_in_ = shape, levels.shape[1]
         return self
 
@@ -229,7 +239,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         features, components = self.estimator_.sample(n, random_state=seed)
         rng = np.random.default_rng(None if seed is None else [seed, 2])
         v = self.transform_.inverse(features, rng if residual_noise else None)
-        images = quantize(v, self.n_levels).reshape(n, *self.image_shape_)
+        images = quantize(v, fitted_setting(self, "n_levels")).reshape(n, *self.image_shape_)
         return images, components
 
     # -- persistence ---------------------------------------------------------------------
@@ -241,7 +251,8 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         kind = self.estimator_._checkpoint_kind
         with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
             inner = load_checkpoint(self.estimator_.save(Path(tmp) / "estimator.pt"), kind)
-        params = self.get_params(deep=False)
+        params = dict(self.fitted_params_) if hasattr(self, "fitted_params_") else {}
+        params = {**self.get_params(deep=False), **params}  # the fitted settings
         del params["estimator"]
         payload = {
             "params": {k: plain_setting(v) for k, v in params.items()},
@@ -283,6 +294,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
                 save_checkpoint(payload["estimator"], inner_path, str(kind))
                 estimator = inner_cls.load(inner_path, device=device)
                 model = cls(estimator, **payload["params"])
+                model.fitted_params_ = model.get_params(deep=False)
                 state = {k: from_plain(v) for k, v in payload["transform"].items()}
                 model.transform_ = ImageTransform.from_state(state)
                 model.image_shape_ = tuple(int(s) for s in payload["image_shape_"])

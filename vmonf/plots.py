@@ -32,6 +32,7 @@ from vmonf._validation import (
     check_output_file,
     check_positive_float,
     check_positive_int,
+    unnamed_points,
 )
 
 __all__ = [
@@ -213,7 +214,8 @@ def density_grid(
         raise TypeError(f"log_prob must be callable, got {type(log_prob).__name__}")
     xx, yy = grid_points(bounds, resolution)
     points = np.column_stack([xx.ravel(), yy.ravel()])
-    values = _to_numpy(log_prob(points)).astype(np.float64, copy=False)
+    with unnamed_points():
+        values = _to_numpy(log_prob(points)).astype(np.float64, copy=False)
     values = values.reshape(-1) if values.ndim == 2 and 1 in values.shape else values
     if values.shape != (points.shape[0],):
         raise ValueError(
@@ -375,7 +377,8 @@ def plot_decision_regions(
     lab = None if y is None or pts is None else check_integer_labels(y, "y", pts.shape[0])
     xx, yy = grid_points(bounds, resolution)
     grid = np.column_stack([xx.ravel(), yy.ravel()])
-    raw = _to_numpy(predict(grid))
+    with unnamed_points():
+        raw = _to_numpy(predict(grid))
     if raw.ndim == 2 and raw.shape[0] == grid.shape[0]:
         region = np.argmax(raw, axis=1)
         n_from_proba = raw.shape[1]

@@ -265,7 +265,7 @@ def write_figures(
     X = check_array(X_test, "X_test", n_features=2)
     y = check_integer_labels(y_test, "y_test", n_samples=X.shape[0])
     out = Path(out)
-    k = int(estimator.n_components)
+    k = int(estimator._fitted_setting("n_components"))
     written = [
         plots.plot_density_comparison(
             None if toy is None else toy.log_prob,
