@@ -37,8 +37,12 @@ def hard_assign(scores: Tensor, previous: Tensor | None = None) -> Tensor:
 
 
 def min_count(n_points: int, min_share: float) -> int:
-    """Fewest points a component must win to keep a mixing weight: ceil(min_share * N)."""
-    return math.ceil(min_share * n_points)
+    """Fewest points a component must win to keep a mixing weight: ceil(min_share * N).
+
+    The product is rounded to 9 decimals first, so that a share whose float is a hair
+    above the exact fraction (0.1 / 7 * 210 = 3.0000000000000004) does not add a point.
+    """
+    return math.ceil(round(min_share * n_points, 9))
 
 
 def training_weights(assignment: Tensor, scores: Tensor, minimum: int) -> Tensor:

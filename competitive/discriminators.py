@@ -87,7 +87,9 @@ def fit_discriminators(
         real: (N, D) data, shared by every discriminator (label 1).
         fake: (K, N, D) samples, slice k from generator k (label 0).
     Each step takes the same B real points and B samples of every generator; the
-    K losses are summed (separate weights, so they do not interact).
+    K losses are summed: each discriminator has its own weights, and the only link
+    between them is the training loop's gradient-norm clip (``TrainConfig.grad_clip``,
+    one norm over all K), which binds only on rare large steps.
     """
     k, n, d = fake.shape
     if real.shape != (n, d) or k != discriminators.n_components:

@@ -85,7 +85,8 @@ class CompetitiveMixture(MixtureEstimator):
     ``max_epochs`` epochs, then re-assigns every point to the generator with the
     highest likelihood estimate: the exact log p_k(x) (``assignment="exact"``) or
     the discriminators' density-ratio estimate (``"discriminator"``). It stops when
-    no more than ``tol * N`` points change owner, or after ``max_rounds`` rounds.
+    no more than ``tol * N`` points change owner, or after ``max_rounds`` rounds
+    (always ``max_rounds`` with ``tol=None``).
     Mixing weights are the shares of points won.
 
     ``predict`` applies the assignment rule that trained the generators (the argmax of
@@ -100,7 +101,9 @@ class CompetitiveMixture(MixtureEstimator):
         n_components: number of generators K.
         generator: ``"flow"`` (exact likelihood), ``"vae"`` (no exact likelihood:
             ``score_samples`` raises; use the KDE protocol) or ``"kmeans"`` (the
-            degenerate generator x = mu_k + eps: competitive training is k-means).
+            degenerate generator x = mu_k + eps with eps ~ N(0, I) in the standardised
+            coordinates every generator works in: competitive training is k-means on
+            the standardised points, not on X's raw scale).
         assignment: ``"exact"`` (argmax log p_k(x); flows and k-means only) or
             ``"discriminator"`` (argmax of the normalised (1 - D_k)/D_k).
         assign_with_weights: add log pi_k, floored at the log of the minimum share
@@ -112,7 +115,9 @@ class CompetitiveMixture(MixtureEstimator):
         pretrain_epochs: epochs of pre-training.
         max_rounds: rounds of Algorithm 1 (0 = keep the pre-trained generators with
             equal weights: bagging or a single model, see :mod:`competitive.baselines`).
-        tol: converged when at most ``tol * N`` points change owner in a round.
+        tol: converged when at most ``tol * N`` points change owner in a round; None:
+            no early stop, every one of the ``max_rounds`` rounds runs (a fixed
+            training budget, as in :mod:`competitive.studies`).
         min_share: load balancing: a generator winning fewer than ``min_share * N``
             points keeps training on its best ``min_share * N`` points with mixing
             weight 0 (default 0.1 / K).
@@ -150,8 +155,9 @@ class CompetitiveMixture(MixtureEstimator):
     ELBO bound for VAEs),
     ``round_time`` and ``time`` (s, training only: the callback's time left out)),
     ``n_iter_`` (rounds), ``converged_`` (False, with a ConvergenceWarning, while
-    assignments still changed, or when the fit diverged: its mean training score more
-    than log K + 1 nats below the untrained model's), ``pretrain_time_`` (s),
+    assignments still changed at the last round (``tol`` set) or time ran out, or when
+    the fit diverged: its mean training score more than log K + 1 nats below the
+    untrained model's), ``pretrain_time_`` (s),
     ``fit_time_`` (s, wall time, with the time before a resume),
     ``n_features_in_``, ``feature_names_in_`` (a data frame's column names, when fitted on
     one), ``fitted_params_`` (the settings of the fit, which predictions and
@@ -171,7 +177,7 @@ class CompetitiveMixture(MixtureEstimator):
         init: str | Any = "uniform",
         pretrain_epochs: int = 10,
         max_rounds: int = 20,
-        tol: float = 0.0,
+        tol: float | None = 0.0,
         min_share: float | None = None,
         n_layers: int = 6,
         hidden_features: int | None = None,
@@ -278,9 +284,10 @@ class CompetitiveMixture(MixtureEstimator):
             check_choice(self.init, "init", INITS)
         check_positive_int(self.pretrain_epochs, "pretrain_epochs")
         check_positive_int(self.max_rounds, "max_rounds", minimum=0)
-        tol = check_positive_float(self.tol, "tol", allow_zero=True)
-        if tol >= 1.0:
-            raise ValueError(f"tol must be < 1, got {tol}")
+        if self.tol is not None:
+            tol = check_positive_float(self.tol, "tol", allow_zero=True)
+            if tol >= 1.0:
+                raise ValueError(f"tol must be < 1, got {tol}")
         if self.min_share is not None:
             share = check_positive_float(self.min_share, "min_share", allow_zero=True)
             if share * self.n_components >= 1.0:
@@ -711,8 +718,10 @@ class CompetitiveMixture(MixtureEstimator):
                 history["round_time"].append(time.perf_counter() - round_started)
                 history["time"].append(clock.elapsed())
                 self._notify(progress.n_rounds, clock)
-                if changed <= self.tol * x_train.shape[0]:
+                if self.tol is not None and changed <= self.tol * x_train.shape[0]:
                     progress.converged = True
                     break
+            else:
+                progress.converged = self.tol is None  # the fixed rounds all ran
         else:
             progress.converged = True  # nothing to converge: bagging / a single model

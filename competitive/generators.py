@@ -122,6 +122,9 @@ class Generators(nn.Module, ABC):
                 counts, ...); one batched computation trains all K generators, each
                 on its own points of the batch only (:func:`group_by_component`).
             compile: evaluate :meth:`stacked_loss` through ``torch.compile``.
+
+        A generator with no weight at all is left exactly as it was: with no data
+        gradient, weight decay alone would otherwise shrink it towards zero.
         """
         stacked_loss = self.stacked_loss
         if compile:
@@ -132,9 +135,18 @@ class Generators(nn.Module, ABC):
             index, slot_weights = group_by_component(wb)
             return (slot_weights * stacked_loss(xb[index])).sum() / xb.shape[0]
 
-        return train(
-            self, objective, (x, weights), config, generator=generator, checkpointer=checkpointer
-        )
+        idle = weights.sum(0) == 0  # (K,)
+        # Every parameter is stacked over K (leading axis), so idle slices can be kept.
+        kept = [(p, p.detach()[idle].clone()) for p in self.parameters()] if idle.any() else []
+        try:
+            return train(
+                self, objective, (x, weights), config, generator=generator,
+                checkpointer=checkpointer,
+            )  # fmt: skip
+        finally:
+            with torch.no_grad():
+                for param, saved in kept:
+                    param[idle] = saved
 
     @property
     def _reference(self) -> Tensor:

@@ -1,6 +1,7 @@
 """The two comparison studies, one (toy, seed) at a time: what ``vmonf report`` runs.
 
-* **Soft vs hard** — on the same data, seed and time budget: VMoNF with the ELBO
+* **Soft vs hard** — on the same data and seed, with the same number of epochs
+  (passes over the training data, k-means pre-training included): VMoNF with the ELBO
   (soft, amortised), with annealed temperature (soft towards hard) and with the
   exact marginal (soft, exact posterior); competitive training with exact and with
   discriminator assignment (hard); scikit-learn's GaussianMixture, one larger flow
@@ -11,7 +12,7 @@
   log-ratios (:mod:`competitive.compare`); the same figures after every round of
   competitive runs with discriminator assignment (k-means and the paper's uniform
   pre-training), and the held-out log-likelihood each assignment ends with when
-  both start from the same pre-trained flows.
+  both start from the same pre-trained flows and run the same rounds.
 
 Every flow mixture uses the same flows (VMoNF's defaults: 8 couplings, 32 wide,
 tanh). :func:`run_study` returns plain data (JSON-ready) and, for the first seed,
@@ -20,6 +21,7 @@ writes the figures.
 
 from __future__ import annotations
 
+import math
 import time
 import warnings
 from collections.abc import Callable
@@ -59,13 +61,13 @@ COMPARED = ("competitive (exact)", "VMoNF (ELBO)")
 FLOW = dict(n_layers=8, hidden_features=32, activation="tanh", weight_decay=1e-4)
 LARGE_FLOW = dict(n_layers=12, hidden_features=64, activation="tanh", weight_decay=1e-4)
 MIN_SHARE_USED = 0.01  # a component is "used" when it owns >= 1 % of held-out points
-PRETRAIN_SHARE, ROUND_SHARE = 0.2, 0.4  # competitive epochs, as shares of a case's epochs
-TOL = 1e-3  # competitive runs stop when at most this share of points change owner
+PRETRAIN_SHARE = 0.2  # of a case's epochs: k-means pre-training, for VMoNF and competitive
 
 
 @dataclass(frozen=True)
 class Case:
-    """One toy of the suite: data sizes, labels and the epochs every method is given."""
+    """One toy of the suite: data sizes, labels and the epochs every flow method is given
+    (pre-training included)."""
 
     name: str
     toy: str
@@ -78,7 +80,8 @@ class Case:
 
 
 # Epochs: what one torch thread of the (shared) 2-core machine gets through in about
-# 10 s, measured per toy (0.05-0.33 s per epoch); the 15 s budget caps every fit.
+# 10 s, measured per toy (0.05-0.33 s per epoch); the 15 s budget caps every fit, as a
+# guard: the epochs are the budget.
 FULL_CASES = (
     Case("pinwheel", "pinwheel", n_train=2560, epochs=100),
     Case("two_circles", "two_circles", n_train=1056, n_labelled=32, epochs=150, batch_size=128),
@@ -147,20 +150,31 @@ class StudySettings:
 # --------------------------------------------------------------------------- estimators
 
 
+def round_epochs(case: Case, settings: StudySettings) -> int:
+    """Epochs per competitive round: what is left after about ``PRETRAIN_SHARE`` of the
+    case's epochs, shared evenly by the ``max_rounds`` rounds."""
+    return max(1, (case.epochs - round(PRETRAIN_SHARE * case.epochs)) // settings.max_rounds)
+
+
+def pretrain_epochs(case: Case, settings: StudySettings) -> int:
+    """Epochs of k-means pre-training (VMoNF and competitive alike): the rest of the
+    budget after the rounds, so that pre-training plus rounds is the case's epochs."""
+    return max(1, case.epochs - settings.max_rounds * round_epochs(case, settings))
+
+
 def _competitive(case: Case, k: int, seed: int, settings: StudySettings, **params: Any) -> Any:
-    """Competitive training with VMoNF's flows: 20 % of the epochs pre-training, 40 % per
-    round (a run that converges after two rounds trains them all); pre-training leaves
-    most of the budget to the rounds, which a slow (shared) machine would otherwise lose."""
-    rounds = settings.max_rounds
+    """Competitive training with VMoNF's flows: ``pretrain_epochs`` of pre-training, then
+    exactly ``max_rounds`` rounds (``tol=None``: no early stop) sharing the rest of the
+    case's epochs, so that every run trains as long as VMoNF does."""
     return CompetitiveMixture(
         k,
         **FLOW,
         linear=False,
         init=params.pop("init", "kmeans"),
-        pretrain_epochs=max(1, round(PRETRAIN_SHARE * case.epochs)),
-        max_epochs=max(1, round(ROUND_SHARE * case.epochs)),
-        max_rounds=rounds,
-        tol=TOL,
+        pretrain_epochs=pretrain_epochs(case, settings),
+        max_epochs=round_epochs(case, settings),
+        max_rounds=settings.max_rounds,
+        tol=None,
         batch_size=case.batch_size,
         learning_rate=2e-3,
         lr_schedule="cosine",
@@ -172,20 +186,31 @@ def _competitive(case: Case, k: int, seed: int, settings: StudySettings, **param
     )
 
 
+def _vmonf(case: Case, k: int, seed: int, settings: StudySettings, **params: Any) -> VMoNF:
+    """VMoNF (its default flows) with ``pretrain_epochs`` of k-means pre-training, given as
+    optimiser steps, and the rest of the case's epochs for the ELBO (or marginal)."""
+    steps_per_epoch = math.ceil(case.n_train / case.batch_size)
+    return VMoNF(
+        k,
+        init_steps=pretrain_epochs(case, settings) * steps_per_epoch,
+        max_epochs=case.epochs - pretrain_epochs(case, settings),
+        max_time=settings.budget,
+        batch_size=case.batch_size,
+        random_state=seed,
+        **params,
+    )
+
+
 def _builders(case: Case, k: int, seed: int, settings: StudySettings) -> dict[str, Callable]:
     """name -> () -> unfitted estimator, one per row of the soft-vs-hard table."""
-    budget = settings.budget
-    vmonf = dict(
-        max_epochs=case.epochs, max_time=budget, batch_size=case.batch_size, random_state=seed
-    )
     baseline = dict(
-        epochs=case.epochs, max_time=budget, batch_size=case.batch_size, linear=False,
+        epochs=case.epochs, max_time=settings.budget, batch_size=case.batch_size, linear=False,
         learning_rate=2e-3, lr_schedule="cosine", validation_fraction=0.0, random_state=seed,
     )  # fmt: skip
     return {
-        "VMoNF (ELBO)": lambda: VMoNF(k, **vmonf),
-        "VMoNF (annealed T)": lambda: VMoNF(k, temperature="anneal", **vmonf),
-        "VMoNF (exact marginal)": lambda: VMoNF(k, objective="marginal", **vmonf),
+        "VMoNF (ELBO)": lambda: _vmonf(case, k, seed, settings),
+        "VMoNF (annealed T)": lambda: _vmonf(case, k, seed, settings, temperature="anneal"),
+        "VMoNF (exact marginal)": lambda: _vmonf(case, k, seed, settings, objective="marginal"),
         "competitive (exact)": lambda: _competitive(case, k, seed, settings),
         "competitive (discriminator)": lambda: _competitive(
             case, k, seed, settings, assignment="discriminator"
@@ -194,6 +219,18 @@ def _builders(case: Case, k: int, seed: int, settings: StudySettings) -> dict[st
         "single flow (larger)": lambda: single_model(**LARGE_FLOW, **baseline),
         "bagging": lambda: bagging(k, **FLOW, **baseline),
     }
+
+
+def _epochs_trained(model: Any, case: Case, settings: StudySettings) -> int | None:
+    """Passes over the training data a fitted flow method made, pre-training included
+    (None for GaussianMixture)."""
+    if isinstance(model, VMoNF):
+        return pretrain_epochs(case, settings) + int(model.n_iter_)
+    if isinstance(model, CompetitiveMixture):
+        if model.max_rounds == 0:  # a baseline: pre-training is all of it
+            return int(model.pretrain_epochs)
+        return pretrain_epochs(case, settings) + int(model.n_iter_) * round_epochs(case, settings)
+    return None
 
 
 # --------------------------------------------------------------------------- metrics
@@ -255,13 +292,17 @@ def _tracked_run(
 
 
 def _rounds_entry(
-    tracker: RoundTracker, disc: CompetitiveMixture, exact_score: float, X_test: np.ndarray
+    tracker: RoundTracker, disc: CompetitiveMixture, exact: CompetitiveMixture, X_test: np.ndarray
 ) -> dict[str, Any]:
+    """The discriminator run's rounds beside the exact run's (both from the same
+    pre-trained flows; with ``tol=None`` both run every round unless time runs out)."""
     return {
         "history": tracker.history,
         "n_changed": disc.history_["n_changed"],
+        "n_changed_exact": exact.history_["n_changed"],
+        "rounds_exact": int(exact.n_iter_),
         "log_likelihood_discriminator": disc.score(X_test),
-        "log_likelihood_exact": exact_score,
+        "log_likelihood_exact": exact.score(X_test),
     }
 
 
@@ -303,6 +344,8 @@ def run_study(
             **_evaluate(model, toy, data, uses_labels),
             "fit_time": seconds,
             "n_iter": int(getattr(model, "n_iter_", 0)),  # epochs (VMoNF), rounds, EM steps
+            "epochs": _epochs_trained(model, case, settings),
+            "uses_labels": uses_labels,
         }
         fitted[name] = model
 
@@ -325,7 +368,7 @@ def run_study(
         "kmeans": _rounds_entry(
             tracker,
             fitted["competitive (discriminator)"],
-            results["competitive (exact)"]["log_likelihood"],
+            fitted["competitive (exact)"],
             X_test,
         )
     }
@@ -333,9 +376,7 @@ def run_study(
     uniform_tracker, _ = _tracked_run(uniform_disc, data)
     uniform_exact = _competitive(case, k, seed, settings, init="uniform")
     _fit(uniform_exact, X, None)
-    rounds["uniform"] = _rounds_entry(
-        uniform_tracker, uniform_disc, uniform_exact.score(X_test), X_test
-    )
+    rounds["uniform"] = _rounds_entry(uniform_tracker, uniform_disc, uniform_exact, X_test)
     if figures_dir is not None:
         exact_owner, disc_owner = uniform_tracker.owners[0]
         shown = slice(0, settings.figure_points)

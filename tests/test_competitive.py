@@ -7,6 +7,7 @@ import json
 import math
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -125,6 +126,22 @@ def test_one_hot_mask_trains_only_the_owning_flow():
             assert grad[0].abs().max() > 0 or grad[2].abs().max() > 0, name
 
 
+@pytest.mark.parametrize("make", [FlowGenerators, VAEGenerators], ids=["flow", "vae"])
+def test_a_generator_with_no_weight_is_left_as_it_was(make):
+    """Weight decay alone must not shrink a generator that owns no point (min_share=0)."""
+    torch.manual_seed(0)
+    gens = make(2, 3, hidden_features=8)
+    before = {name: p.detach().clone() for name, p in gens.named_parameters()}
+    weights = torch.zeros(64, 3)
+    weights[:32, 0] = weights[32:, 2] = 1.0
+    config = TrainConfig(max_epochs=3, batch_size=16, weight_decay=1e-2, lr_schedule="constant")
+    gens.fit_weighted(torch.randn(64, 2), weights, config, torch.Generator().manual_seed(0))
+    for name, p in gens.named_parameters():
+        torch.testing.assert_close(p[1], before[name][1], rtol=0, atol=0, msg=name)
+    trained = [0, 2]
+    assert any(not torch.equal(p[trained], before[n][trained]) for n, p in gens.named_parameters())
+
+
 def test_flow_log_prob_is_exact_and_vae_has_none():
     gens = FlowGenerators(2, 2, n_layers=2, hidden_features=8)
     assert gens.log_prob(torch.randn(4, 2)).shape == (4, 2)
@@ -157,6 +174,25 @@ def test_load_balancing_lends_best_points_and_zeroes_the_weight():
     torch.testing.assert_close(pi, torch.tensor([0.75, 0.25, 0.0], dtype=torch.float64))
     pi = mixing_weights(owners, 3, minimum=2)  # component 1 (one point) is now starved too
     torch.testing.assert_close(pi, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_min_count_is_not_pushed_up_by_float_error():
+    assert 0.1 / 7 * 210 > 3  # the float product is a hair above the exact 3
+    assert min_count(210, 0.1 / 7) == 3
+    assert min_count(211, 0.1 / 7) == 4
+    assert min_count(100, 0.0) == 0
+
+
+def test_tol_none_runs_every_round_and_counts_as_converged():
+    X, _ = blobs(300)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        model = CompetitiveMixture(3, **{**FAST, "max_rounds": 3}, tol=None, random_state=0).fit(X)
+    assert model.n_iter_ == len(model.history_["n_changed"]) == 3 and model.converged_
+    early = CompetitiveMixture(3, **{**FAST, "max_rounds": 3}, tol=0.5, random_state=0).fit(X)
+    assert early.n_iter_ == 1  # the same run with a tol stops at its first round
+    with pytest.raises(ValueError, match="tol"):
+        CompetitiveMixture(3, tol=-0.1).fit(X)
 
 
 def test_starved_component_recovers(fitted):

@@ -26,16 +26,18 @@ def test_markdown_table_escapes_pipes_inside_cells():
 
 def _result(seed, kl, acc, ari, agreement, exact, disc, spearman, pearson):
     method = {"kl_to_truth": kl, "ari": ari, "accuracy": acc, "components_used": 2,
-              "fit_time": 1.0}  # fmt: skip
+              "fit_time": 1.0 + seed, "epochs": 4, "uses_labels": False}  # fmt: skip
     stats = {k: 0.0 for k in ("agreement", "ari", "mae", "mae_owned", "bias", "saturated")}
     cmp = {"truth": {**stats, "spearman": spearman, "pearson": pearson},
            "mixture": {**stats, "spearman": 0.0, "pearson": 0.0}}  # fmt: skip
     rounds = {"history": {"agreement": agreement}, "log_likelihood_exact": exact,
-              "log_likelihood_discriminator": disc}  # fmt: skip
+              "log_likelihood_discriminator": disc, "rounds_exact": 2 + seed}  # fmt: skip
     return {
         "case": "toy", "seed": seed, "k": 2, "n_train": 10, "n_test": 10, "n_labelled": 4,
         "epochs": 4, "truth": {"log_likelihood": -1.0, "bayes_accuracy": 1.0},
-        "methods": {name: dict(method) for name in studies.METHODS},
+        "methods": {name: dict(method) for name in studies.METHODS}
+        | {"VMoNF (ELBO)": {**method, "uses_labels": True},
+           "GaussianMixture": {**method, "epochs": None}},
         "comparisons": {name: cmp for name in studies.COMPARED},
         "rounds": {"kmeans": rounds, "uniform": rounds},
     }  # fmt: skip
@@ -56,15 +58,31 @@ def _row(table: str, first_cells: str) -> list[str]:
 
 def test_report_tables_average_over_seeds_in_the_right_columns():
     # KL mean over both seeds (1, 3) -> 2.000 ± 1.414, not seed 0 alone
-    assert _row(report.pivot(RESULTS, "kl_to_truth"), "| VMoNF (ELBO) |")[1] == "2.000 ± 1.414"
+    assert _row(report.pivot(RESULTS, "kl_to_truth"), "| bagging |")[1] == "2.000 ± 1.414"
     row = _row(report.soft_hard_tables(RESULTS), "| VMoNF (ELBO) |")
-    assert row[-4] == "0.300 ± 0.141"  # ARI (from the end: "q(c|x)" holds a pipe)
-    assert row[-3] == "0.800 ± 0.141"  # accuracy, not ARI
+    assert row[-5] == "0.300 ± 0.141"  # ARI (from the end: "q(c|x)" holds a pipe)
+    assert row[-4] == "0.800 ± 0.141"  # accuracy, not ARI
+    assert row[-2:] == ["4.0 ± 0.0", "1.5 ± 0.7"]  # epochs trained, fit time
+    assert _row(report.soft_hard_tables(RESULTS), "| GaussianMixture |")[-2] == "n/a"
     row = _row(report.rounds_markdown_table(RESULTS), "| toy | uniform |")
-    assert row[4] == "2.0 ± 0.0"  # rounds = entries after round 0
-    assert row[7] == "2.000 ± 0.000"  # exact - discriminator, positive here
+    assert row[4] == "2.0 ± 0.0"  # the discriminator run's rounds = entries after round 0
+    assert row[5] == "2.5 ± 0.7"  # the exact run's, recorded apart
+    assert row[8] == "2.000 ± 0.000"  # exact - discriminator, positive here
     row = _row(report.comparison_markdown_table(RESULTS), "| toy | VMoNF (ELBO) |")
     assert row[4] == "0.120 ± 0.014" and row[5] == "0.980 ± 0.014"  # Spearman, Pearson
+
+
+def test_cells_of_methods_fitted_with_labels_are_marked():
+    table = report.pivot(RESULTS, "ari")
+    assert _row(table, "| VMoNF (ELBO) |")[1] == "0.300 ± 0.141" + report.LABELS_MARK
+    assert _row(table, "| competitive (exact) |")[1] == "0.300 ± 0.141"
+
+
+def test_the_report_says_how_close_fits_came_to_the_budget():
+    text = report._longest_fits(RESULTS, budget=2.0)
+    n_flow_fits = 2 * (len(studies.METHODS) - 1)  # GaussianMixture has no epochs
+    assert text.startswith("The longest flow fit took 2.0 s")
+    assert text.endswith(f"{n_flow_fits // 2} of {n_flow_fits} reached the budget.")
 
 
 # --------------------------------------------------------------- report options (R5, R8)
@@ -177,6 +195,7 @@ class _StudyModel:
             if self.callback is not None:
                 self.callback(self, round_)
         self.history_ = {"n_changed": [4, 0]}
+        self.n_iter_ = 2
         return self
 
     def score_samples(self, X):
@@ -269,6 +288,26 @@ def test_study_rounds_table_takes_each_exact_score_from_its_own_run(fake_study):
     assert rounds["uniform"]["log_likelihood_exact"] == -3.0  # its own uniform exact run
     assert rounds["uniform"]["log_likelihood_discriminator"] == -4.0
     assert rounds["kmeans"]["history"]["round"] == [0, 1, 2]
+    assert rounds["uniform"]["rounds_exact"] == 2  # the exact run's own count
+
+
+@pytest.mark.parametrize("case", studies.FULL_CASES, ids=lambda c: c.name)
+def test_every_flow_method_is_planned_the_same_epochs_pre_training_included(case):
+    settings = studies.StudySettings()
+    built = {name: make() for name, make in studies._builders(case, 3, 0, settings).items()}
+    steps_per_epoch = -(-case.n_train // case.batch_size)
+    pretrain = studies.pretrain_epochs(case, settings)
+    assert pretrain >= round(studies.PRETRAIN_SHARE * case.epochs)
+    for name in ("VMoNF (ELBO)", "VMoNF (annealed T)", "VMoNF (exact marginal)"):
+        vmonf = built[name]
+        assert vmonf.init_steps == pretrain * steps_per_epoch
+        assert pretrain + vmonf.max_epochs == case.epochs
+    for name in ("competitive (exact)", "competitive (discriminator)"):
+        comp = built[name]
+        assert comp.tol is None and comp.pretrain_epochs == pretrain  # every round runs
+        assert pretrain + comp.max_rounds * comp.max_epochs == case.epochs
+    for name in ("single flow (larger)", "bagging"):
+        assert built[name].pretrain_epochs == case.epochs and built[name].max_rounds == 0
 
 
 # --------------------------------------------------------------- reporting (P3, P4, P5)
