@@ -33,8 +33,9 @@ from vmonf._validation import (
     check_choice,
     check_positive_float,
     check_positive_int,
+    user_stacklevel,
 )
-from vmonf.base import DIVERGENCE_MARGIN, MixtureEstimator, divergence_floor
+from vmonf.base import DIVERGENCE_MARGIN, MixtureEstimator, divergence_floor, probabilities
 from vmonf.distributed import gather_rows
 from vmonf.mixture import draw_components, generator_on
 from vmonf.resume import Checkpointer
@@ -117,7 +118,11 @@ class CompetitiveMixture(MixtureEstimator):
             equal weights: bagging or a single model, see :mod:`competitive.baselines`).
         tol: converged when at most ``tol * N`` points change owner in a round; None:
             no early stop, every one of the ``max_rounds`` rounds runs (a fixed
-            training budget, as in :mod:`competitive.studies`).
+            training budget, as in :mod:`competitive.studies`). With flows a few points
+            near the boundaries keep changing owner from round to round (stochastic
+            training: 2-3 % on pinwheel after 20 rounds), so the default 0 (exact
+            convergence, natural for ``generator="kmeans"``) usually ends with a
+            ConvergenceWarning; 0.01-0.02 stops there.
         min_share: load balancing: a generator winning fewer than ``min_share * N``
             points keeps training on its best ``min_share * N`` points with mixing
             weight 0 (default 0.1 / K).
@@ -456,7 +461,9 @@ class CompetitiveMixture(MixtureEstimator):
             raise NoExactLikelihoodError(
                 "VAE generators have no exact likelihood, so score_samples is undefined; "
                 "evaluate samples with the KDE protocol instead: "
-                "vmonf.metrics.kde_log_likelihood(model.sample(n)[0], X_test)"
+                "vmonf.metrics.kde_log_likelihood(model.sample(n)[0], X_test, n_test=None) "
+                "(n_test=None scores every row of X_test; the protocol's default, 500, "
+                "the first 500)"
             )
         return super().score_samples(X)
 
@@ -615,16 +622,21 @@ class CompetitiveMixture(MixtureEstimator):
                 f"the untrained model's, more than log K + {DIVERGENCE_MARGIN:g}; lower "
                 "learning_rate",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
         elif not progress.converged:
             last = history["n_changed"][-1] if history["n_changed"] else "n/a"
-            remedy = "raise max_time" if progress.out_of_time else "raise max_rounds or tol"
+            remedy = (
+                "raise max_time"
+                if progress.out_of_time
+                else "raise max_rounds or tol (e.g. tol=0.02: boundary points of stochastically "
+                "trained flows keep moving)"
+            )
             warnings.warn(
                 f"CompetitiveMixture: assignments still changed after {progress.n_rounds} "
                 f"round(s) ({last} points in the last); {remedy}",
                 ConvergenceWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
 
     def _set_fitted(
@@ -654,7 +666,7 @@ class CompetitiveMixture(MixtureEstimator):
         if x_val is not None and val_idx is not None and self._can_assign():
             labels[val_idx.cpu()] = by_rule(x_val)
         self.labels_ = labels.numpy().astype(np.int64)
-        self.weights_ = self.model_.log_weights.exp().double().cpu().numpy()
+        self.weights_ = probabilities(self.model_.log_weights)
         self.history_ = history
         self.n_iter_ = progress.n_rounds
         self.converged_ = progress.converged

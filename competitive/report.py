@@ -32,7 +32,6 @@ from competitive.studies import (
     DISCRIMINATOR_SETTINGS,
     FULL_CASES,
     METHODS,
-    PRETRAIN_SHARE,
     Case,
     StudySettings,
     run_study,
@@ -309,7 +308,8 @@ def soft_hard_tables(results: list[dict[str, Any]]) -> str:
         truth = mean_sd([r["truth"]["log_likelihood"] for r in rs])
         bayes = mean_sd([r["truth"]["bayes_accuracy"] for r in rs])
         parts.append(
-            f"#### {case} (K = {first['k']}, E = {first['epochs']} epochs, "
+            f"#### {case} (K = {first['k']}, P = {first.get('pretrain_epochs', '?')} + "
+            f"E = {first['epochs']} epochs, "
             f"{first['n_train']} training points{labels}, "
             f"{first['n_test']} held-out; truth {truth} nats, Bayes accuracy {bayes})\n"
         )
@@ -449,12 +449,13 @@ def render(payload: Mapping[str, Any]) -> str:
         f"Every number below was produced by this run (`results.json` holds them all); "
         f"nothing is hand-entered.",
         f"Settings: {payload['seeds']} seed(s) per toy (mean ± sd over seeds). Every flow "
-        f"method trains for the same E epochs (passes over the training points; per toy, in "
-        f"its heading), pre-training included: VMoNF and competitive training spend "
-        f"{PRETRAIN_SHARE:g} E of them on k-means pre-training (VMoNF's given as optimiser "
-        f"steps), VMoNF the rest on its objective and competitive training the rest in "
-        f"exactly {s['max_rounds']} rounds of equal epochs (no early stop); the baselines "
-        f"train E epochs. An epoch of exact-ELBO VMoNF runs every flow on every point, one "
+        f"method trains for the same number of epochs (passes over the training points; "
+        f"per toy, in its heading): VMoNF and competitive training start with the same P "
+        f"epochs of k-means pre-training (VMoNF's default, 300 optimiser steps, rounded up "
+        f"to whole epochs), then train E epochs, VMoNF on its objective and competitive "
+        f"training in exactly {s['max_rounds']} rounds of E / {s['max_rounds']} epochs (no "
+        f"early stop); the baselines train P + E epochs. An epoch of exact-ELBO VMoNF runs "
+        f"every flow on every point, one "
         f"of competitive training each flow on its own points only: the fit times show "
         f"what that costs. `max_time` = {s['budget']:g} s caps every fit as a guard. "
         f"{_longest_fits(results, s['budget'])} Every flow mixture has "

@@ -1,7 +1,8 @@
 """The two comparison studies, one (toy, seed) at a time: what ``vmonf report`` runs.
 
 * **Soft vs hard** — on the same data and seed, with the same number of epochs
-  (passes over the training data, k-means pre-training included): VMoNF with the ELBO
+  (passes over the training data): the same k-means pre-training, then E epochs of
+  training for every flow mixture: VMoNF with the ELBO
   (soft, amortised), with annealed temperature (soft towards hard) and with the
   exact marginal (soft, exact posterior); competitive training with exact and with
   discriminator assignment (hard); scikit-learn's GaussianMixture, one larger flow
@@ -61,13 +62,12 @@ COMPARED = ("competitive (exact)", "VMoNF (ELBO)")
 FLOW = dict(n_layers=8, hidden_features=32, activation="tanh", weight_decay=1e-4)
 LARGE_FLOW = dict(n_layers=12, hidden_features=64, activation="tanh", weight_decay=1e-4)
 MIN_SHARE_USED = 0.01  # a component is "used" when it owns >= 1 % of held-out points
-PRETRAIN_SHARE = 0.2  # of a case's epochs: k-means pre-training, for VMoNF and competitive
 
 
 @dataclass(frozen=True)
 class Case:
-    """One toy of the suite: data sizes, labels and the epochs every flow method is given
-    (pre-training included)."""
+    """One toy of the suite: data sizes, labels and E, the epochs every flow mixture is
+    given after the same k-means pre-training (:func:`pretrain_epochs`)."""
 
     name: str
     toy: str
@@ -150,28 +150,34 @@ class StudySettings:
 # --------------------------------------------------------------------------- estimators
 
 
+def pretrain_epochs(case: Case) -> int:
+    """Epochs of k-means pre-training, the same for VMoNF and competitive training:
+    VMoNF's default pre-training (``init_steps`` optimiser steps) in whole epochs."""
+    steps_per_epoch = math.ceil(case.n_train / case.batch_size)
+    return math.ceil(VMoNF().init_steps / steps_per_epoch)
+
+
 def round_epochs(case: Case, settings: StudySettings) -> int:
-    """Epochs per competitive round: what is left after about ``PRETRAIN_SHARE`` of the
-    case's epochs, shared evenly by the ``max_rounds`` rounds."""
-    return max(1, (case.epochs - round(PRETRAIN_SHARE * case.epochs)) // settings.max_rounds)
+    """Epochs per competitive round: the case's E epochs shared by ``max_rounds`` rounds."""
+    return max(1, case.epochs // settings.max_rounds)
 
 
-def pretrain_epochs(case: Case, settings: StudySettings) -> int:
-    """Epochs of k-means pre-training (VMoNF and competitive alike): the rest of the
-    budget after the rounds, so that pre-training plus rounds is the case's epochs."""
-    return max(1, case.epochs - settings.max_rounds * round_epochs(case, settings))
+def training_epochs(case: Case, settings: StudySettings) -> int:
+    """Epochs after pre-training, the same for every flow mixture: E, rounded down to
+    whole competitive rounds."""
+    return settings.max_rounds * round_epochs(case, settings)
 
 
 def _competitive(case: Case, k: int, seed: int, settings: StudySettings, **params: Any) -> Any:
-    """Competitive training with VMoNF's flows: ``pretrain_epochs`` of pre-training, then
-    exactly ``max_rounds`` rounds (``tol=None``: no early stop) sharing the rest of the
-    case's epochs, so that every run trains as long as VMoNF does."""
+    """Competitive training with VMoNF's flows: :func:`pretrain_epochs` of pre-training,
+    then exactly ``max_rounds`` rounds (``tol=None``: no early stop) of
+    :func:`round_epochs` each, so that every run trains as long as VMoNF does."""
     return CompetitiveMixture(
         k,
         **FLOW,
         linear=False,
         init=params.pop("init", "kmeans"),
-        pretrain_epochs=pretrain_epochs(case, settings),
+        pretrain_epochs=pretrain_epochs(case),
         max_epochs=round_epochs(case, settings),
         max_rounds=settings.max_rounds,
         tol=None,
@@ -187,13 +193,13 @@ def _competitive(case: Case, k: int, seed: int, settings: StudySettings, **param
 
 
 def _vmonf(case: Case, k: int, seed: int, settings: StudySettings, **params: Any) -> VMoNF:
-    """VMoNF (its default flows) with ``pretrain_epochs`` of k-means pre-training, given as
-    optimiser steps, and the rest of the case's epochs for the ELBO (or marginal)."""
+    """VMoNF with its defaults: :func:`pretrain_epochs` of k-means pre-training (its
+    default ``init_steps``, rounded up to whole epochs), then :func:`training_epochs`."""
     steps_per_epoch = math.ceil(case.n_train / case.batch_size)
     return VMoNF(
         k,
-        init_steps=pretrain_epochs(case, settings) * steps_per_epoch,
-        max_epochs=case.epochs - pretrain_epochs(case, settings),
+        init_steps=pretrain_epochs(case) * steps_per_epoch,
+        max_epochs=training_epochs(case, settings),
         max_time=settings.budget,
         batch_size=case.batch_size,
         random_state=seed,
@@ -204,8 +210,9 @@ def _vmonf(case: Case, k: int, seed: int, settings: StudySettings, **params: Any
 def _builders(case: Case, k: int, seed: int, settings: StudySettings) -> dict[str, Callable]:
     """name -> () -> unfitted estimator, one per row of the soft-vs-hard table."""
     baseline = dict(
-        epochs=case.epochs, max_time=settings.budget, batch_size=case.batch_size, linear=False,
-        learning_rate=2e-3, lr_schedule="cosine", validation_fraction=0.0, random_state=seed,
+        epochs=pretrain_epochs(case) + training_epochs(case, settings), linear=False,
+        max_time=settings.budget, batch_size=case.batch_size, learning_rate=2e-3,
+        lr_schedule="cosine", validation_fraction=0.0, random_state=seed,
     )  # fmt: skip
     return {
         "VMoNF (ELBO)": lambda: _vmonf(case, k, seed, settings),
@@ -225,11 +232,11 @@ def _epochs_trained(model: Any, case: Case, settings: StudySettings) -> int | No
     """Passes over the training data a fitted flow method made, pre-training included
     (None for GaussianMixture)."""
     if isinstance(model, VMoNF):
-        return pretrain_epochs(case, settings) + int(model.n_iter_)
+        return pretrain_epochs(case) + int(model.n_iter_)
     if isinstance(model, CompetitiveMixture):
         if model.max_rounds == 0:  # a baseline: pre-training is all of it
             return int(model.pretrain_epochs)
-        return pretrain_epochs(case, settings) + int(model.n_iter_) * round_epochs(case, settings)
+        return pretrain_epochs(case) + int(model.n_iter_) * round_epochs(case, settings)
     return None
 
 
@@ -393,7 +400,8 @@ def run_study(
         "n_train": case.n_train,
         "n_test": case.n_test,
         "n_labelled": case.n_labelled,
-        "epochs": case.epochs,
+        "epochs": training_epochs(case, settings),
+        "pretrain_epochs": pretrain_epochs(case),
         "truth": truth,
         "methods": results,
         "comparisons": comparisons,

@@ -65,6 +65,9 @@ def test_fit_writes_metrics_model_and_figures(moons_run, capsys):
     assert report["settings"]["toy"] == "moons"
     assert report["settings"]["n_components"] == 2
     assert report["settings"]["estimator_params"]["max_epochs"] == 2
+    assert report["settings"]["torch_threads"] == 1  # the estimator's, what it ran on
+    model = VMoNF.load(out / "model.pt")
+    assert report["fitted"]["train_elbo"] == pytest.approx(model.elbo_)
     assert {"python", "torch", "vmonf"} <= set(report["versions"])
     for name in FIGURES:
         assert (out / name).stat().st_size > 1000, name

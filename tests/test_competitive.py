@@ -843,3 +843,13 @@ def test_a_point_tied_between_its_owner_and_another_component_keeps_its_owner(mo
     ).fit(blobs(60)[0])
     assert model.history_["n_changed"] == [0] and model.converged_
     assert (model.labels_ == 2).all()
+
+
+def test_probabilities_sum_to_one_in_float64():
+    X, _ = blobs(300)
+    model = CompetitiveMixture(3, **{**FAST, "dtype": "float32", "max_rounds": 1}, random_state=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", ConvergenceWarning)
+        model.fit(X)
+    np.testing.assert_allclose(model.predict_proba(X).sum(axis=1), 1.0, rtol=0, atol=1e-12)
+    np.testing.assert_allclose(model.weights_.sum(), 1.0, rtol=0, atol=1e-12)

@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 from scipy.linalg import sqrtm
 from scipy.stats import norm
+from sklearn.exceptions import ConvergenceWarning
 
 from competitive import CompetitiveMixture, NoExactLikelihoodError
 from vmonf import VMoNF, datasets
@@ -318,7 +319,9 @@ def test_image_mixture_competitive_flows_and_vaes(digits, tmp_path):
         2, n_layers=2, hidden_features=8, pretrain_epochs=2, max_epochs=1, max_rounds=1,
         random_state=0,
     )  # fmt: skip
-    model = ImageMixture(flows, **common).fit(X)
+    with pytest.warns(ConvergenceWarning, match="still changed") as seen:  # one round
+        model = ImageMixture(flows, **common).fit(X)
+    assert {w.filename for w in seen} == {__file__}  # the user's line, through the wrapper
     np.testing.assert_allclose(model.elbo(X), model.score_samples(X))  # flows: exact
     loaded = ImageMixture.load(model.save(tmp_path / "c.pt"))
     assert isinstance(loaded.estimator_, CompetitiveMixture)

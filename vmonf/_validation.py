@@ -134,7 +134,7 @@ _NO_NAMES = "X does not have valid feature names"  # scikit-learn's words
 _PACKAGES = ("vmonf", "competitive")
 
 
-def _caller_outside_packages() -> int:
+def user_stacklevel() -> int:
     """The ``stacklevel`` for a warning raised by the function calling this one that
     names the first frame outside vmonf and competitive: the user's line, however deep
     inside the estimator the check ran."""
@@ -173,13 +173,13 @@ def check_feature_names(X: object, fitted: np.ndarray | None, fitted_by: str) ->
         warnings.warn(
             f"{_NO_NAMES}, but {fitted_by} was fitted with feature names",
             UserWarning,
-            stacklevel=_caller_outside_packages(),
+            stacklevel=user_stacklevel(),
         )
     elif names is not None:
         warnings.warn(
             f"X has feature names, but {fitted_by} was fitted without feature names",
             UserWarning,
-            stacklevel=_caller_outside_packages(),
+            stacklevel=user_stacklevel(),
         )
 
 

@@ -62,6 +62,8 @@ __all__ = [
     "check_loadable_device",
     "divergence_floor",
     "fitted_setting",
+    "probabilities",
+    "sampling_seed",
     "torch_device",
 ]
 
@@ -95,6 +97,24 @@ def divergence_floor(initial_score: float, n_components: int) -> float:
     """The lowest mean training score (nats per point) of a fit that has not diverged,
     given the untrained model's ``initial_score``."""
     return initial_score - math.log(n_components) - DIVERGENCE_MARGIN
+
+
+def probabilities(log_p: np.ndarray | Tensor) -> np.ndarray:
+    """exp(log_p) normalised along the last axis in float64: (..., K) -> (..., K).
+
+    Log-probabilities normalised in float32 sum to 1 only within about 1e-7 after
+    exp, which ``numpy.random.choice`` and scikit-learn's ``log_loss`` refuse."""
+    if isinstance(log_p, Tensor):
+        log_p = log_p.detach().cpu().numpy()
+    log_p = np.asarray(log_p, dtype=np.float64)
+    p = np.exp(log_p - log_p.max(axis=-1, keepdims=True))
+    return p / p.sum(axis=-1, keepdims=True)
+
+
+def sampling_seed(estimator: Any, random_state: object) -> int | None:
+    """The seed of a ``sample`` call: ``random_state``, else the estimator's fitted one."""
+    seed = check_seed(random_state, "random_state")
+    return check_seed(fitted_setting(estimator, "random_state")) if seed is None else seed
 
 
 def fitted_setting(estimator: Any, name: str) -> Any:
@@ -378,13 +398,15 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         seed = check_seed(self.random_state)  # a plain int (torch refuses numpy ints)
         if seed is None:  # data-parallel ranks draw one: rank 0's
             seed = broadcast_int(int(np.random.SeedSequence().generate_state(1)[0]))
+        # A one-off import, outside max_time and fit_time_ (the checkpointer's clock
+        # counts from its creation: fit_time_ includes the time before a resume).
+        warm_up_optimizer()
         checkpointer = self._checkpointer(x, labels, seed, resume)
         if checkpointer is not None:
             seed = checkpointer.seed  # a resumed fit continues with the stored seed
         generator = torch.Generator().manual_seed(seed)
         interruptible = nullcontext() if checkpointer is None else checkpointer.interruptible()
         before = self._fitted_attributes()
-        warm_up_optimizer()  # a one-off import, outside max_time and fit_time_
         started = time.perf_counter()
         try:
             # What this fit computes with: set_params after it changes the next fit, not
@@ -442,7 +464,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     def predict_proba(self, X: object) -> np.ndarray:
         """Responsibilities (N, K) of each component for each row."""
         u = self._validate_X(X)
-        return np.exp(self._chunked(self._log_proba, u))
+        return probabilities(self._chunked(self._log_proba, u))
 
     def predict(self, X: object) -> np.ndarray:
         """Most responsible component of each row, (N,) int64."""
@@ -453,11 +475,14 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     ) -> tuple[np.ndarray, np.ndarray]:
         """Draw points from the fitted mixture -> (X (n, D), component labels (n,)).
 
-        A model fitted to images (N, H, W) returns X as images (n, H, W).
+        ``random_state`` seeds the draw; None takes the estimator's ``random_state``, as
+        scikit-learn's ``GaussianMixture.sample`` does (an int then gives the same points
+        at every call; fresh ones when that is None too). A model fitted to images
+        (N, H, W) returns X as images (n, H, W).
         """
         self._check_is_fitted()
         n = check_positive_int(n_samples, "n_samples", minimum=1)
-        seed = check_seed(random_state, "random_state")
+        seed = sampling_seed(self, random_state)
         generator = torch.Generator(device=self._fitted_device)
         if seed is not None:
             generator.manual_seed(seed)
@@ -520,11 +545,17 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     # -- persistence -------------------------------------------------------------------
     def save(self, path: str | os.PathLike) -> Path:
-        """Write the fitted estimator atomically (weights and plain data only)."""
+        """Write the fitted estimator atomically (weights and plain data only; not the
+        ``callback``, nor the ``checkpoint`` path of the fit's training state)."""
         self._check_is_fitted()
         payload = {
-            # Callables (e.g. a callback) are not data: they are not saved.
-            "params": {k: plain_setting(v) for k, v in self._fitted_params().items()},
+            # Callables (e.g. a callback) are not data: they are not saved. Nor is the
+            # path of the fit's training state: it belongs to that run, and a loaded
+            # model refitted with it would overwrite the run's state file.
+            "params": {
+                k: None if k == "checkpoint" else plain_setting(v)
+                for k, v in self._fitted_params().items()
+            },
             "format": SAVE_FORMAT,
             "model": {k: v.cpu() for k, v in self.model_.state_dict().items()},
             "standardizer": {k: v.cpu() for k, v in self.standardizer_.state_dict().items()},

@@ -534,12 +534,15 @@ def run_fit(args: argparse.Namespace) -> int:
             "test_seed": args.seed + 1,
             "estimator": "VMoNF",
             "estimator_params": params,
-            "torch_threads": torch.get_num_threads(),
+            # what fitting and scoring ran on (the estimator's n_threads; None: torch's)
+            "torch_threads": estimator.n_threads or torch.get_num_threads(),
         },
         "fitted": {
             "weights": estimator.weights_,
             "n_epochs": estimator.n_iter_,
-            "elbo": estimator.elbo_,  # the fitted attribute: see VMoNF
+            # the fitted attribute (on the training points, or the validation split);
+            # metrics' "elbo" is on the held-out points
+            "train_elbo": estimator.elbo_,
             "converged": estimator.converged_,
         },
         "history": estimator.history_,

@@ -22,8 +22,15 @@ from vmonf._validation import (
     check_positive_float,
     check_positive_int,
     check_widths,
+    user_stacklevel,
 )
-from vmonf.base import CHUNK, DIVERGENCE_MARGIN, MixtureEstimator, divergence_floor
+from vmonf.base import (
+    CHUNK,
+    DIVERGENCE_MARGIN,
+    MixtureEstimator,
+    divergence_floor,
+    probabilities,
+)
 from vmonf.flows import ComponentFlows
 from vmonf.mixture import WEIGHT_MODES, MixtureOfFlows
 from vmonf.model import VariationalMixture
@@ -59,6 +66,7 @@ class _Fit(NamedTuple):
     elbo: float
     train_log_likelihood: float
     initial_train_log_likelihood: float
+    selection_score: float  # what restarts are compared on: the trained objective
 
 
 def _history_in_user_units(
@@ -91,7 +99,9 @@ class VMoNF(MixtureEstimator):
             ``"propagate"`` (spread the labels to every point along a k-nearest-
             neighbour graph, then pre-train on all points), ``"random"`` (none) or
             ``"auto"`` (propagate when every class has a label, else k-means).
-        n_init: restarts; the one with the best final ELBO is kept.
+        n_init: restarts; the one with the best final objective is kept: the ELBO, or
+            with ``objective="marginal"`` the exact log-likelihood (on the held-out
+            points when ``validation_fraction`` > 0, else on the training points).
         init_steps: optimiser steps of pre-training.
         n_layers, hidden_features, n_hidden_layers, activation, max_log_scale,
             actnorm, linear, base_df: architecture of each flow (see
@@ -107,10 +117,14 @@ class VMoNF(MixtureEstimator):
             pays a one-off 1-3 s import of torch's optimiser code, outside the budget).
         validation_fraction: share of points held out (unlabelled ones first; labelled
             ones only when those run short, and never every label of a class) to monitor
-            the exact NLL
-            (``history_["val_loss"]``) and choose among restarts; with ``patience``,
-            training stops after that many epochs without improvement and the best
-            epoch is restored.
+            the exact NLL (``history_["val_loss"]``) and to compare restarts on
+            (``n_init``); with ``patience``, training stops after that many epochs
+            without improvement and the best epoch is restored. The held-out NLL often
+            worsens for tens of epochs after k-means pre-training, while q and the flows
+            leave the k-means clusters for the objective's optimum, before it improves
+            on its first epoch (pinwheel, 1000 points: best at epoch 32): a small
+            ``patience`` (5) can stop in that dip and restore a barely trained model, so
+            give 30 or more.
         random_state, verbose (progress bars in a terminal or a Jupyter notebook; none
             when output goes to a file or pipe), device (``"cpu"``, ``"cuda"``, ``"auto"``), dtype
             (``"float32"``/``"float64"``), n_threads (torch threads while fitting and
@@ -441,7 +455,7 @@ class VMoNF(MixtureEstimator):
                     f"VMoNF pre-training stopped at its share of max_time (a quarter) after "
                     f"{step} of {planned} steps",
                     ConvergenceWarning,
-                    stacklevel=4,
+                    stacklevel=user_stacklevel(),
                 )
 
         schedule, main_start = self._schedule(), step
@@ -497,13 +511,22 @@ class VMoNF(MixtureEstimator):
         if self.patience is not None and np.isfinite(val_loss).any():
             kept = int(np.nanargmin(val_loss))  # train() keeps the first best, never a NaN
         model.posterior.temperature.fill_(temperatures[kept])
+        elbo = mean_score(negative_bound, x if val is None else val)
+        train_log_likelihood = mean_score(negative_log_likelihood, x)
+        if self.objective == "elbo":
+            selection_score = elbo
+        elif val is None:
+            selection_score = train_log_likelihood
+        else:
+            selection_score = mean_score(negative_log_likelihood, val)
         return _Fit(
             model,
             result.history,
             result.n_epochs,
-            mean_score(negative_bound, x if val is None else val),
-            mean_score(negative_log_likelihood, x),
+            elbo,
+            train_log_likelihood,
             initial_log_likelihood,
+            selection_score,
         )
 
     def _mean_responsibility(self, model: VariationalMixture, x: Tensor, y: Tensor) -> Tensor:
@@ -553,11 +576,11 @@ class VMoNF(MixtureEstimator):
                 if best is None:
                     partial = exc.result or TrainResult()
                     nan = math.nan
-                    best = _Fit(model, partial.history, partial.n_epochs, nan, nan, nan)
+                    best = _Fit(model, partial.history, partial.n_epochs, nan, nan, nan, nan)
                 self._set_fitted(best, x, warn=False)
                 self.converged_ = False  # even when an earlier restart's fit is kept
                 raise
-            if best is None or fitted.elbo > best.elbo:
+            if best is None or fitted.selection_score > best.selection_score:
                 best = fitted
         self._set_fitted(best, x)
 
@@ -571,7 +594,7 @@ class VMoNF(MixtureEstimator):
         self.history_ = _history_in_user_units(fit.history, log_det)
         self.n_iter_ = fit.n_epochs
         self.elbo_ = float(fit.elbo) + log_det
-        self.weights_ = model.mixture.log_weights().exp().detach().double().cpu().numpy()
+        self.weights_ = probabilities(model.mixture.log_weights())
         self.labels_ = self._chunked(self._log_proba, x).argmax(axis=1).astype(np.int64)
         finite = math.isfinite(fit.elbo) and math.isfinite(fit.train_log_likelihood)
         diverged = finite and fit.train_log_likelihood < divergence_floor(
@@ -589,7 +612,7 @@ class VMoNF(MixtureEstimator):
             )
         else:
             message = "VMoNF fit ended with a non-finite ELBO or log-likelihood"
-        warnings.warn(message, ConvergenceWarning, stacklevel=4)
+        warnings.warn(message, ConvergenceWarning, stacklevel=user_stacklevel())
 
     def _upgrade_fitted(self, version: int) -> None:
         log_det = float(self.standardizer_.log_abs_det())
@@ -605,7 +628,7 @@ class VMoNF(MixtureEstimator):
         if posterior == "amortized":
             return super().predict_proba(X)
         u = self._validate_X(X)
-        return np.exp(self._chunked(self.model_.mixture.posterior, u))
+        return probabilities(self._chunked(self.model_.mixture.posterior, u))
 
     def predict(self, X: object, posterior: str = "amortized") -> np.ndarray:
         """Most probable component under q(c|x) or the exact posterior, (N,) int64."""

@@ -25,12 +25,13 @@ from typing import Any, Self
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin, DensityMixin, clone
 
-from vmonf._validation import check_positive_int, check_seed
+from vmonf._validation import check_positive_int, check_seed, user_stacklevel
 from vmonf.base import (
     MixtureEstimator,
     NotFittedError,
     check_loadable_device,
     fitted_setting,
+    sampling_seed,
     torch_device,
 )
 from vmonf.checkpoint import (
@@ -161,7 +162,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
                 f"{self.n_levels}: if X has {top + 1} levels (datasets.images('digits') has "
                 "17), pass n_levels to match, or bits per dimension and samples are off",
                 UserWarning,
-                stacklevel=2,
+                stacklevel=user_stacklevel(),
             )
         transform = ImageTransform(
             self.n_levels,
@@ -231,11 +232,12 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         """Draw images -> (images (n, *image_shape_) in levels 0..L-1, components (n,)).
 
         ``residual_noise=False`` sets the axes a PCA front-end discards to their mean
-        (the PCA reconstruction of each sample) instead of drawing them.
+        (the PCA reconstruction of each sample) instead of drawing them. ``random_state``
+        as in :meth:`vmonf.base.MixtureEstimator.sample` (None: the model's own).
         """
         self._check_is_fitted()
         n = check_positive_int(n_samples, "n_samples")
-        seed = check_seed(random_state, "random_state")
+        seed = sampling_seed(self, random_state)
         features, components = self.estimator_.sample(n, random_state=seed)
         rng = np.random.default_rng(None if seed is None else [seed, 2])
         v = self.transform_.inverse(features, rng if residual_noise else None)

@@ -30,6 +30,7 @@ from vmonf._validation import (
     check_choice,
     check_positive_float,
     check_positive_int,
+    user_stacklevel,
 )
 from vmonf.checkpoint import CheckpointError
 from vmonf.distributed import (
@@ -449,7 +450,7 @@ def train(
                     f"good state restored, learning rate halved to "
                     f"{config.learning_rate * state.lr_scale:.3g}",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=user_stacklevel(),
                 )
                 if result.n_bad_steps > config.max_bad_steps:
                     if best is not None:
@@ -555,7 +556,7 @@ def _check_last_update(
             "the last update made the loss non-finite: the weights of the last good epoch "
             "were restored",
             RuntimeWarning,
-            stacklevel=3,
+            stacklevel=user_stacklevel(),
         )
     state.good_due = False
 

@@ -37,7 +37,7 @@ from typing import Any
 
 import numpy as np
 
-from vmonf._validation import check_choice, check_integer_labels
+from vmonf._validation import check_choice, check_integer_labels, user_stacklevel
 
 __all__ = [
     "IMAGE_DATASETS",
@@ -215,7 +215,7 @@ def _arrays(name: str) -> dict[str, np.ndarray]:
             warnings.warn(
                 f"the cached {path} is unreadable ({exc}); rebuilding it from the source",
                 RuntimeWarning,
-                stacklevel=3,
+                stacklevel=user_stacklevel(),
             )
     arrays = loader()
     _save_npz_atomic(path, **arrays)
