@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -113,6 +113,7 @@ class Generators(nn.Module, ABC):
         generator: torch.Generator,
         checkpointer: Checkpointer | None = None,
         compile: bool = False,
+        optimizer_state: dict[str, Any] | None = None,
     ) -> TrainResult:
         """Minimise mean_i sum_k weights[i, k] * loss_k(x_i) with :func:`vmonf.training.train`.
 
@@ -122,6 +123,8 @@ class Generators(nn.Module, ABC):
                 counts, ...); one batched computation trains all K generators, each
                 on its own points of the batch only (:func:`group_by_component`).
             compile: evaluate :meth:`stacked_loss` through ``torch.compile``.
+            optimizer_state: an earlier call's ``TrainResult.optimizer_state``: Adam
+                continues with its moments (competitive rounds are one optimisation).
 
         A generator with no weight at all is left exactly as it was: with no data
         gradient, weight decay alone would otherwise shrink it towards zero.
@@ -141,7 +144,7 @@ class Generators(nn.Module, ABC):
         try:
             return train(
                 self, objective, (x, weights), config, generator=generator,
-                checkpointer=checkpointer,
+                checkpointer=checkpointer, optimizer_state=optimizer_state,
             )  # fmt: skip
         finally:
             with torch.no_grad():
@@ -313,9 +316,10 @@ class KMeansGenerators(Generators):
         generator: torch.Generator,
         checkpointer: Checkpointer | None = None,
         compile: bool = False,
+        optimizer_state: dict[str, Any] | None = None,
     ) -> TrainResult:
         """Closed form: mu_k = sum_i w_ik x_i / sum_i w_ik (a centre with no weight stays;
-        deterministic, so there is nothing to checkpoint or compile)."""
+        deterministic, so there is nothing to checkpoint, compile or optimise)."""
         total = weights.sum(0)
         means = (weights.T @ x) / total.clamp_min(1e-300)[:, None]
         self.centres.copy_(torch.where(total[:, None] > 0, means, self.centres))

@@ -37,6 +37,7 @@ from competitive.studies import (
     run_study,
 )
 from vmonf.cli import output_folder
+from vmonf.estimator import VMoNF
 from vmonf.reporting import as_float, markdown_table, mean_sd, versions, write_json
 
 __all__ = ["DESCRIPTION", "QUICK", "add_arguments", "render", "run"]
@@ -451,11 +452,11 @@ def render(payload: Mapping[str, Any]) -> str:
         f"Settings: {payload['seeds']} seed(s) per toy (mean ± sd over seeds). Every flow "
         f"method trains for the same number of epochs (passes over the training points; "
         f"per toy, in its heading): VMoNF and competitive training start with the same P "
-        f"epochs of k-means pre-training (VMoNF's default, 300 optimiser steps, rounded up "
-        f"to whole epochs), then train E epochs, VMoNF on its objective and competitive "
-        f"training in exactly {s['max_rounds']} rounds of E / {s['max_rounds']} epochs (no "
-        f"early stop); the baselines train P + E epochs. An epoch of exact-ELBO VMoNF runs "
-        f"every flow on every point, one "
+        f"epochs of k-means pre-training (VMoNF's default, {VMoNF().init_steps} optimiser "
+        f"steps, rounded up to whole epochs), then train E epochs, VMoNF on its objective "
+        f"and competitive training in exactly {s['max_rounds']} rounds of "
+        f"E / {s['max_rounds']} epochs (no early stop); the baselines train P + E epochs. "
+        f"An epoch of exact-ELBO VMoNF runs every flow on every point, one "
         f"of competitive training each flow on its own points only: the fit times show "
         f"what that costs. `max_time` = {s['budget']:g} s caps every fit as a guard. "
         f"{_longest_fits(results, s['budget'])} Every flow mixture has "

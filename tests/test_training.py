@@ -202,6 +202,8 @@ def test_non_finite_weights_on_entry_are_never_returned_as_trained():
         ("max_time", -5.0, "max_time"),
         ("lr_schedule", "step", "lr_schedule"),
         ("patience", 0, "patience"),
+        ("lr_schedule_epochs", 0, "lr_schedule_epochs"),
+        ("lr_schedule_start", -1, "lr_schedule_start"),
     ],
 )
 def test_bad_config_is_rejected(field, value, match):
@@ -297,6 +299,44 @@ def test_cosine_schedule_starts_afresh_at_start_step():
     result = train(module, objective, data, config, generator=torch.Generator(), start_step=1000)
     expected = [0.1 * _cosine_factor(step, 4, 0.05) for step in range(4)]
     assert result.history["lr"] == pytest.approx(expected, rel=1e-12)
+
+
+@pytest.mark.parametrize("schedule", ["cosine", "constant"])
+def test_calls_continued_with_the_optimizer_state_equal_one_long_call(schedule):
+    """Two calls of 2 epochs, the second continuing Adam's state and the first's learning
+    rate schedule, give the weights of one call of 4 epochs (competitive rounds)."""
+    weights = []
+    for split in (False, True):
+        torch.manual_seed(1)
+        module, objective, data = quadratic_problem()
+        generator = torch.Generator().manual_seed(7)
+        config = dict(batch_size=32, learning_rate=0.05, weight_decay=1e-3, lr_schedule=schedule)
+        if split:
+            first = train(module, objective, data, TrainConfig(max_epochs=2,
+                          lr_schedule_epochs=4, **config), generator=generator)  # fmt: skip
+            second = TrainConfig(max_epochs=2, lr_schedule_epochs=4, lr_schedule_start=2, **config)
+            result = train(module, objective, data, second, generator=generator,
+                           optimizer_state=first.optimizer_state)  # fmt: skip
+            lrs = first.history["lr"] + result.history["lr"]
+        else:
+            result = train(module, objective, data, TrainConfig(max_epochs=4, **config),
+                           generator=generator)  # fmt: skip
+            lrs = result.history["lr"]
+        weights.append((module.weight.detach().clone(), module.bias.detach().clone(), lrs))
+    torch.testing.assert_close(weights[1][:2], weights[0][:2], rtol=1e-6, atol=1e-7)
+    assert weights[1][2] == pytest.approx(weights[0][2], rel=1e-12)
+
+
+def test_an_optimizer_state_of_other_parameters_is_refused():
+    module, objective, data = quadratic_problem()
+    config = TrainConfig(max_epochs=1, batch_size=64)
+    other = nn.Linear(3, 1)
+    state = train(
+        other, lambda batch, _: other(batch[0]).square().mean(), (torch.randn(8, 3),), config,
+        generator=torch.Generator(),
+    ).optimizer_state  # fmt: skip
+    with pytest.raises(ValueError, match="optimizer_state is not of these parameters"):
+        train(module, objective, data, config, generator=torch.Generator(), optimizer_state=state)
 
 
 def test_a_non_finite_step_halves_the_rate_and_restarts_adam():

@@ -15,6 +15,7 @@ every function here is the identity, so single-process code pays nothing.
 
 from __future__ import annotations
 
+import atexit
 import os
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
@@ -60,8 +61,11 @@ def init_from_env(device: torch.device | None = None) -> bool:
 
     Does nothing when already joined or when WORLD_SIZE is absent or 1. Uses NCCL
     for CUDA devices, gloo otherwise, and a timeout of VMONF_DIST_TIMEOUT seconds
-    (default 300) so that a crashed rank makes the others fail instead of hang.
-    Returns whether this process is one of several.
+    (default 300) so that a crashed rank makes the others fail instead of hang. A
+    group joined here is destroyed at exit: left to the interpreter's teardown,
+    gloo's threads now and then abort the process at exit ("terminate called without
+    an active exception": seen once in this project's test runs). Returns whether this
+    process is one of several.
     """
     if not dist.is_available():
         return False
@@ -73,7 +77,13 @@ def init_from_env(device: torch.device | None = None) -> bool:
         if cuda:
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
+        atexit.register(_destroy_process_group)
     return dist.get_world_size() > 1
+
+
+def _destroy_process_group() -> None:
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def shard_range(n: int, rank: int | None = None, size: int | None = None) -> tuple[int, int]:

@@ -19,6 +19,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from threadpoolctl import threadpool_limits
@@ -89,6 +90,10 @@ class TrainConfig:
         adam_betas: Adam's (beta1, beta2).
         weight_decay: Adam L2 penalty.
         lr_schedule: ``"constant"`` or ``"cosine"`` (to ``lr_floor * learning_rate``).
+        lr_schedule_epochs, lr_schedule_start: the cosine schedule spans
+            ``lr_schedule_epochs`` epochs (None: ``max_epochs``), of which this call
+            starts at epoch ``lr_schedule_start``: consecutive calls, e.g. competitive
+            rounds, then follow one schedule instead of restarting it.
         grad_clip: max global gradient norm (None = no clipping).
         patience: early stopping after this many epochs without a better
             validation loss (None = no early stopping; needs validation data).
@@ -104,6 +109,8 @@ class TrainConfig:
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     lr_schedule: str = "cosine"
+    lr_schedule_epochs: int | None = None
+    lr_schedule_start: int = 0
     lr_floor: float = 0.05
     grad_clip: float | None = 50.0
     patience: int | None = None
@@ -123,11 +130,18 @@ class TrainConfig:
                 self.weight_decay, "weight_decay", allow_zero=True
             ),
             "lr_floor": check_positive_float(self.lr_floor, "lr_floor"),
+            "lr_schedule_start": check_positive_int(
+                self.lr_schedule_start, "lr_schedule_start", minimum=0
+            ),
             "grad_clip": check_positive_float(self.grad_clip, "grad_clip", allow_none=True),
             "max_bad_steps": check_positive_int(self.max_bad_steps, "max_bad_steps", minimum=0),
         }
         if self.patience is not None:
             checked["patience"] = check_positive_int(self.patience, "patience")
+        if self.lr_schedule_epochs is not None:
+            checked["lr_schedule_epochs"] = check_positive_int(
+                self.lr_schedule_epochs, "lr_schedule_epochs"
+            )
         check_betas(self.adam_betas, "adam_betas")
         check_choice(self.lr_schedule, "lr_schedule", ("constant", "cosine"))
         for name, value in checked.items():
@@ -144,6 +158,8 @@ class TrainResult:
     n_bad_steps: int = 0
     stop_reason: str = "max_epochs"
     best_validation: float = math.inf
+    # Adam's state at the end: train(optimizer_state=...) continues the optimisation.
+    optimizer_state: dict[str, Any] | None = None
 
 
 def _can_show_progress() -> bool:
@@ -286,6 +302,7 @@ def _result_fields(result: TrainResult) -> dict[str, object]:
         "n_bad_steps": result.n_bad_steps,
         "stop_reason": result.stop_reason,
         "best_validation": result.best_validation,
+        "optimizer_state": result.optimizer_state,
     }
 
 
@@ -304,6 +321,7 @@ def train(
     start_step: int = 0,
     checkpointer: Checkpointer | None = None,
     clock: Callable[[], float] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> TrainResult:
     """Minimise ``objective`` over ``data`` with Adam; returns the history.
 
@@ -326,6 +344,8 @@ def train(
             stage it finished before is replayed, one it was in is continued.
         clock: seconds for ``max_time`` and the history's ``time`` (default
             ``time.perf_counter``; a :class:`FitClock` leaves callbacks out).
+        optimizer_state: a previous call's ``TrainResult.optimizer_state`` on the same
+            parameters: Adam continues with its moments instead of starting afresh.
 
     The trained parameters (those that require grad) are first packed into one buffer
     (:func:`vmonf.packing.pack_parameters`): each stays the same Parameter object, now a
@@ -369,10 +389,13 @@ def train(
         weight_decay=config.weight_decay,
         fused=True,
     )
+    if optimizer_state is not None:
+        _load_optimizer_state(optimizer, optimizer_state)
     max_norm = math.inf if config.grad_clip is None else config.grad_clip
     device = params[0].device if params else data[0].device
     batches = sampler(n, config.batch_size, generator)
-    total_steps = config.max_epochs * len(batches)
+    schedule_steps = (config.lr_schedule_epochs or config.max_epochs) * len(batches)
+    schedule_offset = config.lr_schedule_start * len(batches) - start_step
     result = TrainResult(history={"loss": [], "lr": [], "time": []})
     if validation is not None:
         result.history["val_loss"] = []
@@ -420,7 +443,9 @@ def train(
             if position < state.batch:
                 continue
             if config.lr_schedule == "cosine":
-                factor = _cosine_factor(state.step - start_step, total_steps, config.lr_floor)
+                factor = _cosine_factor(
+                    state.step + schedule_offset, schedule_steps, config.lr_floor
+                )
             else:
                 factor = 1.0
             for group in optimizer.param_groups:
@@ -530,6 +555,7 @@ def train(
     if best is not None and config.patience is not None:
         best.restore(module)
     module.eval()
+    result.optimizer_state = optimizer.state_dict()
     if stage is not None:
         stage.finish(_result_fields(result), module, generator)
     return result
@@ -559,6 +585,22 @@ def _check_last_update(
             stacklevel=user_stacklevel(),
         )
     state.good_due = False
+
+
+def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]) -> None:
+    """Continue ``optimizer`` from a previous call's state, which must be of the same
+    parameters (packed alike: one buffer of the same size)."""
+    try:
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        moments = [state["state"][i]["exp_avg"] for i in range(len(params)) if i in state["state"]]
+        if any(m.shape != p.shape for m, p in zip(moments, params, strict=False)):
+            raise ValueError("its moments have other shapes than the parameters")
+        settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
+        optimizer.load_state_dict(state)
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"optimizer_state is not of these parameters: {exc}") from None
+    for group, setting in zip(optimizer.param_groups, settings, strict=True):
+        group.update(setting)  # the moments carry over; this call's config sets the rest
 
 
 def _resume(
