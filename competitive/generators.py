@@ -145,6 +145,7 @@ class Generators(nn.Module, ABC):
             return train(
                 self, objective, (x, weights), config, generator=generator,
                 checkpointer=checkpointer, optimizer_state=optimizer_state,
+                return_optimizer_state=True,
             )  # fmt: skip
         finally:
             with torch.no_grad():

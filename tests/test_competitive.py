@@ -879,3 +879,17 @@ def test_rounds_continue_one_optimisation(monkeypatch):
     for round_index, (config, _, _) in enumerate(calls[1:]):
         assert config.lr_schedule_epochs == 3 * FAST["max_epochs"]
         assert config.lr_schedule_start == round_index * FAST["max_epochs"]
+
+
+def test_a_round_cut_short_by_max_time_is_no_finished_fit(monkeypatch):
+    """With tol=None a fit that ran its rounds has converged, unless max_time cut the
+    last round short: then it says so (as with a tol)."""
+    clock = itertools.count(step=0.01)
+    fake_time = SimpleNamespace(perf_counter=lambda: next(clock))
+    monkeypatch.setattr(training, "time", fake_time)
+    monkeypatch.setattr(competitive.estimator, "time", fake_time)
+    X, _ = blobs(300)
+    settings = {**FAST, "max_rounds": 1, "max_epochs": 100_000}
+    with pytest.warns(ConvergenceWarning, match=r"after 1 round\(s\) .*; raise max_time$"):
+        model = CompetitiveMixture(3, **settings, tol=None, max_time=1.0, random_state=0).fit(X)
+    assert model.n_iter_ == 1 and not model.converged_

@@ -252,6 +252,14 @@ def _vmonf(**kw):
     )
 
 
+def test_an_unseeded_wrapper_samples_from_the_wrapped_estimators_seed(digits):
+    X, _ = digits
+    model = ImageMixture(_vmonf(), n_levels=17, pca_components=6).fit(X[:200])
+    first, again = model.sample(7), model.sample(7)
+    np.testing.assert_array_equal(first[0], again[0])  # the residual noise too
+    np.testing.assert_array_equal(first[1], again[1])
+
+
 def test_image_mixture_vmonf_round_trip(digits, tmp_path):
     X, _ = digits
     model = ImageMixture(_vmonf(), n_levels=17, pca_components=6, random_state=0).fit(X, None)
@@ -273,6 +281,9 @@ def test_image_mixture_vmonf_round_trip(digits, tmp_path):
     np.testing.assert_array_equal(images, model.sample(7, random_state=0)[0])
     smooth, _ = model.sample(7, random_state=0, residual_noise=False)
     assert smooth.shape == (7, 8, 8)
+    # Unseeded calls draw from the model's random_state, features and residual noise
+    # alike (with the wrapper unseeded, from the wrapped estimator's: below).
+    np.testing.assert_array_equal(model.sample(7)[0], model.sample(7)[0])
     path = model.save(tmp_path / "m.pt")
     loaded = ImageMixture.load(path)
     np.testing.assert_array_equal(loaded.predict(X), pred)

@@ -457,3 +457,17 @@ def test_checkpoints_come_every_checkpoint_every_steps(tmp_path, monkeypatch):
         blobs(320)  # 5 batches of 64 per epoch: 40 steps
     )
     assert len(writes) <= 12, len(writes)
+
+
+def test_a_training_state_of_another_format_is_refused(tmp_path, monkeypatch):
+    """A state written by a vmonf whose training differs (e.g. before competitive rounds
+    carried Adam's state) must not resume into a run that matches neither."""
+    import vmonf.resume
+
+    X = blobs()
+    path = tmp_path / "state.pt"
+    monkeypatch.setattr(vmonf.resume, "TRAINING_STATE_FORMAT", 1)
+    VMoNF(**VMONF, checkpoint=path).fit(X)
+    monkeypatch.setattr(vmonf.resume, "TRAINING_STATE_FORMAT", 2)
+    with pytest.raises(ValueError, match="by a vmonf whose training differs"):
+        VMoNF(**VMONF, checkpoint=path).fit(X, resume=True)

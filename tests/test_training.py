@@ -313,11 +313,15 @@ def test_calls_continued_with_the_optimizer_state_equal_one_long_call(schedule):
         config = dict(batch_size=32, learning_rate=0.05, weight_decay=1e-3, lr_schedule=schedule)
         if split:
             first = train(module, objective, data, TrainConfig(max_epochs=2,
-                          lr_schedule_epochs=4, **config), generator=generator)  # fmt: skip
+                          lr_schedule_epochs=4, **config), generator=generator,
+                          return_optimizer_state=True)  # fmt: skip
+            kept = {k: v.clone() for k, v in first.optimizer_state["state"][0].items()}
             second = TrainConfig(max_epochs=2, lr_schedule_epochs=4, lr_schedule_start=2, **config)
             result = train(module, objective, data, second, generator=generator,
                            optimizer_state=first.optimizer_state)  # fmt: skip
             lrs = first.history["lr"] + result.history["lr"]
+            for key, value in kept.items():  # a copy: the second call left it alone
+                torch.testing.assert_close(first.optimizer_state["state"][0][key], value)
         else:
             result = train(module, objective, data, TrainConfig(max_epochs=4, **config),
                            generator=generator)  # fmt: skip
@@ -333,7 +337,7 @@ def test_an_optimizer_state_of_other_parameters_is_refused():
     other = nn.Linear(3, 1)
     state = train(
         other, lambda batch, _: other(batch[0]).square().mean(), (torch.randn(8, 3),), config,
-        generator=torch.Generator(),
+        generator=torch.Generator(), return_optimizer_state=True,
     ).optimizer_state  # fmt: skip
     with pytest.raises(ValueError, match="optimizer_state is not of these parameters"):
         train(module, objective, data, config, generator=torch.Generator(), optimizer_state=state)

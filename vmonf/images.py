@@ -233,11 +233,16 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
 
         ``residual_noise=False`` sets the axes a PCA front-end discards to their mean
         (the PCA reconstruction of each sample) instead of drawing them. ``random_state``
-        as in :meth:`vmonf.base.MixtureEstimator.sample` (None: the model's own).
+        as in :meth:`vmonf.base.MixtureEstimator.sample` (None: this model's, else the
+        wrapped estimator's; it seeds the features and the residual noise alike).
         """
         self._check_is_fitted()
         n = check_positive_int(n_samples, "n_samples")
         seed = sampling_seed(self, random_state)
+        if seed is None:  # then the wrapped estimator's seed, or one drawn for both parts
+            seed = sampling_seed(self.estimator_, None)
+        if seed is None:
+            seed = int(np.random.SeedSequence().generate_state(1)[0])
         features, components = self.estimator_.sample(n, random_state=seed)
         rng = np.random.default_rng(None if seed is None else [seed, 2])
         v = self.transform_.inverse(features, rng if residual_noise else None)

@@ -43,6 +43,7 @@ from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vmonf.distributed import any_rank, is_main_process
 
 __all__ = [
+    "TRAINING_STATE_FORMAT",
     "Checkpointer",
     "Stage",
     "TrainingInterrupted",
@@ -62,9 +63,16 @@ class TrainingInterrupted(KeyboardInterrupt):
         self.path = path
 
 
+#: What a training state holds and how fits use it; a state written under another
+#: format is refused like other settings. 2: competitive rounds continue Adam's state
+#: (kept with each finished stage) and one learning-rate schedule.
+TRAINING_STATE_FORMAT = 2
+
+
 def fingerprint(*arrays: np.ndarray, settings: dict[str, Any]) -> str:
-    """SHA-256 of the data and the settings a resumed fit must share with the first."""
-    digest = hashlib.sha256()
+    """SHA-256 of the data and the settings a resumed fit must share with the first
+    (and of :data:`TRAINING_STATE_FORMAT`)."""
+    digest = hashlib.sha256(f"training state {TRAINING_STATE_FORMAT}".encode())
     for array in arrays:
         array = np.ascontiguousarray(array)
         digest.update(f"{array.dtype}{array.shape}".encode())
@@ -209,7 +217,8 @@ class Checkpointer:
             if payload.get("identity") != identity:
                 raise ValueError(
                     f"cannot resume from {self.path}: it was written for other data or "
-                    "settings (start without resume, or use another checkpoint path)"
+                    "settings, or by a vmonf whose training differs (start without resume, "
+                    "or use another checkpoint path)"
                 )
             try:
                 self.seed = int(payload["seed"])

@@ -11,6 +11,7 @@ data, and every cross-process reduction goes through :mod:`vmonf.distributed`.
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import sys
@@ -158,7 +159,8 @@ class TrainResult:
     n_bad_steps: int = 0
     stop_reason: str = "max_epochs"
     best_validation: float = math.inf
-    # Adam's state at the end: train(optimizer_state=...) continues the optimisation.
+    # Adam's state at the end (with return_optimizer_state): train(optimizer_state=...)
+    # continues the optimisation.
     optimizer_state: dict[str, Any] | None = None
 
 
@@ -322,6 +324,7 @@ def train(
     checkpointer: Checkpointer | None = None,
     clock: Callable[[], float] | None = None,
     optimizer_state: dict[str, Any] | None = None,
+    return_optimizer_state: bool = False,
 ) -> TrainResult:
     """Minimise ``objective`` over ``data`` with Adam; returns the history.
 
@@ -346,6 +349,8 @@ def train(
             ``time.perf_counter``; a :class:`FitClock` leaves callbacks out).
         optimizer_state: a previous call's ``TrainResult.optimizer_state`` on the same
             parameters: Adam continues with its moments instead of starting afresh.
+        return_optimizer_state: keep a copy of Adam's final state in the result (and in
+            a checkpointed stage's record, so that a resumed fit continues alike).
 
     The trained parameters (those that require grad) are first packed into one buffer
     (:func:`vmonf.packing.pack_parameters`): each stays the same Parameter object, now a
@@ -555,7 +560,8 @@ def train(
     if best is not None and config.patience is not None:
         best.restore(module)
     module.eval()
-    result.optimizer_state = optimizer.state_dict()
+    if return_optimizer_state:  # a copy: the optimiser's own tensors are not kept
+        result.optimizer_state = copy.deepcopy(optimizer.state_dict())
     if stage is not None:
         stage.finish(_result_fields(result), module, generator)
     return result
@@ -596,7 +602,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any
         if any(m.shape != p.shape for m, p in zip(moments, params, strict=False)):
             raise ValueError("its moments have other shapes than the parameters")
         settings = [{k: v for k, v in g.items() if k != "params"} for g in optimizer.param_groups]
-        optimizer.load_state_dict(state)
+        optimizer.load_state_dict(copy.deepcopy(state))  # it would update the caller's
     except (KeyError, TypeError, ValueError) as exc:
         raise ValueError(f"optimizer_state is not of these parameters: {exc}") from None
     for group, setting in zip(optimizer.param_groups, settings, strict=True):
