@@ -87,9 +87,10 @@ def fit_discriminators(
         real: (N, D) data, shared by every discriminator (label 1).
         fake: (K, N, D) samples, slice k from generator k (label 0).
     Each step takes the same B real points and B samples of every generator; the
-    K losses are summed: each discriminator has its own weights, and the only link
-    between them is the training loop's gradient-norm clip (``TrainConfig.grad_clip``,
-    one norm over all K), which binds only on rare large steps.
+    K losses are summed: each discriminator has its own weights, and what links them
+    is the training loop's: one gradient-norm clip over all K (``TrainConfig.grad_clip``,
+    binding only on rare large steps) and its non-finite-step guard, which restores all
+    K, resets their Adam state and halves their learning rate together.
     """
     k, n, d = fake.shape
     if real.shape != (n, d) or k != discriminators.n_components:

@@ -127,7 +127,9 @@ class Generators(nn.Module, ABC):
                 continues with its moments (competitive rounds are one optimisation).
 
         A generator with no weight at all is left exactly as it was: with no data
-        gradient, weight decay alone would otherwise shrink it towards zero.
+        gradient, weight decay alone would otherwise shrink it towards zero. (Its
+        slice of Adam's carried moments does move: should it win points back, its
+        first steps can be larger than the learning rate.)
         """
         stacked_loss = self.stacked_loss
         if compile:
@@ -139,8 +141,12 @@ class Generators(nn.Module, ABC):
             return (slot_weights * stacked_loss(xb[index])).sum() / xb.shape[0]
 
         idle = weights.sum(0) == 0  # (K,)
-        # Every parameter is stacked over K (leading axis), so idle slices can be kept.
-        kept = [(p, p.detach()[idle].clone()) for p in self.parameters()] if idle.any() else []
+        kept = []
+        if idle.any():
+            for p in self.parameters():
+                if p.shape[:1] != (self.n_components,):  # a subclass sharing a parameter
+                    raise TypeError(f"{type(self).__name__}'s parameters must be stacked over K")
+                kept.append((p, p.detach()[idle].clone()))
         try:
             return train(
                 self, objective, (x, weights), config, generator=generator,

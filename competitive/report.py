@@ -277,26 +277,27 @@ def pivot(results: list[dict[str, Any]], key: str, digits: int = 3) -> str:
     return markdown_table(["method", *grouped], rows)
 
 
-def _epochs(col: list[dict[str, Any]]) -> str:
-    epochs = [c.get("epochs") for c in col]
-    return "n/a" if None in epochs else mean_sd(epochs, 1)
+def _mean_sd_or_na(values: list[Any]) -> str:
+    """mean ± sd of counts (1 decimal), "n/a" where any is missing (older results)."""
+    return "n/a" if None in values else mean_sd(values, 1)
 
 
 def _longest_fits(results: list[dict[str, Any]], budget: float) -> str:
-    """How close the flow fits came to the time budget, in words."""
-    times = [
-        (m["fit_time"], name, r["case"])
+    """How close the flow fits came to the time cap, in words: the longest, and how many
+    the cap stopped (their ConvergenceWarnings name max_time)."""
+    fits = [
+        (m["fit_time"], name, r["case"], m.get("convergence_warnings", []))
         for r in results
         for name, m in r["methods"].items()
         if m.get("epochs") is not None
     ]
-    if not times:
+    if not fits:
         return ""
-    longest, name, case = max(times)
-    capped = sum(t >= budget for t, _, _ in times)
+    longest, name, case, _ = max(fits, key=lambda fit: fit[0])
+    capped = sum(any("max_time" in w for w in warned) for _, _, _, warned in fits)
     return (
-        f"The longest flow fit took {longest:.1f} s ({name}, {case}); {capped} of "
-        f"{len(times)} reached the budget."
+        f"The longest flow fit took {longest:.1f} s ({name}, {case}); the cap stopped "
+        f"{capped} of {len(fits)} (the epochs in the tables are those planned)."
     )
 
 
@@ -322,7 +323,8 @@ def soft_hard_tables(results: list[dict[str, Any]]) -> str:
                 mean_sd([c["ari"] for c in col]),
                 mean_sd([c["accuracy"] for c in col]) if first["n_labelled"] else "n/a",
                 mean_sd([c["components_used"] for c in col], 1),
-                _epochs(col), mean_sd([c["fit_time"] for c in col], 1),
+                _mean_sd_or_na([c.get("epochs") for c in col]),
+                mean_sd([c["fit_time"] for c in col], 1),
             ])  # fmt: skip
         parts.append(
             markdown_table(
@@ -333,7 +335,7 @@ def soft_hard_tables(results: list[dict[str, Any]]) -> str:
                     "ARI",
                     "accuracy",
                     "components used",
-                    "epochs trained",
+                    "epochs (planned)",
                     "fit time (s)",
                 ],
                 rows,
@@ -397,7 +399,7 @@ def rounds_markdown_table(results: list[dict[str, Any]]) -> str:
             rows.append([
                 case, init, mean_sd(first), mean_sd(last),
                 mean_sd([len(x["history"]["agreement"]) - 1 for x in e], 1),
-                "n/a" if None in exact_rounds else mean_sd(exact_rounds, 1),
+                _mean_sd_or_na(exact_rounds),
                 mean_sd(exact), mean_sd(disc),
                 mean_sd([as_float(a) - as_float(b) for a, b in zip(exact, disc, strict=True)]),
                 mean_sd([r["truth"]["log_likelihood"] for r in rs]),
@@ -418,6 +420,10 @@ def _figure_links(results: list[dict[str, Any]], figure_names: Mapping[str, str]
                           figure_names.items())  # fmt: skip
         lines.append(f"* {case}: {links}")
     return "\n".join(lines)
+
+
+def _scaled(epoch_scale: float) -> str:
+    return "" if epoch_scale == 1 else f" scaled by {epoch_scale:g} like the epochs"
 
 
 def _discriminator_text(overrides: Mapping[str, Any]) -> str:
@@ -453,7 +459,8 @@ def render(payload: Mapping[str, Any]) -> str:
         f"method trains for the same number of epochs (passes over the training points; "
         f"per toy, in its heading): VMoNF and competitive training start with the same P "
         f"epochs of k-means pre-training (VMoNF's default, {VMoNF().init_steps} optimiser "
-        f"steps, rounded up to whole epochs), then train E epochs, VMoNF on its objective "
+        f"steps{_scaled(s.get('epoch_scale', 1.0))}, rounded up to whole epochs), then "
+        f"train E epochs, VMoNF on its objective "
         f"and competitive training in exactly {s['max_rounds']} rounds of "
         f"E / {s['max_rounds']} epochs (no early stop); the baselines train P + E epochs. "
         f"An epoch of exact-ELBO VMoNF runs every flow on every point, one "

@@ -150,11 +150,16 @@ class StudySettings:
 # --------------------------------------------------------------------------- estimators
 
 
-def pretrain_epochs(case: Case) -> int:
+def _steps_per_epoch(case: Case) -> int:
+    return math.ceil(case.n_train / case.batch_size)
+
+
+def pretrain_epochs(case: Case, settings: StudySettings) -> int:
     """Epochs of k-means pre-training, the same for VMoNF and competitive training:
-    VMoNF's default pre-training (``init_steps`` optimiser steps) in whole epochs."""
-    steps_per_epoch = math.ceil(case.n_train / case.batch_size)
-    return math.ceil(VMoNF().init_steps / steps_per_epoch)
+    VMoNF's default pre-training (``init_steps`` optimiser steps), scaled like the
+    epochs (``epoch_scale``), in whole epochs."""
+    steps = settings.epoch_scale * VMoNF().init_steps
+    return max(1, math.ceil(steps / _steps_per_epoch(case)))
 
 
 def round_epochs(case: Case, settings: StudySettings) -> int:
@@ -163,8 +168,8 @@ def round_epochs(case: Case, settings: StudySettings) -> int:
 
 
 def training_epochs(case: Case, settings: StudySettings) -> int:
-    """Epochs after pre-training, the same for every flow mixture: E, rounded down to
-    whole competitive rounds."""
+    """Epochs after pre-training, the same for every flow mixture: E in whole
+    competitive rounds (rounded down, but at least one epoch per round)."""
     return settings.max_rounds * round_epochs(case, settings)
 
 
@@ -177,7 +182,7 @@ def _competitive(case: Case, k: int, seed: int, settings: StudySettings, **param
         **FLOW,
         linear=False,
         init=params.pop("init", "kmeans"),
-        pretrain_epochs=pretrain_epochs(case),
+        pretrain_epochs=pretrain_epochs(case, settings),
         max_epochs=round_epochs(case, settings),
         max_rounds=settings.max_rounds,
         tol=None,
@@ -195,10 +200,9 @@ def _competitive(case: Case, k: int, seed: int, settings: StudySettings, **param
 def _vmonf(case: Case, k: int, seed: int, settings: StudySettings, **params: Any) -> VMoNF:
     """VMoNF with its defaults: :func:`pretrain_epochs` of k-means pre-training (its
     default ``init_steps``, rounded up to whole epochs), then :func:`training_epochs`."""
-    steps_per_epoch = math.ceil(case.n_train / case.batch_size)
     return VMoNF(
         k,
-        init_steps=pretrain_epochs(case) * steps_per_epoch,
+        init_steps=pretrain_epochs(case, settings) * _steps_per_epoch(case),
         max_epochs=training_epochs(case, settings),
         max_time=settings.budget,
         batch_size=case.batch_size,
@@ -210,7 +214,7 @@ def _vmonf(case: Case, k: int, seed: int, settings: StudySettings, **params: Any
 def _builders(case: Case, k: int, seed: int, settings: StudySettings) -> dict[str, Callable]:
     """name -> () -> unfitted estimator, one per row of the soft-vs-hard table."""
     baseline = dict(
-        epochs=pretrain_epochs(case) + training_epochs(case, settings), linear=False,
+        epochs=pretrain_epochs(case, settings) + training_epochs(case, settings), linear=False,
         max_time=settings.budget, batch_size=case.batch_size, learning_rate=2e-3,
         lr_schedule="cosine", validation_fraction=0.0, random_state=seed,
     )  # fmt: skip
@@ -232,11 +236,11 @@ def _epochs_trained(model: Any, case: Case, settings: StudySettings) -> int | No
     """Passes over the training data a fitted flow method made, pre-training included
     (None for GaussianMixture)."""
     if isinstance(model, VMoNF):
-        return pretrain_epochs(case) + int(model.n_iter_)
+        return pretrain_epochs(case, settings) + int(model.n_iter_)
     if isinstance(model, CompetitiveMixture):
         if model.max_rounds == 0:  # a baseline: pre-training is all of it
             return int(model.pretrain_epochs)
-        return pretrain_epochs(case) + int(model.n_iter_) * round_epochs(case, settings)
+        return pretrain_epochs(case, settings) + int(model.n_iter_) * round_epochs(case, settings)
     return None
 
 
@@ -277,12 +281,17 @@ def _evaluate(
     return out
 
 
-def _fit(model: Any, X: np.ndarray, y: np.ndarray | None) -> float:
+def _fit(model: Any, X: np.ndarray, y: np.ndarray | None) -> tuple[float, list[str]]:
+    """Fit; -> (seconds, the fit's ConvergenceWarnings, e.g. a time cap that bound)."""
     started = time.perf_counter()
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", ConvergenceWarning)  # time budgets stop runs early
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
         model.fit(X) if y is None else model.fit(X, y)
-    return time.perf_counter() - started
+    seconds = time.perf_counter() - started
+    for w in caught:  # anything else is shown as usual
+        if not issubclass(w.category, ConvergenceWarning):
+            warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
+    return seconds, [str(w.message) for w in caught if issubclass(w.category, ConvergenceWarning)]
 
 
 # --------------------------------------------------------------------------- the study
@@ -290,12 +299,13 @@ def _fit(model: Any, X: np.ndarray, y: np.ndarray | None) -> float:
 
 def _tracked_run(
     model: CompetitiveMixture, data: dict[str, np.ndarray]
-) -> tuple[RoundTracker, float]:
+) -> tuple[RoundTracker, float, list[str]]:
+    """:func:`_fit` with a round tracker; the seconds leave the tracking out."""
     tracker = RoundTracker(data["X_test"], true_log_prob=data["true_test"])
     model.set_params(callback=tracker)
-    seconds = _fit(model, data["X"], None)
+    seconds, messages = _fit(model, data["X"], None)
     model.set_params(callback=None)
-    return tracker, seconds
+    return tracker, seconds - tracker.seconds, messages
 
 
 def _rounds_entry(
@@ -343,14 +353,14 @@ def run_study(
         model = build()
         uses_labels = "y_fit" in data and isinstance(model, VMoNF)
         if name == "competitive (discriminator)":
-            tracker, seconds = _tracked_run(model, data)
-            seconds -= tracker.seconds
+            tracker, seconds, messages = _tracked_run(model, data)
         else:
-            seconds = _fit(model, X, data["y_fit"] if uses_labels else None)
+            seconds, messages = _fit(model, X, data["y_fit"] if uses_labels else None)
         results[name] = {
             **_evaluate(model, toy, data, uses_labels),
             "fit_time": seconds,
             "n_iter": int(getattr(model, "n_iter_", 0)),  # epochs (VMoNF), rounds, EM steps
+            "convergence_warnings": messages,
             "epochs": _epochs_trained(model, case, settings),
             "uses_labels": uses_labels,
         }
@@ -380,7 +390,7 @@ def run_study(
         )
     }
     uniform_disc = _competitive(case, k, seed, settings, init="uniform", assignment="discriminator")
-    uniform_tracker, _ = _tracked_run(uniform_disc, data)
+    uniform_tracker, _, _ = _tracked_run(uniform_disc, data)
     uniform_exact = _competitive(case, k, seed, settings, init="uniform")
     _fit(uniform_exact, X, None)
     rounds["uniform"] = _rounds_entry(uniform_tracker, uniform_disc, uniform_exact, X_test)
@@ -401,7 +411,7 @@ def run_study(
         "n_test": case.n_test,
         "n_labelled": case.n_labelled,
         "epochs": training_epochs(case, settings),
-        "pretrain_epochs": pretrain_epochs(case),
+        "pretrain_epochs": pretrain_epochs(case, settings),
         "truth": truth,
         "methods": results,
         "comparisons": comparisons,

@@ -893,3 +893,13 @@ def test_a_round_cut_short_by_max_time_is_no_finished_fit(monkeypatch):
     with pytest.warns(ConvergenceWarning, match=r"after 1 round\(s\) .*; raise max_time$"):
         model = CompetitiveMixture(3, **settings, tol=None, max_time=1.0, random_state=0).fit(X)
     assert model.n_iter_ == 1 and not model.converged_
+
+
+def test_keeping_idle_generators_needs_parameters_stacked_over_k():
+    gens = FlowGenerators(2, 3, n_layers=2, hidden_features=8)
+    gens.shared = torch.nn.Parameter(torch.zeros(2))  # not stacked over K
+    weights = torch.zeros(16, 3)
+    weights[:, 0] = 1.0  # components 1 and 2 idle
+    config = TrainConfig(max_epochs=1, batch_size=16)
+    with pytest.raises(TypeError, match="stacked over K"):
+        gens.fit_weighted(torch.randn(16, 2), weights, config, torch.Generator())
