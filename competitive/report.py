@@ -50,7 +50,7 @@ DESCRIPTION = (
     "over the rounds of competitive runs). Writes report.md, results.json and figures/."
 )
 
-#: ``--quick``: one seed, 40 % of the data, a quarter of the epochs, 3 s per fit and
+#: ``--quick``: one seed, 40 % of the data, a quarter of the epochs, a 3 s cap per fit and
 #: small discriminators (2-64-64-1, batch 256) so the whole report takes < 3 min on 2 cores.
 QUICK = StudySettings(
     budget=3.0,
@@ -62,7 +62,7 @@ QUICK = StudySettings(
     figure_points=1024,
 )
 MAX_SEEDS = 1000  # seeds per toy: 7 toys x 1000 seeds is days of fits already
-#: The full report: 3 seeds, 15 s per fit. Discriminators 2-128-128-1, batch 256, Adam
+#: The full report: 3 seeds, 15 s cap per fit. Discriminators 2-128-128-1, batch 256, Adam
 #: 2e-3 (beta1 0.5), 2 epochs, fresh every round: the paper's 2-500-500-1 with batch 32
 #: took 5-35 s per training here and left no time for a single round within 15 s.
 FULL = StudySettings(discriminator={"hidden": 128, "batch_size": 256, "learning_rate": 2e-3})
@@ -92,7 +92,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="one seed, smaller data, 3 s per fit, small discriminators (< 3 min on 2 cores)",
+        help="one seed, smaller data, fewer epochs, a 3 s cap per fit, small discriminators "
+        "(< 3 min on 2 cores)",
     )
     parser.add_argument(
         "--seeds",
@@ -205,7 +206,7 @@ def run(args: argparse.Namespace) -> int:
     if not args.quiet:
         print(
             f"{_command_line(args)}: {len(cases)} toys x {n_seeds} seed(s), "
-            f"{settings.budget:g} s per fit, {args.jobs} job(s) at once; writing to {out}",
+            f"{settings.budget:g} s cap per fit, {args.jobs} job(s) at once; writing to {out}",
             file=sys.stderr,
             flush=True,
         )
