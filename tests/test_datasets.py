@@ -373,7 +373,7 @@ def test_bad_X(method):
         fn(np.zeros(4))
     with pytest.raises(ValueError, match="3 features, but 2 were expected"):
         fn(np.zeros((4, 3)))
-    with pytest.raises(ValueError, match="at least 1 sample"):
+    with pytest.raises(ValueError, match="minimum of 1 is required"):
         fn(np.zeros((0, 2)))
     with pytest.raises(TypeError, match="numbers"):
         fn([["a", "b"]])

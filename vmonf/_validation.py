@@ -73,19 +73,31 @@ def check_array(
     if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
         raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
     if np.iscomplexobj(arr):
-        raise ValueError(f"{name} must be real-valued, got dtype {arr.dtype}")
+        raise ValueError(f"Complex data not supported: {name} has dtype {arr.dtype}")
     if arr.ndim == 1 and allow_1d:
         arr = arr[:, None]
     if arr.ndim >= 3 and allow_images:
         arr = arr.reshape(arr.shape[0], -1)
     if arr.ndim != 2:
-        raise ValueError(
-            f"{name} must be 2-D of shape (n_samples, n_features), got shape {arr.shape}"
+        hint = (
+            ". Reshape your data: X.reshape(-1, 1) for a single feature, X.reshape(1, -1) "
+            "for a single sample"
+            if arr.ndim == 1
+            else ""
         )
+        raise ValueError(
+            f"{name} must be 2-D of shape (n_samples, n_features), got shape {arr.shape}{hint}"
+        )
+    # The wording below is scikit-learn's (its estimator checks match it).
     if arr.shape[1] == 0:
-        raise ValueError(f"{name} has no features (shape {arr.shape})")
+        raise ValueError(
+            f"{name} has 0 feature(s) (shape={arr.shape}) while a minimum of 1 is required."
+        )
     if arr.shape[0] < min_samples:
-        raise ValueError(f"{name} needs at least {min_samples} sample(s), got {arr.shape[0]}")
+        raise ValueError(
+            f"{name} has {arr.shape[0]} sample(s) (n_samples={arr.shape[0]}) while a minimum "
+            f"of {min_samples} is required."
+        )
     if n_features is not None and arr.shape[1] != n_features:
         expected = (
             f"{n_features} were expected"

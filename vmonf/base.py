@@ -381,7 +381,8 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         x = check_array(X, "X", min_samples=2, allow_images=True)
         if x.shape[1] < self._min_features():
             raise ValueError(
-                f"X has {x.shape[1]} feature, but {type(self).__name__} with coupling flows "
+                f"X has {x.shape[1]} feature(s) (n_features={x.shape[1]}), but "
+                f"{type(self).__name__} with coupling flows "
                 f"needs at least {self._min_features()}: each coupling splits the features "
                 "in two"
             )
