@@ -187,7 +187,7 @@ def test_compare_log_ratios_on_constructed_values():
         (np.zeros((5, 2)), np.zeros((5, 3)), {}, "shape"),
         (np.zeros((5,)), np.zeros((5,)), {}, r"\(N, K\)"),
         (np.full((5, 2), np.nan), np.zeros((5, 2)), {}, "NaN or infinite"),
-        (np.zeros((5, 2)) + 1j, np.zeros((5, 2)), {}, "estimate must be real-valued"),
+        (np.zeros((5, 2)) + 1j, np.zeros((5, 2)), {}, "Complex data not supported: estimate"),
         (np.zeros((5, 2)), np.zeros((5, 2)), {"saturation": 0.7}, "saturation"),
         (np.zeros((5, 2)), np.zeros((5, 2)), {"logits": np.zeros((4, 2))}, "logits"),
     ],
@@ -380,7 +380,7 @@ def test_report_helpers_count_seeds_honestly():
 
 def test_round_tracker_checks_its_inputs_when_made():
     X = np.zeros((5, 2))
-    with pytest.raises(ValueError, match="X_eval needs at least 2"):
+    with pytest.raises(ValueError, match=r"X_eval has 1 sample.* minimum of 2 is required"):
         RoundTracker(X[:1])
     with pytest.raises(ValueError, match="true_log_prob must be 5 finite values"):
         RoundTracker(X, true_log_prob=np.zeros(4))
