@@ -247,6 +247,17 @@ def test_pre_training_cut_by_the_time_budget_is_reported():
     assert {w.filename for w in seen} == {__file__}  # the user's line, not vmonf's
 
 
+def test_main_training_cut_by_the_time_budget_is_not_converged():
+    X, _ = blobs(300)
+    settings = {**FAST, "init_steps": 10, "max_epochs": 100_000, "max_time": 1.0}
+    with pytest.warns(ConvergenceWarning, match=r"max_time stopped the VMoNF fit after") as seen:
+        model = VMoNF(2, random_state=0, **settings).fit(X)
+    assert {w.filename for w in seen} == {__file__}
+    assert not model.converged_
+    assert 0 < model.n_iter_ < 100_000
+    assert np.isfinite(model.score(X))  # a usable model all the same
+
+
 @pytest.mark.parametrize("with_checkpoint", [False, True])
 def test_the_one_off_optimizer_warm_up_is_outside_max_time(monkeypatch, tmp_path, with_checkpoint):
     # The first Adam of a process imports torch._dynamo (1.5-2.7 s): inside the budget

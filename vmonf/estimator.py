@@ -67,6 +67,7 @@ class _Fit(NamedTuple):
     train_log_likelihood: float
     initial_train_log_likelihood: float
     selection_score: float  # what restarts are compared on: the trained objective
+    out_of_time: bool = False  # max_time stopped the main stage before max_epochs
 
 
 def _history_in_user_units(
@@ -153,10 +154,11 @@ class VMoNF(MixtureEstimator):
     component of each row of X under q(c|x)), ``elbo_`` (mean ELBO, nats, user's units, on
     the validation split, or on the training data when ``validation_fraction=0``; with
     ``elbo_top_k`` the top-k bound),
-    ``converged_`` (False when the ELBO is non-finite or the fit diverged: its
+    ``converged_`` (False when the ELBO is non-finite, the fit diverged (its
     log-likelihood on the training data more than log K + 1 nats below the untrained
-    model's), ``fit_time_`` (s, with the time before a resume), ``feature_names_in_``
-    (a data frame's column names, when fitted on one), ``fitted_params_``
+    model's) or ``max_time`` stopped it before ``max_epochs``), ``fit_time_`` (s, with the
+    time before a resume), ``feature_names_in_`` (a data frame's column names, when fitted
+    on one), ``fitted_params_``
     (the settings of the fit, which predictions and :meth:`save` keep to: ``set_params``
     changes the next fit).
     """
@@ -528,6 +530,7 @@ class VMoNF(MixtureEstimator):
             train_log_likelihood,
             initial_log_likelihood,
             selection_score,
+            out_of_time=result.stop_reason == "max_time" and result.n_epochs < self.max_epochs,
         )
 
     def _mean_responsibility(self, model: VariationalMixture, x: Tensor, y: Tensor) -> Tensor:
@@ -588,7 +591,8 @@ class VMoNF(MixtureEstimator):
     def _set_fitted(self, fit: _Fit, x: Tensor, warn: bool = True) -> None:
         """Store ``fit`` as the fitted state (``labels_`` of every row of ``x``);
         ``converged_`` is False (with a ConvergenceWarning) when its ELBO or training
-        log-likelihood is non-finite, or that log-likelihood shows divergence."""
+        log-likelihood is non-finite, that log-likelihood shows divergence, or max_time
+        stopped it before max_epochs."""
         model = fit.model
         self.model_ = model
         log_det = float(self.standardizer_.log_abs_det())  # to the user's units
@@ -601,10 +605,15 @@ class VMoNF(MixtureEstimator):
         diverged = finite and fit.train_log_likelihood < divergence_floor(
             fit.initial_train_log_likelihood, self.n_components
         )
-        self.converged_ = finite and not diverged
+        self.converged_ = finite and not diverged and not fit.out_of_time
         if not warn or self.converged_:
             return
-        if diverged:
+        if finite and not diverged:
+            message = (
+                f"max_time stopped the VMoNF fit after {fit.n_epochs} of {self.max_epochs} "
+                "epochs; raise max_time"
+            )
+        elif diverged:
             message = (
                 "VMoNF fit diverged: its log-likelihood on the training data is "
                 f"{fit.initial_train_log_likelihood - fit.train_log_likelihood:.4g} nats per "
