@@ -72,6 +72,8 @@ def test_fit_writes_metrics_model_and_figures(moons_run, capsys):
     for name in FIGURES:
         assert (out / name).stat().st_size > 1000, name
     assert not (out / "training.gif").exists()
+    assert "train_state.pt" in report["files"]  # the resumable state the run keeps there
+    assert all((out / name).is_file() for name in report["files"])
 
 
 def test_fit_model_reloads_with_the_reported_score(moons_run):
@@ -146,6 +148,8 @@ def test_fit_time_leaves_out_the_animation_frames_drawn_during_the_fit(tmp_path,
         (["compete", "moons", "--seed", str(2**63 - 2)], "--seed"),  # seed + 2 is used
         (["compete", "moons", "--generator", "vae"], "--assignment discriminator"),
         (["compete", "moons", "--rounds", "0", "--assignment", "discriminator"], "--rounds 0"),
+        (["compete", "moons", "--tol", "1"], "--tol: expected a fraction in [0, 1)"),
+        (["compete", "moons", "--tol", "nan"], "--tol"),
         (["report", "--seeds", "1001"], "--seeds: expected at most 1000"),
         (["report", "--out", ""], "--out: expected a folder, got an empty path"),
         (["frobnicate"], "frobnicate"),
@@ -323,6 +327,16 @@ def test_compete_passes_pretrain_epochs_to_the_estimator(monkeypatch, tmp_path):
         cli.main(["compete", "moons", "--pretrain-epochs", "3", "--quiet",
                   "--out", str(tmp_path)])  # fmt: skip
     assert seen["pretrain_epochs"] == 3
+    assert seen["tol"] == 0.02  # the CLI's default: flows rarely reach tol=0
+
+
+def test_compete_passes_tol_to_the_estimator(monkeypatch, tmp_path):
+    import competitive
+
+    seen = _capture(monkeypatch, competitive, "CompetitiveMixture")
+    with pytest.raises(_Stop):
+        cli.main(["compete", "moons", "--tol", "0", "--quiet", "--out", str(tmp_path)])
+    assert seen["tol"] == 0.0
 
 
 def test_training_figure_labels_loss_and_time_units(tmp_path, monkeypatch):

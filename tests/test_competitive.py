@@ -588,12 +588,24 @@ def test_compete_command_writes_metrics_checkpoint_and_figures(tmp_path, monkeyp
 def test_the_command_prints_warnings_as_one_line_each(tmp_path, capsys):
     argv = [
         "compete", "pinwheel", "--n-train", "200", "--n-test", "64", "--rounds", "1",
-        "--epochs", "1", "--pretrain-epochs", "1", "--quiet", "--out", str(tmp_path / "r"),
+        "--tol", "0", "--epochs", "1", "--pretrain-epochs", "1", "--quiet",
+        "--out", str(tmp_path / "r"),
     ]  # fmt: skip
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "vmonf: warning: CompetitiveMixture: assignments still changed" in err
     assert ".py:" not in err  # no Python source location
+
+
+def test_compete_with_vaes_says_why_there_is_no_kl(tmp_path, capsys):
+    argv = [
+        "compete", "pinwheel", "--generator", "vae", "--assignment", "discriminator",
+        "--n-train", "200", "--n-test", "64", "--rounds", "1", "--epochs", "1",
+        "--pretrain-epochs", "1", "--quiet", "--out", str(tmp_path / "r"),
+    ]  # fmt: skip
+    assert main(argv) == 0
+    kl = next(line for line in capsys.readouterr().out.splitlines() if "KL(truth" in line)
+    assert "n/a  (no exact density" in kl and "±" not in kl  # it said "n/a ± n/a"
 
 
 def test_compete_without_rounds_prints_no_time_per_round(tmp_path, capsys):

@@ -9,7 +9,7 @@ pixel scale, and samples images::
     from vmonf.images import ImageMixture
 
     X, y = datasets.images("mnist", classes=range(5))          # uint8 (N, 28, 28)
-    m = ImageMixture(VMoNF(5), pca_components=20, random_state=0).fit(X)
+    m = ImageMixture(VMoNF(5, random_state=0), pca_components=20, random_state=0).fit(X)
     m.predict(X_test); m.bits_per_dim(X_test); m.sample(64)   # -> uint8 images, components
 """
 
@@ -79,7 +79,9 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         pca_components: number of principal axes handed to the estimator (the rest
             get Gaussians, so densities stay exact); None keeps every pixel, in
             checkerboard order so the flows' alternating masks are checkerboards.
-        random_state: seed of the dequantisation noise (training and scoring).
+        random_state: seed of the dequantisation noise (training and scoring); the
+            wrapped estimator's own ``random_state`` seeds its training: set both for
+            a reproducible fit.
 
     Input X: uint8/integer images (N, H, W) or (N, H, W, C), or flattened (N, D);
     samples come back in the same layout. Fitted attributes: ``estimator_``,
