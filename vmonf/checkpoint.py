@@ -106,13 +106,17 @@ def _safe_load(source: Path | io.BytesIO, path: Path) -> Any:
             warnings.simplefilter("ignore")  # torch's notes on odd pickles: we raise instead
             return torch.load(source, map_location="cpu", weights_only=True)
     except Exception as exc:  # a damaged archive fails in many ways (decode, index, zip...)
-        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         if first_line.startswith("Weights only load failed"):
             # torch goes on to suggest weights_only=False: not for a file we refuse.
-            first_line = "it holds objects that only an unsafe load would accept"
+            detail = "it holds objects that only an unsafe load would accept"
+        else:  # torch's own words, labelled: alone they can be as bare as "101"
+            detail = f"torch.load failed with {type(exc).__name__}" + (
+                f": {first_line}" if first_line else ""
+            )
         raise CheckpointError(
             f"{path} is not a loadable vmonf checkpoint (truncated, corrupted or unsafe): "
-            f"{first_line}"
+            f"{detail}"
         ) from None
 
 
