@@ -25,6 +25,7 @@ from vmonf.resume import (
     Checkpointer,
     TrainingInterrupted,
     fingerprint,
+    identity_difference,
     rng_state,
     set_rng_state,
 )
@@ -231,10 +232,12 @@ def test_resume_refuses_other_data_or_settings_and_needs_a_path(tmp_path):
     X = blobs()
     path = tmp_path / "state.pt"
     VMoNF(**VMONF, checkpoint=path).fit(X)
-    with pytest.raises(ValueError, match="other data or settings"):
+    with pytest.raises(ValueError, match=r"written for other data \(X or y\) \(start"):
         VMoNF(**VMONF, checkpoint=path).fit(X + 1.0, resume=True)
-    with pytest.raises(ValueError, match="other data or settings"):
+    with pytest.raises(ValueError, match=r"written for other settings \(hidden_features\)"):
         VMoNF(**{**VMONF, "hidden_features": 4}, checkpoint=path).fit(X, resume=True)
+    with pytest.raises(ValueError, match=r"data \(X or y\) and other settings \(alpha, n_la"):
+        VMoNF(**{**VMONF, "alpha": 2.0, "n_layers": 3}, checkpoint=path).fit(X[1:], resume=True)
     # Settings that do not change the computation may differ.
     VMoNF(**VMONF, checkpoint=path, verbose=True, n_threads=2).fit(X, resume=True)
     with pytest.raises(ValueError, match="needs a checkpoint path"):
@@ -469,5 +472,18 @@ def test_a_training_state_of_another_format_is_refused(tmp_path, monkeypatch):
     monkeypatch.setattr(vmonf.resume, "TRAINING_STATE_FORMAT", 1)
     VMoNF(**VMONF, checkpoint=path).fit(X)
     monkeypatch.setattr(vmonf.resume, "TRAINING_STATE_FORMAT", 2)
-    with pytest.raises(ValueError, match="by a vmonf whose training differs"):
+    with pytest.raises(ValueError, match=r"by a vmonf whose training differs \(.* format 1;"):
         VMoNF(**VMONF, checkpoint=path).fit(X, resume=True)
+
+
+def test_identity_difference_names_what_differs():
+    X = np.zeros((3, 2))
+    current = fingerprint(X, settings={"alpha": 1.0, "n_layers": 2})
+    assert identity_difference(dict(current), current) == "for another fit"
+    assert identity_difference("0123abcd", current).startswith(  # a format-2 file's hash
+        "by a vmonf whose training differs (training-state format 1 or 2; this one writes"
+    )
+    other = fingerprint(X + 1, settings={"alpha": 1.0, "n_layers": 3, "linear": True})
+    assert identity_difference(other, current) == (
+        "for other data (X or y) and other settings (linear, n_layers)"
+    )

@@ -115,8 +115,7 @@ def _safe_load(source: Path | io.BytesIO, path: Path) -> Any:
                 f": {first_line}" if first_line else ""
             )
         raise CheckpointError(
-            f"{path} is not a loadable vmonf checkpoint (truncated, corrupted or unsafe): "
-            f"{detail}"
+            f"{path} is not a loadable vmonf checkpoint (truncated, corrupted or unsafe): {detail}"
         ) from None
 
 

@@ -48,6 +48,7 @@ __all__ = [
     "Stage",
     "TrainingInterrupted",
     "fingerprint",
+    "identity_difference",
     "rng_state",
     "set_rng_state",
 ]
@@ -65,20 +66,46 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 #: What a training state holds and how fits use it; a state written under another
 #: format is refused like other settings. 2: competitive rounds continue Adam's state
-#: (kept with each finished stage) and one learning-rate schedule.
-TRAINING_STATE_FORMAT = 2
+#: (kept with each finished stage) and one learning-rate schedule. 3: the identity is
+#: a dict (format, data, each setting), so a refusal names what differs.
+TRAINING_STATE_FORMAT = 3
 
 
-def fingerprint(*arrays: np.ndarray, settings: dict[str, Any]) -> str:
-    """SHA-256 of the data and the settings a resumed fit must share with the first
-    (and of :data:`TRAINING_STATE_FORMAT`)."""
-    digest = hashlib.sha256(f"training state {TRAINING_STATE_FORMAT}".encode())
+def fingerprint(*arrays: np.ndarray, settings: dict[str, Any]) -> dict[str, str]:
+    """What a resumed fit must share with the first: the training-state format
+    (:data:`TRAINING_STATE_FORMAT`), a SHA-256 of the data, and each setting's canonical
+    repr, one entry each, so that a refusal can name what differs
+    (:func:`identity_difference`)."""
+    digest = hashlib.sha256()
     for array in arrays:
         array = np.ascontiguousarray(array)
         digest.update(f"{array.dtype}{array.shape}".encode())
         digest.update(array.tobytes())
-    digest.update(repr(_canonical(settings)).encode())
-    return digest.hexdigest()
+    return {
+        "format": str(TRAINING_STATE_FORMAT),
+        "data": digest.hexdigest(),
+        **{f"setting {name}": repr(_canonical(settings[name])) for name in sorted(settings)},
+    }
+
+
+def identity_difference(stored: object, current: dict[str, str] | str) -> str:
+    """Why a training state's identity is not the current fit's, in words that follow
+    "it was written"."""
+    if not isinstance(current, dict):
+        return "for another fit"
+    if not isinstance(stored, dict) or stored.get("format") != current.get("format"):
+        found = stored.get("format", "?") if isinstance(stored, dict) else "1 or 2"
+        return (
+            "by a vmonf whose training differs (training-state format "
+            f"{found}; this one writes {current.get('format')})"
+        )
+    keys = sorted(set(stored) | set(current))
+    settings = [k.removeprefix("setting ") for k in keys if k.startswith("setting ")
+                and stored.get(k) != current.get(k)]  # fmt: skip
+    parts = (["other data (X or y)"] if stored.get("data") != current.get("data") else []) + (
+        [f"other settings ({', '.join(settings)})"] if settings else []
+    )
+    return "for " + " and ".join(parts) if parts else "for another fit"
 
 
 def _canonical(value: Any) -> Any:
@@ -189,7 +216,7 @@ class Checkpointer:
     def __init__(
         self,
         path: str | os.PathLike,
-        identity: str,
+        identity: dict[str, str] | str,
         *,
         every_steps: int | None = 100,
         every_seconds: float | None = 60.0,
@@ -215,10 +242,10 @@ class Checkpointer:
         if resume and self.path.exists():
             payload = load_checkpoint(self.path, KIND)
             if payload.get("identity") != identity:
+                difference = identity_difference(payload.get("identity"), identity)
                 raise ValueError(
-                    f"cannot resume from {self.path}: it was written for other data or "
-                    "settings, or by a vmonf whose training differs (start without resume, "
-                    "or use another checkpoint path)"
+                    f"cannot resume from {self.path}: it was written {difference} "
+                    "(start without resume, or use another checkpoint path)"
                 )
             try:
                 self.seed = int(payload["seed"])
