@@ -365,8 +365,10 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     # -- public API --------------------------------------------------------------------
     def fit(self, X: object, y: object | None = None, *, resume: bool = False) -> Self:
-        """Fit to X (N, D) or images (N, H, W), flattened; ``y`` (N,) optional labels in
-        [-1, K), -1 = unlabelled (ignored by unsupervised estimators). For pixel data see
+        """Fit to X (N, D), or (N, ...) of 3 or more dimensions (images (N, H, W) or
+        (N, H, W, C)), each row flattened (``sample`` returns that layout); ``y`` (N,)
+        optional labels in [-1, K), -1 = unlabelled (ignored by unsupervised estimators).
+        For pixel data see
         :class:`vmonf.images.ImageMixture`.
 
         With a ``checkpoint`` path the training state is saved there every
