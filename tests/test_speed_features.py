@@ -105,6 +105,10 @@ def test_coupling_stack_passes_gradcheck_in_inputs_and_parameters(config):
 
     params = tuple(p.detach().clone().requires_grad_() for p in flows.parameters())
     assert torch.autograd.gradcheck(forward, (x, *params))
+    # Training's case: data that needs no gradient, so the first coupling skips its input
+    # gradient while the later ones must still pass theirs down.
+    data = x.detach()
+    assert torch.autograd.gradcheck(lambda *params: forward(data, *params), params)
     with torch.no_grad():  # the path that keeps nothing for a backward agrees
         torch.testing.assert_close(flows(x), forward(x, *params))
 

@@ -13,7 +13,7 @@ from torch import nn
 
 import vmonf.training
 from vmonf.packing import pack_parameters
-from vmonf.training import NonFiniteLossError, TrainConfig, _cosine_factor, train
+from vmonf.training import NonFiniteLossError, TrainConfig, _cosine_factor, evaluate, train
 
 
 def quadratic_problem():
@@ -150,25 +150,66 @@ def test_an_update_that_breaks_the_model_is_never_kept_even_the_last_one():
         assert weight.item() == 0.0  # the only weights that ever gave a finite loss
 
 
-def test_a_nan_gradient_is_caught_too():
+def test_a_nan_gradient_of_a_finite_loss_is_caught():
     module, objective, data = quadratic_problem()
+    seen = []
 
-    def nan_gradient(batch, step):
+    def nan_gradient_only(batch, step):
+        seen.append(module.weight.detach().clone())
         loss = objective(batch, step)
-        if step == 2:
-            return loss + 0.0 * torch.sqrt(-module.weight.sum().abs() - 1.0)  # NaN grad
+        if step == 2:  # the branch not taken: the loss stays finite, its gradient is NaN
+            hidden = torch.sqrt(-module.weight.sum().abs() - 1.0)
+            loss = loss + torch.where(torch.tensor(True), torch.tensor(0.0), hidden)
+            assert torch.isfinite(loss)
         return loss
 
-    with pytest.warns(RuntimeWarning):
+    with pytest.warns(RuntimeWarning, match="non-finite loss or gradient at step 2"):
         result = train(
-            module,
-            nan_gradient,
-            data,
-            TrainConfig(max_epochs=2, batch_size=64),
+            module, nan_gradient_only, data, TrainConfig(max_epochs=1, batch_size=64),
             generator=torch.Generator().manual_seed(0),
-        )
+        )  # fmt: skip
     assert result.n_bad_steps == 1
+    torch.testing.assert_close(seen[3], seen[0])  # step 2 not applied: back to the start
     assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+def test_a_non_finite_step_rolls_back_to_the_last_good_epoch_not_to_the_start():
+    module, objective, data = quadratic_problem()  # 4 steps per epoch at batch 64
+    initial = {k: v.clone() for k, v in module.state_dict().items()}
+    ends = []
+
+    def faulty(batch, step):
+        loss = objective(batch, step)
+        return loss * math.nan if step == 8 else loss  # the first step of epoch 2
+
+    with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError):
+        train(
+            module, faulty, data, TrainConfig(max_epochs=5, batch_size=64, max_bad_steps=0),
+            generator=torch.Generator().manual_seed(0),
+            on_epoch_end=lambda e, s, h: ends.append(
+                {k: v.clone() for k, v in module.state_dict().items()}
+            ),
+        )  # fmt: skip
+    # Epoch 1's weights were never proven finite by a loss (its successor's first one is
+    # NaN), so the last good state is where epoch 0 ended, not where training started.
+    assert len(ends) == 2
+    for key, value in module.state_dict().items():
+        torch.testing.assert_close(value, ends[0][key])
+        assert not torch.equal(value, initial[key])
+
+
+def test_gradients_are_clipped_to_grad_clip():
+    module, objective, data = scalar_problem(target=1e6)  # a gradient of 2e6
+
+    config = TrainConfig(max_epochs=1, batch_size=8, grad_clip=1.0, lr_schedule="constant")
+    train(module, objective, data, config, generator=torch.Generator())
+    assert module.w.grad is not None
+    assert float(module.w.grad.norm()) == pytest.approx(1.0, rel=1e-5)
+
+
+def test_evaluate_weights_each_chunk_by_its_size():
+    data = (torch.arange(10.0, dtype=torch.float64)[:, None],)
+    assert evaluate(lambda batch, _: batch[0].mean(), data, 0, chunk_size=3) == 4.5
 
 
 def test_repeated_failures_stop_with_a_clear_error_and_finite_weights():
