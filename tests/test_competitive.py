@@ -177,6 +177,15 @@ def test_load_balancing_lends_best_points_and_zeroes_the_weight():
     torch.testing.assert_close(pi, torch.tensor([1.0, 0.0, 0.0], dtype=torch.float64))
 
 
+def test_a_component_owning_exactly_the_minimum_borrows_nothing():
+    scores = torch.tensor([[5.0, 1.0], [0.0, -2.0], [-1.0, 0.0], [0.0, -0.5]])
+    owners = hard_assign(scores)  # [0, 0, 1, 0]; component 1 scores best on point 0
+    weights = training_weights(owners, scores, minimum=1)  # 1 owns exactly 1 point
+    torch.testing.assert_close(weights, torch.nn.functional.one_hot(owners, 2).to(scores))
+    lent = training_weights(owners, scores, minimum=2)  # now starved: borrows points 0, 2
+    torch.testing.assert_close(lent[:, 1], torch.tensor([1.0, 0.0, 1.0, 0.0]))
+
+
 def test_min_count_is_not_pushed_up_by_float_error():
     assert 0.1 / 7 * 210 > 3  # the float product is a hair above the exact 3
     assert min_count(210, 0.1 / 7) == 3

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import pickle
 import time
 import warnings
@@ -109,6 +110,23 @@ def test_output_shapes_and_probabilities(fitted):
     assert model.score(X) == pytest.approx(model.score_samples(X).mean())
 
 
+@pytest.mark.parametrize("weights", ["learned", "responsibilities"])
+def test_fitted_mixing_weights_count_k_minus_one_parameters(weights):
+    X, _ = blobs(300)
+    model = VMoNF(3, weights=weights, random_state=0, **FAST).fit(X)
+    flows = sum(p.numel() for p in model.model_.mixture.flows.parameters())
+    assert model.n_parameters() == flows + 2
+    n = len(X)
+    expected = -2 * model.score(X) * n + (flows + 2) * math.log(n)
+    assert model.bic(X) == pytest.approx(expected)
+
+
+def test_divergence_is_judged_log_k_plus_the_margin_below_the_untrained_score():
+    from vmonf.base import DIVERGENCE_MARGIN, divergence_floor
+
+    assert divergence_floor(0.5, 3) == pytest.approx(0.5 - math.log(3) - DIVERGENCE_MARGIN)
+
+
 def test_scores_are_in_the_users_units():
     """Scaling the data by s shifts every log density by -D log s (change of variables)."""
     X, _ = blobs(300)
@@ -197,6 +215,19 @@ def test_files_of_the_previous_format_load_and_save_again(tmp_path):
     np.testing.assert_allclose(loaded.history_["loss"], model.history_["loss"])  # these too
     np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
     VMoNF.load(loaded.save(tmp_path / "again.pt"))  # and it saves again
+
+
+def test_files_of_format_2_upgrade_only_their_history(tmp_path):
+    X, _ = blobs(200)
+    model = VMoNF(3, random_state=0, **FAST).fit(X)
+    payload = load_checkpoint(model.save(tmp_path / "new.pt"), "VMoNF")
+    # Format 2: elbo_ already in the user's units, history_'s losses still standardised.
+    payload["format"] = 2
+    log_det = float(model.standardizer_.log_abs_det())
+    payload["fitted"]["history_"]["loss"] = [v + log_det for v in model.history_["loss"]]
+    loaded = VMoNF.load(save_checkpoint(payload, tmp_path / "v2.pt", "VMoNF"))
+    assert loaded.elbo_ == pytest.approx(model.elbo_, rel=1e-12)  # not shifted twice
+    np.testing.assert_allclose(loaded.history_["loss"], model.history_["loss"], rtol=1e-12)
 
 
 def test_a_validation_split_never_holds_out_a_given_label():
@@ -772,3 +803,19 @@ def test_sample_draws_from_the_estimators_random_state_as_sklearn_does(fitted):
     assert not np.array_equal(first[0], model.sample(20, random_state=1)[0])
     unseeded = clone(model).set_params(random_state=None).fit(fitted[1])
     assert not np.array_equal(unseeded.sample(20)[0], unseeded.sample(20)[0])
+
+
+@pytest.mark.parametrize("estimator", ["vmonf", "competitive"])
+def test_samples_come_back_in_the_users_units(estimator):
+    from competitive import CompetitiveMixture
+
+    X = blobs(600)[0] / 4.0 * np.array([10.0, 0.1]) + np.array([100.0, -50.0])
+    if estimator == "vmonf":
+        model = VMoNF(3, random_state=0, **FAST).fit(X)
+    else:
+        model = CompetitiveMixture(3, init="kmeans", max_rounds=1, tol=None, random_state=0,
+                                   n_layers=2, hidden_features=16, max_epochs=4).fit(X)  # fmt: skip
+    samples, _ = model.sample(4000, random_state=0)
+    # Standardised samples would sit at (0, 0) with unit spread.
+    assert (np.abs(samples.mean(0) - X.mean(0)) < 0.25 * X.std(0)).all()
+    np.testing.assert_allclose(samples.std(0) / X.std(0), 1.0, atol=0.3)
