@@ -368,8 +368,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         """Fit to X (N, D), or (N, ...) of 3 or more dimensions (images (N, H, W) or
         (N, H, W, C)), each row flattened (``sample`` returns that layout); ``y`` (N,)
         optional labels in [-1, K), -1 = unlabelled (ignored by unsupervised estimators).
-        For pixel data see
-        :class:`vmonf.images.ImageMixture`.
+        For pixel data see :class:`vmonf.images.ImageMixture`.
 
         With a ``checkpoint`` path the training state is saved there every
         ``checkpoint_every`` steps / ``checkpoint_seconds`` seconds and on Ctrl-C
