@@ -245,6 +245,82 @@ def test_a_validation_split_never_holds_out_a_given_label():
         assert {0, 1, 3} <= set(train_idx.tolist()) and val_idx.numel() == 120
 
 
+def test_a_validation_split_holds_out_unlabelled_rows_before_labelled_ones():
+    y = torch.cat([torch.full((200,), -1), torch.arange(200) % 3])
+    for seed in range(20):
+        _, val_idx = VMoNF(3, validation_fraction=0.2)._split(
+            y, torch.Generator().manual_seed(seed)
+        )
+        assert val_idx.numel() == 80 and bool((y[val_idx] == -1).all())
+
+
+def test_kmeans_clusters_are_renamed_to_the_labels_they_hold():
+    from sklearn.cluster import KMeans
+
+    X, blob = blobs(300)
+    clusters = KMeans(3, n_init=10, random_state=0).fit_predict(X)  # as the estimator's
+    y = torch.full((300,), -1)
+    label_of_blob = {}
+    for b in range(3):  # a label that is never the blob's k-means cluster number
+        first = int(np.flatnonzero(blob == b)[0])
+        label_of_blob[b] = (int(clusters[first]) + 1) % 3
+        y[first] = label_of_blob[b]
+    initial = VMoNF(3, init="kmeans")._initial_labels(torch.as_tensor(X), y, seed=0)
+    np.testing.assert_array_equal(initial.numpy(), [label_of_blob[b] for b in blob])
+
+
+def test_pre_training_gets_a_quarter_of_max_time(monkeypatch):
+    import vmonf.estimator
+
+    budgets = []
+    real_train = vmonf.estimator.train
+
+    def recording_train(module, objective, data, config, **kwargs):
+        budgets.append(config.max_time)
+        return real_train(module, objective, data, config, **kwargs)
+
+    monkeypatch.setattr(vmonf.estimator, "train", recording_train)
+    X, _ = blobs(300)
+    VMoNF(2, random_state=0, **{**FAST, "max_time": 400.0, "init_steps": 5}).fit(X)
+    assert budgets[0] == 100.0  # pre-training; the main stage gets what is left
+    assert 300.0 < budgets[1] <= 400.0
+
+
+def test_marginal_restarts_are_selected_on_the_held_out_log_likelihood(monkeypatch):
+    import vmonf.estimator
+
+    seen = []
+    real_fit_once = VMoNF._fit_once
+
+    def recording_fit_once(self, model, x, y, x_val, *args):
+        fit = real_fit_once(self, model, x, y, x_val, *args)
+        with torch.no_grad():
+            held_out = model.mixture.log_prob(x_val).mean().item()
+        seen.append((fit.selection_score, held_out))
+        return fit
+
+    monkeypatch.setattr(vmonf.estimator.VMoNF, "_fit_once", recording_fit_once)
+    X, _ = blobs(300)
+    params = {**FAST, "objective": "marginal", "validation_fraction": 0.2, "n_init": 2}
+    VMoNF(3, random_state=0, dtype="float64", **params).fit(X)
+    assert len(seen) == 2
+    for selection_score, held_out in seen:
+        assert selection_score == pytest.approx(held_out, rel=1e-9)
+
+
+def test_q_carries_each_epochs_temperature_while_it_trains():
+    recorded = []
+
+    def record(estimator: VMoNF, epoch: int) -> None:
+        recorded.append(float(estimator.model_.posterior.temperature))
+
+    X, _ = blobs(300)
+    params = {**FAST, "temperature": "anneal", "temperature_decay": 0.02}
+    model = VMoNF(3, random_state=0, callback=record, **params).fit(X)
+    np.testing.assert_allclose(recorded, model.history_["temperature"], rtol=1e-6)
+    assert recorded[0] > recorded[-1]  # it anneals
+
+
 def test_annealing_starts_at_one_after_pre_training_and_q_keeps_its_temperature():
     X, _ = blobs(300)
     params = {**FAST, "temperature": "anneal", "temperature_decay": 0.02, "init": "kmeans"}
