@@ -178,6 +178,12 @@ def test_compare_log_ratios_on_constructed_values():
     np.testing.assert_allclose(sat, [0.5, 0.5, 0.5])
     summary = shifted.summary()
     assert summary["bias"] == pytest.approx(0.5) and math.isnan(summary["saturated"])
+    assert summary["mae_owned"] == pytest.approx(0.5)  # the mean over components owning points
+    mixed = exact.copy()
+    mixed[:100, 0] += 1.0
+    mixed[100:, 0] -= 3.0
+    errors = compare_log_ratios(mixed, exact)  # bias is the signed mean, mae the absolute
+    assert errors.bias[0] == pytest.approx(-1.0) and errors.mae[0] == pytest.approx(2.0)
     assert json.dumps(shifted.as_dict(), allow_nan=True)
 
 
@@ -267,6 +273,25 @@ def test_round_tracker_records_every_round():
     exact = CompetitiveMixture(3, random_state=0, callback=fresh, **FAST).fit(X)
     assert len(fresh.history["agreement"]) == exact.n_iter_ + 1
     assert "saturated" in fresh.history
+
+
+def test_round_tracker_trains_each_rounds_discriminators_with_their_own_seed(monkeypatch):
+    import competitive.compare
+
+    seeds = []
+
+    def recording_estimate(estimator, X_train, X_eval, random_state):
+        seeds.append(random_state)
+        zeros = np.zeros((len(X_eval), estimator.n_components))
+        return competitive.compare.DiscriminatorEstimate(zeros, zeros)
+
+    monkeypatch.setattr(competitive.compare, "discriminator_estimate", recording_estimate)
+    X, _ = blobs(300, 5)
+    model = CompetitiveMixture(3, random_state=0, **FAST).fit(X)
+    tracker = RoundTracker(blobs(50, 6)[0], X_train=X, random_state=7)
+    for round_ in range(3):
+        tracker(model, round_)
+    assert seeds == [7, 8, 9]
 
 
 def test_tracking_a_fit_on_a_data_frame_checks_its_names_without_warnings():

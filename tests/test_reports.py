@@ -319,6 +319,23 @@ def test_every_flow_method_is_planned_the_same_epochs(full_case, quick):
     for name in ("single flow (larger)", "bagging"):
         assert built[name].pretrain_epochs == pretrain + case.epochs
         assert built[name].max_rounds == 0
+    # Every flow method trains on all the training points, and each row is what it says.
+    for name, model in built.items():
+        if name != "GaussianMixture":
+            assert model.validation_fraction == 0.0, name
+    assert built["VMoNF (ELBO)"].objective == "elbo"
+    assert built["VMoNF (exact marginal)"].objective == "marginal"
+    assert built["VMoNF (annealed T)"].temperature == "anneal"
+    assert built["competitive (exact)"].assignment == "exact"
+    assert built["competitive (discriminator)"].assignment == "discriminator"
+    assert built["bagging"].init == "bootstrap"
+    # Epochs counted as trained: pre-training plus the rounds that ran.
+    comp = built["competitive (exact)"]
+    comp.n_iter_ = comp.max_rounds  # as after a fit that ran every round
+    vmonf = built["VMoNF (ELBO)"]
+    vmonf.n_iter_ = vmonf.max_epochs
+    assert studies._epochs_trained(comp, case, settings) == pretrain + case.epochs
+    assert studies._epochs_trained(vmonf, case, settings) == pretrain + case.epochs
 
 
 # --------------------------------------------------------------- reporting (P3, P4, P5)
