@@ -301,6 +301,16 @@ def test_fit_sets_history_and_weights(fitted):
     np.testing.assert_allclose(model.predict_proba(X[:5]).sum(1), 1.0)
 
 
+def test_kmeans_generators_are_unit_gaussians_at_their_centres():
+    centres = torch.tensor([[0.0, 1.0, -2.0], [3.0, 0.5, 0.0]], dtype=torch.float64)
+    gens = competitive.generators.KMeansGenerators(3, 2, centres=centres)
+    x = torch.randn(20, 3, dtype=torch.float64)
+    expected = torch.stack(
+        [Normal(c, 1.0).log_prob(x).sum(-1) for c in centres], dim=1
+    )  # fmt: skip
+    torch.testing.assert_close(gens.log_prob(x), expected)
+
+
 def test_save_load_round_trip(fitted, tmp_path):
     model, X, _ = fitted
     loaded = CompetitiveMixture.load(model.save(tmp_path / "m.pt"))
@@ -308,6 +318,10 @@ def test_save_load_round_trip(fitted, tmp_path):
     np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
     np.testing.assert_array_equal(loaded.sample(5, random_state=1)[0], model.sample(5, 1)[0])
     assert loaded.history_ == model.history_ and loaded.n_iter_ == model.n_iter_
+    for name in ("pretrain_time_", "fit_time_", "converged_", "n_features_in_"):
+        assert getattr(loaded, name) == getattr(model, name), name
+    for name in ("labels_", "weights_"):
+        np.testing.assert_array_equal(getattr(loaded, name), getattr(model, name))
     # Format 1 built hidden_features=0 at the default width (64); it loads as None.
     default_width = CompetitiveMixture(2, n_layers=1, pretrain_epochs=1, max_rounds=0).fit(X)
     kind = "CompetitiveMixture"
@@ -485,6 +499,33 @@ def test_the_callbacks_time_is_not_counted_against_max_time(monkeypatch):
     assert model.n_iter_ >= 1  # not stopped by round 0's callback
     assert model.history_["time"] == [0.0] * model.n_iter_
     assert model.pretrain_time_ == 0.0
+
+
+def test_history_time_is_the_running_fit_time(monkeypatch):
+    clock = itertools.count(step=1.0)  # a second passes at every look at the clock
+    fake_time = SimpleNamespace(perf_counter=lambda: next(clock))
+    monkeypatch.setattr(training, "time", fake_time)
+    monkeypatch.setattr(competitive.estimator, "time", fake_time)
+    X, _ = blobs(300)
+    model = CompetitiveMixture(
+        3, generator="kmeans", max_rounds=3, tol=None, random_state=0
+    ).fit(X)  # fmt: skip
+    times, rounds = model.history_["time"], model.history_["round_time"]
+    assert len(times) == 3 and all(b > a for a, b in itertools.pairwise(times))
+    for i, elapsed in enumerate(times):  # pre-training and every round so far, at least
+        assert elapsed >= model.pretrain_time_ + sum(rounds[: i + 1])
+
+
+def test_val_score_scores_the_held_out_rows(monkeypatch):
+    X, _ = blobs(400)
+    X[300:] += 20.0  # held-out rows far from the training ones
+    monkeypatch.setattr(
+        CompetitiveMixture, "_split", lambda self, n, g: (torch.arange(300), torch.arange(300, 400))
+    )
+    model = CompetitiveMixture(3, generator="kmeans", max_rounds=2, tol=None, random_state=0)
+    model.fit(X)
+    assert model.history_["val_score"][-1] == pytest.approx(model.score(X[300:]), rel=1e-6)
+    assert model.history_["val_score"][-1] != pytest.approx(model.score(X[:300]), rel=0.1)
 
 
 def test_baselines_refuse_rounds_they_would_drop():
