@@ -222,6 +222,22 @@ def test_transform_inverse_recovers_pixels():
     np.testing.assert_allclose(restored.forward(v)[1], reduced.forward(v)[1])
 
 
+def test_sampled_discarded_axes_have_their_pca_variances():
+    rng = np.random.default_rng(3)
+    v = dequantize(rng.integers(0, 256, (2000, 16)), 256, rng)
+    transform = ImageTransform(256, pca_components=4).fit(v)
+    pixels = transform.inverse(np.zeros((20000, 4)), rng)
+    logit, _ = transform._logit(pixels)
+    coords = (logit - transform.mean_) @ transform.components_
+    np.testing.assert_allclose(coords[:, 4:].var(0), transform.variances_[4:], rtol=0.1)
+
+
+def test_unseeded_scores_draw_fresh_dequantisation_noise(digits):
+    X, _ = digits
+    model = ImageMixture(_vmonf(), n_levels=17, pca_components=6).fit(X[:200])
+    assert not np.allclose(model.score_samples(X[:20]), model.score_samples(X[:20]))
+
+
 @pytest.mark.parametrize(
     ("kwargs", "error"),
     [
