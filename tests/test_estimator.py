@@ -22,6 +22,7 @@ from sklearn.metrics import adjusted_rand_score
 from vmonf import VMoNF, plots, training
 from vmonf._validation import (
     MAX_SEED,
+    check_array,
     check_betas,
     check_bool,
     check_integer_labels,
@@ -228,6 +229,11 @@ def test_files_of_format_2_upgrade_only_their_history(tmp_path):
     loaded = VMoNF.load(save_checkpoint(payload, tmp_path / "v2.pt", "VMoNF"))
     assert loaded.elbo_ == pytest.approx(model.elbo_, rel=1e-12)  # not shifted twice
     np.testing.assert_allclose(loaded.history_["loss"], model.history_["loss"], rtol=1e-12)
+
+
+def test_a_1d_array_gets_scikit_learns_reshape_hint_under_its_own_name():
+    with pytest.raises(ValueError, match=r"Reshape your data: X_eval\.reshape\(-1, 1\)"):
+        check_array(np.zeros(3), "X_eval")
 
 
 def test_a_validation_split_never_holds_out_a_given_label():

@@ -487,3 +487,6 @@ def test_identity_difference_names_what_differs():
     assert identity_difference(other, current) == (
         "for other data (X or y) and other settings (linear, n_layers)"
     )
+    vmonf_state = fingerprint(X, settings={"estimator": "VMoNF", "alpha": 1.0})
+    competitive = fingerprint(X, settings={"estimator": "CompetitiveMixture", "tol": 0.0})
+    assert identity_difference(vmonf_state, competitive) == "for another estimator (VMoNF)"

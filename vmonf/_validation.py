@@ -80,8 +80,8 @@ def check_array(
         arr = arr.reshape(arr.shape[0], -1)
     if arr.ndim != 2:
         hint = (
-            ". Reshape your data: X.reshape(-1, 1) for a single feature, X.reshape(1, -1) "
-            "for a single sample"
+            f". Reshape your data: {name}.reshape(-1, 1) for a single feature, "
+            f"{name}.reshape(1, -1) for a single sample"
             if arr.ndim == 1
             else ""
         )

@@ -86,7 +86,7 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> dict[str, Any]:
     wrapper = _safe_load(path, path)
     if not isinstance(wrapper, dict) or wrapper.get(FORMAT_KEY) != kind:
         found = wrapper.get(FORMAT_KEY) if isinstance(wrapper, dict) else type(wrapper).__name__
-        article = "an" if kind[0].lower() in "aeiou" else "a"
+        article = "an" if kind[:1].lower() in tuple("aeiou") else "a"
         raise CheckpointError(f"{path} does not hold {article} {kind} checkpoint (found {found!r})")
     data = wrapper.get("payload")
     if not isinstance(data, torch.Tensor) or data.dtype != torch.uint8 or data.dim() != 1:

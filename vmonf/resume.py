@@ -99,6 +99,9 @@ def identity_difference(stored: object, current: dict[str, str] | str) -> str:
             "by a vmonf whose training differs (training-state format "
             f"{found}; this one writes {current.get('format')})"
         )
+    if stored.get("setting estimator") != current.get("setting estimator"):
+        other = str(stored.get("setting estimator", "?")).strip("'")  # a repr'd name
+        return f"for another estimator ({other})"
     keys = sorted(set(stored) | set(current))
     settings = [k.removeprefix("setting ") for k in keys if k.startswith("setting ")
                 and stored.get(k) != current.get(k)]  # fmt: skip
