@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from vmonf._validation import check_positive_int
 from vmonf.coupling import BatchedMLP
 from vmonf.resume import Checkpointer
-from vmonf.training import TrainConfig, TrainResult, train
+from vmonf.training import TrainConfig, TrainResult, map_chunks, train
 
 __all__ = ["Discriminators", "fit_discriminators", "log_ratio_normaliser"]
 
@@ -115,7 +115,7 @@ def fit_discriminators(
 
 
 @torch.no_grad()
-def log_ratio_normaliser(discriminators: Discriminators, x: Tensor, chunk: int = 65536) -> Tensor:
+def log_ratio_normaliser(discriminators: Discriminators, x: Tensor) -> Tensor:
     """log mean_i (1 - D_k(x_i))/D_k(x_i) over the training points x (N, D) -> (K,).
 
     Subtracting it makes the ratio estimate average 1 over the data, as
@@ -123,5 +123,5 @@ def log_ratio_normaliser(discriminators: Discriminators, x: Tensor, chunk: int =
     """
     if x.shape[0] == 0:
         raise ValueError("log_ratio_normaliser needs at least one point")
-    log_r = torch.cat([discriminators.log_ratio(c) for c in x.split(chunk)])
+    log_r = map_chunks(discriminators.log_ratio, x)
     return torch.logsumexp(log_r, dim=0) - math.log(x.shape[0])

@@ -39,18 +39,13 @@ from vmonf.base import DIVERGENCE_MARGIN, MixtureEstimator, divergence_floor, pr
 from vmonf.distributed import gather_rows
 from vmonf.mixture import draw_components, generator_on
 from vmonf.resume import Checkpointer
-from vmonf.training import MAX_BATCH, FitClock, NonFiniteLossError, TrainConfig
+from vmonf.training import MAX_BATCH, FitClock, NonFiniteLossError, TrainConfig, map_chunks
 
 __all__ = ["ASSIGNMENTS", "GENERATORS", "INITS", "CompetitiveMixture", "CompetitiveModel"]
 
 GENERATORS = ("flow", "vae", "kmeans")
 ASSIGNMENTS = ("exact", "discriminator")
 INITS = ("uniform", "random_split", "kmeans", "bootstrap")
-
-
-def _by_chunks(fn: Callable[[Tensor], Tensor], x: Tensor, chunk: int = 65536) -> Tensor:
-    """``fn`` of x's rows, ``chunk`` rows at a time (bounded memory), concatenated."""
-    return torch.cat([fn(c) for c in x.split(chunk)])
 
 
 @dataclass
@@ -585,13 +580,13 @@ class CompetitiveMixture(MixtureEstimator):
             model.log_norm.copy_(log_ratio_normaliser(model.discriminators, x))
         model.eval()
         with torch.no_grad():  # data-parallel: each rank scores its shard, all get all
-            return gather_rows(lambda xs: _by_chunks(self._likelihood_scores, xs), x)
+            return gather_rows(lambda xs: map_chunks(self._likelihood_scores, xs), x)
 
     def _mean_score(self, x: Tensor) -> float:
         """Mean per-point score of x (N, D): log p(x), or a VAE's fixed-noise ELBO, nats."""
         self.model_.eval()
         with torch.no_grad(), self._seeded(0):  # a VAE's bound: the same noise each round
-            return float(_by_chunks(self._bound, x).mean())
+            return float(map_chunks(self._bound, x).mean())
 
     def _notify(self, round_: int, clock: FitClock) -> None:
         if self.callback is not None:
@@ -675,7 +670,7 @@ class CompetitiveMixture(MixtureEstimator):
 
         def by_rule(x: Tensor) -> Tensor:
             with torch.no_grad():
-                return hard_assign(_by_chunks(self._scores, x)).cpu()
+                return hard_assign(map_chunks(self._scores, x)).cpu()
 
         n_val = 0 if val_idx is None else val_idx.numel()
         labels = torch.full((train_idx.numel() + n_val,), -1)

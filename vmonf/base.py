@@ -47,6 +47,7 @@ from vmonf.distributed import broadcast_int, count_ranks, init_from_env
 from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer, fingerprint
 from vmonf.training import (
+    EVAL_CHUNK,
     MAX_BATCH,
     MAX_THREADS,
     NonFiniteLossError,
@@ -67,9 +68,6 @@ __all__ = [
     "torch_device",
 ]
 
-# Rows per no-grad evaluation chunk: K x rows x width activations of a few MiB stay in
-# cache and reuse freed memory; 65536-row chunks scored 2-2.5x slower (K = 5, width 32).
-CHUNK = 4096
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
 DEVICES = ("cpu", "cuda", "auto")
 # Standardised magnitudes beyond these overflow the model's arithmetic (z**2, MLPs).
@@ -329,8 +327,8 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         self.model_.eval()
         out: np.ndarray | None = None
         with torch.no_grad(), torch_threads(self.n_threads):
-            for i in range(0, u.shape[0], CHUNK):
-                part = fn(u[i : i + CHUNK]).double().cpu().numpy()
+            for i in range(0, u.shape[0], EVAL_CHUNK):
+                part = fn(u[i : i + EVAL_CHUNK]).double().cpu().numpy()
                 if out is None:
                     out = np.empty((u.shape[0], *part.shape[1:]))
                 out[i : i + part.shape[0]] = part

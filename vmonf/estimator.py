@@ -25,7 +25,6 @@ from vmonf._validation import (
     user_stacklevel,
 )
 from vmonf.base import (
-    CHUNK,
     DIVERGENCE_MARGIN,
     MixtureEstimator,
     divergence_floor,
@@ -38,6 +37,7 @@ from vmonf.objectives import marginal_nll
 from vmonf.posterior import PosteriorNet, TemperatureSchedule
 from vmonf.resume import Checkpointer
 from vmonf.training import (
+    EVAL_CHUNK,
     FitClock,
     NonFiniteLossError,
     Objective,
@@ -542,7 +542,7 @@ class VMoNF(MixtureEstimator):
         (``objective="elbo"``: the weights that maximise the bound) or the exact p(c|x)
         (``"marginal"``: the EM update)."""
         total = x.new_zeros(self.n_components)
-        for xc, yc in zip(x.split(CHUNK), y.split(CHUNK), strict=True):
+        for xc, yc in zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK), strict=True):
             if self.objective == "elbo":
                 r = model.posterior(xc).exp()  # at its stored (current) temperature
             else:

@@ -74,7 +74,7 @@ def mixture_loss(
     rows, so that a log p_k(x) = -inf there cannot send 0 * inf = NaN gradients to q
     through the branch that is not taken.
     """
-    # alpha < 0 would flip the cross-entropy's sign (the bug DESIGN.md names). Checked
+    # alpha < 0 would maximise the cross-entropy (a sign bug of one public implementation). Checked
     # eagerly only: under torch.compile a symbolic float's check breaks the graph.
     if not torch.compiler.is_compiling() and not alpha >= 0:
         raise ValueError(f"alpha must be >= 0, got {alpha}")

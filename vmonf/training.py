@@ -49,6 +49,7 @@ from vmonf.packing import pack_parameters
 from vmonf.resume import Checkpointer, set_rng_state
 
 __all__ = [
+    "EVAL_CHUNK",
     "FitClock",
     "NonFiniteLossError",
     "ShardedBatches",
@@ -56,6 +57,7 @@ __all__ = [
     "TrainResult",
     "evaluate",
     "fit_threads",
+    "map_chunks",
     "torch_threads",
     "train",
     "warm_up_optimizer",
@@ -65,6 +67,9 @@ Batch = tuple[Tensor, ...]
 MAX_BATCH = 2**31 - 1  # far beyond any memory; a size of 2**63 overflowed inside torch
 MAX_THREADS = 1024  # torch.set_num_threads(100_000) crashes the process
 Objective = Callable[[Batch, int], Tensor]
+# Rows per no-grad evaluation chunk: K x rows x width activations of a few MiB stay in
+# cache and reuse freed memory; 65536-row chunks scored 2-2.5x slower (K = 5, width 32).
+EVAL_CHUNK = 4096
 
 
 class NonFiniteLossError(RuntimeError):
@@ -234,10 +239,18 @@ def fit_threads(n_threads: int | None) -> Iterator[None]:
         yield
 
 
+def map_chunks(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
+    """``fn`` of x's rows, :data:`EVAL_CHUNK` rows at a time (bounded memory), concatenated
+    along the first axis."""
+    return torch.cat([fn(c) for c in x.split(EVAL_CHUNK)])
+
+
 @torch.no_grad()
-def evaluate(objective: Objective, data: Batch, step: int, chunk_size: int = 65536) -> float:
-    """Mean objective over ``data`` in chunks (no gradients); data-parallel runs score
-    one shard per rank and all-reduce the sum."""
+def evaluate(objective: Objective, data: Batch, step: int, chunk_size: int | None = None) -> float:
+    """Mean objective over ``data`` in chunks of ``chunk_size`` rows (default
+    :data:`EVAL_CHUNK`), without gradients; data-parallel runs score one shard per rank
+    and all-reduce the sum."""
+    chunk_size = chunk_size or EVAL_CHUNK
     start, stop = shard_range(data[0].shape[0])
     total = torch.zeros(2, dtype=torch.float64, device=data[0].device)  # sum, count
     for first in range(start, stop, chunk_size):
@@ -361,8 +374,9 @@ def train(
 
     A non-finite loss or gradient never reaches the weights: the step is skipped,
     the weights of the last good epoch restored (Adam's moments reset), the
-    learning rate halved and a warning issued; after ``max_bad_steps`` such steps
-    :class:`NonFiniteLossError` is raised with the last good (or best) state kept.
+    learning rate halved and a warning issued; once more than ``max_bad_steps`` such
+    steps have occurred :class:`NonFiniteLossError` is raised with the last good (or
+    best) state kept.
     """
     n = data[0].shape[0]
     if n == 0:
