@@ -422,6 +422,39 @@ def test_checkpoints_are_synced_before_the_rename_and_readable_by_others(tmp_pat
     assert load_checkpoint(path, "K") == {"step": 1}
 
 
+
+@pytest.mark.parametrize("writer", ["json", "npz"])
+def test_results_and_cached_data_are_written_atomically(tmp_path, monkeypatch, writer):
+    """The JSON results and the cached image arrays go through the same atomic write
+    as checkpoints: a failure mid-write leaves the old file and no temporary file."""
+    from vmonf.datasets import image_data
+    from vmonf.reporting import write_json
+
+    path = tmp_path / ("m.json" if writer == "json" else "d.npz")
+
+    def write(value: int) -> None:
+        if writer == "json":
+            write_json({"v": value}, path)
+        else:
+            image_data._save_npz_atomic(path, v=np.array([value]))
+
+    def read() -> int:
+        if writer == "json":
+            return int(path.read_text().split(":")[1].strip(" \n}"))
+        return int(np.load(path)["v"][0])
+
+    write(1)
+    assert path.stat().st_mode & 0o777 == 0o644
+    real_fsync = os.fsync
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError, match="disk full"):
+        write(2)
+    monkeypatch.setattr(os, "fsync", real_fsync)
+    assert read() == 1
+    assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
+    write(3)
+    assert read() == 3
+
 def test_checkpoint_is_due_after_exactly_every_steps(tmp_path):
     cp = Checkpointer(tmp_path / "s.pt", "id", every_steps=5, every_seconds=None)
     assert not cp.due(4)

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +19,7 @@ import numpy as np
 import torch
 
 from vmonf._validation import check_output_file
+from vmonf.atomic import write_atomically
 
 __all__ = [
     "CheckpointError",
@@ -53,23 +53,8 @@ def save_checkpoint(payload: dict[str, Any], path: str | os.PathLike, kind: str)
     torch.save(payload, content)
     data = torch.frombuffer(bytearray(content.getbuffer()), dtype=torch.uint8)
     digest = hashlib.sha256(content.getbuffer()).hexdigest()
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, 0o644)  # mkstemp makes 0600: give a data file's usual permissions
-        with os.fdopen(fd, "wb") as handle:
-            torch.save({FORMAT_KEY: kind, "sha256": digest, "payload": data}, handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp_name, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except BaseException:
-        Path(tmp_name).unlink(missing_ok=True)
-        raise
-    return path
+    wrapped = {FORMAT_KEY: kind, "sha256": digest, "payload": data}
+    return write_atomically(path, lambda handle: torch.save(wrapped, handle))
 
 
 def load_checkpoint(path: str | os.PathLike, kind: str) -> dict[str, Any]:

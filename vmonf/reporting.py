@@ -26,6 +26,7 @@ from vmonf._validation import (
     check_positive_float,
     check_positive_int,
 )
+from vmonf.atomic import write_atomically
 
 __all__ = [
     "DensityRecorder",
@@ -376,12 +377,9 @@ def _plain(value: object) -> object:
 
 def write_json(data: Mapping[str, Any], path: str | Path) -> Path:
     """Write ``data`` as strict JSON (NaN becomes null, +-inf "Infinity"/"-Infinity"),
-    indented, atomically enough."""
-    path = check_output_file(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(_plain(data), indent=2, allow_nan=False) + "\n")
-    tmp.replace(path)
-    return path
+    indented, atomically (:func:`vmonf.atomic.write_atomically`)."""
+    text = json.dumps(_plain(data), indent=2, allow_nan=False) + "\n"
+    return write_atomically(check_output_file(path), lambda handle: handle.write(text.encode()))
 
 
 def as_float(value: object) -> float:

@@ -26,7 +26,6 @@ import gzip
 import os
 import pickle
 import struct
-import tempfile
 import warnings
 import zipfile
 from collections.abc import Callable, Iterable
@@ -38,6 +37,7 @@ from typing import Any
 import numpy as np
 
 from vmonf._validation import check_choice, check_integer_labels, user_stacklevel
+from vmonf.atomic import write_atomically
 
 __all__ = [
     "IMAGE_DATASETS",
@@ -72,17 +72,7 @@ def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     """Write ``arrays`` to ``path`` through a temporary file in the same folder, fsync,
     rename: a crash leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            np.savez(handle, **arrays)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600: a shared $VMONF_DATA must stay readable
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomically(path, lambda handle: np.savez(handle, **arrays))
 
 
 # --------------------------------------------------------------------------- sources
