@@ -422,7 +422,6 @@ def test_checkpoints_are_synced_before_the_rename_and_readable_by_others(tmp_pat
     assert load_checkpoint(path, "K") == {"step": 1}
 
 
-
 @pytest.mark.parametrize("writer", ["json", "npz"])
 def test_results_and_cached_data_are_written_atomically(tmp_path, monkeypatch, writer):
     """The JSON results and the cached image arrays go through the same atomic write
@@ -454,6 +453,7 @@ def test_results_and_cached_data_are_written_atomically(tmp_path, monkeypatch, w
     assert [p.name for p in tmp_path.iterdir()] == [path.name]  # no temporary file left
     write(3)
     assert read() == 3
+
 
 def test_checkpoint_is_due_after_exactly_every_steps(tmp_path):
     cp = Checkpointer(tmp_path / "s.pt", "id", every_steps=5, every_seconds=None)
