@@ -32,13 +32,12 @@ import torch
 from scipy import stats
 from torch import nn
 
-from competitive.discriminators import Discriminators, fit_discriminators, log_ratio_normaliser
+from competitive.discriminators import Discriminators, train_discriminators
 from competitive.estimator import CompetitiveMixture
 from competitive.generators import NoExactLikelihoodError
 from vmonf._validation import check_array, check_positive_float, check_seed
 from vmonf.base import MixtureEstimator
 from vmonf.metrics import adjusted_rand_index
-from vmonf.mixture import generator_on
 from vmonf.training import torch_threads
 
 __all__ = [
@@ -187,15 +186,9 @@ def discriminator_estimate(
             config.discriminator_hidden,
             config.discriminator_layers,
         ).to(device=u_train.device, dtype=u_train.dtype)
-        components.eval()
-        with torch.no_grad():
-            fake = components.sample(
-                u_train.shape[0], generator=generator_on(u_train.device, generator)
-            )
-        fit_discriminators(
-            discriminators, u_train, fake, config._discriminator_config(max_time), generator
+        log_norm = train_discriminators(
+            discriminators, u_train, components, config._discriminator_config(max_time), generator
         )
-        log_norm = log_ratio_normaliser(discriminators, u_train)
         discriminators.eval()
         logits = est._chunked(discriminators, u_eval)
     return DiscriminatorEstimate(
@@ -210,8 +203,7 @@ def own_discriminator_estimate(estimator: CompetitiveMixture, X: object) -> Disc
     if not isinstance(estimator, CompetitiveMixture):
         raise TypeError(f"estimator must be a CompetitiveMixture, got {type(estimator).__name__}")
     estimate = estimator.log_ratio(X)  # validates X, raises without discriminators
-    u = estimator._validate_X(X)
-    logits = estimator._chunked(estimator.model_.discriminators, u)
+    logits = estimator._chunked(estimator.model_.discriminators, estimator._validate_X(X))
     return DiscriminatorEstimate(log_ratio=estimate, logits=logits)
 
 

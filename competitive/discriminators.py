@@ -16,6 +16,7 @@ of :math:`\log p_k - \log p_{data}` — compare it with that quantity, never wit
 from __future__ import annotations
 
 import math
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -23,10 +24,25 @@ from torch import Tensor, nn
 
 from vmonf._validation import check_positive_int
 from vmonf.coupling import BatchedMLP
+from vmonf.mixture import generator_on
 from vmonf.resume import Checkpointer
 from vmonf.training import TrainConfig, TrainResult, map_chunks, train
 
-__all__ = ["Discriminators", "fit_discriminators", "log_ratio_normaliser"]
+__all__ = [
+    "ComponentSampler",
+    "Discriminators",
+    "fit_discriminators",
+    "log_ratio_normaliser",
+    "train_discriminators",
+]
+
+
+class ComponentSampler(Protocol):
+    """K generative components: ``sample(n, generator=...)`` -> (K, n, D) tensor."""
+
+    def eval(self) -> Any: ...
+
+    def sample(self, n: int, *, generator: torch.Generator) -> Tensor: ...
 
 
 class Discriminators(nn.Module):
@@ -112,6 +128,25 @@ def fit_discriminators(
         generator=generator,
         checkpointer=checkpointer,
     )
+
+
+def train_discriminators(
+    discriminators: Discriminators,
+    real: Tensor,
+    components: ComponentSampler,
+    config: TrainConfig,
+    generator: torch.Generator,
+    checkpointer: Checkpointer | None = None,
+) -> Tensor:
+    """The competitive scheme's discriminator step: draw one fake per real point (N, D)
+    from each component (``components.sample(n, generator=...)`` -> (K, n, D)), fit the
+    discriminators (:func:`fit_discriminators`) and return their log normaliser (K,)
+    over the real points (:func:`log_ratio_normaliser`)."""
+    components.eval()
+    with torch.no_grad():  # batch orders are drawn on the CPU, fakes where the data is
+        fake = components.sample(real.shape[0], generator=generator_on(real.device, generator))
+    fit_discriminators(discriminators, real, fake, config, generator, checkpointer)
+    return log_ratio_normaliser(discriminators, real)
 
 
 @torch.no_grad()

@@ -18,7 +18,7 @@ from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor, nn
 
 from competitive.assignment import hard_assign, min_count, mixing_weights, training_weights
-from competitive.discriminators import Discriminators, fit_discriminators, log_ratio_normaliser
+from competitive.discriminators import Discriminators, train_discriminators
 from competitive.generators import (
     FlowGenerators,
     Generators,
@@ -37,7 +37,7 @@ from vmonf._validation import (
 )
 from vmonf.base import DIVERGENCE_MARGIN, MixtureEstimator, divergence_floor, probabilities
 from vmonf.distributed import gather_rows
-from vmonf.mixture import draw_components, generator_on
+from vmonf.mixture import draw_components
 from vmonf.resume import Checkpointer
 from vmonf.training import MAX_BATCH, FitClock, NonFiniteLossError, TrainConfig, map_chunks
 
@@ -428,10 +428,15 @@ class CompetitiveMixture(MixtureEstimator):
         model = self.model_
         if self._fitted_setting("assignment") == "exact":
             return model.generators.log_prob(u)
+        return self._discriminator_log_ratio(u)
+
+    def _discriminator_log_ratio(self, u: Tensor) -> Tensor:
+        """The discriminators' normalised estimate of log p_k(u) - log p_data(u), (N, K)."""
+        model = self.model_
         if model.discriminators is None:
             raise ValueError(
-                "no discriminators were trained (max_rounds=0, or the fit failed before its "
-                "first assignment): cannot assign"
+                "no discriminators were trained: they need assignment='discriminator', "
+                "max_rounds >= 1 and a fit that reached its first assignment"
             )
         return model.discriminators.log_ratio(u) - model.log_norm
 
@@ -484,15 +489,7 @@ class CompetitiveMixture(MixtureEstimator):
         the difference of log densities is the same in any units. Compare it with
         the exact ``log p_k - log p_data``, not with log p_k alone.
         """
-        u = self._validate_X(X)
-        if self.model_.discriminators is None:
-            raise ValueError(
-                "log_ratio needs trained discriminators: assignment='discriminator', "
-                "max_rounds >= 1 and a fit that reached its first assignment"
-            )
-        return self._chunked(
-            lambda c: self.model_.discriminators.log_ratio(c) - self.model_.log_norm, u
-        )
+        return self._chunked(self._discriminator_log_ratio, self._validate_X(X))
 
     def elbo(self, X: object) -> np.ndarray:
         """log sum_k pi_k exp(bound_k(x)), (N,), nats, user's units: exact log p(x) for
@@ -564,20 +561,15 @@ class CompetitiveMixture(MixtureEstimator):
         if self.assignment == "discriminator":
             if model.discriminators is None or not self.keep_discriminators:
                 model.discriminators = self._build_discriminators()
-            model.generators.eval()
-            with torch.no_grad():
-                # The fit's generator draws batch orders on the CPU; fakes are drawn where
-                # the model is.
-                fake = model.generators.sample(x.shape[0], generator_on(x.device, generator))
-            fit_discriminators(
+            log_norm = train_discriminators(
                 model.discriminators,
                 x,
-                fake,
+                model.generators,
                 self._discriminator_config(clock.remaining(self.max_time)),
                 generator,
                 checkpointer,
             )
-            model.log_norm.copy_(log_ratio_normaliser(model.discriminators, x))
+            model.log_norm.copy_(log_norm)
         model.eval()
         with torch.no_grad():  # data-parallel: each rank scores its shard, all get all
             return gather_rows(lambda xs: map_chunks(self._likelihood_scores, xs), x)
