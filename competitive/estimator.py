@@ -493,8 +493,11 @@ class CompetitiveMixture(MixtureEstimator):
 
     def elbo(self, X: object) -> np.ndarray:
         """log sum_k pi_k exp(bound_k(x)), (N,), nats, user's units: exact log p(x) for
-        flows, a one-sample ELBO lower bound for VAEs (its noise drawn from a fixed seed:
-        the same X gives the same values, and torch's global RNG is left alone)."""
+        flows; for VAEs a stochastic lower bound, the log of a one-sample importance
+        estimate of p(x) whose expectation is <= log p(x)
+        (:meth:`~competitive.generators.VAEGenerators.log_likelihood_bound`). Its noise is
+        drawn from a fixed seed: the same X gives the same values, and torch's global RNG
+        is left alone."""
         u = self._validate_X(X)
         with self._seeded(0):
             return self._chunked(self._bound, u)

@@ -212,7 +212,8 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
 
     def elbo(self, X: object) -> np.ndarray:
         """The wrapped estimator's per-image bound (``elbo``), (N,), nats on the pixel scale:
-        VMoNF's ELBO; for CompetitiveMixture exact log p (flows) or an ELBO (VAEs)."""
+        VMoNF's ELBO; for CompetitiveMixture exact log p (flows) or a stochastic lower
+        bound (VAEs: :meth:`competitive.CompetitiveMixture.elbo`)."""
         features, extra = self._features(X, noise=True)
         elbo = getattr(self.estimator_, "elbo", None)
         if not callable(elbo):
