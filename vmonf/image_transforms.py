@@ -121,8 +121,9 @@ def quantize(values: np.ndarray, n_levels: int) -> np.ndarray:
 def bits_per_dim(log_prob: object, n_dims: int) -> np.ndarray:
     """Per-image log densities (N,) in nats on the pixel scale -> bits per dimension (N,).
 
-    ``-log p / (D ln 2)``; for a density of dequantised pixels this is an upper bound
-    on the discrete model's code length in bits per pixel.
+    ``-log p / (D ln 2)``; for a density of dequantised pixels, averaged over the
+    dequantisation noise, this is an upper bound on the discrete model's code length in
+    bits per pixel (one draw per image is an estimate of that average, not a bound).
     """
     n_dims = check_positive_int(n_dims, "n_dims")
     values = np.asarray(log_prob, dtype=np.float64)

@@ -201,7 +201,9 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
 
         One uniform dequantisation draw per image; its expectation lower-bounds the
         discrete log-probability of the image. With a ``random_state`` the draw depends on
-        that seed and the image's pixels only: an image scores the same in any batch.
+        that seed and the image's pixels only: an image scores the same in any batch, and
+        copies of an image share one draw (a data set of many duplicates averages fewer
+        draws, so its mean is a noisier estimate of the bound).
         """
         features, extra = self._features(X, noise=True)
         return self.estimator_.score_samples(features) + extra
