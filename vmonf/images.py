@@ -75,7 +75,10 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
             ``CompetitiveMixture``); it is cloned by :meth:`fit`.
         n_levels: grey levels L of the pixels (256 for MNIST, 17 for sklearn's digits).
         logit_alpha: alpha of the logit transform; None fits the dequantised
-            pixels on [0, 1) directly.
+            pixels on [0, 1) directly. The feature density also puts some mass outside
+            the pixel cube (measured: 0.3 % with 0.05, 1.9 % with None on a 2-pixel
+            toy), so the pixel density integrates to a little under 1 (scores stay
+            conservative) and :meth:`sample` clips those draws into the edge levels.
         pca_components: number of principal axes handed to the estimator (the rest
             get Gaussians, so densities stay exact); None keeps every pixel, in
             checkerboard order so the flows' alternating masks are checkerboards.
