@@ -19,13 +19,13 @@ regrouped so that generator k is evaluated only on its own points
 
 from __future__ import annotations
 
-import math
 from abc import ABC, abstractmethod
 from typing import Any, ClassVar
 
 import torch
 from torch import Tensor, nn
 
+from vmonf._gaussian import diagonal_normal_log_prob
 from vmonf._validation import check_bool, check_choice, check_positive_int
 from vmonf.coupling import ACTIVATIONS, BatchedMLP, bounded_log_scale
 from vmonf.flows import (
@@ -45,16 +45,9 @@ __all__ = [
     "VAEGenerators",
 ]
 
-LOG_2PI = math.log(2.0 * math.pi)
-
 
 class NoExactLikelihoodError(NotImplementedError):
     """The generators have no exact likelihood (VAEs): use the KDE protocol or an ELBO."""
-
-
-def _gaussian_log_prob(x: Tensor, mean: Tensor, log_var: Tensor) -> Tensor:
-    """log N(x; mean, diag exp(log_var)) summed over the last axis, nats."""
-    return -0.5 * ((x - mean) ** 2 * torch.exp(-log_var) + log_var + LOG_2PI).sum(-1)
 
 
 class Generators(nn.Module, ABC):
@@ -257,7 +250,7 @@ class VAEGenerators(Generators):
         mu, log_var = self._split(self.encoder(xs))
         z = mu + torch.exp(0.5 * log_var) * torch.randn_like(mu)
         mean, dec_log_var = self._split(self.decoder(z))
-        return mu, log_var, z, _gaussian_log_prob(xs, mean, dec_log_var)
+        return mu, log_var, z, diagonal_normal_log_prob(xs, mean, dec_log_var)
 
     def stacked_loss(self, xs: Tensor) -> Tensor:
         """Negative one-sample ELBO of VAE k at xs[k] (closed-form KL): (K, M, D) -> (K, M),
@@ -277,8 +270,8 @@ class VAEGenerators(Generators):
         bias (0.19 nats for two VAEs whose encoders are exact posteriors)."""
         mu, log_var, z, log_likelihood = self._encode_decode(x.expand(self.n_components, *x.shape))
         zeros = torch.zeros_like(z)
-        log_prior = _gaussian_log_prob(z, zeros, zeros)
-        log_posterior = _gaussian_log_prob(z, mu, log_var)
+        log_prior = diagonal_normal_log_prob(z, zeros, zeros)
+        log_posterior = diagonal_normal_log_prob(z, mu, log_var)
         return (log_likelihood + log_prior - log_posterior).transpose(0, 1)
 
     def _sample(self, n: int, generator: torch.Generator | None) -> Tensor:
@@ -319,8 +312,8 @@ class KMeansGenerators(Generators):
         self.centres = nn.Parameter(initial.clone())
 
     def stacked_loss(self, xs: Tensor) -> Tensor:
-        sq = (xs - self.centres[:, None, :]).square().sum(-1)  # exact, unlike cdist's matmul
-        return 0.5 * sq + 0.5 * self.n_features * LOG_2PI
+        centres = self.centres[:, None, :]
+        return -diagonal_normal_log_prob(xs, centres, torch.zeros_like(centres))
 
     def log_prob(self, x: Tensor) -> Tensor:
         return -self.per_point_loss(x)

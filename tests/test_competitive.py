@@ -33,9 +33,9 @@ from competitive import (
 )
 from competitive.assignment import hard_assign, min_count, mixing_weights, training_weights
 from competitive.discriminators import fit_discriminators, log_ratio_normaliser
-from competitive.generators import _gaussian_log_prob
 from competitive.studies import StudySettings
 from vmonf import cli, training
+from vmonf._gaussian import diagonal_normal_log_prob
 from vmonf.checkpoint import load_checkpoint, save_checkpoint
 from vmonf.cli import main
 from vmonf.coupling import LULinear
@@ -760,7 +760,7 @@ def test_mixing_weights_fall_back_to_plain_shares_when_nobody_reaches_the_minimu
 def test_gaussian_log_prob_matches_torch_distributions():
     x, mean, log_var = torch.randn(3, 5, 4), torch.randn(3, 5, 4), torch.randn(3, 5, 4)
     expected = Normal(mean, (0.5 * log_var).exp()).log_prob(x).sum(-1)
-    torch.testing.assert_close(_gaussian_log_prob(x, mean, log_var), expected)
+    torch.testing.assert_close(diagonal_normal_log_prob(x, mean, log_var), expected)
 
 
 def test_vae_loss_is_the_negative_one_sample_elbo():

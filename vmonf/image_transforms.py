@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from vmonf._gaussian import log_normal
 from vmonf._validation import check_array, check_positive_float, check_positive_int
 
 __all__ = [
@@ -41,8 +42,6 @@ __all__ = [
     "dequantize_by_content",
     "quantize",
 ]
-
-LOG_2PI = math.log(2.0 * math.pi)
 
 
 def check_images(X: object, n_levels: int, name: str = "X") -> tuple[np.ndarray, tuple[int, ...]]:
@@ -252,9 +251,7 @@ class ImageTransform:
         coords = (y - self.mean_) @ self.components_
         d = self.pca_components
         tail, var = coords[:, d:], self.variances_[d:]
-        tail_log_density = -0.5 * ((tail**2 / var).sum(axis=1) + np.log(var).sum())
-        tail_log_density -= 0.5 * tail.shape[1] * LOG_2PI
-        return coords[:, :d], extra + tail_log_density
+        return coords[:, :d], extra + log_normal(tail, 0.0, np.sqrt(var)).sum(axis=1)
 
     def inverse(self, features: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
         """Features (N, d) -> pixels (N, D) on the [0, 1) scale (not yet quantised).
