@@ -283,7 +283,7 @@ def _mean_sd_or_na(values: list[Any]) -> str:
     return "n/a" if None in values else mean_sd(values, 1)
 
 
-def _longest_fits(results: list[dict[str, Any]], budget: float) -> str:
+def _longest_fits(results: list[dict[str, Any]]) -> str:
     """How close the flow fits came to the time cap, in words: the longest, and how many
     the cap stopped (their ConvergenceWarnings name max_time)."""
     fits = [
@@ -467,7 +467,7 @@ def render(payload: Mapping[str, Any]) -> str:
         f"An epoch of exact-ELBO VMoNF runs every flow on every point, one "
         f"of competitive training each flow on its own points only: the fit times show "
         f"what that costs. `max_time` = {s['budget']:g} s caps every fit as a guard. "
-        f"{_longest_fits(results, s['budget'])} Every flow mixture has "
+        f"{_longest_fits(results)} Every flow mixture has "
         f"the same flows (8 couplings, 32 wide, tanh) and k-means pre-training unless said "
         f"otherwise; discriminators: {disc}. Held-out points "
         f"are drawn with seed + 10000. KL to truth = mean(log p_true - log p_model) over "

@@ -80,7 +80,7 @@ def test_cells_of_methods_fitted_with_labels_are_marked():
 
 
 def test_the_report_says_how_close_fits_came_to_the_budget():
-    text = report._longest_fits(RESULTS, budget=2.0)
+    text = report._longest_fits(RESULTS)
     n_flow_fits = 2 * (len(studies.METHODS) - 1)  # GaussianMixture has no epochs
     assert text.startswith("The longest flow fit took 2.0 s")
     assert f"the cap stopped {n_flow_fits // 2} of {n_flow_fits}" in text  # seed 1's

@@ -484,12 +484,9 @@ def run_fit(args: argparse.Namespace) -> int:
     )
     recorder = None
     if not args.no_animation and main_rank:
-        if "callback" in estimator.get_params():
-            every = max(1, math.ceil(estimator.max_epochs / 40))  # at most ~40 frames
-            recorder = reporting.DensityRecorder(bounds, every=every)
-            estimator.set_params(callback=recorder)
-        else:
-            print("vmonf: note: training.gif skipped: VMoNF has no callback hook", file=sys.stderr)
+        every = max(1, math.ceil(estimator.max_epochs / 40))  # at most ~40 frames
+        recorder = reporting.DensityRecorder(bounds, every=every)
+        estimator.set_params(callback=recorder)
 
     _status(
         args,

@@ -252,7 +252,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         if seed is None:
             seed = int(np.random.SeedSequence().generate_state(1)[0])
         features, components = self.estimator_.sample(n, random_state=seed)
-        rng = np.random.default_rng(None if seed is None else [seed, 2])
+        rng = np.random.default_rng([seed, 2])
         v = self.transform_.inverse(features, rng if residual_noise else None)
         images = quantize(v, fitted_setting(self, "n_levels")).reshape(n, *self.image_shape_)
         return images, components

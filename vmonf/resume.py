@@ -263,10 +263,6 @@ class Checkpointer:
         """Seconds this fit has run: before the resume (as last saved) and since."""
         return self.elapsed_before + time.perf_counter() - self._opened
 
-    @property
-    def n_finished(self) -> int:
-        return len(self.finished)
-
     def open_stage(self) -> Stage:
         """The next stage of the fit: a replay, a continuation or a new one."""
         index = self._next_stage
