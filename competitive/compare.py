@@ -113,13 +113,19 @@ def exact_log_ratios(
     log_pk = component_log_prob(estimator, X)
     out = {"mixture": log_pk - estimator.score_samples(X)[:, None]}  # type: ignore[attr-defined]
     if true_log_prob is not None:
-        truth = np.asarray(true_log_prob, dtype=np.float64)
-        if truth.shape != (log_pk.shape[0],) or not np.isfinite(truth).all():
-            raise ValueError(
-                f"true_log_prob must be {log_pk.shape[0]} finite log densities, one per row of X"
-            )
-        out["truth"] = log_pk - truth[:, None]
+        out["truth"] = log_pk - _check_true_log_prob(true_log_prob, log_pk.shape[0], "X")[:, None]
     return out
+
+
+def _check_true_log_prob(values: object, n_rows: int, rows_of: str) -> np.ndarray:
+    """``true_log_prob`` as finite float64 (n_rows,): one log density per row of ``rows_of``."""
+    truth = check_array(values, "true_log_prob", allow_1d=True)
+    if truth.shape != (n_rows, 1):
+        raise ValueError(
+            f"true_log_prob must hold {n_rows} values, one per row of {rows_of}; got shape "
+            f"{np.shape(values)}"
+        )
+    return truth[:, 0]
 
 
 # --------------------------------------------------------------------------- estimated side
@@ -408,13 +414,7 @@ class RoundTracker:
         # given, so that the estimator checks a data frame's feature names.
         n_eval = check_array(self.X_eval, "X_eval", min_samples=2).shape[0]
         if self.true_log_prob is not None:
-            truth = np.asarray(self.true_log_prob, dtype=np.float64)
-            if truth.shape != (n_eval,) or not np.isfinite(truth).all():
-                raise ValueError(
-                    f"true_log_prob must be {n_eval} finite values, one per row of X_eval; "
-                    f"got shape {truth.shape}"
-                )
-            self.true_log_prob = truth
+            self.true_log_prob = _check_true_log_prob(self.true_log_prob, n_eval, "X_eval")
         if self.X_train is not None:
             check_array(self.X_train, "X_train", min_samples=2)
         _check_saturation(self.saturation)
@@ -427,6 +427,12 @@ class RoundTracker:
         if not isinstance(estimator, CompetitiveMixture):
             raise TypeError(
                 f"RoundTracker is a CompetitiveMixture callback, got {type(estimator).__name__}"
+            )
+        n_features = check_array(self.X_eval, "X_eval").shape[1]
+        if n_features != estimator.n_features_in_:
+            raise ValueError(
+                f"X_eval has {n_features} features, but the tracked CompetitiveMixture is "
+                f"fitting {estimator.n_features_in_}"
             )
         started = time.perf_counter()
         if estimator.model_.discriminators is not None:

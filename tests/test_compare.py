@@ -217,6 +217,10 @@ def test_component_log_prob_adds_up_to_score_samples_for_both_estimators():
         np.testing.assert_allclose(logsumexp(log_pk + log_w, axis=1), est.score_samples(X))
     with pytest.raises(ValueError, match="true_log_prob"):
         exact_log_ratios(cm, X, np.zeros(5))
+    with pytest.raises(ValueError, match="Complex data not supported: true_log_prob"):
+        exact_log_ratios(cm, X[:3], np.zeros(3) + 1j)
+    with pytest.raises(ValueError, match="X_eval has 3 features, but the tracked"):
+        RoundTracker(np.zeros((5, 3)))(cm, 0)
 
 
 def test_component_log_prob_refuses_what_has_no_exact_likelihood():
@@ -407,8 +411,14 @@ def test_round_tracker_checks_its_inputs_when_made():
     X = np.zeros((5, 2))
     with pytest.raises(ValueError, match=r"X_eval has 1 sample.* minimum of 2 is required"):
         RoundTracker(X[:1])
-    with pytest.raises(ValueError, match="true_log_prob must be 5 finite values"):
+    with pytest.raises(ValueError, match="true_log_prob must hold 5 values, one per row of X_eval"):
         RoundTracker(X, true_log_prob=np.zeros(4))
+    with pytest.raises(ValueError, match="true_log_prob contains NaN"):
+        RoundTracker(X, true_log_prob=np.r_[np.zeros(4), np.nan])
+    with pytest.raises(ValueError, match="Complex data not supported: true_log_prob"):
+        RoundTracker(X, true_log_prob=np.zeros(5) + 1j)
+    with pytest.raises(TypeError, match="true_log_prob must hold numbers"):
+        RoundTracker(X, true_log_prob=list("abcde"))
     with pytest.raises(ValueError, match="saturation"):
         RoundTracker(X, saturation=0.7)
     with pytest.raises(TypeError, match="random_state must be an int"):

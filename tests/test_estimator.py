@@ -469,6 +469,9 @@ BAD_FIT = [
     (np.array([["a", "b"]]), None, {}, TypeError, "numbers"),
     (np.array([[1.0, "b"]], dtype=object), None, {}, TypeError, "numbers"),
     (scipy.sparse.csr_matrix(np.eye(3)), None, {}, TypeError, r"sparse matrix.*toarray"),
+    (torch.eye(3).to_sparse(), None, {}, TypeError, r"sparse torch tensor.*to_dense"),
+    (torch.empty(3, 2, device="meta"), None, {}, TypeError, "meta tensor"),
+    (blobs(10)[0], np.r_[np.zeros(9), np.nan], {}, ValueError, "y contains NaN"),
     (np.arange(10.0)[:, None], None, {}, ValueError, r"1 feature\(s\) .* but VMoNF .* at least 2"),
     (np.c_[np.arange(10.0), np.ones(10)], None, {}, ValueError, "constant column"),
     (np.c_[np.arange(10.0), 1e12 + 1e-5 * np.arange(10)], None, {}, ValueError, "constant col"),
@@ -523,6 +526,22 @@ def test_object_arrays_of_numbers_and_read_only_arrays_are_taken_as_they_are(fit
         warnings.simplefilter("error")  # torch warns on read-only numpy memory
         scores = model.score_samples(frozen)
         np.testing.assert_array_equal(model.score_samples(X.astype(object)), scores)
+
+
+def test_reversed_strided_and_half_precision_inputs_are_taken_as_they_are(fitted):
+    """torch refuses numpy arrays with negative or odd strides and cannot export
+    bfloat16: both once crashed inside torch."""
+    model, X, _ = fitted
+    scores = model.score_samples(X)
+    np.testing.assert_array_equal(model.score_samples(X[::-1]), scores[::-1])
+    swapped = X[:, ::-1]
+    np.testing.assert_array_equal(model.score_samples(swapped[:, ::-1]), scores)
+    records = np.zeros(len(X), dtype=[("x", "f8", 2), ("pad", "f4")])  # rows of 20 bytes
+    records["x"] = X
+    assert records["x"].strides == (20, 8)
+    np.testing.assert_array_equal(model.score_samples(records["x"]), scores)
+    half = torch.as_tensor(X).to(torch.bfloat16)
+    np.testing.assert_array_equal(model.score_samples(half), model.score_samples(half.float()))
 
 
 def test_bad_predict_input_gives_clear_errors(fitted):

@@ -42,6 +42,22 @@ __all__ = [
 ]
 
 
+def as_numpy(x: object, name: str = "X") -> object:
+    """A torch tensor as a numpy array (half-precision floats widened to float32, which
+    numpy lacks or torch cannot export); anything else unchanged. Sparse and meta
+    tensors raise ``TypeError`` naming ``name``."""
+    if not isinstance(x, torch.Tensor):
+        return x
+    if x.is_sparse or x.layout != torch.strided:
+        raise TypeError(f"{name} is a sparse torch tensor: pass a dense one ({name}.to_dense())")
+    if x.is_meta:
+        raise TypeError(f"{name} is a meta tensor, which holds no values")
+    x = x.detach()
+    if x.dtype in (torch.bfloat16, torch.float16):
+        x = x.float()
+    return x.cpu().numpy()
+
+
 def check_array(
     X: object,
     name: str = "X",
@@ -62,8 +78,7 @@ def check_array(
     """
     if scipy.sparse.issparse(X):
         raise TypeError(f"{name} is a sparse matrix: pass a dense array ({name}.toarray())")
-    if hasattr(X, "detach"):  # torch tensors
-        X = X.detach().cpu().numpy()
+    X = as_numpy(X, name)
     try:
         arr = np.asarray(X)
         if arr.dtype == object:  # numbers in an object array, as scikit-learn accepts
@@ -105,8 +120,11 @@ def check_array(
             else f"{fitted_by} is expecting {n_features} features as input"
         )
         raise ValueError(f"{name} has {arr.shape[1]} features, but {expected}")
-    # torch warns on (and must not share) read-only memory, such as a memmap's
+    # torch warns on (and must not share) read-only memory, such as a memmap's, and
+    # refuses negative or odd strides (X[::-1], a structured array's field)
     arr = arr.astype(np.float64, copy=not arr.flags.writeable)
+    if any(stride < 0 or stride % arr.itemsize for stride in arr.strides):
+        arr = np.ascontiguousarray(arr)
     if not np.isfinite(arr).all():
         bad = int((~np.isfinite(arr)).any(axis=1).sum())
         raise ValueError(f"{name} contains NaN or infinite values ({bad} row(s))")
@@ -215,9 +233,7 @@ def check_integer_labels(y: object, name: str = "y", n_samples: int | None = Non
     ``n_samples`` (the rows of the matching X) is checked when given; otherwise an
     empty vector is an error.
     """
-    if hasattr(y, "detach"):
-        y = y.detach().cpu().numpy()
-    arr = np.asarray(y)
+    arr = np.asarray(as_numpy(y, name))
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D of shape (n_samples,), got shape {arr.shape}")
     if n_samples is not None and arr.shape[0] != n_samples:
@@ -225,7 +241,9 @@ def check_integer_labels(y: object, name: str = "y", n_samples: int | None = Non
     if n_samples is None and arr.shape[0] == 0:
         raise ValueError(f"{name} is empty")
     if np.issubdtype(arr.dtype, np.floating):
-        if not np.isfinite(arr).all() or not np.all(arr == np.round(arr)):
+        if not np.isfinite(arr).all():
+            raise ValueError(f"{name} contains NaN or infinite values")
+        if not np.all(arr == np.round(arr)):
             raise TypeError(f"{name} must hold integer labels, got non-integer values")
     elif not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.bool_)):
         raise TypeError(f"{name} must hold integer labels, got dtype {arr.dtype}")

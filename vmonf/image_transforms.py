@@ -30,7 +30,7 @@ from typing import Any
 import numpy as np
 
 from vmonf._gaussian import log_normal
-from vmonf._validation import check_array, check_positive_float, check_positive_int
+from vmonf._validation import as_numpy, check_array, check_positive_float, check_positive_int
 
 __all__ = [
     "ImageTransform",
@@ -51,8 +51,7 @@ def check_images(X: object, n_levels: int, name: str = "X") -> tuple[np.ndarray,
     ((D,) for flattened input). Float input must hold whole numbers.
     """
     n_levels = check_positive_int(n_levels, "n_levels", minimum=2)
-    if hasattr(X, "detach"):
-        X = X.detach().cpu().numpy()  # type: ignore[attr-defined]
+    X = as_numpy(X, name)
     try:
         arr = np.asarray(X)
     except ValueError:  # ragged nested lists

@@ -20,6 +20,7 @@ from scipy.optimize import linear_sum_assignment
 from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 
 from vmonf._validation import (
+    as_numpy,
     check_array,
     check_integer_labels,
     check_positive_float,
@@ -52,16 +53,9 @@ MAX_TABLE_CELLS = 10**7  # a contingency table indexed by label value: 80 MB at 
 # --------------------------------------------------------------------------- helpers
 
 
-def _as_numpy(x: object) -> object:
-    """Convert torch tensors to numpy; leave anything else untouched."""
-    if hasattr(x, "detach"):
-        return x.detach().cpu().numpy()  # type: ignore[attr-defined]
-    return x
-
-
 def _check_log_probs(values: object, name: str) -> np.ndarray:
     """Return per-point log densities as float64 (N,), N >= 1; NaN and +inf raise, -inf is kept."""
-    arr = np.asarray(_as_numpy(values))
+    arr = np.asarray(as_numpy(values, name))
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
     ):

@@ -27,6 +27,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 
 from vmonf._validation import (
+    as_numpy,
     check_array,
     check_integer_labels,
     check_output_file,
@@ -109,9 +110,7 @@ def _check_finite(value: object, name: str) -> float:
 
 
 def _to_numpy(x: object) -> np.ndarray:
-    if hasattr(x, "detach"):
-        x = x.detach().cpu().numpy()  # type: ignore[attr-defined]
-    return np.asarray(x)
+    return np.asarray(as_numpy(x))
 
 
 def _check_points_2d(X: object, name: str = "X") -> np.ndarray:
