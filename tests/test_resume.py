@@ -257,6 +257,25 @@ def test_bad_checkpoint_settings(tmp_path, params, error, match):
         VMoNF(**{**VMONF, "checkpoint": tmp_path / "s.pt", **params}).fit(blobs())
 
 
+@pytest.mark.parametrize("estimator", ["VMoNF", "CompetitiveMixture"])
+def test_a_fresh_fit_never_overwrites_a_file_that_is_not_a_training_state(tmp_path, estimator):
+    X = blobs()
+    model_file, notes = tmp_path / "model.pt", tmp_path / "notes.txt"
+    VMoNF(**VMONF).fit(X).save(model_file)
+    saved = model_file.read_bytes()
+    notes.write_text("my notes")
+    competitive = dict(n_components=2, n_layers=2, hidden_features=8, pretrain_epochs=1,
+                       max_epochs=1, max_rounds=1, random_state=0)  # fmt: skip
+    cls, params = (VMoNF, VMONF) if estimator == "VMoNF" else (CompetitiveMixture, competitive)
+    for path in (model_file, notes):
+        with pytest.raises(ValueError, match="is not a vmonf training state.*another checkpoint"):
+            cls(**params, checkpoint=path).fit(X)
+    assert model_file.read_bytes() == saved and notes.read_text() == "my notes"
+    state = tmp_path / "state.pt"  # an earlier fit's training state is replaced
+    cls(**params, checkpoint=state).fit(X)
+    cls(**params, checkpoint=state).fit(X[1:])
+
+
 def test_a_damaged_training_state_is_refused(tmp_path):
     path = tmp_path / "state.pt"
     path.write_bytes(b"\x00" * 100)

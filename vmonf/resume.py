@@ -258,6 +258,20 @@ class Checkpointer:
             except (KeyError, TypeError, ValueError) as exc:
                 raise CheckpointError(f"{self.path} is a damaged training state: {exc}") from None
             self.resumed = True
+        elif self.path.exists():
+            self._check_overwritable()
+
+    def _check_overwritable(self) -> None:
+        """A fresh fit replaces an earlier training state at its path, never another file
+        (a saved model given as ``checkpoint`` by mistake)."""
+        try:
+            load_checkpoint(self.path, KIND)
+        except CheckpointError as exc:
+            raise ValueError(
+                f"checkpoint={str(self.path)!r} names a file that is not a vmonf training "
+                f"state ({exc}); a fit would overwrite it: choose another checkpoint path, "
+                "or delete the file"
+            ) from None
 
     def elapsed(self) -> float:
         """Seconds this fit has run: before the resume (as last saved) and since."""
