@@ -203,6 +203,28 @@ def test_runaway_training_stops_with_a_clear_error_and_keeps_a_working_model(
     type(model).load(model.save(tmp_path / "kept.pt"))  # and it can be saved
 
 
+@pytest.mark.parametrize("name", ["vmonf", "competitive"])
+def test_a_fit_whose_every_update_was_undone_is_an_error_not_converged(name):
+    """learning_rate=1e30: each update makes the next loss non-finite and is rolled
+    back; fewer than max_bad_steps of them once returned the untrained model as
+    converged."""
+    X = np.random.default_rng(0).normal(size=(200, 2))
+    X[:100] += 4
+    model = (
+        VMoNF(2, **{**TINY_VMONF, "max_epochs": 5, "learning_rate": 1e30})
+        if name == "vmonf"
+        else CompetitiveMixture(2, n_layers=2, hidden_features=8, pretrain_epochs=2,
+                                max_epochs=2, max_rounds=2, learning_rate=1e30,
+                                random_state=0)
+    )  # fmt: skip
+    with (
+        pytest.warns(RuntimeWarning, match="non-finite"),
+        pytest.raises(NonFiniteLossError, match="no update survived"),
+    ):
+        model.fit(X)
+    assert model.converged_ is False and np.isfinite(model.score_samples(X)).all()
+
+
 def test_one_nan_loss_is_skipped_with_a_warning_and_the_fit_completes(monkeypatch):
     X = np.random.default_rng(0).normal(size=(200, 2))
     reference = VMoNF(2, **{**TINY_VMONF, "max_epochs": 3}).fit(X)

@@ -268,7 +268,7 @@ def test_a_fresh_fit_never_overwrites_a_file_that_is_not_a_training_state(tmp_pa
                        max_epochs=1, max_rounds=1, random_state=0)  # fmt: skip
     cls, params = (VMoNF, VMONF) if estimator == "VMoNF" else (CompetitiveMixture, competitive)
     for path in (model_file, notes):
-        with pytest.raises(ValueError, match="is not a vmonf training state.*another checkpoint"):
+        with pytest.raises(ValueError, match=r"is not a vmonf training state.*another checkpoint"):
             cls(**params, checkpoint=path).fit(X)
     assert model_file.read_bytes() == saved and notes.read_text() == "my notes"
     state = tmp_path / "state.pt"  # an earlier fit's training state is replaced

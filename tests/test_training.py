@@ -139,7 +139,10 @@ def test_an_update_that_breaks_the_model_is_never_kept_even_the_last_one():
     data = (torch.zeros(4, 1, dtype=torch.float32),)
     for epochs in (1, 3):
         weight.data.zero_()
-        with pytest.warns(RuntimeWarning, match="non-finite"):
+        with (
+            pytest.warns(RuntimeWarning, match="non-finite"),
+            pytest.raises(NonFiniteLossError, match=r"no update survived.*untrained"),
+        ):
             train(
                 module,
                 objective,
@@ -148,6 +151,24 @@ def test_an_update_that_breaks_the_model_is_never_kept_even_the_last_one():
                 generator=torch.Generator().manual_seed(0),
             )
         assert weight.item() == 0.0  # the only weights that ever gave a finite loss
+
+
+def test_a_stage_whose_later_updates_are_undone_keeps_its_progress_without_error():
+    """Only a stage that kept no update at all is an error: one whose first epoch
+    trained and whose later updates were undone returns the first epoch's weights."""
+    weight = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+    module = nn.Module()
+    module.weight = weight
+
+    def objective(batch, step):  # finite until step 2 (the third update's check)
+        return ((weight - 1.0) ** 2).sum() * (math.inf if step >= 2 else 1.0)
+
+    data = (torch.zeros(4, 1, dtype=torch.float32),)
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        result = train(module, objective, data,
+                       TrainConfig(max_epochs=4, batch_size=4, learning_rate=0.1),
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert result.n_bad_steps >= 1 and 0.0 < weight.item() < 1.0
 
 
 def test_a_nan_gradient_of_a_finite_loss_is_caught():

@@ -307,6 +307,10 @@ class _LoopState:
     epoch_order_state: Tensor | None = None  # generator state that draws the epoch's order
     # An epoch ended: its weights become the "last good" ones once a loss proves them finite.
     good_due: bool = False
+    # Progress that no restore has undone: updates since the last one, and whether the
+    # last good weights are any but the stage's starting ones.
+    updates_since_restore: int = 0
+    good_moved: bool = False
 
 
 def _result_fields(result: TrainResult) -> dict[str, object]:
@@ -376,7 +380,7 @@ def train(
     the weights of the last good epoch restored (Adam's moments reset), the
     learning rate halved and a warning issued; once more than ``max_bad_steps`` such
     steps have occurred :class:`NonFiniteLossError` is raised with the last good (or
-    best) state kept.
+    best) state kept; so it is when the stage ends with no update kept at all.
     """
     n = data[0].shape[0]
     if n == 0:
@@ -486,6 +490,7 @@ def train(
             if not finite:
                 result.n_bad_steps += 1
                 good.restore(module)
+                state.updates_since_restore = 0
                 state.good_due = False  # the epoch that ended on these weights is dropped
                 optimizer.state.clear()  # Adam's moments may hold the blow-up
                 state.lr_scale *= 0.5
@@ -511,8 +516,10 @@ def train(
             if state.good_due:  # the weights the last epoch ended on just gave a finite loss
                 good.take(module)
                 state.good_due = False
+                state.good_moved = True
             last_batch = batch
             optimizer.step()
+            state.updates_since_restore += 1
             state.epoch_total += float(loss) * batches.global_size
             state.epoch_seen += batches.global_size
             state.step += 1
@@ -571,6 +578,13 @@ def train(
             "started and no step was finite",
             result,
         )
+    if result.n_bad_steps and not (state.updates_since_restore or state.good_moved):
+        raise NonFiniteLossError(
+            f"no update survived: each made the next loss non-finite and was undone "
+            f"({result.n_bad_steps} non-finite steps), so the parameters are the untrained "
+            "ones. Lower learning_rate, or check the data for extreme values.",
+            result,
+        )
     if best is not None and config.patience is not None:
         best.restore(module)
     module.eval()
@@ -598,6 +612,7 @@ def _check_last_update(
     if any_rank(broken, device):
         result.n_bad_steps += 1
         good.restore(module)
+        state.updates_since_restore = 0
         warnings.warn(
             "the last update made the loss non-finite: the weights of the last good epoch "
             "were restored",
