@@ -846,6 +846,24 @@ def test_a_fitted_model_pickles_once_its_callback_is_cleared():
     np.testing.assert_array_equal(again.score_samples(X), model.score_samples(X))
 
 
+@pytest.mark.parametrize("refit", [False, True])
+def test_save_inside_the_callback_is_refused_and_the_fit_rolled_back(tmp_path, refit):
+    """Saved mid-fit, a file mixed the new weights with the previous fit's attributes
+    (or failed with an AttributeError on a first fit)."""
+    X, _ = blobs(100)
+    model = VMoNF(3, random_state=0, **FAST)
+    if refit:
+        model.fit(X)
+    before = model.score_samples(X) if refit else None
+    model.set_params(callback=lambda est, epoch: est.save(tmp_path / "mid.pt"))
+    with pytest.raises(ValueError, match=r"save\(\) is not available while fit\(\) runs"):
+        model.fit(X[:60] * 3)
+    assert not (tmp_path / "mid.pt").exists() and not hasattr(model, "_fitting")
+    if refit:
+        np.testing.assert_array_equal(model.score_samples(X), before)
+    model.set_params(callback=None).fit(X).save(tmp_path / "after.pt")
+
+
 def test_restarts_of_the_exact_marginal_are_chosen_by_log_likelihood(monkeypatch):
     """n_init keeps the restart with the best trained objective: for objective="marginal"
     the exact log-likelihood, which here is not the restart with the best ELBO."""

@@ -408,6 +408,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         interruptible = nullcontext() if checkpointer is None else checkpointer.interruptible()
         before = self._fitted_attributes()
         started = time.perf_counter()
+        self._fitting = True  # save() refuses a half-set fit (e.g. from the callback)
         try:
             # What this fit computes with: set_params after it changes the next fit, not
             # this one's predictions or what save() writes beside its weights.
@@ -439,6 +440,8 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 delattr(self, name)
             vars(self).update(before)
             raise
+        finally:
+            del self._fitting
         self.fit_time_ = _fit_time(started, checkpointer)
         return self
 
@@ -547,6 +550,12 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted estimator atomically (weights and plain data only; not the
         ``callback``, nor the ``checkpoint`` path of the fit's training state)."""
+        if getattr(self, "_fitting", False):
+            raise ValueError(
+                f"{type(self).__name__}.save() is not available while fit() runs (e.g. in "
+                "its callback): the fitted attributes belong to no single fit yet. Save "
+                "after fit returns, or pass checkpoint= to keep mid-fit training states"
+            )
         self._check_is_fitted()
         payload = {
             # Callables (e.g. a callback) are not data: they are not saved. Nor is the
