@@ -401,6 +401,14 @@ def test_numpy_settings_save_and_load(digits, tmp_path):
     loaded = ImageMixture.load(model.fit(X).save(tmp_path / "m.pt"))  # was refused on load
     assert loaded.get_params(deep=False)["pca_components"] == 8
     np.testing.assert_array_equal(loaded.score_samples(X[:20]), model.score_samples(X[:20]))
+    # Paths and arguments are checked as VMoNF.save/load check them (they failed in pathlib)
+    (tmp_path / "afile").write_text("")
+    with pytest.raises(ValueError, match="a part of its folder is a file"):
+        model.save(tmp_path / "afile" / "m.pt")
+    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+        model.save(None)
+    with pytest.raises(TypeError, match="estimator_class must be a MixtureEstimator subclass"):
+        ImageMixture.load(tmp_path / "m.pt", estimator_class="VMoNF")
 
 
 def test_image_helpers_check_their_inputs(digits, tmp_path):

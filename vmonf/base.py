@@ -557,7 +557,11 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 "after fit returns, or pass checkpoint= to keep mid-fit training states"
             )
         self._check_is_fitted()
-        payload = {
+        return save_checkpoint(self._to_payload(), path, self._checkpoint_kind)
+
+    def _to_payload(self) -> dict[str, Any]:
+        """What :meth:`save` writes: plain data and CPU tensors only."""
+        return {
             # Callables (e.g. a callback) are not data: they are not saved. Nor is the
             # path of the fit's training state: it belongs to that run, and a loaded
             # model refitted with it would overwrite the run's state file.
@@ -584,7 +588,6 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 }.items()
             },
         }
-        return save_checkpoint(payload, path, self._checkpoint_kind)
 
     def _fitted_params(self) -> dict[str, Any]:
         """The settings as fitted (``set_params`` since takes effect at the next fit), the
@@ -609,8 +612,16 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         """
         if device is not None:
             torch_device(device)  # a bad argument is the caller's, not the file's
-        payload = load_checkpoint(path, cls._checkpoint_kind)
+        return cls._from_payload(load_checkpoint(path, cls._checkpoint_kind), device, path)
+
+    @classmethod
+    def _from_payload(
+        cls, payload: dict[str, Any], device: str | None, path: str | os.PathLike
+    ) -> Self:
+        """The estimator :meth:`_to_payload` described; ``path`` names the file in errors."""
         try:
+            if not isinstance(payload, dict):
+                raise CheckpointError(f"its content is a {type(payload).__name__}, not a dict")
             version = payload.get("format", 1)
             if not isinstance(version, int) or not 1 <= version <= SAVE_FORMAT:
                 raise CheckpointError(

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
 from pathlib import Path
 from typing import Any, Self
@@ -261,11 +260,8 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted model atomically: the estimator's checkpoint, the transform's state."""
         self._check_is_fitted()
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
         kind = self.estimator_._checkpoint_kind
-        with tempfile.TemporaryDirectory(dir=path.parent) as tmp:
-            inner = load_checkpoint(self.estimator_.save(Path(tmp) / "estimator.pt"), kind)
+        inner = self.estimator_._to_payload()
         params = dict(self.fitted_params_) if hasattr(self, "fitted_params_") else {}
         params = {**self.get_params(deep=False), **params}  # the fitted settings
         del params["estimator"]
@@ -294,6 +290,13 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         """
         if device is not None:
             torch_device(device)  # a bad argument is the caller's, not the file's
+        if estimator_class is not None and not (
+            isinstance(estimator_class, type) and issubclass(estimator_class, MixtureEstimator)
+        ):
+            raise TypeError(
+                "estimator_class must be a MixtureEstimator subclass (e.g. VMoNF), got "
+                f"{estimator_class!r}"
+            )
         payload = load_checkpoint(path, cls._checkpoint_kind)
         kind = payload.get("estimator_kind")
         inner_cls = estimator_class or _estimator_classes().get(kind)  # type: ignore[arg-type]
@@ -302,22 +305,16 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
                 f"{path} wraps a {kind} estimator, which is not imported: import the module "
                 "that defines it (e.g. `import competitive`) or pass estimator_class"
             )
-        with tempfile.TemporaryDirectory() as tmp:
-            inner_path = Path(tmp) / "estimator.pt"
-            try:
-                check_loadable_device(payload.get("estimator"), device, path, cls.__name__)
-                save_checkpoint(payload["estimator"], inner_path, str(kind))
-                estimator = inner_cls.load(inner_path, device=device)
-                model = cls(estimator, **payload["params"])
-                model.fitted_params_ = model.get_params(deep=False)
-                state = {k: from_plain(v) for k, v in payload["transform"].items()}
-                model.transform_ = ImageTransform.from_state(state)
-                model.image_shape_ = tuple(int(s) for s in payload["image_shape_"])
-            except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
-                reason = str(exc).replace(str(inner_path), "its estimator")
-                raise CheckpointError(
-                    f"{path} holds an unusable {cls.__name__} file: {reason}"
-                ) from None
+        try:
+            check_loadable_device(payload.get("estimator"), device, path, cls.__name__)
+            estimator = inner_cls._from_payload(payload["estimator"], device, "its estimator")
+            model = cls(estimator, **payload["params"])
+            model.fitted_params_ = model.get_params(deep=False)
+            state = {k: from_plain(v) for k, v in payload["transform"].items()}
+            model.transform_ = ImageTransform.from_state(state)
+            model.image_shape_ = tuple(int(s) for s in payload["image_shape_"])
+        except (AttributeError, KeyError, TypeError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(f"{path} holds an unusable {cls.__name__} file: {exc}") from None
         model.estimator_ = estimator
         model.n_features_in_ = int(math.prod(model.image_shape_))
         return model
