@@ -405,7 +405,7 @@ def test_numpy_settings_save_and_load(digits, tmp_path):
     (tmp_path / "afile").write_text("")
     with pytest.raises(ValueError, match="a part of its folder is a file"):
         model.save(tmp_path / "afile" / "m.pt")
-    with pytest.raises(TypeError, match="path must be a str or os.PathLike"):
+    with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike"):
         model.save(None)
     with pytest.raises(TypeError, match="estimator_class must be a MixtureEstimator subclass"):
         ImageMixture.load(tmp_path / "m.pt", estimator_class="VMoNF")

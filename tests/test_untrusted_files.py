@@ -61,10 +61,20 @@ def test_a_pickle_that_would_run_code_is_refused(tmp_path, loader):
     assert marker.exists()
     marker.unlink()
     for name, path in evil_files(tmp_path, marker).items():
-        with pytest.raises(CheckpointError, match=r"unsafe|does not hold") as refused:
+        with pytest.raises(
+            CheckpointError, match=r"unsafe|does not hold|not a torch archive"
+        ) as refused:
             loader(path)
         assert "can still be loaded" not in str(refused.value)  # no advice to load it anyway
         assert not marker.exists(), f"{name}: code ran on load"
+
+
+def test_a_file_of_another_kind_is_named_as_such_not_as_unsafe(tmp_path):
+    text = tmp_path / "notes.pt"
+    text.write_text("garbage")
+    with pytest.raises(CheckpointError, match="not a torch archive") as refused:
+        VMoNF.load(text)
+    assert "unsafe" not in str(refused.value)
 
 
 def test_truncated_files_are_refused(model_file, tmp_path):

@@ -12,6 +12,7 @@ import hashlib
 import io
 import os
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -86,6 +87,14 @@ def load_checkpoint(path: str | os.PathLike, kind: str) -> dict[str, Any]:
 
 
 def _safe_load(source: Path | io.BytesIO, path: Path) -> Any:
+    is_archive = zipfile.is_zipfile(source)
+    if isinstance(source, io.BytesIO):
+        source.seek(0)
+    if not is_archive:  # torch.load would blame a text file's "unsafe objects"
+        raise CheckpointError(
+            f"{path} is not a loadable vmonf checkpoint: it is not a torch archive "
+            "(vmonf writes zip archives; this file is something else, or truncated)"
+        )
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # torch's notes on odd pickles: we raise instead
