@@ -161,7 +161,7 @@ def discriminator_estimate(
     X_eval: object,
     *,
     settings: CompetitiveMixture | None = None,
-    random_state: int = 0,
+    random_state: int | None = 0,
     max_time: float | None = None,
 ) -> DiscriminatorEstimate:
     """Train fresh discriminators on a fitted flow mixture as the competitive scheme does.
@@ -173,12 +173,14 @@ def discriminator_estimate(
     MLP, 2 epochs, batch 32, Adam 8e-4 with beta1 0.5). The ratio is normalised over
     ``X_train`` and evaluated at ``X_eval`` (M, D). ``max_time`` caps the training in
     seconds. The caller's global torch RNG is left untouched; ``random_state`` seeds
-    everything.
+    everything (None: a fresh seed, as in scikit-learn).
     """
     est = _check_fitted(estimator)
     components = _components(est)
     config = _settings(est, settings)
-    seed = check_seed(random_state, "random_state") or 0
+    seed = check_seed(random_state, "random_state")
+    if seed is None:
+        seed = int(np.random.SeedSequence().generate_state(1)[0])
     check_array(X_train, "X_train", min_samples=2)
     u_train = est._validate_X(X_train)  # the caller's object: its feature names are checked
     u_eval = est._validate_X(X_eval)
@@ -362,7 +364,7 @@ def compare_with_exact(
     *,
     true_log_prob: object | None = None,
     settings: CompetitiveMixture | None = None,
-    random_state: int = 0,
+    random_state: int | None = 0,
     max_time: float | None = None,
     saturation: float = 1e-3,
 ) -> LikelihoodComparison:

@@ -154,6 +154,12 @@ def test_discriminator_estimate_is_seeded_and_leaves_the_global_rng_alone(true_m
     # normalised over X: mean_i exp(estimate) over the training points is 1
     c = discriminator_estimate(est, X, X, settings=settings, random_state=4)
     np.testing.assert_allclose(np.exp(c.log_ratio).mean(0), 1.0, rtol=1e-6)
+    # None draws a fresh seed (it once meant seed 0, silently)
+    fresh = [
+        discriminator_estimate(est, X, X_eval[:50], settings=settings, random_state=None)
+        for _ in range(2)
+    ]
+    assert not np.array_equal(fresh[0].log_ratio, fresh[1].log_ratio)
 
 
 # --------------------------------------------------------------------------- statistics

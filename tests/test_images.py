@@ -407,6 +407,8 @@ def test_numpy_settings_save_and_load(digits, tmp_path):
         model.save(tmp_path / "afile" / "m.pt")
     with pytest.raises(TypeError, match=r"path must be a str or os\.PathLike"):
         model.save(None)
+    with pytest.raises(TypeError, match="bound must be True or False"):
+        model.bits_per_dim(X[:5], bound="yes")
     with pytest.raises(TypeError, match="estimator_class must be a MixtureEstimator subclass"):
         ImageMixture.load(tmp_path / "m.pt", estimator_class="VMoNF")
 

@@ -156,4 +156,6 @@ def test_saving_to_a_directory_or_under_a_file_gives_a_clear_error(tmp_path):
     (tmp_path / "plain").write_text("not a folder")
     with pytest.raises(ValueError, match="part of its folder is a file"):
         save_checkpoint(payload, tmp_path / "plain" / "model.pt", "test")
+    with pytest.raises(ValueError, match="must name a file, got the directory"):
+        save_checkpoint(payload, f"{tmp_path}/newdir/", "test")  # once a file named newdir
     assert sorted(p.name for p in tmp_path.iterdir()) == ["plain"]  # nothing left behind

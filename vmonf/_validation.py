@@ -348,7 +348,9 @@ def check_output_file(path: object, name: str = "path") -> Path:
     if not isinstance(path, str | os.PathLike):
         raise TypeError(f"{name} must be a str or os.PathLike, got {type(path).__name__}")
     out = Path(path)
-    if out.name == "" or out.is_dir():
+    text = os.fspath(path)
+    ends_in_separator = isinstance(text, str) and text.endswith((os.sep, "/"))
+    if out.name == "" or out.is_dir() or ends_in_separator:  # "newdir/" is a folder
         raise ValueError(f"{name} must name a file, got the directory {str(path)!r}")
     try:
         out.parent.mkdir(parents=True, exist_ok=True)

@@ -24,7 +24,7 @@ from typing import Any, Self
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin, DensityMixin, clone
 
-from vmonf._validation import check_positive_int, check_seed, user_stacklevel
+from vmonf._validation import check_bool, check_positive_int, check_seed, user_stacklevel
 from vmonf.base import (
     MixtureEstimator,
     NotFittedError,
@@ -229,7 +229,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
 
         ``bound=True`` uses :meth:`elbo` (for models without an exact likelihood, e.g. VAEs).
         """
-        log_p = self.elbo(X) if bound else self.score_samples(X)
+        log_p = self.elbo(X) if check_bool(bound, "bound") else self.score_samples(X)
         return float(np.mean(bits_per_dim(log_p, self.n_features_in_)))
 
     # -- sampling ------------------------------------------------------------------------
