@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import vmonf.distributed as distributed
+from vmonf import VMoNF
 from vmonf.checkpoint import load_checkpoint
 from vmonf.distributed import ShardedBatches, gather_rows, rank_and_size, shard_range
 
@@ -33,6 +34,28 @@ def torchrun(*argv: str, nproc: int = 2, timeout: float = 240) -> subprocess.Com
 
 def weights(path: Path, kind: str) -> dict[str, torch.Tensor]:
     return load_checkpoint(path, kind)["model"]
+
+
+@pytest.mark.parametrize(
+    ("env", "match"),
+    [
+        ({"WORLD_SIZE": "2"}, r"RANK, MASTER_ADDR, MASTER_PORT are not set: launch with torchrun"),
+        ({"WORLD_SIZE": "x"}, "environment variable WORLD_SIZE must be an integer, got 'x'"),
+        (
+            {"WORLD_SIZE": "2", "RANK": "0", "MASTER_ADDR": "h", "MASTER_PORT": "1",
+             "VMONF_DIST_TIMEOUT": "soon"},
+            "VMONF_DIST_TIMEOUT must be a number",
+        ),
+    ],
+)  # fmt: skip
+def test_a_stray_or_broken_torchrun_environment_is_named(monkeypatch, env, match):
+    for name in ("RANK", "MASTER_ADDR", "MASTER_PORT", "VMONF_DIST_TIMEOUT"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    X = np.random.default_rng(0).normal(size=(50, 2))
+    with pytest.raises(ValueError, match=match):
+        VMoNF(2, max_epochs=1, n_layers=2, hidden_features=4, init_steps=2).fit(X)
 
 
 def test_sharding_helpers_in_one_process():

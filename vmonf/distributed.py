@@ -70,15 +70,39 @@ def init_from_env(device: torch.device | None = None) -> bool:
     if not dist.is_available():
         return False
     if not dist.is_initialized():
-        if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        if _env_number("WORLD_SIZE", 1) <= 1:
             return False
-        timeout = float(os.environ.get("VMONF_DIST_TIMEOUT", DEFAULT_TIMEOUT))
+        missing = [
+            name for name in ("RANK", "MASTER_ADDR", "MASTER_PORT") if name not in os.environ
+        ]
+        if missing:
+            raise ValueError(
+                f"WORLD_SIZE={os.environ['WORLD_SIZE']} asks for data-parallel training, but "
+                f"{', '.join(missing)} {'is' if len(missing) == 1 else 'are'} not set: launch "
+                "with torchrun (which sets them all), or unset WORLD_SIZE"
+            )
+        _env_number("RANK", 0)
+        timeout = _env_number("VMONF_DIST_TIMEOUT", DEFAULT_TIMEOUT, float)
         cuda = device is not None and device.type == "cuda"
         if cuda:
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+            torch.cuda.set_device(int(_env_number("LOCAL_RANK", 0)))
         dist.init_process_group("nccl" if cuda else "gloo", timeout=timedelta(seconds=timeout))
         atexit.register(_destroy_process_group)
     return dist.get_world_size() > 1
+
+
+def _env_number(name: str, default: float, convert: type[int] | type[float] = int) -> float:
+    """A numeric environment variable (``default`` when unset); ValueError naming it."""
+    value = os.environ.get(name)
+    if value is None:
+        return default
+    try:
+        return convert(value)
+    except ValueError:
+        raise ValueError(
+            f"environment variable {name} must be {'an integer' if convert is int else 'a number'}"
+            f", got {value!r}"
+        ) from None
 
 
 def _destroy_process_group() -> None:
