@@ -168,6 +168,30 @@ def test_bad_input_exits_2_with_one_line(argv, needle, capsys, tmp_path):
     assert "Traceback" not in err
 
 
+@pytest.mark.parametrize(
+    ("argv", "needle"),
+    [
+        (["fit", "pinwheel", "--elbo-top-k", "9"], "elbo_top_k must be <= n_components"),
+        (["fit", "pinwheel", "--n-train", "3"], "n_components=5 is larger than the number"),
+        (["compete", "pinwheel", "--n-train", "3"], "n_components=5 is larger than the number"),
+        (["fit", "pinwheel", "--nproc", "2", "--n-train", "3"], "n_components=5 is larger"),
+        (["compete", "moons", "--nproc", "2", "--n-train", "1"], "is larger than the number"),
+    ],
+)
+def test_bad_settings_fail_once_before_any_folder_or_process(
+    argv, needle, capsys, tmp_path, monkeypatch
+):
+    """Settings the estimator refuses fail before the output folder is made and before
+    torchrun starts its ranks (each printed the error, then torchrun's traceback)."""
+    launched = []
+    monkeypatch.setattr(cli, "_relaunch_under_torchrun", lambda *a: launched.append(a) or 1)
+    out = tmp_path / "run"
+    status = main([*argv, "--out", str(out)])
+    lines = capsys.readouterr().err.strip().splitlines()
+    assert status == 2 and len(lines) == 1 and needle in lines[0], lines
+    assert not out.exists() and not launched
+
+
 def test_help_returns_0(capsys):
     assert main(["--help"]) == 0
     assert "fit" in capsys.readouterr().out
@@ -301,8 +325,16 @@ def _capture(monkeypatch, target, name):
         def __init__(self, *args, **kwargs):
             seen.update(kwargs)
 
+        _torch_device = "cpu"
+
         def get_params(self):
             return {}
+
+        def _validate_settings(self):
+            pass
+
+        def _check_n_samples(self, n_samples):
+            pass
 
         def fit(self, *args, **kwargs):
             raise _Stop

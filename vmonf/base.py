@@ -221,6 +221,14 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         self._validate_common()
         self._validate_params()
 
+    def _check_n_samples(self, n_samples: int) -> None:
+        """Refuse fewer training points than components (checked settings)."""
+        if self.n_components > n_samples:
+            raise ValueError(
+                f"n_components={self.n_components} is larger than the number of samples "
+                f"({n_samples})"
+            )
+
     def _validate_common(self) -> None:
         check_positive_int(self.n_components, "n_components")
         check_positive_int(self.max_epochs, "max_epochs")
@@ -385,11 +393,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 f"needs at least {self._min_features()}: each coupling splits the features "
                 "in two"
             )
-        if self.n_components > x.shape[0]:
-            raise ValueError(
-                f"n_components={self.n_components} is larger than the number of samples "
-                f"({x.shape[0]})"
-            )
+        self._check_n_samples(x.shape[0])
         labels = (
             check_labels(y, x.shape[0], self.n_components)
             if y is not None and self._uses_labels

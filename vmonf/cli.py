@@ -27,6 +27,7 @@ import torch
 
 from vmonf import __version__, datasets, reporting
 from vmonf._validation import MAX_SEED
+from vmonf.base import MixtureEstimator
 from vmonf.distributed import init_from_env, is_main_process
 from vmonf.estimator import VMoNF
 from vmonf.flows import MAX_BASE_DF, MIN_BASE_DF
@@ -245,6 +246,23 @@ def _relaunch_under_torchrun(argv: Sequence[str], nproc: int) -> int:
     return subprocess.call(command)
 
 
+def _checked_only(args: argparse.Namespace, estimator: MixtureEstimator) -> bool:
+    """Check the run's settings before anything is written or launched (a bad one fails
+    once, before torchrun starts its ranks); True when only that was asked
+    (``args.check_only``, set before a relaunch)."""
+    estimator._validate_settings()
+    estimator._check_n_samples(args.n_train)
+    estimator._torch_device  # noqa: B018 (an unavailable device raises)
+    return bool(getattr(args, "check_only", False))
+
+
+def _make_output_folder(out: Path) -> None:
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise OSError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+
+
 def _join_process_group(args: argparse.Namespace) -> bool:
     """Under torchrun, join the process group; returns whether this is the rank that
     prints and writes (the others only train)."""
@@ -450,17 +468,6 @@ def run_fit(args: argparse.Namespace) -> int:
             f"each class's component; accuracy needs them all), got {args.labels}"
         )
     out: Path = args.out if args.out is not None else Path("runs") / f"{toy.name}-{args.seed}"
-    main_rank = _join_process_group(args)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
-    X, y = toy.sample(args.n_train, seed=args.seed)
-    X_test, y_test = toy.sample(args.n_test, seed=args.seed + 1)
-    labelled = args.labels > 0
-    y_fit = reporting.partial_labels(y, args.labels, toy.n_classes, args.seed) if labelled else None
-    bounds = reporting.plot_bounds(np.concatenate([X, X_test]))
-
     estimator = VMoNF(
         n_components,
         objective=args.objective,
@@ -482,6 +489,15 @@ def run_fit(args: argparse.Namespace) -> int:
         ),
         **_checkpoint_settings(args, out),
     )
+    if _checked_only(args, estimator):
+        return 0
+    main_rank = _join_process_group(args)
+    _make_output_folder(out)
+    X, y = toy.sample(args.n_train, seed=args.seed)
+    X_test, y_test = toy.sample(args.n_test, seed=args.seed + 1)
+    labelled = args.labels > 0
+    y_fit = reporting.partial_labels(y, args.labels, toy.n_classes, args.seed) if labelled else None
+    bounds = reporting.plot_bounds(np.concatenate([X, X_test]))
     recorder = None
     if not args.no_animation and main_rank:
         every = max(1, math.ceil(estimator.max_epochs / 40))  # at most ~40 frames
@@ -698,15 +714,6 @@ def run_compete(args: argparse.Namespace) -> int:
     out: Path = (
         args.out if args.out is not None else Path("runs") / f"compete-{toy.name}-{args.seed}"
     )
-    main_rank = _join_process_group(args)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise OSError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
-    X, _ = toy.sample(args.n_train, seed=args.seed)
-    X_test, y_test = toy.sample(args.n_test, seed=args.seed + 1)
-    bounds = reporting.plot_bounds(np.concatenate([X, X_test]))
-    shown = X_test[: min(2000, X_test.shape[0])]
     frames: list[np.ndarray] = []
     titles: list[str] = []
     recording = 0.0  # seconds spent in record() during the fit, left out of fit_time
@@ -742,6 +749,14 @@ def run_compete(args: argparse.Namespace) -> int:
         ),
         **_checkpoint_settings(args, out),
     )
+    if _checked_only(args, estimator):
+        return 0
+    main_rank = _join_process_group(args)
+    _make_output_folder(out)
+    X, _ = toy.sample(args.n_train, seed=args.seed)
+    X_test, y_test = toy.sample(args.n_test, seed=args.seed + 1)
+    bounds = reporting.plot_bounds(np.concatenate([X, X_test]))
+    shown = X_test[: min(2000, X_test.shape[0])]
     _status(
         args,
         f"competitive training ({k} {args.generator} generators, {args.assignment} "
@@ -948,6 +963,8 @@ def _main(argv: Sequence[str] | None) -> int:
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.own_options = rest
         if getattr(args, "nproc", 1) > 1 and "WORLD_SIZE" not in os.environ:
+            args.check_only = True  # errors once, here, not once per rank
+            args.handler(args)
             return _relaunch_under_torchrun(argv, args.nproc)
         return int(args.handler(args))
     except SystemExit as exc:  # --help, --version
