@@ -544,6 +544,20 @@ def test_reversed_strided_and_half_precision_inputs_are_taken_as_they_are(fitted
     np.testing.assert_array_equal(model.score_samples(half), model.score_samples(half.float()))
 
 
+def test_a_far_outlier_that_merges_the_other_points_in_float32_is_warned_about():
+    """One point at 1e10 stretched the standardisation until the other 199 became 5
+    distinct rows in float32, silently; float64 keeps them apart."""
+    X = np.random.default_rng(0).normal(size=(200, 2))
+    X[0] = 1e10
+    discrete = np.c_[np.arange(200) % 50, np.random.default_rng(1).normal(size=200)]
+    with pytest.warns(UserWarning, match=r"feature\(s\) \[0, 1\].*extreme values.*float64"):
+        VMoNF(2, random_state=0, **{**FAST, "max_epochs": 1}).fit(X)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VMoNF(2, random_state=0, dtype="float64", **{**FAST, "max_epochs": 1}).fit(X)
+        VMoNF(2, random_state=0, **{**FAST, "max_epochs": 1}).fit(discrete)
+
+
 def test_bad_predict_input_gives_clear_errors(fitted):
     model, _, _ = fitted
     with pytest.raises(ValueError, match=r"3 features, but \w+ is expecting 2 features"):

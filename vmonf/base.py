@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import os
 import time
+import warnings
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -34,6 +35,7 @@ from vmonf._validation import (
     check_seed,
     feature_names,
     image_shape,
+    user_stacklevel,
 )
 from vmonf.checkpoint import (
     CheckpointError,
@@ -151,6 +153,31 @@ def check_loadable_device(
         raise CheckpointError(
             f"{path} was fitted with device='cuda' and CUDA is not available here: "
             f"load it with {loader}.load(path, device='cpu')"
+        )
+
+
+def _warn_on_merged_values(u64: Tensor, dtype: torch.dtype) -> None:
+    """Warn when casting the standardised training points u64 (a sample of rows, float64)
+    to the model's dtype merges many distinct values of a feature: a few extreme points
+    stretch the standardisation until the rest become indistinguishable (one point at
+    1e10 among 200 normal ones left 5 distinct rows in float32)."""
+    if dtype == torch.float64 or u64.shape[0] < 20:
+        return
+
+    def distinct(values: Tensor) -> Tensor:  # per column
+        ordered = values.sort(dim=0).values
+        return (ordered[1:] != ordered[:-1]).sum(0) + 1
+
+    before, after = distinct(u64), distinct(u64.to(dtype))
+    merged = ((before >= 20) & (after < before / 2)).nonzero().flatten().tolist()
+    if merged:
+        warnings.warn(
+            f"feature(s) {merged[:10]} of X: in the model's dtype "
+            f"({str(dtype).removeprefix('torch.')}) most of their distinct values become "
+            "equal after standardisation, because a few extreme values stretch it; use "
+            'dtype="float64", or remove or clip the extreme values',
+            UserWarning,
+            stacklevel=user_stacklevel(),
         )
 
 
@@ -434,6 +461,8 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                     self.feature_names_in_ = names
                 self.image_shape_ = image_shape(X)  # (H, W[, C]) when fitted to images
                 u = self._standardise(x, self._torch_dtype)
+                sample = x64[:: max(1, x.shape[0] // 2000)]  # ~2000 rows: enough to tell
+                _warn_on_merged_values(self.standardizer_(sample), u.dtype)
                 self._fit(u, torch.as_tensor(labels, device=u.device), generator, checkpointer)
         except NonFiniteLossError:
             self.fit_time_ = _fit_time(started, checkpointer)
