@@ -55,7 +55,7 @@ MAX_TABLE_CELLS = 10**7  # a contingency table indexed by label value: 80 MB at 
 def _as_numpy(x: object) -> object:
     """Convert torch tensors to numpy; leave anything else untouched."""
     if hasattr(x, "detach"):
-        return x.detach().cpu().numpy()  # type: ignore[attr-defined]
+        return x.detach().cpu().numpy()
     return x
 
 
