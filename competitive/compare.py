@@ -25,14 +25,15 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol, cast
 
 import numpy as np
 import torch
+from numpy.typing import ArrayLike
 from scipy import stats
-from torch import nn
+from torch import Tensor
 
-from competitive.discriminators import Discriminators, train_discriminators
+from competitive.discriminators import ComponentSampler, Discriminators, train_discriminators
 from competitive.estimator import CompetitiveMixture
 from competitive.generators import NoExactLikelihoodError
 from vmonf._validation import check_array, check_positive_float, check_seed
@@ -69,7 +70,15 @@ def _check_fitted(estimator: object) -> MixtureEstimator:
     return estimator
 
 
-def _components(estimator: MixtureEstimator) -> nn.Module:
+class _Components(ComponentSampler, Protocol):
+    """The K components of a fitted mixture (its ComponentFlows, or exact generators):
+    ``log_prob(u)`` (N, K) and ``sample(n, generator=)`` (K, n, D), both in standardised
+    units."""
+
+    def log_prob(self, u: Tensor, /) -> Tensor: ...
+
+
+def _components(estimator: MixtureEstimator) -> _Components:
     """The K components of a fitted mixture: ``log_prob(u)`` (N, K) and
     ``sample(n, generator=)`` (K, n, D), both in standardised units."""
     model = estimator.model_
@@ -123,7 +132,7 @@ def _check_true_log_prob(values: object, n_rows: int, rows_of: str) -> np.ndarra
     if truth.shape != (n_rows, 1):
         raise ValueError(
             f"true_log_prob must hold {n_rows} values, one per row of {rows_of}; got shape "
-            f"{np.shape(values)}"
+            f"{np.asarray(values).shape}"
         )
     return truth[:, 0]
 
@@ -211,7 +220,9 @@ def own_discriminator_estimate(estimator: CompetitiveMixture, X: object) -> Disc
     if not isinstance(estimator, CompetitiveMixture):
         raise TypeError(f"estimator must be a CompetitiveMixture, got {type(estimator).__name__}")
     estimate = estimator.log_ratio(X)  # validates X, raises without discriminators
-    logits = estimator._chunked(estimator.model_.discriminators, estimator._validate_X(X))
+    discriminators = estimator.model_.discriminators
+    assert discriminators is not None  # log_ratio raised otherwise
+    logits = estimator._chunked(discriminators, estimator._validate_X(X))
     return DiscriminatorEstimate(log_ratio=estimate, logits=logits)
 
 
@@ -267,7 +278,7 @@ def _check_ratio_array(values: object, name: str) -> np.ndarray:
     """(N, K) finite real log-ratios, N >= 2, as float64 (:func:`check_array`'s checks:
     a complex estimate is refused, not silently cut to its real part)."""
     try:
-        shape: tuple[int, ...] | None = np.shape(values)
+        shape: tuple[int, ...] | None = np.shape(cast(ArrayLike, values))  # any object
     except ValueError:  # ragged rows: check_array says so
         shape = None
     if shape is not None and (len(shape) != 2 or shape[0] < 2 or shape[1] < 1):

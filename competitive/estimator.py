@@ -64,6 +64,9 @@ class CompetitiveModel(nn.Module):
     """What a fitted :class:`CompetitiveMixture` holds: generators, optional discriminators,
     log mixing weights (K,) and the discriminators' log normalisers (K,)."""
 
+    log_weights: Tensor  # buffers (K,)
+    log_norm: Tensor
+
     def __init__(self, generators: Generators, discriminators: Discriminators | None) -> None:
         super().__init__()
         self.generators = generators
@@ -170,6 +173,7 @@ class CompetitiveMixture(MixtureEstimator):
 
     _checkpoint_kind = "CompetitiveMixture"
     _uses_labels = False  # unsupervised: fit(X, y) ignores y, as scikit-learn's KMeans
+    model_: CompetitiveModel
 
     def __init__(
         self,

@@ -28,7 +28,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypedDict
 
 import numpy as np
 from sklearn.exceptions import ConvergenceWarning
@@ -58,9 +58,20 @@ METHODS = {
 }
 #: Fitted mixtures whose discriminator estimates are compared with the exact log-ratios.
 COMPARED = ("competitive (exact)", "VMoNF (ELBO)")
+
+
+class _FlowSettings(TypedDict):
+    """Flow settings, as keywords of the estimators' constructors."""
+
+    n_layers: int
+    hidden_features: int
+    activation: str
+    weight_decay: float
+
+
 #: The flows every mixture uses (VMoNF's defaults), and the larger single flow.
-FLOW = dict(n_layers=8, hidden_features=32, activation="tanh", weight_decay=1e-4)
-LARGE_FLOW = dict(n_layers=12, hidden_features=64, activation="tanh", weight_decay=1e-4)
+FLOW = _FlowSettings(n_layers=8, hidden_features=32, activation="tanh", weight_decay=1e-4)
+LARGE_FLOW = _FlowSettings(n_layers=12, hidden_features=64, activation="tanh", weight_decay=1e-4)
 MIN_SHARE_USED = 0.01  # a component is "used" when it owns >= 1 % of held-out points
 
 
@@ -173,7 +184,9 @@ def training_epochs(case: Case, settings: StudySettings) -> int:
     return settings.max_rounds * round_epochs(case, settings)
 
 
-def _competitive(case: Case, k: int, seed: int, settings: StudySettings, **params: Any) -> Any:
+def _competitive(
+    case: Case, k: int, seed: int, settings: StudySettings, **params: Any
+) -> CompetitiveMixture:
     """Competitive training with VMoNF's flows: :func:`pretrain_epochs` of pre-training,
     then exactly ``max_rounds`` rounds (``tol=None``: no early stop) of
     :func:`round_epochs` each, so that every run trains as long as VMoNF does."""
@@ -213,7 +226,7 @@ def _vmonf(case: Case, k: int, seed: int, settings: StudySettings, **params: Any
 
 def _builders(case: Case, k: int, seed: int, settings: StudySettings) -> dict[str, Callable]:
     """name -> () -> unfitted estimator, one per row of the soft-vs-hard table."""
-    baseline = dict(
+    baseline: dict[str, Any] = dict(  # keywords of bagging and single_model
         epochs=pretrain_epochs(case, settings) + training_epochs(case, settings), linear=False,
         max_time=settings.budget, batch_size=case.batch_size, learning_rate=2e-3,
         lr_schedule="cosine", validation_fraction=0.0, random_state=seed,
@@ -381,6 +394,7 @@ def run_study(
         if figures_dir is not None:
             _comparison_figures(comparison, case, name, X_test, bounds, figures_dir, settings)
 
+    assert tracker is not None  # set by the run of "competitive (discriminator)" above
     rounds = {
         "kmeans": _rounds_entry(
             tracker,

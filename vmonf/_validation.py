@@ -7,16 +7,20 @@ naming the argument; private code may then assume clean inputs.
 from __future__ import annotations
 
 import numbers
+import operator
 import os
 import sys
 import warnings
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from types import FrameType
+from typing import Literal, cast, overload
 
 import numpy as np
 import scipy.sparse
 import torch
+from numpy.typing import ArrayLike
 
 # torch seeds are 64-bit: keep to the signed range, with room for derived seeds.
 MAX_SEED = 2**63 - 1
@@ -168,7 +172,8 @@ def user_stacklevel() -> int:
     """The ``stacklevel`` for a warning raised by the function calling this one that
     names the first frame outside vmonf and competitive: the user's line, however deep
     inside the estimator the check ran."""
-    level, frame = 1, sys._getframe(1)  # the function that warns
+    level = 1
+    frame: FrameType | None = sys._getframe(1)  # the function that warns
     while frame is not None and frame.f_globals.get("__name__", "").partition(".")[0] in _PACKAGES:
         level, frame = level + 1, frame.f_back
     return level
@@ -224,7 +229,8 @@ def unnamed_points() -> Iterator[None]:
 
 def image_shape(X: object) -> tuple[int, ...] | None:
     """Shape of one image, ``X.shape[1:]``, when X has 3 or more dimensions; else None."""
-    return tuple(int(s) for s in np.shape(X)[1:]) if np.ndim(X) >= 3 else None
+    array = cast(ArrayLike, X)  # np.shape and np.ndim take any object: () and 0 for a scalar
+    return tuple(int(s) for s in np.shape(array)[1:]) if np.ndim(array) >= 3 else None
 
 
 def check_integer_labels(y: object, name: str = "y", n_samples: int | None = None) -> np.ndarray:
@@ -272,11 +278,24 @@ def check_positive_int(
     """Return ``value`` as a Python int >= ``minimum`` (and <= ``maximum``)."""
     if isinstance(value, bool) or not isinstance(value, numbers.Integral):
         raise TypeError(f"{name} must be an integer, got {type(value).__name__}")
-    if value < minimum:
+    number = operator.index(value)  # exactly the Integral's value, as a Python int
+    if number < minimum:
         raise ValueError(f"{name} must be >= {minimum}, got {value}")
-    if maximum is not None and value > maximum:
+    if maximum is not None and number > maximum:
         raise ValueError(f"{name} must be <= {maximum}, got {value}")
-    return int(value)
+    return number
+
+
+@overload
+def check_positive_float(
+    value: object, name: str, *, allow_none: Literal[False] = False, allow_zero: bool = False
+) -> float: ...
+
+
+@overload
+def check_positive_float(
+    value: object, name: str, *, allow_none: bool, allow_zero: bool = False
+) -> float | None: ...
 
 
 def check_positive_float(
@@ -316,8 +335,11 @@ def check_betas(value: object, name: str) -> tuple[float, float]:
     if isinstance(value, str | bytes) or not isinstance(value, Iterable):
         raise TypeError(f"{name} must be two numbers in [0, 1), got {value!r}")
     betas = tuple(value)
+    # 0 <= b < 1 with the < and <= that numbers.Real declares, without float(b) rounding
+    # (a fraction just under 1) or overflowing (a huge int)
     if len(betas) != 2 or not all(
-        isinstance(b, numbers.Real) and not isinstance(b, bool) and 0.0 <= b < 1.0 for b in betas
+        isinstance(b, numbers.Real) and not isinstance(b, bool) and not b < 0.0 and b < 1.0
+        for b in betas
     ):
         raise ValueError(f"{name} must be two numbers in [0, 1), got {value!r}")
     return float(betas[0]), float(betas[1])
@@ -337,9 +359,10 @@ def check_seed(seed: object, name: str = "random_state") -> int | None:
         return None
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"{name} must be an int or None, got {type(seed).__name__}")
-    if not 0 <= seed <= MAX_SEED:
+    number = operator.index(seed)  # exactly the Integral's value, as a Python int
+    if not 0 <= number <= MAX_SEED:
         raise ValueError(f"{name} must be in [0, {MAX_SEED}], got {seed}")
-    return int(seed)
+    return number
 
 
 def check_output_file(path: object, name: str = "path") -> Path:

@@ -16,7 +16,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
 from pathlib import Path
-from typing import Any, Self
+from typing import Any, Protocol, Self, cast
 
 import numpy as np
 import sklearn.exceptions
@@ -140,7 +140,7 @@ def torch_device(device: object) -> torch.device:
 
 
 def check_loadable_device(
-    payload: dict[str, Any], device: str | None, path: str | os.PathLike, loader: str
+    payload: object, device: str | None, path: str | os.PathLike, loader: str
 ) -> None:
     """Refuse, with the way out, a checkpoint fitted on CUDA where there is none, unless
     ``device`` (checked by the caller with :func:`torch_device`) overrides where it loads."""
@@ -193,6 +193,12 @@ class NotFittedError(sklearn.exceptions.NotFittedError):
     scikit-learn's, which it subclasses)."""
 
 
+class _CountsUnused(Protocol):
+    """A layer with trained entries it never reads, such as LULinear."""
+
+    def n_unused_parameters(self) -> int: ...
+
+
 class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     """Base of mixture estimators: numpy at the boundary, tensors inside.
 
@@ -212,6 +218,10 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     _checkpoint_kind = "MixtureEstimator"
     _uses_labels = True  # False: fit ignores y, as scikit-learn's unsupervised estimators
+
+    # Fitted attributes (set by fit or load).
+    model_: nn.Module
+    standardizer_: Standardizer
 
     # -- hooks --------------------------------------------------------------------------
     @abstractmethod
@@ -456,7 +466,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 self.n_features_in_ = x.shape[1]
                 names = feature_names(X)  # a data frame's columns, as scikit-learn keeps them
                 if names is None:
-                    vars(self).pop("feature_names_in_", None)
+                    self.__dict__.pop("feature_names_in_", None)
                 else:
                     self.feature_names_in_ = names
                 self.image_shape_ = image_shape(X)  # (H, W[, C]) when fitted to images
@@ -471,7 +481,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             # Never half old fit, half new: back to the previous fit (or to unfitted).
             for name in self._fitted_attributes():
                 delattr(self, name)
-            vars(self).update(before)
+            self.__dict__.update(before)
             raise
         finally:
             del self._fitting
@@ -563,7 +573,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         module = self._density_module()
         trained = sum(p.numel() for p in module.parameters() if p.requires_grad)
         unused = sum(  # layers that say so, such as LULinear
-            layer.n_unused_parameters()
+            cast(_CountsUnused, layer).n_unused_parameters()
             for layer in module.modules()
             if hasattr(layer, "n_unused_parameters")
         )
@@ -688,7 +698,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             raise CheckpointError(
                 f"{path} holds an incompatible {cls.__name__} checkpoint: {exc}"
             ) from None
-        device, dtype = estimator._torch_device, estimator._torch_dtype
-        estimator.standardizer_.to(device=device, dtype=torch.float64)
-        estimator.model_.to(device=device, dtype=dtype).eval()
+        loaded_on, dtype = estimator._torch_device, estimator._torch_dtype
+        estimator.standardizer_.to(device=loaded_on, dtype=torch.float64)
+        estimator.model_.to(device=loaded_on, dtype=dtype).eval()
         return estimator

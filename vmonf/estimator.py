@@ -168,6 +168,7 @@ class VMoNF(MixtureEstimator):
     """
 
     _checkpoint_kind = "VMoNF"
+    model_: VariationalMixture
 
     def __init__(
         self,
@@ -590,6 +591,7 @@ class VMoNF(MixtureEstimator):
                 raise
             if best is None or fitted.selection_score > best.selection_score:
                 best = fitted
+        assert best is not None  # n_init >= 1 restarts, each kept, or raised
         self._set_fitted(best, x)
 
     def _set_fitted(self, fit: _Fit, x: Tensor, warn: bool = True) -> None:

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
-from typing import Any
+from collections.abc import Callable, Sequence
+from typing import Any, cast
 
 import torch
 from nflows.distributions.normal import StandardNormal
@@ -31,6 +31,9 @@ __all__ = [
 
 # Points drawn per batched inverse pass: bounds sampling memory at any n.
 SAMPLE_CHUNK = 65536
+
+# What ComponentFlows.layers holds.
+_Layer = ActNorm | LULinear | AffineCoupling
 
 
 MIN_BASE_DF = torch.finfo(torch.float32).tiny
@@ -291,8 +294,8 @@ class ComponentFlows(nn.Module):
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         logabsdet: Tensor | None = None
         for run in self._runs:
-            if isinstance(run[0], AffineCoupling):
-                x, run_logabsdet = coupling_forward(run, x)
+            if isinstance(run[0], AffineCoupling):  # then the whole run is couplings
+                x, run_logabsdet = coupling_forward(cast(list[AffineCoupling], run), x)
             else:
                 x, run_logabsdet = run[0](x)
             logabsdet = run_logabsdet if logabsdet is None else logabsdet + run_logabsdet
@@ -315,8 +318,9 @@ class ComponentFlows(nn.Module):
         return runs
 
     def _inverse(self, z: Tensor) -> tuple[Tensor, Tensor]:
-        z, logabsdet = self.layers[-1].inverse(z)
-        for layer in reversed(self.layers[:-1]):
+        layers = cast(Sequence[_Layer], self.layers)
+        z, logabsdet = layers[-1].inverse(z)
+        for layer in reversed(layers[:-1]):
             z, layer_logabsdet = layer.inverse(z)
             logabsdet = logabsdet + layer_logabsdet
         return z, logabsdet

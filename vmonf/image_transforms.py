@@ -201,9 +201,11 @@ class ImageTransform:
             top = np.argsort(variances)[::-1]
             self.variances_ = np.clip(variances[top], 1e-12, None)
             self.components_ = axes[:, top]
-        shaped = self.image_shape is not None and len(self.image_shape) >= 2
-        ordered = self.pca_components is None and shaped
-        self.order_ = checkerboard_order(self.image_shape) if ordered else np.arange(d)
+        shape = self.image_shape
+        if self.pca_components is None and shape is not None and len(shape) >= 2:
+            self.order_ = checkerboard_order(shape)
+        else:
+            self.order_ = np.arange(d)
         self.n_pixels_ = d
         return self
 

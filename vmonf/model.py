@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 import torch
 from torch import Tensor, nn
 
@@ -63,7 +65,8 @@ class VariationalMixture(nn.Module):
         log_joint, log_q_top = self._at_top_k(x, log_q, log_q.detach(), top_k)
         return elbo(log_joint, log_q_top - log_q_top.logsumexp(1, keepdim=True))
 
-    def _uses_top_k(self, top_k: int | None) -> bool:
+    def _uses_top_k(self, top_k: int | None) -> TypeGuard[int]:
+        """Whether ``top_k`` (checked) keeps fewer than the K components: never for None."""
         if top_k is None:
             return False
         return check_positive_int(top_k, "top_k") < self.mixture.n_components

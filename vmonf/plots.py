@@ -21,6 +21,8 @@ from typing import Any
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.animation import FuncAnimation, PillowWriter
+from matplotlib.artist import Artist
+from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, Colormap, ListedColormap
 from matplotlib.figure import Figure
@@ -265,18 +267,19 @@ def plot_density_comparison(
         ax.set_title(title)
         ax.set_xlabel("$x_1$")
     axes[0].set_ylabel("$x_2$")
+    assert image is not None  # there is always the model's panel
     fig.colorbar(image, ax=list(axes), label="density")
     return save_png(fig, out, dpi)
 
 
-def _plane_axes(ax: object, bounds: Bounds | None) -> None:
+def _plane_axes(ax: Axes, bounds: Bounds | None) -> None:
     """Label a 2-D scatter's axes and, when given, fix its window to ``bounds``."""
     if bounds is not None:
         xmin, xmax, ymin, ymax = _check_bounds(bounds)
-        ax.set_xlim(xmin, xmax)  # type: ignore[attr-defined]
-        ax.set_ylim(ymin, ymax)  # type: ignore[attr-defined]
-    ax.set_xlabel("$x_1$")  # type: ignore[attr-defined]
-    ax.set_ylabel("$x_2$")  # type: ignore[attr-defined]
+        ax.set_xlim(xmin, xmax)
+        ax.set_ylim(ymin, ymax)
+    ax.set_xlabel("$x_1$")
+    ax.set_ylabel("$x_2$")
 
 
 def plot_samples(
@@ -331,7 +334,7 @@ def _resolve_n_classes(n_classes: int | None, *labels: np.ndarray | None) -> int
     return n_classes
 
 
-def _add_legend(ax: object, labels: np.ndarray, n_classes: int) -> None:
+def _add_legend(ax: Axes, labels: np.ndarray, n_classes: int) -> None:
     palette = class_colours(n_classes)
     present = sorted(set(labels.tolist()))
     handles = []
@@ -342,7 +345,7 @@ def _add_legend(ax: object, labels: np.ndarray, n_classes: int) -> None:
             Line2D([], [], marker="o", linestyle="", color=colour, markersize=6, label=name)
         )
     if len(handles) <= 25:
-        ax.legend(handles=handles, title="component", loc="best", fontsize="small")  # type: ignore[attr-defined]
+        ax.legend(handles=handles, title="component", loc="best", fontsize="small")
 
 
 def plot_decision_regions(
@@ -500,7 +503,7 @@ def plot_training_curves(
     return save_png(fig, out, dpi)
 
 
-def _clip_to_bulk(ax: object, values: np.ndarray) -> str:
+def _clip_to_bulk(ax: Axes, values: np.ndarray) -> str:
     """Clip the y axis to the bulk of ``values`` (a first epoch after pre-training
     can be orders of magnitude higher); returns a title note on what was clipped."""
     finite = values[np.isfinite(values)]
@@ -511,7 +514,7 @@ def _clip_to_bulk(ax: object, values: np.ndarray) -> str:
     if high <= limit:
         return ""
     pad = 0.05 * max(limit - low, 1e-9)
-    ax.set_ylim(low - pad, limit + pad)  # type: ignore[attr-defined]
+    ax.set_ylim(low - pad, limit + pad)
     return f" ({int((finite > limit).sum())} off scale, max {high:.3g})"
 
 
@@ -636,7 +639,12 @@ def plot_component_images(
 
 
 def _write_gif(
-    fig: Figure, update: Callable[[int], object], n_frames: int, path: Path, fps: int, dpi: int
+    fig: Figure,
+    update: Callable[[int], Iterable[Artist]],
+    n_frames: int,
+    path: Path,
+    fps: int,
+    dpi: int,
 ) -> Path:
     anim = FuncAnimation(fig, update, frames=n_frames, blit=False, repeat=False)
     anim.save(str(path), writer=PillowWriter(fps=fps), dpi=dpi)
@@ -659,13 +667,14 @@ def animate_density(
     Row 0 of a grid is the bottom edge ``ymin`` (as :func:`density_grid` returns it).
     All frames share one colour scale, [0, ``vmax``] (default: the largest value).
     """
-    if hasattr(frames, "detach"):  # a torch tensor of frames
-        frames = _to_numpy(frames)
-    if isinstance(frames, np.ndarray) and frames.ndim == 3:
-        frames = list(frames)
-    if not isinstance(frames, Sequence) or len(frames) == 0:
+    stack: object = frames
+    if hasattr(stack, "detach"):  # a torch tensor of frames
+        stack = _to_numpy(stack)
+    if isinstance(stack, np.ndarray) and stack.ndim == 3:
+        stack = list(stack)
+    if not isinstance(stack, Sequence) or len(stack) == 0:
         raise ValueError("frames must be a non-empty sequence of (H, W) density grids")
-    grids = [_to_numpy(f).astype(np.float64) for f in frames]
+    grids = [_to_numpy(f).astype(np.float64) for f in stack]
     shape = grids[0].shape
     for i, g in enumerate(grids):
         if g.ndim != 2 or g.shape != shape or 0 in g.shape:
@@ -690,7 +699,7 @@ def animate_density(
     fig.colorbar(image, ax=ax, label="density")
     heading = ax.set_title(names[0] if names else "frame 1")
 
-    def update(i: int) -> object:
+    def update(i: int) -> tuple[Artist, ...]:
         image.set_data(grids[i])
         heading.set_text(names[i] if names else f"frame {i + 1}")
         return (image, heading)
@@ -715,15 +724,15 @@ def animate_assignments(
     Use it to watch component assignments evolve during training (-1 = grey).
     """
     pts = _check_points_2d(X)
-    if hasattr(label_frames, "detach"):  # a torch tensor of label arrays
-        label_frames = _to_numpy(label_frames)
-    if isinstance(label_frames, np.ndarray) and label_frames.ndim == 2:
-        label_frames = list(label_frames)
-    if not isinstance(label_frames, Sequence) or len(label_frames) == 0:
+    stack: object = label_frames
+    if hasattr(stack, "detach"):  # a torch tensor of label arrays
+        stack = _to_numpy(stack)
+    if isinstance(stack, np.ndarray) and stack.ndim == 2:
+        stack = list(stack)
+    if not isinstance(stack, Sequence) or len(stack) == 0:
         raise ValueError("label_frames must be a non-empty sequence of (N,) label arrays")
     labs = [
-        check_integer_labels(f, f"label_frames[{i}]", pts.shape[0])
-        for i, f in enumerate(label_frames)
+        check_integer_labels(f, f"label_frames[{i}]", pts.shape[0]) for i, f in enumerate(stack)
     ]
     out = figure_file(path, ".gif")
     fps = check_positive_int(fps, "fps")
@@ -739,8 +748,10 @@ def animate_assignments(
     _plane_axes(ax, bounds)
     heading = ax.set_title(names[0] if names else "frame 1")
 
-    def update(i: int) -> object:
-        scatter.set_facecolors(_label_colours(labs[i], n_classes))
+    def update(i: int) -> tuple[Artist, ...]:
+        # An alias of set_facecolor that matplotlib's stubs leave out (as they leave out
+        # an (N, 4) array of colours for set_facecolor itself).
+        scatter.set_facecolors(_label_colours(labs[i], n_classes))  # type: ignore[attr-defined]
         heading.set_text(names[i] if names else f"frame {i + 1}")
         return (scatter, heading)
 

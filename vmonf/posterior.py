@@ -68,6 +68,8 @@ class PosteriorNet(nn.Module):
         activation: hidden non-linearity.
     """
 
+    temperature: Tensor  # buffer, a scalar
+
     def __init__(
         self,
         n_features: int,

@@ -15,6 +15,9 @@ class Standardizer(nn.Module):
     fitted in standardised units reports scores in the user's units.
     """
 
+    mean: Tensor  # buffers (D,), float64
+    scale: Tensor
+
     def __init__(self, n_features: int) -> None:
         super().__init__()
         # float64 whatever the default dtype: a float32 mean of data far from 0

@@ -11,7 +11,7 @@ All log densities are in nats.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import pyro
 import pyro.distributions as dist
@@ -23,10 +23,15 @@ from torch import Tensor
 from vmonf._validation import check_points
 from vmonf.estimator import VMoNF
 from vmonf.flows import ComponentFlows
+from vmonf.mixture import MixtureOfFlows
 from vmonf.model import VariationalMixture
+from vmonf.posterior import PosteriorNet
 from vmonf.preprocessing import Standardizer
 
 __all__ = ["FlowComponent", "PyroMixture", "from_estimator", "pyro_elbo"]
+
+# A shape, as torch.distributions takes it (torch.types._size).
+_Shape = torch.Size | list[int] | tuple[int, ...]
 
 
 class FlowComponent(dist.TorchDistribution):
@@ -63,7 +68,7 @@ class FlowComponent(dist.TorchDistribution):
             self.component.shape, torch.Size([flows.n_features]), validate_args=validate_args
         )
 
-    def expand(self, batch_shape: torch.Size, _instance: Any = None) -> FlowComponent:
+    def expand(self, batch_shape: _Shape, _instance: Any = None) -> FlowComponent:
         """The same distribution with ``c`` broadcast to ``batch_shape``."""
         batch_shape = torch.Size(batch_shape)
         return FlowComponent(
@@ -89,7 +94,7 @@ class FlowComponent(dist.TorchDistribution):
         index = self.component.to(every.device).expand(shape).unsqueeze(-1)
         return every.expand(*shape, every.shape[-1]).gather(-1, index).squeeze(-1)
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
+    def rsample(self, sample_shape: _Shape = torch.Size()) -> Tensor:  # noqa: B008
         """Draw x ~ p_c (differentiable in the flows' weights): -> sample_shape + batch + (D,)."""
         shape = self._extended_shape(sample_shape)
         components = self.component.expand(shape[:-1]).reshape(-1)
@@ -98,7 +103,7 @@ class FlowComponent(dist.TorchDistribution):
             x = self.standardizer.inverse(x).to(x.dtype)
         return x.reshape(shape)
 
-    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:  # noqa: B008
+    def sample(self, sample_shape: _Shape = torch.Size()) -> Tensor:  # noqa: B008
         """Draw x ~ p_c without gradients: -> sample_shape + batch_shape + (D,)."""
         with torch.no_grad():
             return self.rsample(sample_shape)
@@ -138,7 +143,8 @@ class PyroMixture:
     def model(self, x: Tensor, temperature: float | None = None) -> None:
         """p(x, c) = pi_c p_c(x) for x (N, D) observed; c latent, one per point."""
         self._check(x)
-        mixture = pyro.module(f"{self.name}_mixture", self.vm.mixture)
+        # pyro.module returns the module it registers (its stub: any nn.Module).
+        mixture = cast(MixtureOfFlows, pyro.module(f"{self.name}_mixture", self.vm.mixture))
         log_pi = mixture.log_weights()
         with pyro.plate("data", x.shape[0], dim=-1):
             c = pyro.sample("c", dist.Categorical(logits=log_pi))
@@ -147,7 +153,7 @@ class PyroMixture:
     def guide(self, x: Tensor, temperature: float | None = None) -> None:
         """q(c | x) at ``temperature``, enumerated in parallel over the K components."""
         self._check(x)
-        posterior = pyro.module(f"{self.name}_posterior", self.vm.posterior)
+        posterior = cast(PosteriorNet, pyro.module(f"{self.name}_posterior", self.vm.posterior))
         u = x if self.standardizer is None else self.standardizer(x).to(x.dtype)
         with pyro.plate("data", x.shape[0], dim=-1):
             log_q = posterior(u, temperature)

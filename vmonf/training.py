@@ -20,7 +20,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from threadpoolctl import threadpool_limits
@@ -460,7 +460,8 @@ def train(
             state.epoch_order_state = generator.get_state()
             state.epoch_total, state.epoch_seen = 0.0, 0
         else:  # continuing a checkpointed epoch: redraw its order, skip what was done
-            generator.set_state(state.epoch_order_state)
+            # Drawn at the epoch's first batch, here or in the run that checkpointed it.
+            generator.set_state(cast(Tensor, state.epoch_order_state))
         out_of_time = False
         for position, idx in enumerate(batches):
             if position < state.batch:
@@ -477,7 +478,9 @@ def train(
             if packed is None:
                 optimizer.zero_grad(set_to_none=False)
             else:
-                packed.grad.zero_()
+                packed_grad = packed.grad
+                assert packed_grad is not None  # pack_parameters gave it one; never unset
+                packed_grad.zero_()
             # This rank's share of the global batch's mean loss (the whole of it in one
             # process); every rank back-propagates and joins the all-reduce, even on NaN.
             share = idx.numel() / batches.global_size
@@ -639,7 +642,7 @@ def _load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any
 
 
 def _resume(
-    progress: dict[str, object],
+    progress: dict[str, Any],
     module: nn.Module,
     optimizer: torch.optim.Optimizer,
     good: _Snapshot,

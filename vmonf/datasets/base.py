@@ -8,6 +8,7 @@ All densities are in nats, with respect to Lebesgue measure on R^D.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Mapping
 from typing import ClassVar
 
 import numpy as np
@@ -49,7 +50,7 @@ class ToyDistribution(ABC):
     name: ClassVar[str]
     n_features: ClassVar[int] = 2
 
-    def __init__(self, *, n_classes: int, params: dict[str, object]) -> None:
+    def __init__(self, *, n_classes: int, params: Mapping[str, object]) -> None:
         self._n_classes = n_classes
         self._params = dict(params)
 

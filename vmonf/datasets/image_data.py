@@ -72,7 +72,8 @@ def _save_npz_atomic(path: Path, **arrays: np.ndarray) -> None:
     """Write ``arrays`` to ``path`` through a temporary file in the same folder, fsync,
     rename: a crash leaves the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    write_atomically(path, lambda handle: np.savez(handle, **arrays))
+    # numpy's stub reads **arrays as possibly naming savez's allow_pickle (a bool)
+    write_atomically(path, lambda handle: np.savez(handle, **arrays))  # type: ignore[arg-type]
 
 
 # --------------------------------------------------------------------------- sources

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from collections.abc import Callable
 
 from vmonf.datasets.base import ToyDistribution
 from vmonf.datasets.circles import Rings, TwoCircles
@@ -39,4 +40,6 @@ def toy(name: str, **params: object) -> ToyDistribution:
             f"toy {name!r} got unknown parameter(s) {', '.join(unknown)}; "
             f"valid parameters: {', '.join(valid)}"
         )
-    return cls(**params)
+    # Each toy's own keyword parameters (checked above), not the base class's.
+    build: Callable[..., ToyDistribution] = cls
+    return build(**params)
