@@ -622,6 +622,7 @@ class CompetitiveMixture(MixtureEstimator):
             self._set_fitted(progress, x_train, train_idx, x_val, val_idx, history)
             raise  # the generators keep their last good state
         self._set_fitted(progress, x_train, train_idx, x_val, val_idx, history)
+        self._warn_on_empty_components()
         final_score = self._mean_score(x_train)
         if not final_score >= divergence_floor(initial_score, self.n_components):  # or NaN
             self.converged_ = False
@@ -652,6 +653,26 @@ class CompetitiveMixture(MixtureEstimator):
                 ConvergenceWarning,
                 stacklevel=user_stacklevel(),
             )
+
+    def _warn_on_empty_components(self) -> None:
+        """Say so when the rounds left components with no points (mixing weight 0)."""
+        empty = np.flatnonzero(self.weights_ == 0).tolist()
+        if not empty or self.n_iter_ == 0:
+            return
+        hint = (
+            ": with assign_with_weights=True and init='uniform' the generators start alike "
+            "and the first component ahead takes the points through its weight; try "
+            "init='kmeans' or assign_with_weights=False"
+            if self.assign_with_weights and isinstance(self.init, str) and self.init == "uniform"
+            else ""
+        )
+        warnings.warn(
+            f"CompetitiveMixture: component(s) {empty} ended with mixing weight 0 (each "
+            f"won fewer than min_share of the points): the mixture uses "
+            f"{self.n_components - len(empty)} of its {self.n_components} components{hint}",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
 
     def _set_fitted(
         self,

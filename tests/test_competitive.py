@@ -454,6 +454,21 @@ def test_bad_parameters_name_the_argument(params, error, match):
         CompetitiveMixture(3, **{**FAST, **params}).fit(X)
 
 
+def test_components_left_without_points_are_warned_about_with_a_hint():
+    """assign_with_weights with init="uniform": the generators start alike and one
+    takes all three blobs through its weight; this once ended silently, converged."""
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(size=(150, 2)) + c for c in ([0, 0], [10, 0], [0, 10])])
+    params = dict(random_state=0, tol=0.02, n_layers=2, hidden_features=16, pretrain_epochs=3,
+                  max_epochs=3, max_rounds=6)  # fmt: skip
+    with pytest.warns(UserWarning, match=r"\(s\) \[\d, \d\] ended with mixing weight 0.*'kmeans'"):
+        model = CompetitiveMixture(3, assign_with_weights=True, **params).fit(X)
+    assert (model.weights_ == 0).sum() == 2
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        CompetitiveMixture(3, assign_with_weights=True, init="kmeans", **params).fit(X)
+
+
 def test_without_rounds_discriminator_assignment_refuses_instead_of_guessing():
     """max_rounds=0 trains no discriminator: predict must not read untrained networks."""
     X, _ = blobs(60)
