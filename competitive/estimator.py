@@ -107,6 +107,9 @@ class CompetitiveMixture(MixtureEstimator):
             ``"discriminator"`` (argmax of the normalised (1 - D_k)/D_k).
         assign_with_weights: add log pi_k, floored at the log of the minimum share
             that load balancing keeps (``min_share``), to the scores before the argmax.
+            After ``init="uniform"`` the generators start alike and the first one ahead
+            can take every point through its weight (a warning says so): pair it with
+            ``init="kmeans"``.
         init: ``"uniform"`` (pre-train every generator on all points),
             ``"random_split"`` (each on a random 1/K of them), ``"kmeans"`` (each on
             one k-means cluster of the standardised points), ``"bootstrap"`` (each on
