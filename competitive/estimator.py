@@ -13,7 +13,6 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor, nn
 
@@ -35,7 +34,13 @@ from vmonf._validation import (
     check_positive_int,
     user_stacklevel,
 )
-from vmonf.base import DIVERGENCE_MARGIN, MixtureEstimator, divergence_floor, probabilities
+from vmonf.base import (
+    DIVERGENCE_MARGIN,
+    MixtureEstimator,
+    divergence_floor,
+    kmeans_clusters,
+    probabilities,
+)
 from vmonf.distributed import gather_rows
 from vmonf.mixture import draw_components
 from vmonf.resume import Checkpointer
@@ -545,9 +550,8 @@ class CompetitiveMixture(MixtureEstimator):
             return torch.ones(m, k, dtype=self._torch_dtype)
         if self.init == "kmeans":
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            km = KMeans(k, n_init=10, random_state=seed)
-            owners_t = torch.as_tensor(km.fit_predict(x_train.double().cpu().numpy()))
-            return F.one_hot(owners_t.long(), k).to(self._torch_dtype)
+            owners_t = kmeans_clusters(x_train, k, seed).cpu()
+            return F.one_hot(owners_t, k).to(self._torch_dtype)
         if self.init == "random_split":
             return F.one_hot(torch.randint(0, k, (m,), generator=generator), k).to(
                 self._torch_dtype

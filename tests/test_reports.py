@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import argparse
 import functools
+import math
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 
 from competitive import report, studies
-from vmonf import VMoNF, reporting
+from vmonf import VMoNF, metrics, reporting
 
 
 def test_markdown_table_escapes_pipes_inside_cells():
@@ -343,7 +344,9 @@ def test_every_flow_method_is_planned_the_same_epochs(full_case, quick):
 
 def test_log_likelihood_stderr_is_sd_over_sqrt_n():
     values = np.array([0.0, 1.0, 2.0, 3.0])
-    assert reporting._stderr(values) == pytest.approx(np.std(values, ddof=1) / 2.0)
+    assert metrics.mean_estimate(values).stderr == pytest.approx(np.std(values, ddof=1) / 2.0)
+    assert metrics.mean_estimate(np.r_[values, -np.inf]).stderr == math.inf
+    assert metrics.mean_estimate(values[:1]).stderr == math.inf
 
 
 def test_accuracy_with_fixed_names_is_not_hungarian():

@@ -22,6 +22,7 @@ import numpy as np
 import sklearn.exceptions
 import torch
 from sklearn.base import BaseEstimator, ClusterMixin, DensityMixin
+from sklearn.cluster import KMeans
 from torch import Tensor, nn
 
 from vmonf._validation import (
@@ -65,6 +66,7 @@ __all__ = [
     "check_loadable_device",
     "divergence_floor",
     "fitted_setting",
+    "kmeans_clusters",
     "probabilities",
     "sampling_seed",
     "torch_device",
@@ -154,6 +156,13 @@ def check_loadable_device(
             f"{path} was fitted with device='cuda' and CUDA is not available here: "
             f"load it with {loader}.load(path, device='cpu')"
         )
+
+
+def kmeans_clusters(x: Tensor, n_clusters: int, seed: int) -> Tensor:
+    """k-means (scikit-learn, 10 restarts) cluster of each point x (N, D): int64 (N,) on
+    x's device; the initialisation both estimators offer."""
+    km = KMeans(n_clusters, n_init=10, random_state=seed)
+    return torch.as_tensor(km.fit_predict(x.double().cpu().numpy()), device=x.device).long()
 
 
 def _warn_on_merged_values(u64: Tensor, dtype: torch.dtype) -> None:

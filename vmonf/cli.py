@@ -826,8 +826,7 @@ def run_compete(args: argparse.Namespace) -> int:
             + (f"  ({num('time_per_round', 2)} s per round)" if estimator.n_iter_ else ""),
         ),
     ]
-    width = max(len(name) for name, _ in rows)
-    print("\n".join(f"  {name:<{width}}  {value}" for name, value in rows), flush=True)
+    print(reporting.format_rows(rows), flush=True)
 
     files = [out / "model.pt", out / "metrics.json"]
     files.append(

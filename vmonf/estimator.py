@@ -12,7 +12,6 @@ from typing import Any, NamedTuple
 import numpy as np
 import torch
 from scipy.optimize import linear_sum_assignment
-from sklearn.cluster import KMeans
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.semi_supervised import LabelSpreading
 from torch import Tensor
@@ -28,6 +27,7 @@ from vmonf.base import (
     DIVERGENCE_MARGIN,
     MixtureEstimator,
     divergence_floor,
+    kmeans_clusters,
     probabilities,
 )
 from vmonf.flows import ComponentFlows
@@ -391,8 +391,7 @@ class VMoNF(MixtureEstimator):
             return y
         if init == "propagate":
             return _propagate_labels(x, y)
-        km = KMeans(self.n_components, n_init=10, random_state=seed)
-        clusters = torch.as_tensor(km.fit_predict(x.double().cpu().numpy()), device=x.device)
+        clusters = kmeans_clusters(x, self.n_components, seed)
         if labelled.any():
             # Rename clusters to agree with the given labels, then keep the labels.
             overlap = np.zeros((self.n_components, self.n_components))

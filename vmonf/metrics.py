@@ -41,6 +41,7 @@ __all__ = [
     "kde_log_likelihood",
     "kl_to_truth",
     "kl_to_truth_estimate",
+    "mean_estimate",
     "mean_log_likelihood",
     "normalized_mutual_info",
 ]
@@ -111,8 +112,9 @@ class Estimate:
         return {"value": self.value, "stderr": self.stderr}
 
 
-def _mean_estimate(values: np.ndarray) -> Estimate:
-    """Mean and standard error of the mean; infinite means get an infinite stderr."""
+def mean_estimate(values: np.ndarray) -> Estimate:
+    """Mean of values (N,) and its standard error; a non-finite mean (or N = 1) gets an
+    infinite stderr."""
     mean = float(np.mean(values))
     if not math.isfinite(mean):
         return Estimate(mean, math.inf)
@@ -154,7 +156,7 @@ def kl_to_truth_estimate(true_log_prob: object, model_log_prob: object) -> Estim
         raise ValueError(
             "true_log_prob contains -inf: the points must be samples of the true distribution"
         )
-    return _mean_estimate(t - m)
+    return mean_estimate(t - m)
 
 
 def kl_to_truth(true_log_prob: object, model_log_prob: object) -> float:
@@ -454,7 +456,7 @@ def kde_log_likelihood(
     best = int(np.argmax(selection_scores))
     bandwidth = float(bandwidths[best])
     per_point = _kde_log_density_multi(t, centres, np.array([bandwidth]))[0]
-    est = _mean_estimate(per_point)
+    est = mean_estimate(per_point)
     return KDEResult(
         score=est.value,
         bandwidth=bandwidth,

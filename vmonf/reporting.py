@@ -122,12 +122,6 @@ def plot_bounds(X: object, margin: float = 0.1) -> Bounds:
 # --------------------------------------------------------------------------- metrics
 
 
-def _stderr(values: np.ndarray) -> float:
-    if values.shape[0] < 2 or not np.isfinite(values).all():
-        return math.inf
-    return float(np.std(values, ddof=1) / math.sqrt(values.shape[0]))
-
-
 def evaluate_on_toy(
     estimator: FittedMixture,
     toy: Toy,
@@ -162,7 +156,7 @@ def evaluate_on_toy(
         agreement = math.nan
     return {
         "log_likelihood": mean_lp,
-        "log_likelihood_stderr": _stderr(model_lp),
+        "log_likelihood_stderr": metrics.mean_estimate(model_lp).stderr,
         "true_log_likelihood": metrics.mean_log_likelihood(true_lp),
         "kl_to_truth": kl.value,
         "kl_to_truth_stderr": kl.stderr,
@@ -204,6 +198,11 @@ def format_table(results: Mapping[str, Any], *, labelled: bool) -> str:
         rows.append(("accuracy", f"{num('accuracy')}  (Bayes-optimal {num('bayes_accuracy')})"))
     if "fit_time" in results:
         rows.append(("fit time", f"{num('fit_time', 1)} s  ({_epochs(results.get('n_epochs'))})"))
+    return format_rows(rows)
+
+
+def format_rows(rows: Sequence[tuple[str, str]]) -> str:
+    """(name, value) rows as indented lines, the values aligned in one column."""
     width = max(len(name) for name, _ in rows)
     return "\n".join(f"  {name:<{width}}  {value}" for name, value in rows)
 
