@@ -256,11 +256,20 @@ def _checked_only(args: argparse.Namespace, estimator: MixtureEstimator) -> bool
     return bool(getattr(args, "check_only", False))
 
 
-def _make_output_folder(out: Path) -> None:
+def _start_run(
+    args: argparse.Namespace, toy: datasets.ToyDistribution, out: Path
+) -> tuple[bool, tuple[np.ndarray, np.ndarray], tuple[np.ndarray, np.ndarray], reporting.Bounds]:
+    """Join the process group, make the output folder, draw the training and held-out
+    points of ``toy``; returns (is this the rank that writes, (X, y), (X_test, y_test),
+    plot bounds of both)."""
+    main_rank = _join_process_group(args)
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise OSError(f"cannot create the output folder {out}: {exc.strerror or exc}") from None
+    train = toy.sample(args.n_train, seed=args.seed)
+    test = toy.sample(args.n_test, seed=args.seed + 1)
+    return main_rank, train, test, reporting.plot_bounds(np.concatenate([train[0], test[0]]))
 
 
 def _join_process_group(args: argparse.Namespace) -> bool:
@@ -491,13 +500,9 @@ def run_fit(args: argparse.Namespace) -> int:
     )
     if _checked_only(args, estimator):
         return 0
-    main_rank = _join_process_group(args)
-    _make_output_folder(out)
-    X, y = toy.sample(args.n_train, seed=args.seed)
-    X_test, y_test = toy.sample(args.n_test, seed=args.seed + 1)
+    main_rank, (X, y), (X_test, y_test), bounds = _start_run(args, toy, out)
     labelled = args.labels > 0
     y_fit = reporting.partial_labels(y, args.labels, toy.n_classes, args.seed) if labelled else None
-    bounds = reporting.plot_bounds(np.concatenate([X, X_test]))
     recorder = None
     if not args.no_animation and main_rank:
         every = max(1, math.ceil(estimator.max_epochs / 40))  # at most ~40 frames
@@ -751,11 +756,7 @@ def run_compete(args: argparse.Namespace) -> int:
     )
     if _checked_only(args, estimator):
         return 0
-    main_rank = _join_process_group(args)
-    _make_output_folder(out)
-    X, _ = toy.sample(args.n_train, seed=args.seed)
-    X_test, y_test = toy.sample(args.n_test, seed=args.seed + 1)
-    bounds = reporting.plot_bounds(np.concatenate([X, X_test]))
+    main_rank, (X, _), (X_test, y_test), bounds = _start_run(args, toy, out)
     shown = X_test[: min(2000, X_test.shape[0])]
     _status(
         args,
