@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from vmonf._validation import check_positive_int
+from vmonf._validation import check_points, check_positive_int
 from vmonf.coupling import BatchedMLP
 from vmonf.mixture import generator_on
 from vmonf.resume import Checkpointer
@@ -80,12 +80,7 @@ class Discriminators(nn.Module):
 
     def log_ratio(self, x: Tensor) -> Tensor:
         """Unnormalised log (1 - D_k)/D_k ~ log p_k(x) - log p_data(x): (N, D) -> (N, K)."""
-        reference = self.net.weights[0]
-        if x.dim() != 2 or x.shape[1] != self.n_features or x.dtype != reference.dtype:
-            raise ValueError(
-                f"x must be (N, {self.n_features}) of {reference.dtype}, got "
-                f"{tuple(x.shape)} {x.dtype}"
-            )
+        check_points(x, self.n_features, self.net.weights[0].dtype, computed_by="discriminators")
         return -self(x)
 
 

@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from vmonf._gaussian import diagonal_normal_log_prob
-from vmonf._validation import check_bool, check_choice, check_positive_int
+from vmonf._validation import check_bool, check_choice, check_points, check_positive_int
 from vmonf.coupling import ACTIVATIONS, BatchedMLP, bounded_log_scale
 from vmonf.flows import (
     ComponentFlows,
@@ -124,6 +124,14 @@ class Generators(nn.Module, ABC):
         slice of Adam's carried moments does move: should it win points back, its
         first steps can be larger than the learning rate.)
         """
+        check_points(x, self.n_features, self._reference.dtype, "x", computed_by="generators")
+        if not isinstance(weights, Tensor) or weights.shape != (x.shape[0], self.n_components):
+            raise ValueError(
+                f"weights must be a ({x.shape[0]}, {self.n_components}) tensor, one row per "
+                f"point and one column per generator, got {getattr(weights, 'shape', weights)}"
+            )
+        if not bool((weights >= 0).all()):  # NaN fails too
+            raise ValueError("weights must be non-negative (and not NaN)")
         stacked_loss = self.stacked_loss
         if compile:
             stacked_loss = torch.compile(stacked_loss, dynamic=True)

@@ -152,6 +152,23 @@ def test_flow_log_prob_is_exact_and_vae_has_none():
     assert vae.log_likelihood_bound(torch.randn(4, 2)).shape == (4, 2)
 
 
+def test_fit_weighted_and_sample_components_refuse_what_they_would_silently_bend():
+    """Negative weights were dropped, a wrong K failed deep inside ("xs has 2 component
+    slices") and fractional component indices were truncated."""
+    gens = FlowGenerators(2, 3, n_layers=2, hidden_features=8)
+    x, config = torch.randn(10, 2), TrainConfig(max_epochs=1, batch_size=10)
+    for weights, match in [
+        (-torch.ones(10, 3), "non-negative"),
+        (torch.full((10, 3), math.nan), "non-negative"),
+        (torch.ones(10, 2), r"weights must be a \(10, 3\) tensor"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            gens.fit_weighted(x, weights, config, torch.Generator())
+    with pytest.raises(TypeError, match="integer component indices"):
+        gens.sample_components(torch.tensor([0.5, 1.0]), None)
+    assert gens.sample_components(torch.tensor([0.0, 2.0]), None).shape == (2, 2)
+
+
 def _linear_gaussian_vaes(encoder_gain: float, encoder_var: float) -> VAEGenerators:
     """Two identical linear VAEs in float64: x = 2 z[:2] + N(0, 0.25 I), z ~ N(0, I_5),
     whose marginal is N(0, 4.25 I); encoder q(z|x) = N(gain * c x, var * v) on z[:2]
@@ -742,8 +759,10 @@ def test_public_helpers_check_their_inputs():
     discriminators = Discriminators(2, 3, hidden_features=4)
     with pytest.raises(ValueError, match="at least one point"):
         log_ratio_normaliser(discriminators, torch.zeros(0, 2))
-    with pytest.raises(ValueError, match=r"x must be \(N, 2\)"):
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 2\)"):
         discriminators.log_ratio(torch.zeros(4, 3))
+    with pytest.raises(TypeError, match="weights of the discriminators are torch.float32"):
+        discriminators.log_ratio(torch.zeros(4, 2, dtype=torch.float64))
     with pytest.raises(ValueError, match="max_rounds"):
         StudySettings(max_rounds=0)
 

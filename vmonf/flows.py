@@ -124,8 +124,12 @@ def group_by_component(weights: Tensor) -> tuple[Tensor, Tensor]:
 def check_components(
     components: object, n_components: int, device: torch.device, name: str = "components"
 ) -> Tensor:
-    """``components`` as a 1-D int64 tensor on ``device`` of indices in [0, n_components)."""
-    components = torch.as_tensor(components, dtype=torch.long, device=device)
+    """``components`` as a 1-D int64 tensor on ``device`` of indices in [0, n_components);
+    floats must be whole numbers (TypeError otherwise, not a silent truncation)."""
+    given = torch.as_tensor(components, device=device)
+    if given.is_floating_point() and not bool((given == given.round()).all()):
+        raise TypeError(f"{name} must hold integer component indices, got {given.dtype} values")
+    components = given.long()
     if components.dim() != 1:
         raise ValueError(f"{name} must be 1-D, got shape {tuple(components.shape)}")
     if components.numel() and (components.min() < 0 or components.max() >= n_components):

@@ -86,7 +86,7 @@ def partial_labels(y: object, n_labelled: int, n_classes: int, seed: int) -> np.
     n_classes`` of them one more; which points keep their label is drawn with ``seed``.
     Raises ``ValueError`` when a class has too few points.
     """
-    labels = np.asarray(y, dtype=np.int64)
+    labels = check_integer_labels(y, "y")
     n_labelled = check_positive_int(n_labelled, "n_labelled", minimum=0)
     n_classes = check_positive_int(n_classes, "n_classes")
     if n_labelled > labels.shape[0]:
@@ -141,7 +141,7 @@ def evaluate_on_toy(
     argmax of the exact posterior ``pi_k p_k(x) / p(x)``; NaN when unavailable).
     """
     X = check_array(X_test, "X_test", n_features=2)
-    y = np.asarray(y_test, dtype=np.int64)
+    y = check_integer_labels(y_test, "y_test", X.shape[0])
     model_lp = estimator.score_samples(X)
     true_lp = toy.log_prob(X)
     kl = metrics.kl_to_truth_estimate(true_lp, model_lp)
