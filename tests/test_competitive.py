@@ -761,7 +761,7 @@ def test_public_helpers_check_their_inputs():
         log_ratio_normaliser(discriminators, torch.zeros(0, 2))
     with pytest.raises(ValueError, match=r"x must have shape \(N, 2\)"):
         discriminators.log_ratio(torch.zeros(4, 3))
-    with pytest.raises(TypeError, match="weights of the discriminators are torch.float64"):
+    with pytest.raises(TypeError, match=r"weights of the discriminators are torch\.float64"):
         discriminators.double().log_ratio(torch.zeros(4, 2, dtype=torch.float32))
     with pytest.raises(ValueError, match="max_rounds"):
         StudySettings(max_rounds=0)

@@ -11,6 +11,7 @@ stderr and exit status 2; a failed training run exits with 1.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import math
 import os
@@ -197,6 +198,11 @@ def _add_toy_arguments(p: argparse.ArgumentParser, unit: str) -> argparse._Argum
     return model
 
 
+_VMONF_DEFAULTS = {
+    name: parameter.default for name, parameter in inspect.signature(VMoNF).parameters.items()
+}
+
+
 def _add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
     """--checkpoint-every, --resume and --nproc (shared by fit and compete)."""
     _add_parallel_argument(p)
@@ -205,9 +211,9 @@ def _add_checkpoint_arguments(p: argparse.ArgumentParser) -> None:
         "--checkpoint-every",
         metavar="STEPS",
         type=positive_int,
-        default=100,
+        default=_VMONF_DEFAULTS["checkpoint_every"],
         help=f"save the training state to OUT/{TRAIN_STATE} every STEPS optimiser steps, "
-        "every 60 s and on Ctrl-C",
+        f"every {_VMONF_DEFAULTS['checkpoint_seconds']:g} s and on Ctrl-C",
     )
     group.add_argument(
         "--resume",
