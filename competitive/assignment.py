@@ -24,6 +24,8 @@ def hard_assign(scores: Tensor, previous: Tensor | None = None) -> Tensor:
     that owner is among the maxima, otherwise it goes to the lowest index. NaN
     scores count as -inf.
     """
+    if not isinstance(scores, Tensor) or scores.dim() != 2:
+        raise ValueError(f"scores must be an (N, K) tensor, got {getattr(scores, 'shape', scores)}")
     scores = torch.nan_to_num(scores, nan=-math.inf)
     is_max = scores == scores.max(dim=1, keepdim=True).values
     owner = is_max.to(torch.uint8).argmax(dim=1)  # first (lowest) maximal index

@@ -206,6 +206,11 @@ def test_vae_mixture_bound_stays_below_the_exact_log_likelihood(exact_posterior)
 # --------------------------------------------------------------------------- assignment
 
 
+def test_hard_assign_needs_an_n_by_k_tensor():
+    with pytest.raises(ValueError, match=r"scores must be an \(N, K\) tensor"):
+        hard_assign(torch.zeros(4))
+
+
 def test_hard_assign_breaks_ties_deterministically():
     scores = torch.tensor([[1.0, 1.0, 0.0], [0.0, 2.0, 2.0], [3.0, 1.0, 3.0], [math.nan, 0.0, 1.0]])
     np.testing.assert_array_equal(hard_assign(scores).numpy(), [0, 1, 0, 2])

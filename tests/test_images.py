@@ -420,9 +420,13 @@ def test_image_helpers_check_their_inputs(digits, tmp_path):
     transform = ImageTransform(17)
     with pytest.raises(ValueError, match="not fitted"):
         transform.forward(np.zeros((2, 64)))
+    with pytest.raises(ValueError, match="not fitted"):
+        transform.inverse(np.zeros((2, 64)))
     transform.fit(np.full((3, 64), 0.5))
     with pytest.raises(ValueError, match=r"v must be \(N, 64\)"):
         transform.forward(np.zeros((2, 63)))
+    with pytest.raises(ValueError, match="features has 63 features, but 64 were expected"):
+        transform.inverse(np.zeros((2, 63)))
     assert quantize(np.array([[0.99]]), 70_000)[0, 0] == 69_300  # uint16 wrapped to 3764
     rng = np.random.default_rng(0)
     one_feature = im.frechet_distance(rng.normal(size=(50, 1)), rng.normal(size=(50, 1)))

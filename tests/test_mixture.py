@@ -352,3 +352,22 @@ def test_posterior_refuses_points_of_the_wrong_shape_type_or_dtype():
         with pytest.raises(error, match=message):
             q(x)
     assert q.double()(torch.randn(4, 2).double()).dtype == torch.float64
+
+
+def test_the_training_loss_and_the_batched_mlp_name_bad_arguments():
+    """These failed deep inside torch (gather, broadcasting) or with a KeyError."""
+    from vmonf.coupling import BatchedMLP
+
+    model = random_model(3)
+    x = torch.randn(5, 2)
+    for y, error, match in [
+        (torch.zeros(5), TypeError, "int64 tensor of labels"),
+        (torch.zeros(4, dtype=torch.long), ValueError, r"shape \(5,\)"),
+        (torch.full((5,), 7), ValueError, r"labels in \[-1, 3\)"),
+        (torch.full((5,), -2), ValueError, r"labels in \[-1, 3\)"),
+    ]:
+        with pytest.raises(error, match=match):
+            model.loss(x, y, alpha=1.0, objective="elbo")
+    assert model.loss(x, torch.full((5,), -1), alpha=1.0, objective="elbo").shape == (5,)
+    with pytest.raises(ValueError, match="activation"):
+        BatchedMLP(2, 3, 4, 8, 1, activation="swish")

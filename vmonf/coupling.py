@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from nflows.transforms.base import Transform
 from torch import Tensor, nn
 
+from vmonf._validation import check_choice
 from vmonf.distributed import all_reduce_sum
 
 __all__ = [
@@ -386,6 +387,7 @@ class BatchedMLP(nn.Module):
         zero_last: bool = True,
     ) -> None:
         super().__init__()
+        check_choice(activation, "activation", tuple(ACTIVATIONS))
         sizes = [in_features] + [hidden_features] * n_hidden_layers + [out_features]
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()

@@ -260,7 +260,10 @@ class ImageTransform:
         With a PCA front-end the discarded axes are drawn from their Gaussians with
         ``rng``; ``rng=None`` sets them to their mean (the PCA reconstruction).
         """
-        features = np.asarray(features, dtype=np.float64)
+        if not hasattr(self, "n_pixels_"):
+            raise ValueError("this ImageTransform is not fitted yet; call fit(v) first")
+        d = self.n_pixels_ if self.pca_components is None else self.pca_components
+        features = check_array(features, "features", n_features=d)
         if self.pca_components is None:
             y = np.empty_like(features)
             y[:, self.order_] = features

@@ -41,6 +41,8 @@ class VariationalMixture(nn.Module):
         Each flow then runs only on the points that list it. A labelled point lists its
         label first and keeps the exact labelled loss.
         """
+        if not torch.compiler.is_compiling():  # shapes and dtypes are guarded there
+            self._check_labels(y, x.shape[0])
         log_q = self.posterior(x, temperature)
         if not self._uses_top_k(top_k):
             log_joint = self.mixture.log_joint(x)
@@ -55,6 +57,18 @@ class VariationalMixture(nn.Module):
             log_joint, log_q_top, first, alpha=alpha, objective=objective,
             log_q_unlabelled=renormalised,
         )  # fmt: skip
+
+    def _check_labels(self, y: object, n: int) -> None:
+        """y must be an int64 tensor (n,) of labels in [-1, K); -1 = unlabelled."""
+        if not isinstance(y, Tensor) or y.dtype != torch.long:
+            raise TypeError(
+                f"y must be an int64 tensor of labels, got {getattr(y, 'dtype', type(y).__name__)}"
+            )
+        if y.shape != (n,):
+            raise ValueError(f"y must have shape ({n},), one label per point, got {tuple(y.shape)}")
+        k = self.mixture.n_components
+        if y.numel() and bool((y.min() < -1) | (y.max() >= k)):
+            raise ValueError(f"y must hold labels in [-1, {k}) (-1 = unlabelled)")
 
     def elbo(self, x: Tensor, temperature: float | None = None, top_k: int | None = None) -> Tensor:
         """ELBO per point (N,), nats; with ``top_k``, the bound over each point's
