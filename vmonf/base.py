@@ -493,7 +493,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             self.__dict__.update(before)
             raise
         finally:
-            del self._fitting
+            self.__dict__.pop("_fitting", None)
         self.fit_time_ = _fit_time(started, checkpointer)
         return self
 
