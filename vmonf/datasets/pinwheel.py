@@ -83,7 +83,12 @@ class Pinwheel(ToyDistribution):
     def _sample(self, n: int, rng: np.random.Generator) -> tuple[FloatArray, IntArray]:
         y = rng.integers(self.n_classes, size=n)
         f = rng.standard_normal((n, 2)) * self._std + np.array([1.0, 0.0])
-        theta = self._offsets[y] + self._rate * np.exp(f[:, 0])
+        # Bounded exponent: beyond r_max float64 cannot resolve the angle (exp(f1) even
+        # overflowed for a wide radial_std); there, as the density does, the angle is
+        # uniform. (No draw at all when no point is that far: the usual toys' samples.)
+        theta = self._offsets[y] + self._rate * np.exp(np.minimum(f[:, 0], self._r_max))
+        far = np.hypot(f[:, 0], f[:, 1]) > self._r_max
+        theta[far] = rng.uniform(0.0, _TWO_PI, size=int(far.sum()))
         cos, sin = np.cos(theta), np.sin(theta)
         rotated = np.column_stack([cos * f[:, 0] - sin * f[:, 1], sin * f[:, 0] + cos * f[:, 1]])
         return self._scale * rotated, y
