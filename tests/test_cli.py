@@ -387,3 +387,13 @@ def test_training_figure_labels_loss_and_time_units(tmp_path, monkeypatch):
         history={"loss": [1.0], "lr": [1e-3], "temperature": [1.0]},
     )  # fmt: skip
     assert seen["units"] == {"loss": "nats per point"}  # only the keys the history has
+
+
+def test_compete_stopped_by_max_time_before_any_round_still_reports(tmp_path):
+    """No round finished: the shares figure has nothing to draw (it raised, after the
+    table was printed and before metrics.json was written)."""
+    argv = ["compete", "moons", "--n-train", "200", "--n-test", "100", "--epochs", "1",
+            "--pretrain-epochs", "1", "--rounds", "1", "--max-time", "1e-9", "--quiet",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert main(argv) == 0
+    assert (tmp_path / "metrics.json").exists() and not (tmp_path / "shares.png").exists()

@@ -852,7 +852,8 @@ def run_compete(args: argparse.Namespace) -> int:
                 shown, frames, titles, out / "assignments.png", n_components=k, bounds=bounds
             )
         )
-        files.append(plot_shares(estimator.history_["share"], out / "shares.png"))
+        if estimator.history_["share"]:  # none when max_time ended the fit before round 1
+            files.append(plot_shares(estimator.history_["share"], out / "shares.png"))
     params = {key: v for key, v in estimator.get_params().items() if key != "callback"}
     report: dict[str, Any] = {
         "command": "compete",
