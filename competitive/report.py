@@ -36,6 +36,7 @@ from competitive.studies import (
     StudySettings,
     run_study,
 )
+from vmonf.atomic import write_atomically
 from vmonf.cli import output_folder
 from vmonf.estimator import VMoNF
 from vmonf.reporting import as_float, markdown_table, mean_sd, versions, write_json
@@ -230,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
     }  # fmt: skip
     write_json(payload, out / "results.json")
     _rounds_figures(results, figures_dir)
-    (out / "report.md").write_text(render(json.loads((out / "results.json").read_text())))
+    text = render(json.loads((out / "results.json").read_text()))
+    write_atomically(out / "report.md", lambda handle: handle.write(text.encode()))
     if not args.quiet:
         print(f"wrote {out}/report.md in {wall:.0f} s", file=sys.stderr, flush=True)
     return 0

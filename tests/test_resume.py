@@ -441,25 +441,36 @@ def test_checkpoints_are_synced_before_the_rename_and_readable_by_others(tmp_pat
     assert load_checkpoint(path, "K") == {"step": 1}
 
 
-@pytest.mark.parametrize("writer", ["json", "npz"])
-def test_results_and_cached_data_are_written_atomically(tmp_path, monkeypatch, writer):
-    """The JSON results and the cached image arrays go through the same atomic write
-    as checkpoints: a failure mid-write leaves the old file and no temporary file."""
+@pytest.mark.parametrize("writer", ["json", "npz", "png", "gif"])
+def test_results_cached_data_and_figures_are_written_atomically(tmp_path, monkeypatch, writer):
+    """The JSON results, the cached image arrays and the figures go through the same
+    atomic write as checkpoints: a failure mid-write leaves the old file and no
+    temporary file (a PNG was once truncated in place)."""
+    from vmonf import plots
     from vmonf.datasets import image_data
     from vmonf.reporting import write_json
 
-    path = tmp_path / ("m.json" if writer == "json" else "d.npz")
+    path = tmp_path / {"json": "m.json", "npz": "d.npz", "png": "f.png", "gif": "a.gif"}[writer]
+    written: list[bytes] = []
 
     def write(value: int) -> None:
         if writer == "json":
             write_json({"v": value}, path)
-        else:
+        elif writer == "npz":
             image_data._save_npz_atomic(path, v=np.array([value]))
+        elif writer == "png":
+            plots.plot_samples(np.full((3, 2), float(value)), None, path, dpi=20)
+        else:
+            frames = np.linspace(0.0, value, 32).reshape(2, 4, 4)
+            plots.animate_density(frames, (0.0, 1.0, 0.0, 1.0), path, dpi=20, vmax=3.0)
+        written.append(path.read_bytes())
 
     def read() -> int:
         if writer == "json":
             return int(path.read_text().split(":")[1].strip(" \n}"))
-        return int(np.load(path)["v"][0])
+        if writer == "npz":
+            return int(np.load(path)["v"][0])
+        return written.index(path.read_bytes()) * 2 + 1  # 1 or 3, as written
 
     write(1)
     assert path.stat().st_mode & 0o777 == 0o644

@@ -1,5 +1,5 @@
 """Atomic file writes: a crash at any moment leaves the old file or the new one, never a
-torn one (checkpoints, cached data sets, results JSON)."""
+torn one (checkpoints, cached data sets, results JSON, figures)."""
 
 from __future__ import annotations
 
@@ -9,31 +9,48 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
 
-__all__ = ["write_atomically"]
+__all__ = ["write_atomically", "write_file_atomically"]
 
 
 def write_atomically(path: Path, write: Callable[[BinaryIO], object]) -> Path:
-    """Call ``write(handle)`` on a temporary file in ``path``'s folder, fsync it, rename
-    it over ``path`` and fsync the folder; the temporary file is removed on any failure.
+    """Call ``write(handle)`` on a binary handle of a temporary file that then replaces
+    ``path`` (see :func:`write_file_atomically`)."""
+
+    def write_file(tmp: Path) -> None:
+        with open(tmp, "wb") as handle:
+            write(handle)
+
+    return write_file_atomically(path, write_file)
+
+
+def write_file_atomically(path: Path, write_file: Callable[[Path], object]) -> Path:
+    """Call ``write_file(tmp)`` to write a temporary file in ``path``'s folder (same
+    suffix, for writers that choose the format by it), fsync it, rename it over
+    ``path`` and fsync the folder; the temporary file is removed on any failure.
 
     The file gets a data file's usual permissions (0644, not mkstemp's 0600), so that a
     shared folder stays readable. Concurrent writers each use their own temporary file:
     the last rename wins.
     """
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    fd, tmp_name = tempfile.mkstemp(
+        prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent
+    )
+    os.close(fd)
     try:
-        os.fchmod(fd, 0o644)
-        with os.fdopen(fd, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
+        os.chmod(tmp_name, 0o644)
+        write_file(Path(tmp_name))
+        _fsync(tmp_name)
         os.replace(tmp_name, path)
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync(path.parent)
     except BaseException:
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def _fsync(path: str | Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -37,6 +37,7 @@ from vmonf._validation import (
     check_positive_int,
     unnamed_points,
 )
+from vmonf.atomic import write_atomically, write_file_atomically
 
 __all__ = [
     "MAX_DPI",
@@ -158,8 +159,7 @@ def check_cmap(cmap: object) -> str | Colormap:
 
 def save_png(fig: Figure, path: Path, dpi: int) -> Path:
     """Write ``fig`` as a PNG at ``path`` (checked by :func:`figure_file`); returns it."""
-    fig.savefig(path, format="png", dpi=dpi)
-    return path
+    return write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi))
 
 
 def class_colours(n_classes: int) -> np.ndarray:
@@ -647,7 +647,9 @@ def _write_gif(
     dpi: int,
 ) -> Path:
     anim = FuncAnimation(fig, update, frames=n_frames, blit=False, repeat=False)
-    anim.save(str(path), writer=PillowWriter(fps=fps), dpi=dpi)
+    write_file_atomically(
+        path, lambda tmp: anim.save(str(tmp), writer=PillowWriter(fps=fps), dpi=dpi)
+    )
     return path
 
 
