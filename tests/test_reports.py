@@ -347,6 +347,10 @@ def test_log_likelihood_stderr_is_sd_over_sqrt_n():
     assert metrics.mean_estimate(values).stderr == pytest.approx(np.std(values, ddof=1) / 2.0)
     assert metrics.mean_estimate(np.r_[values, -np.inf]).stderr == math.inf
     assert metrics.mean_estimate(values[:1]).stderr == math.inf
+    assert metrics.mean_estimate([0.0, 1.0, 2.0, 3.0]) == metrics.mean_estimate(values)
+    for bad, match in [([1.0, math.nan], "NaN"), ([], "empty"), ([[0.0, 10.0]], "1-D")]:
+        with pytest.raises(ValueError, match=match):
+            metrics.mean_estimate(bad)
 
 
 def test_accuracy_with_fixed_names_is_not_hungarian():

@@ -54,8 +54,9 @@ MAX_TABLE_CELLS = 10**7  # a contingency table indexed by label value: 80 MB at 
 # --------------------------------------------------------------------------- helpers
 
 
-def _check_log_probs(values: object, name: str) -> np.ndarray:
-    """Return per-point log densities as float64 (N,), N >= 1; NaN and +inf raise, -inf is kept."""
+def _check_log_probs(values: object, name: str, *, allow_posinf: bool = False) -> np.ndarray:
+    """Return per-point log densities as float64 (N,), N >= 1; NaN and (unless
+    ``allow_posinf``) +inf raise, -inf is kept."""
     arr = np.asarray(as_numpy(values, name))
     if arr.dtype == object or not (
         np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
@@ -70,7 +71,7 @@ def _check_log_probs(values: object, name: str) -> np.ndarray:
     arr = arr.astype(np.float64, copy=False)
     if np.isnan(arr).any():
         raise ValueError(f"{name} contains NaN ({int(np.isnan(arr).sum())} value(s))")
-    if np.isposinf(arr).any():
+    if not allow_posinf and np.isposinf(arr).any():
         raise ValueError(f"{name} contains +inf: the density is degenerate")
     return arr
 
@@ -112,9 +113,10 @@ class Estimate:
         return {"value": self.value, "stderr": self.stderr}
 
 
-def mean_estimate(values: np.ndarray) -> Estimate:
+def mean_estimate(values: object) -> Estimate:
     """Mean of values (N,) and its standard error; a non-finite mean (or N = 1) gets an
-    infinite stderr."""
+    infinite stderr. NaN values raise ``ValueError``."""
+    values = _check_log_probs(values, "values", allow_posinf=True)
     mean = float(np.mean(values))
     if not math.isfinite(mean):
         return Estimate(mean, math.inf)
