@@ -225,6 +225,14 @@ def test_gaussian_kde_matches_brute_force_with_blocking(monkeypatch, h):
     np.testing.assert_allclose(gaussian_kde_log_density(queries, centres, h), expected, rtol=1e-9)
 
 
+def test_kde_density_of_points_beyond_float64_distances_is_zero_not_nan():
+    centres = np.random.default_rng(0).normal(size=(200, 2))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        far = metrics.gaussian_kde_log_density(centres[:2] + 1e200, centres, 1.0)
+    assert np.all(far == -np.inf)  # was NaN: the squared distance overflowed to inf - inf
+
+
 def test_kde_protocol_scores_standard_gaussian_close_to_truth():
     rng = np.random.default_rng(0)
     generated = rng.standard_normal((5_500, 2))

@@ -337,15 +337,20 @@ def _kde_log_density_multi(
         acc = np.full((bandwidths.shape[0], q.shape[0]), -np.inf)
         for c0 in range(0, n_c, c_step):
             c = centres[c0 : c0 + c_step]
-            sq = q_sq[:, None] + c_sq[None, c0 : c0 + c_step] - 2.0 * (q @ c.T)
+            with np.errstate(over="ignore", invalid="ignore"):
+                sq = q_sq[:, None] + c_sq[None, c0 : c0 + c_step] - 2.0 * (q @ c.T)
+            # A squared distance beyond float64 (inf - inf = NaN) is an infinite one:
+            # the point's density is 0 (log -inf) in float64, not NaN.
+            np.nan_to_num(sq, copy=False, nan=np.inf, posinf=np.inf)
             np.maximum(sq, 0.0, out=sq)
             nearest = sq.min(axis=1)  # (q,)
-            sq -= nearest[:, None]
+            sq -= np.where(np.isfinite(nearest), nearest, 0.0)[:, None]
             buf = np.empty_like(sq)
             for h, w in enumerate(inv_two_var):
                 np.multiply(sq, -w, out=buf)
                 np.exp(buf, out=buf)
-                block = np.log(buf.sum(axis=1)) - w * nearest
+                with np.errstate(divide="ignore"):
+                    block = np.log(buf.sum(axis=1)) - w * nearest
                 acc[h] = np.logaddexp(acc[h], block)
         out[:, q0 : q0 + q.shape[0]] = acc + log_norm[:, None]
     return out
