@@ -40,6 +40,7 @@ from vmonf.atomic import write_atomically
 from vmonf.cli import output_folder
 from vmonf.estimator import VMoNF
 from vmonf.reporting import as_float, markdown_table, mean_sd, versions, write_json
+from vmonf.training import can_show_progress
 
 __all__ = ["DESCRIPTION", "QUICK", "add_arguments", "render", "run"]
 
@@ -173,7 +174,8 @@ def _run_all(
     quiet: bool,
 ) -> list[dict[str, Any]]:
     """Every (case, seed) job, ``n_workers`` processes at once; figures for seed 0."""
-    bar = tqdm(total=len(jobs), desc="report", disable=quiet, file=sys.stderr)
+    show = not quiet and can_show_progress()  # not into a log file
+    bar = tqdm(total=len(jobs), desc="report", disable=not show, file=sys.stderr)
     results = []
     if n_workers <= 1:
         _init_worker()
@@ -300,7 +302,9 @@ def _longest_fits(results: list[dict[str, Any]]) -> str:
     capped = sum(any("max_time" in w for w in warned) for _, _, _, warned in fits)
     return (
         f"The longest flow fit took {longest:.1f} s ({name}, {case}); the cap stopped "
-        f"{capped} of {len(fits)} (the epochs in the tables are those planned)."
+        f"{capped} of {len(fits)}. The tables' epochs are pre-training as planned plus the "
+        "main-stage epochs (VMoNF) or rounds' epochs (competitive) that ran; the baselines' "
+        "as planned."
     )
 
 
@@ -338,7 +342,7 @@ def soft_hard_tables(results: list[dict[str, Any]]) -> str:
                     "ARI",
                     "accuracy",
                     "components used",
-                    "epochs (planned)",
+                    "epochs",
                     "fit time (s)",
                 ],
                 rows,

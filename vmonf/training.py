@@ -55,6 +55,7 @@ __all__ = [
     "ShardedBatches",
     "TrainConfig",
     "TrainResult",
+    "can_show_progress",
     "evaluate",
     "fit_threads",
     "map_chunks",
@@ -169,7 +170,7 @@ class TrainResult:
     optimizer_state: dict[str, Any] | None = None
 
 
-def _can_show_progress() -> bool:
+def can_show_progress() -> bool:
     """A terminal, or a Jupyter kernel (tqdm.auto draws a widget there); not a log file."""
     return sys.stderr.isatty() or "ipykernel" in sys.modules
 
@@ -443,7 +444,7 @@ def train(
             "best": None if best is None else best.state,
         }
 
-    show = config.verbose and _can_show_progress()
+    show = config.verbose and can_show_progress()
     bar = tqdm(
         range(state.epoch, config.max_epochs),
         desc=config.desc,
