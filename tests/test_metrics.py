@@ -225,6 +225,12 @@ def test_gaussian_kde_matches_brute_force_with_blocking(monkeypatch, h):
     np.testing.assert_allclose(gaussian_kde_log_density(queries, centres, h), expected, rtol=1e-9)
 
 
+def test_matching_too_many_labels_is_refused_before_allocating():
+    labels = np.arange(30_000)
+    with pytest.raises(ValueError, match="too many to match"):
+        metrics.clustering_accuracy(labels, labels[::-1].copy())
+
+
 def test_kde_density_of_points_beyond_float64_distances_is_zero_not_nan():
     centres = np.random.default_rng(0).normal(size=(200, 2))
     with warnings.catch_warnings():

@@ -379,3 +379,22 @@ def test_study_fits_record_their_convergence_warnings_and_pass_others_on():
     with pytest.warns(UserWarning, match="something else"):
         seconds, messages = studies._fit(Warns(), np.zeros((3, 2)), None)
     assert messages == ["VMoNF: stopped; raise max_time"] and seconds >= 0
+
+
+def test_partial_labels_and_kde_helpers_name_bad_arguments():
+    """numpy's "object of type 'NoneType' has no len()", a 7 GiB allocation, labels
+    beyond n_classes silently never labelled, a truthy string taken as shuffle=True."""
+    y = np.arange(20) % 4
+    for args, error, match in [
+        ((y, 4, 4, None), TypeError, "seed must be an int"),
+        ((y, 4, 10**9, 0), ValueError, "n_classes must be <= 20"),
+        ((y, 3, 3, 0), ValueError, r"class labels in \[0, 3\)"),
+    ]:
+        with pytest.raises(error, match=match):
+            reporting.partial_labels(*args)
+    assert (reporting.partial_labels(y, 8, 4, 0) >= 0).sum() == 8
+    with pytest.raises(ValueError, match="standardise the points first"):
+        metrics.kde_bandwidth_grid(1e308)
+    points = np.random.default_rng(0).normal(size=(60, 2))
+    with pytest.raises(TypeError, match="shuffle"):
+        metrics.kde_log_likelihood(points, points, n_select=20, n_test=None, shuffle="False")

@@ -22,6 +22,7 @@ from sklearn.metrics import adjusted_rand_score, normalized_mutual_info_score
 from vmonf._validation import (
     as_numpy,
     check_array,
+    check_bool,
     check_integer_labels,
     check_positive_float,
     check_positive_int,
@@ -240,6 +241,11 @@ def _matched_counts(y_true: object, y_pred: object) -> tuple[dict[int, int], int
     t, p = _non_negative_label_pair(y_true, y_pred)
     classes, t_index = np.unique(t, return_inverse=True)
     clusters, p_index = np.unique(p, return_inverse=True)
+    if classes.size * clusters.size > MAX_TABLE_CELLS:  # memory, and a cubic matching
+        raise ValueError(
+            f"{classes.size} classes and {clusters.size} clusters are too many to match "
+            f"(a {classes.size} x {clusters.size} table; at most {MAX_TABLE_CELLS:g} cells)"
+        )
     table = _count_table(t_index, p_index, (classes.size, clusters.size))
     rows, cols = linear_sum_assignment(table, maximize=True)
     matching = {int(clusters[k]): int(classes[c]) for c, k in zip(rows, cols, strict=True)}
@@ -386,7 +392,16 @@ def gaussian_kde_log_density(queries: object, centres: object, bandwidth: float)
 
 def kde_bandwidth_grid(h0: float) -> np.ndarray:
     """The protocol's bandwidth grid (14,): ``h0 * 2**(k - 7)`` for k = 0..13."""
-    h0 = check_positive_float(h0, "h0")
+    grid = _bandwidth_grid(check_positive_float(h0, "h0"))
+    if not MIN_BANDWIDTH <= grid[0] <= grid[-1] <= MAX_BANDWIDTH:
+        raise ValueError(
+            f"h0 = {h0:g} gives a grid beyond [{MIN_BANDWIDTH:g}, {MAX_BANDWIDTH:g}]: "
+            "standardise the points first"
+        )
+    return grid
+
+
+def _bandwidth_grid(h0: float) -> np.ndarray:
     return h0 * 2.0 ** (np.arange(14) - 7)
 
 
@@ -442,7 +457,7 @@ def kde_log_likelihood(
             f"generated needs at least n_select + 2 = {n_select + 2} rows "
             f"(n_select selection points + at least 2 KDE centres), got {g.shape[0]}"
         )
-    if shuffle:
+    if check_bool(shuffle, "shuffle"):
         g = g[np.random.default_rng(seed).permutation(g.shape[0])]
     centres, select = g[: g.shape[0] - n_select], g[g.shape[0] - n_select :]
 
@@ -453,7 +468,7 @@ def kde_log_likelihood(
         if positive.size == 0:
             raise ValueError("generated points are all identical: no KDE bandwidth can be set")
         h0 = float(np.median(positive))
-    bandwidths = kde_bandwidth_grid(h0)
+    bandwidths = _bandwidth_grid(h0)
     if not MIN_BANDWIDTH <= bandwidths[0] <= bandwidths[-1] <= MAX_BANDWIDTH:
         raise ValueError(
             f"generated points lie {h0:.3g} apart, a scale whose bandwidth grid leaves "

@@ -25,6 +25,7 @@ from vmonf._validation import (
     check_output_file,
     check_positive_float,
     check_positive_int,
+    check_seed,
 )
 from vmonf.atomic import write_atomically
 
@@ -88,12 +89,17 @@ def partial_labels(y: object, n_labelled: int, n_classes: int, seed: int) -> np.
     """
     labels = check_integer_labels(y, "y")
     n_labelled = check_positive_int(n_labelled, "n_labelled", minimum=0)
-    n_classes = check_positive_int(n_classes, "n_classes")
+    n_classes = check_positive_int(n_classes, "n_classes", maximum=labels.shape[0])
+    label_seed = check_seed(seed, "seed")
+    if label_seed is None:
+        raise TypeError("seed must be an int (which points keep their label)")
+    if labels.min() < 0 or labels.max() >= n_classes:
+        raise ValueError(f"y must hold class labels in [0, {n_classes})")
     if n_labelled > labels.shape[0]:
         raise ValueError(
             f"cannot label {n_labelled} points: the training set has {labels.shape[0]}"
         )
-    rng = np.random.default_rng([seed, 2])  # a stream apart from the data's
+    rng = np.random.default_rng([label_seed, 2])  # a stream apart from the data's
     per_class = np.full(n_classes, n_labelled // n_classes)
     per_class[rng.permutation(n_classes)[: n_labelled % n_classes]] += 1
     out = np.full(labels.shape[0], -1, dtype=np.int64)
