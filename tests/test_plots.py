@@ -11,7 +11,7 @@ import torch
 from PIL import Image
 from scipy.stats import multivariate_normal
 
-from vmonf import plots
+from vmonf import plots, reporting
 from vmonf.plots import (
     animate_assignments,
     animate_density,
@@ -316,3 +316,22 @@ def test_animations_take_torch_tensors(tmp_path):
     _assert_image(animate_density(grids, BOUNDS, tmp_path / "d.gif"), "GIF", n_frames=2)
     labels = torch.from_numpy(np.stack([y, y[::-1]]))
     _assert_image(animate_assignments(X, labels, tmp_path / "a.gif"), "GIF", n_frames=2)
+
+
+def test_densities_beyond_float64_are_refused_by_plots_and_clipped_by_the_recorder():
+    """A log density of 800 gave a blank panel (and an inf frame that failed the run's
+    figures after model.pt); a 20000-point grid asked numpy for 3 GiB."""
+    bounds = (-1.0, 1.0, -1.0, 1.0)
+
+    def spike(points):
+        return np.where(np.abs(points).sum(1) < 0.2, 800.0, -1.0)
+
+    with pytest.raises(ValueError, match=r"too large to plot.*800"):
+        plots.density_grid(spike, bounds, 20)
+    recorder = reporting.DensityRecorder(bounds, resolution=20)
+    recorder.add(spike, "diverging")
+    assert np.isfinite(recorder.frames[0]).all()
+    with pytest.raises(ValueError, match="resolution must be <= 4000"):
+        plots.density_grid(spike, bounds, 20_000)
+    with pytest.raises(ValueError, match="resolution must be <= 4000"):
+        reporting.DensityRecorder(bounds, resolution=10**6)

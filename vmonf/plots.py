@@ -41,6 +41,7 @@ from vmonf.atomic import write_atomically, write_file_atomically
 
 __all__ = [
     "MAX_DPI",
+    "MAX_RESOLUTION",
     "animate_assignments",
     "animate_density",
     "check_cmap",
@@ -67,6 +68,8 @@ _UNLABELLED_COLOUR = (0.6, 0.6, 0.6, 1.0)
 MAX_CLASSES = 1000  # colours a plot tells apart (and palette rows it allocates)
 # A 5-inch figure is then 6000 pixels wide; Agg refuses images beyond 2**16 pixels a side.
 MAX_DPI = 1200
+# Grid points a side: 4000**2 float64 values are 128 MB per grid; more is no sharper.
+MAX_RESOLUTION = 4000
 
 
 # --------------------------------------------------------------------------- helpers
@@ -196,7 +199,7 @@ def grid_points(bounds: Bounds, resolution: int = 200) -> tuple[np.ndarray, np.n
     the (resolution**2, 2) query array is ``np.column_stack([xx.ravel(), yy.ravel()])``.
     """
     xmin, xmax, ymin, ymax = _check_bounds(bounds)
-    resolution = check_positive_int(resolution, "resolution", minimum=2)
+    resolution = check_positive_int(resolution, "resolution", minimum=2, maximum=MAX_RESOLUTION)
     xs = np.linspace(xmin, xmax, resolution)
     ys = np.linspace(ymin, ymax, resolution)
     xx, yy = np.meshgrid(xs, ys)
@@ -209,7 +212,8 @@ def density_grid(
     """Evaluate ``exp(log_prob)`` on a grid: ``(xx, yy, density)``, each (resolution, resolution).
 
     ``log_prob`` maps (M, 2) float64 points to (M,) log densities (nats); ``-inf``
-    gives density 0, NaN raises ``ValueError``.
+    gives density 0; NaN, and values whose density overflows float64 (log p > ~709: a
+    degenerate density), raise ``ValueError``.
     """
     if not callable(log_prob):
         raise TypeError(f"log_prob must be callable, got {type(log_prob).__name__}")
@@ -225,7 +229,14 @@ def density_grid(
         )
     if np.isnan(values).any():
         raise ValueError(f"log_prob returned NaN at {int(np.isnan(values).sum())} grid point(s)")
-    return xx, yy, np.exp(values).reshape(xx.shape)
+    with np.errstate(over="ignore"):
+        density = np.exp(values)
+    if np.isinf(density).any():
+        raise ValueError(
+            f"log_prob is too large to plot at {int(np.isinf(density).sum())} grid point(s) "
+            f"(max {values.max():.4g} nats: the density overflows float64, a degenerate fit)"
+        )
+    return xx, yy, density.reshape(xx.shape)
 
 
 # --------------------------------------------------------------------------- static figures

@@ -227,7 +227,9 @@ class DensityRecorder:
     def __init__(self, bounds: Bounds, *, every: int = 1, resolution: int = 64) -> None:
         self.bounds = plots._check_bounds(bounds)  # now, not at the first epoch's callback
         self.every = check_positive_int(every, "every")
-        self.resolution = check_positive_int(resolution, "resolution", minimum=2)
+        self.resolution = check_positive_int(
+            resolution, "resolution", minimum=2, maximum=plots.MAX_RESOLUTION
+        )
         self.frames: list[np.ndarray] = []
         self.titles: list[str] = []
         self.seconds = 0.0
@@ -238,7 +240,9 @@ class DensityRecorder:
 
         def safe(points: np.ndarray) -> np.ndarray:
             values = np.asarray(log_prob(points), dtype=np.float64)
-            return np.nan_to_num(values, nan=-np.inf, posinf=-np.inf)
+            # A frame of a diverging fit must not stop the fit: NaN and +inf show as 0,
+            # and a density beyond float64 (log p > ~709) is drawn at exp(700).
+            return np.minimum(np.nan_to_num(values, nan=-np.inf, posinf=-np.inf), 700.0)
 
         density = plots.density_grid(safe, self.bounds, self.resolution)[2]
         self.frames.append(density)
