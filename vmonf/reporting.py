@@ -277,6 +277,7 @@ def write_figures(
     """
     X = check_array(X_test, "X_test", n_features=2)
     y = check_integer_labels(y_test, "y_test", n_samples=X.shape[0])
+    max_points = check_positive_int(max_points, "max_points")
     out = Path(out)
     k = int(estimator._fitted_setting("n_components"))
     written = [
@@ -323,13 +324,13 @@ def write_figures(
         written.append(plots.plot_training_curves(history, out / "training.png", units=units))
     if recorder is not None and recorder.frames:
         vmax = max(float(recorder.frames[-1].max()), 1e-12)
-        if toy is not None:
-            truth = plots.density_grid(toy.log_prob, bounds, recorder.resolution)[2]
+        if toy is not None:  # the frames' own window, which may differ from bounds
+            truth = plots.density_grid(toy.log_prob, recorder.bounds, recorder.resolution)[2]
             vmax = max(vmax, float(truth.max()))
         written.append(
             plots.animate_density(
                 recorder.frames,
-                bounds,
+                recorder.bounds,
                 out / "training.gif",
                 titles=recorder.titles,
                 vmax=vmax,
