@@ -335,3 +335,19 @@ def test_densities_beyond_float64_are_refused_by_plots_and_clipped_by_the_record
         plots.density_grid(spike, bounds, 20_000)
     with pytest.raises(ValueError, match="resolution must be <= 4000"):
         reporting.DensityRecorder(bounds, resolution=10**6)
+
+
+def test_decision_regions_read_a_label_column_as_labels_and_refuse_nan(tmp_path, monkeypatch):
+    """An (M, 1) column of labels was taken as one-class probabilities (one region)."""
+    bounds = (-1.0, 1.0, -1.0, 1.0)
+    palettes = []
+    real = plots.class_colours
+    monkeypatch.setattr(plots, "class_colours", lambda n: palettes.append(n) or real(n))
+    plots.plot_decision_regions(
+        lambda p: (p[:, :1] > 0).astype(int), bounds, tmp_path / "r.png", resolution=10
+    )
+    assert palettes == [2]  # two regions, labels 0 and 1
+    with pytest.raises(ValueError, match="NaN probabilities"):
+        plots.plot_decision_regions(
+            lambda p: np.full((len(p), 2), np.nan), bounds, tmp_path / "n.png", resolution=10
+        )
