@@ -282,6 +282,10 @@ def test_infinities_are_told_apart_from_not_applicable(tmp_path):
     back = {k: reporting.as_float(v) for k, v in read.items()}
     assert math.isnan(back.pop("nan")) and back == {"inf": math.inf, "minus_inf": -math.inf,
                                                     "one": 1.0}  # fmt: skip
+    zero_d = json.loads(reporting.write_json({"a": np.array(1.5)}, tmp_path / "z.json").read_text())
+    assert zero_d == {"a": 1.5}  # was "'float' object is not iterable"
+    with pytest.raises(ValueError, match="collide as JSON strings"):  # one was lost, silently
+        reporting.write_json({1: "a", "1": "b"}, tmp_path / "c.json")
 
 
 @pytest.mark.parametrize(("device", "has_cuda", "joins_on"), [

@@ -376,7 +376,12 @@ def _plain(value: object) -> object:
     """JSON-ready copy: numpy -> Python, tuples -> lists, NaN -> None and +-inf ->
     "Infinity"/"-Infinity" (strict JSON has neither; :func:`as_float` reads both back)."""
     if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
+        plain = {str(k): _plain(v) for k, v in value.items()}
+        if len(plain) < len(value):
+            raise ValueError(f"keys {list(value)} collide as JSON strings")
+        return plain
+    if isinstance(value, np.ndarray) and value.ndim == 0:
+        return _plain(value.item())
     if isinstance(value, list | tuple | np.ndarray):
         return [_plain(v) for v in (value.tolist() if isinstance(value, np.ndarray) else value)]
     if isinstance(value, np.generic):
