@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from vmonf import VMoNF, cli, reporting
+from vmonf import VMoNF, cli, datasets, plots, reporting
 from vmonf.cli import UsageError, build_parser, main, toy_param
 from vmonf.reporting import partial_labels
 
@@ -261,10 +261,14 @@ def test_reporting_checks_its_inputs_up_front(tmp_path):
     with pytest.raises(ValueError, match="bounds"):  # at construction, not mid-fit
         reporting.DensityRecorder((1.0, 0.0, 0.0, 1.0))
     model = VMoNF(2, max_epochs=1, n_layers=2, hidden_features=8, init_steps=5).fit(X)
-    with pytest.raises(ValueError, match="y_test has 5 labels but X has 50 rows"):
+    with pytest.raises(ValueError, match="y_test has 5 labels but X_test has 50 rows"):
         reporting.write_figures(
             model, None, X, np.zeros(5, int), tmp_path, reporting.plot_bounds(X), labelled=False
         )
+    with pytest.raises(ValueError, match=r"y_test must hold the true classes \(>= 0\)"):
+        reporting.evaluate_on_toy(model, datasets.toy("moons"), X, np.full(50, -1))
+    with pytest.raises(TypeError, match="true_log_prob must be callable"):
+        plots.plot_density_comparison(5, model.score_samples, (0, 1, 0, 1), tmp_path / "d.png")
     path = reporting.write_json({"a": float("nan")}, str(tmp_path / "m.json"))  # a str path
     assert path.read_text().strip().endswith("}")
 

@@ -233,17 +233,19 @@ def image_shape(X: object) -> tuple[int, ...] | None:
     return tuple(int(s) for s in np.shape(array)[1:]) if np.ndim(array) >= 3 else None
 
 
-def check_integer_labels(y: object, name: str = "y", n_samples: int | None = None) -> np.ndarray:
+def check_integer_labels(
+    y: object, name: str = "y", n_samples: int | None = None, *, rows_of: str = "X"
+) -> np.ndarray:
     """Return labels as int64 of shape (N,); floats must be whole numbers.
 
-    ``n_samples`` (the rows of the matching X) is checked when given; otherwise an
-    empty vector is an error.
+    ``n_samples`` (the rows of the matching array, named ``rows_of`` in errors) is
+    checked when given; otherwise an empty vector is an error.
     """
     arr = np.asarray(as_numpy(y, name))
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D of shape (n_samples,), got shape {arr.shape}")
     if n_samples is not None and arr.shape[0] != n_samples:
-        raise ValueError(f"{name} has {arr.shape[0]} labels but X has {n_samples} rows")
+        raise ValueError(f"{name} has {arr.shape[0]} labels but {rows_of} has {n_samples} rows")
     if n_samples is None and arr.shape[0] == 0:
         raise ValueError(f"{name} is empty")
     if np.issubdtype(arr.dtype, np.floating):

@@ -257,6 +257,9 @@ def plot_density_comparison(
 
     With ``true_log_prob=None`` only the model panel is drawn (titled ``titles[1]``).
     """
+    for name, fn in (("true_log_prob", true_log_prob), ("model_log_prob", model_log_prob)):
+        if not (callable(fn) or (fn is None and name == "true_log_prob")):
+            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
     bounds = _check_bounds(bounds)
     names = _check_titles(titles, 2, "panels (true, model)") or ["true density", "model density"]
     dpi = check_dpi(dpi)
@@ -630,7 +633,9 @@ def plot_component_images(
     options go to :func:`plot_image_grid`.
     """
     arr = _to_numpy(images)
-    labels = check_integer_labels(components, "components", arr.shape[0] if arr.ndim else 0)
+    labels = check_integer_labels(
+        components, "components", arr.shape[0] if arr.ndim else 0, rows_of="images"
+    )
     if (labels < 0).any():
         raise ValueError("components must be non-negative")
     n_per_component = check_positive_int(n_per_component, "n_per_component")

@@ -80,6 +80,15 @@ class FittedMixture(Protocol):
 # --------------------------------------------------------------------------- data
 
 
+def _check_test_points(X_test: object, y_test: object) -> tuple[np.ndarray, np.ndarray]:
+    """Held-out 2-D points (N, 2) and their true classes (N,), each >= 0."""
+    X = check_array(X_test, "X_test", n_features=2)
+    y = check_integer_labels(y_test, "y_test", X.shape[0], rows_of="X_test")
+    if (y < 0).any():
+        raise ValueError("y_test must hold the true classes (>= 0), not -1 for unlabelled")
+    return X, y
+
+
 def partial_labels(y: object, n_labelled: int, n_classes: int, seed: int) -> np.ndarray:
     """Keep ``n_labelled`` labels of ``y`` spread evenly over the classes; the rest become -1.
 
@@ -146,8 +155,7 @@ def evaluate_on_toy(
     toy's optimal classifier), ``exact_agreement`` (share of points where ``predict`` equals the
     argmax of the exact posterior ``pi_k p_k(x) / p(x)``; NaN when unavailable).
     """
-    X = check_array(X_test, "X_test", n_features=2)
-    y = check_integer_labels(y_test, "y_test", X.shape[0])
+    X, y = _check_test_points(X_test, y_test)
     model_lp = estimator.score_samples(X)
     true_lp = toy.log_prob(X)
     kl = metrics.kl_to_truth_estimate(true_lp, model_lp)
@@ -275,8 +283,7 @@ def write_figures(
     the matched component (Hungarian) unless ``labelled`` fixed the names (classes
     left unmatched when K < classes get colours of their own).
     """
-    X = check_array(X_test, "X_test", n_features=2)
-    y = check_integer_labels(y_test, "y_test", n_samples=X.shape[0])
+    X, y = _check_test_points(X_test, y_test)
     max_points = check_positive_int(max_points, "max_points")
     out = Path(out)
     k = int(estimator._fitted_setting("n_components"))
