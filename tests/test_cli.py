@@ -258,6 +258,10 @@ def test_reporting_checks_its_inputs_up_front(tmp_path):
     X = np.random.default_rng(0).normal(size=(50, 2))
     with pytest.raises(ValueError, match="margin"):
         reporting.plot_bounds(X, margin=float("nan"))
+    far = reporting.plot_bounds(np.full((3, 2), 1e12))  # constant data far from 0
+    assert far[0] < far[1] and far[2] < far[3]  # was xmin == xmax, refused by the plots
+    with pytest.raises(ValueError, match="more than float64 can hold"):
+        reporting.plot_bounds(np.array([[-1e308, 0.0], [1e308, 1.0]]))
     with pytest.raises(ValueError, match="bounds"):  # at construction, not mid-fit
         reporting.DensityRecorder((1.0, 0.0, 0.0, 1.0))
     model = VMoNF(2, max_epochs=1, n_layers=2, hidden_features=8, init_steps=5).fit(X)

@@ -129,8 +129,14 @@ def plot_bounds(X: object, margin: float = 0.1) -> Bounds:
     pts = check_array(X, "X", n_features=2)
     margin = check_positive_float(margin, "margin", allow_zero=True)
     lo, hi = pts.min(axis=0), pts.max(axis=0)
-    pad = margin * np.maximum(hi - lo, 1e-6)
-    lo, hi = lo - pad, hi + pad
+    # A floor relative to the data's magnitude: constant points far from 0 still get a
+    # window wider than float64's spacing there.
+    floor = 1e-6 * np.maximum(1.0, np.maximum(np.abs(lo), np.abs(hi)))
+    with np.errstate(over="ignore"):
+        pad = margin * np.maximum(hi - lo, floor)
+        lo, hi = lo - pad, hi + pad
+    if not (np.isfinite(lo).all() and np.isfinite(hi).all()):
+        raise ValueError("X spans more than float64 can hold with this margin: rescale X")
     return float(lo[0]), float(hi[0]), float(lo[1]), float(hi[1])
 
 

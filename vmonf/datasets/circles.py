@@ -46,7 +46,10 @@ class RadialMixture(ToyDistribution):
 
 def _check_radii(radii: object) -> tuple[float, ...]:
     if isinstance(radii, str) or not isinstance(radii, Sequence | np.ndarray):
-        raise TypeError(f"radii must be a sequence of numbers, got {type(radii).__name__}")
+        raise TypeError(
+            f"radii must be a sequence of numbers, got {type(radii).__name__} (one radius: "
+            "radii=(0.5,), or radii=0.5, on the command line)"
+        )
     if len(radii) == 0:
         raise ValueError("radii must hold at least one radius")
     return tuple(check_length(r, f"radii[{i}]") for i, r in enumerate(radii))
