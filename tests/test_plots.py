@@ -351,3 +351,14 @@ def test_decision_regions_read_a_label_column_as_labels_and_refuse_nan(tmp_path,
         plots.plot_decision_regions(
             lambda p: np.full((len(p), 2), np.nan), bounds, tmp_path / "n.png", resolution=10
         )
+
+
+def test_training_curves_name_a_string_log_scale_and_ragged_rows(tmp_path):
+    """log_scale="loss" was read as the keys 'l', 'o', 's'; None failed inside Python."""
+    history = {"loss": [1.0, 0.5]}
+    for log_scale in ("loss", None):
+        with pytest.raises(TypeError, match="log_scale must be a sequence of history keys"):
+            plots.plot_training_curves(history, tmp_path / "t.png", log_scale=log_scale)
+    with pytest.raises(ValueError, match="rows of different lengths"):
+        plots.plot_training_curves({"share": [[0.5, 0.5], [1.0]]}, tmp_path / "t.png")
+    assert plots.plot_training_curves(history, tmp_path / "t.png", log_scale=["loss"]).exists()

@@ -470,7 +470,10 @@ def plot_training_curves(
         raise ValueError("history is empty")
     series: list[tuple[str, np.ndarray]] = []
     for key, values in history.items():
-        arr = _to_numpy(values)
+        try:
+            arr = _to_numpy(values)
+        except ValueError:  # ragged rows
+            raise ValueError(f"history[{key!r}] has rows of different lengths") from None
         if arr.ndim not in (1, 2) or 0 in arr.shape:
             raise ValueError(
                 f"history[{key!r}] must be a non-empty sequence of numbers or of rows, got "
@@ -479,6 +482,11 @@ def plot_training_curves(
         if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
             raise TypeError(f"history[{key!r}] must hold numbers, got dtype {arr.dtype}")
         series.append((str(key), arr.astype(np.float64)))
+    if isinstance(log_scale, str) or not isinstance(log_scale, Sequence | set | frozenset):
+        raise TypeError(
+            f"log_scale must be a sequence of history keys (e.g. ({log_scale!r},)), got "
+            f"{type(log_scale).__name__}"
+        )
     if units is not None and not isinstance(units, Mapping):
         raise TypeError(f"units must map history keys to labels, got {type(units).__name__}")
     units = {} if units is None else dict(units)
