@@ -362,3 +362,14 @@ def test_training_curves_name_a_string_log_scale_and_ragged_rows(tmp_path):
     with pytest.raises(ValueError, match="rows of different lengths"):
         plots.plot_training_curves({"share": [[0.5, 0.5], [1.0]]}, tmp_path / "t.png")
     assert plots.plot_training_curves(history, tmp_path / "t.png", log_scale=["loss"]).exists()
+
+
+def test_plots_name_non_numeric_input(tmp_path):
+    """numpy's "could not convert string to float: np.str_('a')" named nothing."""
+    bounds = (-1.0, 1.0, -1.0, 1.0)
+    with pytest.raises(TypeError, match="log_prob's output must hold numbers"):
+        plots.density_grid(lambda p: np.array(["a"] * len(p)), bounds, 4)
+    with pytest.raises(ValueError, match="frames must be a non-empty sequence"):
+        plots.animate_density("abc", bounds, tmp_path / "a.gif")
+    with pytest.raises(TypeError, match="images must hold numbers"):
+        plots.plot_component_images(np.array([["a"] * 4] * 2), [0, 1], tmp_path / "c.png")

@@ -119,6 +119,16 @@ def _to_numpy(x: object) -> np.ndarray:
     return np.asarray(as_numpy(x))
 
 
+def _numbers(x: object, name: str) -> np.ndarray:
+    """``x`` as a float64 array; TypeError naming ``name`` for anything but numbers."""
+    arr = _to_numpy(x)
+    if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
+        raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    return arr.astype(np.float64, copy=False)
+
+
 def _check_points_2d(X: object, name: str = "X") -> np.ndarray:
     return check_array(X, name, n_features=2)
 
@@ -220,7 +230,7 @@ def density_grid(
     xx, yy = grid_points(bounds, resolution)
     points = np.column_stack([xx.ravel(), yy.ravel()])
     with unnamed_points():
-        values = _to_numpy(log_prob(points)).astype(np.float64, copy=False)
+        values = _numbers(log_prob(points), "log_prob's output")
     values = values.reshape(-1) if values.ndim == 2 and 1 in values.shape else values
     if values.shape != (points.shape[0],):
         raise ValueError(
@@ -640,7 +650,7 @@ def plot_component_images(
     Rows are labelled ``k (count)``; missing tiles stay blank (zero). Other keyword
     options go to :func:`plot_image_grid`.
     """
-    arr = _to_numpy(images)
+    arr = _numbers(images, "images")
     labels = check_integer_labels(
         components, "components", arr.shape[0] if arr.ndim else 0, rows_of="images"
     )
@@ -702,9 +712,9 @@ def animate_density(
         stack = _to_numpy(stack)
     if isinstance(stack, np.ndarray) and stack.ndim == 3:
         stack = list(stack)
-    if not isinstance(stack, Sequence) or len(stack) == 0:
+    if isinstance(stack, str) or not isinstance(stack, Sequence) or len(stack) == 0:
         raise ValueError("frames must be a non-empty sequence of (H, W) density grids")
-    grids = [_to_numpy(f).astype(np.float64) for f in stack]
+    grids = [_numbers(f, f"frames[{i}]") for i, f in enumerate(stack)]
     shape = grids[0].shape
     for i, g in enumerate(grids):
         if g.ndim != 2 or g.shape != shape or 0 in g.shape:
