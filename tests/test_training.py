@@ -141,7 +141,7 @@ def test_an_update_that_breaks_the_model_is_never_kept_even_the_last_one():
         weight.data.zero_()
         with (
             pytest.warns(RuntimeWarning, match="non-finite"),
-            pytest.raises(NonFiniteLossError, match=r"no update survived.*untrained"),
+            pytest.raises(NonFiniteLossError, match=r"no update survived.*started from"),
         ):
             train(
                 module,
@@ -151,6 +151,40 @@ def test_an_update_that_breaks_the_model_is_never_kept_even_the_last_one():
                 generator=torch.Generator().manual_seed(0),
             )
         assert weight.item() == 0.0  # the only weights that ever gave a finite loss
+
+
+@pytest.mark.parametrize("n_batches", [1, 2, 3])
+def test_a_stage_that_kept_no_update_is_an_error_however_its_epochs_are_cut(n_batches):
+    """With several batches an epoch could end on a restore, and the next finite loss
+    (of the restored start weights) once counted as progress."""
+    weight = nn.Parameter(torch.zeros(1, dtype=torch.float32))
+    module = nn.Module()
+    module.weight = weight
+    data = (torch.zeros(4 * n_batches, 1),)
+    with (
+        pytest.warns(RuntimeWarning),
+        pytest.raises(NonFiniteLossError, match="no update survived"),
+    ):
+        train(module, lambda b, _: ((weight - 1.0) ** 2).sum() + 0.0 * b[0].sum(), data,
+              TrainConfig(max_epochs=4, batch_size=4, learning_rate=1e30),
+              generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert weight.item() == 0.0
+
+
+def test_one_bad_step_in_a_one_epoch_stage_is_a_warning_not_an_error():
+    """A stage that kept updates before its only bad step returns them (it raised once)."""
+    weight = nn.Parameter(torch.full((1,), 0.9))
+    module = nn.Module()
+    module.weight = weight
+
+    def objective(batch, step):  # step 2 of 4 is non-finite
+        return ((weight - 1.0) ** 2).sum() * (math.nan if step == 2 else 1.0)
+
+    with pytest.warns(RuntimeWarning, match="non-finite"):
+        result = train(module, objective, (torch.zeros(16, 1),),
+                       TrainConfig(max_epochs=1, batch_size=4, learning_rate=1e-3),
+                       generator=torch.Generator().manual_seed(0))  # fmt: skip
+    assert result.n_bad_steps == 1 and math.isfinite(weight.item())
 
 
 def test_a_stage_whose_later_updates_are_undone_keeps_its_progress_without_error():

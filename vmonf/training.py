@@ -308,10 +308,11 @@ class _LoopState:
     epoch_order_state: Tensor | None = None  # generator state that draws the epoch's order
     # An epoch ended: its weights become the "last good" ones once a loss proves them finite.
     good_due: bool = False
-    # Progress that no restore has undone: updates since the last one, and whether the
-    # last good weights are any but the stage's starting ones.
+    # Updates applied since the last restore, in all, and those a later finite loss
+    # confirmed: a stage whose every update was undone has kept none.
     updates_since_restore: int = 0
-    good_moved: bool = False
+    n_updates: int = 0
+    n_confirmed: int = 0
 
 
 def _result_fields(result: TrainResult) -> dict[str, object]:
@@ -517,13 +518,15 @@ def train(
                     )
                 state.step += 1
                 continue
+            if state.updates_since_restore:  # the last update gave this finite loss
+                state.n_confirmed += 1
             if state.good_due:  # the weights the last epoch ended on just gave a finite loss
                 good.take(module)
                 state.good_due = False
-                state.good_moved = True
             last_batch = batch
             optimizer.step()
             state.updates_since_restore += 1
+            state.n_updates += 1
             state.epoch_total += float(loss) * batches.global_size
             state.epoch_seen += batches.global_size
             state.step += 1
@@ -582,11 +585,13 @@ def train(
             "started and no step was finite",
             result,
         )
-    if result.n_bad_steps and not (state.updates_since_restore or state.good_moved):
+    if result.n_bad_steps and state.n_updates and not state.n_confirmed:
+        if best is not None:
+            best.restore(module)
         raise NonFiniteLossError(
-            f"no update survived: each made the next loss non-finite and was undone "
-            f"({result.n_bad_steps} non-finite steps), so the parameters are the untrained "
-            "ones. Lower learning_rate, or check the data for extreme values.",
+            f"no update survived: each of the {state.n_updates} update(s) made the next "
+            "loss non-finite and was undone, so the parameters are those the stage started "
+            "from. Lower learning_rate, or check the data for extreme values.",
             result,
         )
     if best is not None and config.patience is not None:
@@ -613,7 +618,9 @@ def _check_last_update(
     module.train()  # modes as in training: a compiled objective is not recompiled
     empty = batch[0].shape[0] == 0  # this rank's shard of the last global batch
     broken = not empty and not bool(torch.isfinite(objective(batch, state.step).detach()))
-    if any_rank(broken, device):
+    if not any_rank(broken, device):
+        state.n_confirmed += state.updates_since_restore > 0
+    else:
         result.n_bad_steps += 1
         good.restore(module)
         state.updates_since_restore = 0
@@ -657,6 +664,8 @@ def _resume(
         good.state = dict(progress["good"])
         for key, value in progress["loop"].items():
             setattr(state, key, value)
+        if "n_confirmed" not in progress["loop"]:  # a state from before the count:
+            state.n_confirmed = 1  # assume progress rather than fail a resumed fit
         for key, value in progress["result"].items():
             setattr(result, key, value)
         set_rng_state(progress["rng"])
