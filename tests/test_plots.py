@@ -347,6 +347,10 @@ def test_decision_regions_read_a_label_column_as_labels_and_refuse_nan(tmp_path,
         lambda p: (p[:, :1] > 0).astype(int), bounds, tmp_path / "r.png", resolution=10
     )
     assert palettes == [2]  # two regions, labels 0 and 1
+    plots.plot_decision_regions(  # K = 1: predict_proba's (M, 1) column of ones
+        lambda p: np.ones((len(p), 1)), bounds, tmp_path / "k1.png", resolution=10
+    )
+    assert palettes[-1] == 1  # one region, component 0 (was read as label 1)
     with pytest.raises(ValueError, match="NaN probabilities"):
         plots.plot_decision_regions(
             lambda p: np.full((len(p), 2), np.nan), bounds, tmp_path / "n.png", resolution=10

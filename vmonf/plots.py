@@ -387,8 +387,8 @@ def plot_decision_regions(
 ) -> Path:
     """Filled regions of the predicted component over ``bounds``, data points on top.
 
-    ``predict`` maps (M, 2) points to (M,) (or (M, 1)) integer labels, or to (M, K)
-    probabilities, K >= 2 (e.g. q(c|x)), whose argmax is taken. Points ``X`` (N, 2) are
+    ``predict`` maps (M, 2) points to (M,) (or an (M, 1) integer column of) labels, or
+    to (M, K) probabilities (e.g. q(c|x)), whose argmax is taken. Points ``X`` (N, 2) are
     coloured by ``y`` (N,) when given (-1 = unlabelled, grey), black otherwise.
     """
     if not callable(predict):
@@ -405,14 +405,15 @@ def plot_decision_regions(
     grid = np.column_stack([xx.ravel(), yy.ravel()])
     with unnamed_points():
         raw = _to_numpy(predict(grid))
-    if raw.ndim == 2 and raw.shape[0] == grid.shape[0] and raw.shape[1] > 1:
+    label_column = raw.ndim == 2 and raw.shape[1:] == (1,) and raw.dtype.kind in "iub"
+    if raw.ndim == 2 and raw.shape[0] == grid.shape[0] and not label_column:
         probabilities = raw.astype(np.float64)
         if np.isnan(probabilities).any():
             raise ValueError("predict returned NaN probabilities on the grid")
         region = np.argmax(probabilities, axis=1)
         n_from_proba = raw.shape[1]
-    else:  # labels, also as an (M, 1) column
-        raw = raw.reshape(-1) if raw.ndim == 2 and raw.shape[1:] == (1,) else raw
+    else:  # labels, also as an (M, 1) integer column
+        raw = raw.reshape(-1) if label_column else raw
         region = check_integer_labels(raw, "predict(...) output", grid.shape[0])
         n_from_proba = 0
     if (region < 0).any():
