@@ -472,8 +472,16 @@ def test_results_cached_data_and_figures_are_written_atomically(tmp_path, monkey
             return int(np.load(path)["v"][0])
         return written.index(path.read_bytes()) * 2 + 1  # 1 or 3, as written
 
+    old_umask = os.umask(0o077)  # a new file gets what open() would give it ...
+    try:
+        write(1)
+    finally:
+        os.umask(old_umask)
+    assert path.stat().st_mode & 0o777 == 0o600
+    path.chmod(0o640)  # ... and a replaced one keeps its mode
     write(1)
-    assert path.stat().st_mode & 0o777 == 0o644
+    assert path.stat().st_mode & 0o777 == 0o640
+    del written[1:]
     real_fsync = os.fsync
     monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError("disk full")))
     with pytest.raises(OSError, match="disk full"):

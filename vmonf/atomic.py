@@ -28,16 +28,16 @@ def write_file_atomically(path: Path, write_file: Callable[[Path], object]) -> P
     suffix, for writers that choose the format by it), fsync it, rename it over
     ``path`` and fsync the folder; the temporary file is removed on any failure.
 
-    The file gets a data file's usual permissions (0644, not mkstemp's 0600), so that a
-    shared folder stays readable. Concurrent writers each use their own temporary file:
-    the last rename wins.
+    The file keeps the mode of the file it replaces, and a new one gets the mode that
+    ``open`` would give it (0666 less the umask), not mkstemp's 0600. Concurrent writers
+    each use their own temporary file: the last rename wins.
     """
     fd, tmp_name = tempfile.mkstemp(
         prefix=f".{path.name}.", suffix=f".tmp{path.suffix}", dir=path.parent
     )
     os.close(fd)
     try:
-        os.chmod(tmp_name, 0o644)
+        os.chmod(tmp_name, _mode_for(path))
         write_file(Path(tmp_name))
         _fsync(tmp_name)
         os.replace(tmp_name, path)
@@ -46,6 +46,16 @@ def write_file_atomically(path: Path, write_file: Callable[[Path], object]) -> P
         Path(tmp_name).unlink(missing_ok=True)
         raise
     return path
+
+
+def _mode_for(path: Path) -> int:
+    """The permission bits the file at ``path`` has, or a new file would get."""
+    try:
+        return path.stat().st_mode & 0o777
+    except FileNotFoundError:
+        umask = os.umask(0)  # read it: os has no getter
+        os.umask(umask)
+        return 0o666 & ~umask
 
 
 def _fsync(path: str | Path) -> None:
