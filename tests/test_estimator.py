@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import pickle
 import time
@@ -876,6 +877,12 @@ def test_save_inside_the_callback_is_refused_and_the_fit_rolled_back(tmp_path, r
     if refit:
         np.testing.assert_array_equal(model.score_samples(X), before)
     model.set_params(callback=None).fit(X).save(tmp_path / "after.pt")
+    copies = []  # a copy taken inside a fit is not flagged, but holds no finished fit
+    model.set_params(callback=lambda est, epoch: copies.append(copy.deepcopy(est)))
+    model.fit(X[:60])
+    copies[0].set_params(callback=None)
+    with pytest.raises(ValueError, match="holds an unfinished fit"):
+        copies[0].save(tmp_path / "copy.pt")
 
 
 def test_restarts_of_the_exact_marginal_are_chosen_by_log_likelihood(monkeypatch):

@@ -12,6 +12,7 @@ import math
 import os
 import time
 import warnings
+import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext
@@ -156,6 +157,10 @@ def check_loadable_device(
             f"{path} was fitted with device='cuda' and CUDA is not available here: "
             f"load it with {loader}.load(path, device='cpu')"
         )
+
+
+# Estimators inside fit(): how many fits of each are running (a callback may refit).
+_FITTING: weakref.WeakKeyDictionary[MixtureEstimator, int] = weakref.WeakKeyDictionary()
 
 
 def kmeans_clusters(x: Tensor, n_clusters: int, seed: int) -> Tensor:
@@ -457,8 +462,12 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         generator = torch.Generator().manual_seed(seed)
         interruptible = nullcontext() if checkpointer is None else checkpointer.interruptible()
         before = self._fitted_attributes()
+        for name in before:  # mid-fit (a callback, a copy) shows no previous fit's results
+            delattr(self, name)
         started = time.perf_counter()
-        self._fitting = True  # save() refuses a half-set fit (e.g. from the callback)
+        # save() refuses a half-set fit (e.g. from the callback); kept beside the
+        # estimator, not on it, so that a copy or pickle taken meanwhile does not carry it
+        _FITTING[self] = _FITTING.get(self, 0) + 1
         try:
             # What this fit computes with: set_params after it changes the next fit, not
             # this one's predictions or what save() writes beside its weights.
@@ -493,7 +502,9 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             self.__dict__.update(before)
             raise
         finally:
-            self.__dict__.pop("_fitting", None)
+            _FITTING[self] -= 1
+            if not _FITTING[self]:
+                del _FITTING[self]
         self.fit_time_ = _fit_time(started, checkpointer)
         return self
 
@@ -602,14 +613,21 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     def save(self, path: str | os.PathLike) -> Path:
         """Write the fitted estimator atomically (weights and plain data only; not the
         ``callback``, nor the ``checkpoint`` path of the fit's training state)."""
-        if getattr(self, "_fitting", False):
+        if self in _FITTING:
             raise ValueError(
                 f"{type(self).__name__}.save() is not available while fit() runs (e.g. in "
                 "its callback): the fitted attributes belong to no single fit yet. Save "
                 "after fit returns, or pass checkpoint= to keep mid-fit training states"
             )
         self._check_is_fitted()
-        return save_checkpoint(self._to_payload(), path, self._checkpoint_kind)
+        try:
+            payload = self._to_payload()
+        except AttributeError as exc:  # e.g. a copy taken inside a first fit's callback
+            raise ValueError(
+                f"this {type(self).__name__} holds an unfinished fit ({exc}): fit it to the "
+                "end before saving"
+            ) from None
+        return save_checkpoint(payload, path, self._checkpoint_kind)
 
     def _to_payload(self) -> dict[str, Any]:
         """What :meth:`save` writes: plain data and CPU tensors only."""
