@@ -98,6 +98,17 @@ class Generators(nn.Module, ABC):
             lambda m: self._sample(m, generator), components, self.n_components
         )
 
+    def _check_fit_inputs(self, x: Tensor, weights: Tensor) -> None:
+        """x (N, D) of the generators' dtype; weights (N, K), non-negative, not NaN."""
+        check_points(x, self.n_features, self._reference.dtype, "x", computed_by="generators")
+        if not isinstance(weights, Tensor) or weights.shape != (x.shape[0], self.n_components):
+            raise ValueError(
+                f"weights must be a ({x.shape[0]}, {self.n_components}) tensor, one row per "
+                f"point and one column per generator, got {getattr(weights, 'shape', weights)}"
+            )
+        if not bool((weights >= 0).all()):  # NaN fails too
+            raise ValueError("weights must be non-negative (and not NaN)")
+
     def fit_weighted(
         self,
         x: Tensor,
@@ -124,14 +135,7 @@ class Generators(nn.Module, ABC):
         slice of Adam's carried moments does move: should it win points back, its
         first steps can be larger than the learning rate.)
         """
-        check_points(x, self.n_features, self._reference.dtype, "x", computed_by="generators")
-        if not isinstance(weights, Tensor) or weights.shape != (x.shape[0], self.n_components):
-            raise ValueError(
-                f"weights must be a ({x.shape[0]}, {self.n_components}) tensor, one row per "
-                f"point and one column per generator, got {getattr(weights, 'shape', weights)}"
-            )
-        if not bool((weights >= 0).all()):  # NaN fails too
-            raise ValueError("weights must be non-negative (and not NaN)")
+        self._check_fit_inputs(x, weights)
         stacked_loss = self.stacked_loss
         if compile:
             stacked_loss = torch.compile(stacked_loss, dynamic=True)
@@ -347,6 +351,7 @@ class KMeansGenerators(Generators):
     ) -> TrainResult:
         """Closed form: mu_k = sum_i w_ik x_i / sum_i w_ik (a centre with no weight stays;
         deterministic, so there is nothing to checkpoint, compile or optimise)."""
+        self._check_fit_inputs(x, weights)
         total = weights.sum(0)
         means = (weights.T @ x) / total.clamp_min(1e-300)[:, None]
         self.centres.copy_(torch.where(total[:, None] > 0, means, self.centres))

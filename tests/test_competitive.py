@@ -166,6 +166,8 @@ def test_fit_weighted_and_sample_components_refuse_what_they_would_silently_bend
             gens.fit_weighted(x, weights, config, torch.Generator())
     with pytest.raises(TypeError, match="integer component indices"):
         gens.sample_components(torch.tensor([0.5, 1.0]), None)
+    with pytest.raises(ValueError, match="non-negative"):  # the closed-form override too
+        KMeansGenerators(2, 3).fit_weighted(x, -torch.ones(10, 3), config, torch.Generator())
     assert gens.sample_components(torch.tensor([0.0, 2.0]), None).shape == (2, 2)
 
 

@@ -411,6 +411,10 @@ def test_numpy_settings_save_and_load(digits, tmp_path):
         model.bits_per_dim(X[:5], bound="yes")
     with pytest.raises(TypeError, match="estimator_class must be a MixtureEstimator subclass"):
         ImageMixture.load(tmp_path / "m.pt", estimator_class="VMoNF")
+    from competitive import CompetitiveMixture
+
+    with pytest.raises(TypeError, match="wraps a VMoNF estimator, not a CompetitiveMixture"):
+        ImageMixture.load(tmp_path / "m.pt", estimator_class=CompetitiveMixture)
 
 
 def test_image_helpers_check_their_inputs(digits, tmp_path):

@@ -305,6 +305,10 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
                 f"{path} wraps a {kind} estimator, which is not imported: import the module "
                 "that defines it (e.g. `import competitive`) or pass estimator_class"
             )
+        if inner_cls._checkpoint_kind != kind:
+            raise TypeError(
+                f"{path} wraps a {kind} estimator, not a {inner_cls.__name__} (estimator_class)"
+            )
         try:
             check_loadable_device(payload.get("estimator"), device, path, cls.__name__)
             estimator = inner_cls._from_payload(payload["estimator"], device, "its estimator")

@@ -67,7 +67,8 @@ class VariationalMixture(nn.Module):
         if y.shape != (n,):
             raise ValueError(f"y must have shape ({n},), one label per point, got {tuple(y.shape)}")
         k = self.mixture.n_components
-        if y.numel() and bool((y.min() < -1) | (y.max() >= k)):
+        # The range needs the values: checked on the CPU only (a GPU would sync each step).
+        if y.numel() and y.device.type == "cpu" and bool((y.min() < -1) | (y.max() >= k)):
             raise ValueError(f"y must hold labels in [-1, {k}) (-1 = unlabelled)")
 
     def elbo(self, x: Tensor, temperature: float | None = None, top_k: int | None = None) -> Tensor:
