@@ -392,17 +392,14 @@ def gaussian_kde_log_density(queries: object, centres: object, bandwidth: float)
 
 def kde_bandwidth_grid(h0: float) -> np.ndarray:
     """The protocol's bandwidth grid (14,): ``h0 * 2**(k - 7)`` for k = 0..13."""
-    grid = _bandwidth_grid(check_positive_float(h0, "h0"))
+    h0 = check_positive_float(h0, "h0")
+    grid = h0 * 2.0 ** (np.arange(14) - 7)
     if not MIN_BANDWIDTH <= grid[0] <= grid[-1] <= MAX_BANDWIDTH:
         raise ValueError(
             f"h0 = {h0:g} gives a grid beyond [{MIN_BANDWIDTH:g}, {MAX_BANDWIDTH:g}]: "
             "standardise the points first"
         )
     return grid
-
-
-def _bandwidth_grid(h0: float) -> np.ndarray:
-    return h0 * 2.0 ** (np.arange(14) - 7)
 
 
 def _gaps(points: np.ndarray) -> np.ndarray:
@@ -468,12 +465,13 @@ def kde_log_likelihood(
         if positive.size == 0:
             raise ValueError("generated points are all identical: no KDE bandwidth can be set")
         h0 = float(np.median(positive))
-    bandwidths = _bandwidth_grid(h0)
-    if not MIN_BANDWIDTH <= bandwidths[0] <= bandwidths[-1] <= MAX_BANDWIDTH:
+    try:
+        bandwidths = kde_bandwidth_grid(h0)
+    except ValueError:  # said in the caller's terms
         raise ValueError(
             f"generated points lie {h0:.3g} apart, a scale whose bandwidth grid leaves "
             f"[{MIN_BANDWIDTH:g}, {MAX_BANDWIDTH:g}]: standardise generated and test first"
-        )
+        ) from None
     selection_scores = _kde_log_density_multi(select, centres, bandwidths).mean(axis=1)
     best = int(np.argmax(selection_scores))
     bandwidth = float(bandwidths[best])
