@@ -337,7 +337,7 @@ def _capture(monkeypatch, target, name):
         def __init__(self, *args, **kwargs):
             seen.update(kwargs)
 
-        _torch_device = "cpu"
+        device = "cpu"
 
         def get_params(self):
             return {}

@@ -28,7 +28,7 @@ import torch
 
 from vmonf import __version__, datasets, reporting
 from vmonf._validation import MAX_SEED
-from vmonf.base import MixtureEstimator
+from vmonf.base import MixtureEstimator, torch_device
 from vmonf.distributed import init_from_env, is_main_process
 from vmonf.estimator import VMoNF
 from vmonf.flows import MAX_BASE_DF, MIN_BASE_DF
@@ -258,7 +258,7 @@ def _checked_only(args: argparse.Namespace, estimator: MixtureEstimator) -> bool
     (``args.check_only``, set before a relaunch)."""
     estimator._validate_settings()
     estimator._check_n_samples(args.n_train)
-    estimator._torch_device  # noqa: B018 (an unavailable device raises)
+    torch_device(estimator.device)  # an unavailable one (cuda here) raises
     return bool(getattr(args, "check_only", False))
 
 
