@@ -430,3 +430,9 @@ def test_a_wide_pinwheel_samples_finite_points():
     in 1000. Beyond r_max the angle is uniform, as the density treats it."""
     X, _ = datasets.toy("pinwheel", radial_std=1000).sample(1000, seed=0)
     assert np.isfinite(X).all()
+
+
+def test_a_toy_parameter_called_name_is_reported_as_unknown():
+    """It clashed with toy()'s own argument: "got multiple values for argument 'name'"."""
+    with pytest.raises(TypeError, match="unknown parameter"):
+        datasets.toy("moons", name="x")

@@ -23,7 +23,7 @@ def available_toys() -> list[str]:
     return sorted(TOYS)
 
 
-def toy(name: str, **params: object) -> ToyDistribution:
+def toy(name: str, /, **params: object) -> ToyDistribution:
     """Build the toy distribution ``name`` with keyword ``params`` (defaults otherwise).
 
     Raises ``ValueError`` for an unknown name and ``TypeError`` for an unknown parameter.
