@@ -62,6 +62,15 @@ def as_numpy(x: object, name: str = "X") -> object:
     return x.cpu().numpy()
 
 
+def check_real_numbers(arr: np.ndarray, name: str) -> None:
+    """Refuse an array of anything but real numbers (bools count): ``TypeError`` for
+    other dtypes, ``ValueError`` for complex ones (scikit-learn's words)."""
+    if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
+        raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
+    if np.iscomplexobj(arr):
+        raise ValueError(f"Complex data not supported: {name} has dtype {arr.dtype}")
+
+
 def check_array(
     X: object,
     name: str = "X",
@@ -89,10 +98,7 @@ def check_array(
             arr = arr.astype(np.float64)
     except Exception as exc:  # ragged lists, strings in an object array and the like
         raise TypeError(f"{name} must be array-like of numbers: {exc}") from None
-    if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
-        raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
-    if np.iscomplexobj(arr):
-        raise ValueError(f"Complex data not supported: {name} has dtype {arr.dtype}")
+    check_real_numbers(arr, name)
     if arr.ndim == 1 and allow_1d:
         arr = arr[:, None]
     if arr.ndim >= 3 and allow_images:

@@ -26,6 +26,7 @@ from vmonf._validation import (
     check_integer_labels,
     check_positive_float,
     check_positive_int,
+    check_real_numbers,
     check_seed,
 )
 
@@ -59,12 +60,7 @@ def _check_log_probs(values: object, name: str, *, allow_posinf: bool = False) -
     """Return per-point log densities as float64 (N,), N >= 1; NaN and (unless
     ``allow_posinf``) +inf raise, -inf is kept."""
     arr = np.asarray(as_numpy(values, name))
-    if arr.dtype == object or not (
-        np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)
-    ):
-        raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
-    if np.iscomplexobj(arr):
-        raise ValueError(f"Complex data not supported: {name} has dtype {arr.dtype}")
+    check_real_numbers(arr, name)
     if arr.ndim != 1:
         raise ValueError(f"{name} must be 1-D of shape (n_samples,), got shape {arr.shape}")
     if arr.shape[0] == 0:

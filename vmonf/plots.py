@@ -35,6 +35,7 @@ from vmonf._validation import (
     check_output_file,
     check_positive_float,
     check_positive_int,
+    check_real_numbers,
     unnamed_points,
 )
 from vmonf.atomic import write_atomically, write_file_atomically
@@ -122,10 +123,7 @@ def _to_numpy(x: object) -> np.ndarray:
 def _numbers(x: object, name: str) -> np.ndarray:
     """``x`` as a float64 array; TypeError naming ``name`` for anything but numbers."""
     arr = _to_numpy(x)
-    if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
-        raise TypeError(f"{name} must hold numbers, got dtype {arr.dtype}")
-    if np.iscomplexobj(arr):
-        raise TypeError(f"{name} must hold real numbers, got dtype {arr.dtype}")
+    check_real_numbers(arr, name)
     return arr.astype(np.float64, copy=False)
 
 
@@ -490,8 +488,7 @@ def plot_training_curves(
                 f"history[{key!r}] must be a non-empty sequence of numbers or of rows, got "
                 f"shape {arr.shape}"
             )
-        if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
-            raise TypeError(f"history[{key!r}] must hold numbers, got dtype {arr.dtype}")
+        check_real_numbers(arr, f"history[{key!r}]")
         series.append((str(key), arr.astype(np.float64)))
     if isinstance(log_scale, str) or not isinstance(log_scale, Sequence | set | frozenset):
         raise TypeError(
@@ -575,8 +572,7 @@ def plot_image_grid(
     row of the mosaic) are written left of the rows.
     """
     arr = _to_numpy(images)
-    if not (np.issubdtype(arr.dtype, np.number) or np.issubdtype(arr.dtype, np.bool_)):
-        raise TypeError(f"images must hold numbers, got dtype {arr.dtype}")
+    check_real_numbers(arr, "images")
     if arr.ndim == 4 and arr.shape[-1] == 1:
         arr = arr[..., 0]
     if not (arr.ndim == 3 or (arr.ndim == 4 and arr.shape[-1] == 3)):
