@@ -12,7 +12,8 @@ beside it:
   true density) and ``log p_k - log p_mix`` (the fitted mixture);
 * :func:`compare_log_ratios` scores an estimate against a target: per component
   Spearman and Pearson correlation, mean absolute error, bias, the share of points
-  where D saturates; overall the agreement of the two argmaxes and their ARI;
+  where D saturates; overall the agreement of the two argmaxes (on all points, and on
+  the points whose exact argmax is decisive) and their ARI;
 * :func:`compare_with_exact` does all three; :class:`RoundTracker` does it after
   every round of a competitive run (a ``callback``).
 
@@ -55,6 +56,10 @@ __all__ = [
 ]
 
 STAT_NAMES = ("spearman", "pearson", "mae", "bias", "mae_owned", "saturated")
+#: Nats by which a point's exact best component must lead the runner-up for the exact
+#: argmax to count as decisive (:attr:`RatioStats.decisive_agreement`): a density e = 2.7
+#: times the runner-up's.
+DECISIVE_MARGIN = 1.0
 
 
 # --------------------------------------------------------------------------- exact side
@@ -178,7 +183,7 @@ def discriminator_estimate(
     Real = the rows of ``X_train`` (N, D), fake = N samples of each component, in the
     estimator's standardised units; architecture and optimiser are ``settings``'
     discriminator parameters (default: the estimator's own if it is a
-    :class:`CompetitiveMixture`, else that class's defaults: the paper's 2-500-500-1
+    :class:`CompetitiveMixture`, else that class's defaults: a 2-500-500-1
     MLP, 2 epochs, batch 32, Adam 8e-4 with beta1 0.5). The ratio is normalised over
     ``X_train`` and evaluated at ``X_eval`` (M, D). ``max_time`` caps the training in
     seconds. The caller's global torch RNG is left untouched; ``random_state`` seeds
@@ -239,8 +244,13 @@ class RatioStats:
     points far from component k, tens of nats below, where no sample of k fell for
     its discriminator to learn from), ``saturated`` (share of points
     where D_k lies within ``saturation`` of 0 or 1; NaN without logits). Overall:
-    ``agreement`` (share of points where the two argmaxes agree) and ``ari``
-    (adjusted Rand index of the two partitions).
+    ``agreement`` (share of points where the two argmaxes agree), ``ari`` (adjusted
+    Rand index of the two partitions), ``decisive_share`` (share of points whose exact
+    best component leads the runner-up by at least ``margin`` nats; all points when
+    K = 1) and ``decisive_agreement`` (the agreement on those points; NaN if none). On
+    the others the exact assignment is close to a tie, decided by differences an
+    estimate cannot be expected to resolve (and a near-tie partition, e.g. right after
+    every flow was trained on all the data, says little about the estimate).
     """
 
     spearman: np.ndarray
@@ -251,6 +261,8 @@ class RatioStats:
     saturated: np.ndarray
     agreement: float
     ari: float
+    decisive_share: float
+    decisive_agreement: float
 
     def summary(self) -> dict[str, float]:
         """Means over components (NaN-aware) plus ``agreement`` and ``ari``."""
@@ -258,12 +270,20 @@ class RatioStats:
         for name in STAT_NAMES:
             values = getattr(self, name)
             out[name] = float(np.nanmean(values)) if np.isfinite(values).any() else math.nan
-        return {**out, "agreement": self.agreement, "ari": self.ari}
+        return {**out, **self._overall()}
+
+    def _overall(self) -> dict[str, float]:
+        return {
+            "agreement": self.agreement,
+            "ari": self.ari,
+            "decisive_share": self.decisive_share,
+            "decisive_agreement": self.decisive_agreement,
+        }
 
     def as_dict(self) -> dict[str, Any]:
         """Plain lists and floats (JSON-ready)."""
         per = {name: getattr(self, name).tolist() for name in STAT_NAMES}
-        return {**per, "agreement": self.agreement, "ari": self.ari}
+        return {**per, **self._overall()}
 
 
 def _correlation(fn: Any, a: np.ndarray, b: np.ndarray) -> float:
@@ -299,17 +319,20 @@ def compare_log_ratios(
     *,
     logits: object | None = None,
     saturation: float = 1e-3,
+    margin: float = DECISIVE_MARGIN,
 ) -> RatioStats:
     """Score an estimate (N, K) of log-ratios against the exact values (N, K), nats.
 
     ``logits`` (N, K), log D/(1 - D), give the saturation share: D_k(x) < ``saturation``
-    or > 1 - ``saturation``. See :class:`RatioStats`.
+    or > 1 - ``saturation``. ``margin`` (nats) is the lead over the runner-up that makes
+    a point's exact argmax decisive. See :class:`RatioStats`.
     """
     est = _check_ratio_array(estimate, "estimate")
     ref = _check_ratio_array(exact, "exact")
     if est.shape != ref.shape:
         raise ValueError(f"estimate and exact differ in shape: {est.shape} and {ref.shape}")
     eps = _check_saturation(saturation)
+    margin = check_positive_float(margin, "margin")
     k = est.shape[1]
     if logits is None:
         saturated = np.full(k, math.nan)
@@ -319,6 +342,8 @@ def compare_log_ratios(
             raise ValueError(f"logits must have shape {est.shape}, got {lg.shape}")
         saturated = (np.abs(lg) > math.log((1.0 - eps) / eps)).mean(axis=0)
     est_owner, exact_owner = est.argmax(axis=1), ref.argmax(axis=1)
+    agrees = est_owner == exact_owner
+    decisive = _exact_lead(ref) >= margin
     error = est - ref
     mae_owned = np.array(
         [np.abs(error[exact_owner == j, j]).mean() if (exact_owner == j).any() else math.nan
@@ -331,9 +356,19 @@ def compare_log_ratios(
         bias=error.mean(axis=0),
         mae_owned=mae_owned,
         saturated=saturated,
-        agreement=float((est_owner == exact_owner).mean()),
+        agreement=float(agrees.mean()),
         ari=adjusted_rand_index(exact_owner, est_owner),
+        decisive_share=float(decisive.mean()),
+        decisive_agreement=float(agrees[decisive].mean()) if decisive.any() else math.nan,
     )
+
+
+def _exact_lead(exact: np.ndarray) -> np.ndarray:
+    """(N,) nats by which each row's best entry leads its second best (inf if K = 1)."""
+    if exact.shape[1] == 1:
+        return np.full(exact.shape[0], math.inf)
+    top_two = np.partition(exact, -2, axis=1)[:, -2:]
+    return top_two[:, 1] - top_two[:, 0]
 
 
 # --------------------------------------------------------------------------- together

@@ -48,7 +48,7 @@ class ComponentSampler(Protocol):
 class Discriminators(nn.Module):
     """K binary classifiers (data vs generator k) evaluated together.
 
-    Paper defaults: MLP D -> 500 -> 500 -> 1 with ReLU, batched as
+    Default: MLP D -> 500 -> 500 -> 1 with ReLU (:class:`CompetitiveMixture`), batched as
     :class:`vmonf.coupling.BatchedMLP` (K, in, out) weights.
     """
 

@@ -139,9 +139,11 @@ class CompetitiveMixture(MixtureEstimator):
         latent_features, decoder_noise: VAE latent size; sample p(x|z) or its mean.
         discriminator_hidden, discriminator_layers, discriminator_epochs,
             discriminator_batch_size, discriminator_learning_rate,
-            discriminator_betas: the paper's defaults (2-500-500-1 ReLU MLP, 2
-            epochs, batch 32, Adam 8e-4 with beta1 0.5), real = all training
-            points, fake = as many samples of each generator.
+            discriminator_betas: defaults 2-500-500-1 ReLU MLP, 2 epochs, batch 32,
+            Adam 8e-4 with beta1 0.5 (the settings the project's references record
+            for the competitive-training paper; its appendix itself says only "a
+            similar architecture" to its 2 x 50 VAEs and Adam 0.005, beta 0.5, batch
+            32), real = all training points, fake = as many samples of each generator.
         keep_discriminators: continue training the same discriminators every round
             instead of fresh ones.
         max_epochs: generator epochs per round (the paper: 10).
@@ -165,9 +167,9 @@ class CompetitiveMixture(MixtureEstimator):
 
     Fitted attributes: ``weights_`` (K,), ``labels_`` ((N,), the owner of each row of X;
     held-out rows get the final assignment rule's choice, -1 where no rule was
-    trained), ``history_`` (per round: ``share`` (K,), ``n_changed``,
-    ``val_score`` (with ``validation_fraction`` > 0: held-out mean log p(x), nats; an
-    ELBO bound for VAEs),
+    trained), ``history_`` (per round: ``share`` (K,), ``n_changed``, ``epochs`` (the
+    generators' epochs in the round), ``val_score`` (with ``validation_fraction`` > 0:
+    held-out mean log p(x), nats; an ELBO bound for VAEs),
     ``round_time`` and ``time`` (s, training only: the callback's time left out)),
     ``n_iter_`` (rounds), ``converged_`` (False, with a ConvergenceWarning, while
     assignments still changed at the last round (``tol`` set) or time ran out, or when
@@ -617,7 +619,7 @@ class CompetitiveMixture(MixtureEstimator):
         initial_score = self._mean_score(x_train)  # the untrained model's, for divergence
         self.pretrain_time_ = math.nan  # set when pre-training ends
         history: dict[str, list[Any]] = {
-            "share": [], "n_changed": [], "round_time": [], "time": [],
+            "share": [], "n_changed": [], "epochs": [], "round_time": [], "time": [],
             **({} if x_val is None else {"val_score": []}),
         }  # fmt: skip
         progress = _Progress(owners=init.argmax(1))
@@ -773,6 +775,7 @@ class CompetitiveMixture(MixtureEstimator):
                     (torch.bincount(owners, minlength=k).double() / owners.numel()).tolist()
                 )
                 history["n_changed"].append(changed)
+                history["epochs"].append(trained.n_epochs)  # fewer if max_time cut it short
                 if x_val is not None:
                     history["val_score"].append(self._mean_score(x_val))
                 history["round_time"].append(time.perf_counter() - round_started)

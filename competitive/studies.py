@@ -253,7 +253,10 @@ def _epochs_trained(model: Any, case: Case, settings: StudySettings) -> int | No
     if isinstance(model, CompetitiveMixture):
         if model.max_rounds == 0:  # a baseline: pre-training is all of it
             return int(model.pretrain_epochs)
-        return pretrain_epochs(case, settings) + int(model.n_iter_) * round_epochs(case, settings)
+        rounds = model.history_.get("epochs")  # absent in models saved before it was kept
+        if rounds is None:
+            rounds = [round_epochs(case, settings)] * model.n_iter_
+        return pretrain_epochs(case, settings) + int(sum(rounds))
     return None
 
 
@@ -404,10 +407,16 @@ def run_study(
         )
     }
     uniform_disc = _competitive(case, k, seed, settings, init="uniform", assignment="discriminator")
-    uniform_tracker, _, _ = _tracked_run(uniform_disc, data)
+    uniform_tracker, *disc_fit = _tracked_run(uniform_disc, data)
     uniform_exact = _competitive(case, k, seed, settings, init="uniform")
-    _fit(uniform_exact, X, None)
-    rounds["uniform"] = _rounds_entry(uniform_tracker, uniform_disc, uniform_exact, X_test)
+    exact_fit = _fit(uniform_exact, X, None)
+    rounds["uniform"] = _rounds_entry(uniform_tracker, uniform_disc, uniform_exact, X_test) | {
+        # not rows of the tables above, but fits the time cap may have stopped too
+        "fits": {
+            name: {"fit_time": seconds, "convergence_warnings": messages}
+            for name, (seconds, messages) in (("discriminator", disc_fit), ("exact", exact_fit))
+        }
+    }
     if figures_dir is not None:
         exact_owner, disc_owner = uniform_tracker.owners[0]
         shown = slice(0, settings.figure_points)

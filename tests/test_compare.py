@@ -193,6 +193,25 @@ def test_compare_log_ratios_on_constructed_values():
     assert json.dumps(shifted.as_dict(), allow_nan=True)
 
 
+def test_agreement_on_decisive_points_leaves_out_near_ties():
+    # exact leads: 0.5, 2, 3 and 0.2 nats; the estimate's argmax is right on rows 1 and 3
+    exact = np.array([[0.0, -0.5], [0.0, -2.0], [-3.0, 0.0], [0.0, -0.2]])
+    estimate = np.array([[0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [1.0, 0.0]])
+    stats = compare_log_ratios(estimate, exact)
+    assert stats.agreement == 0.5
+    assert stats.decisive_share == 0.5  # rows 1 and 2 lead by >= 1 nat
+    assert stats.decisive_agreement == 0.5  # right on row 1, wrong on row 2
+    assert compare_log_ratios(estimate, exact, margin=2.5).decisive_agreement == 0.0
+    none = compare_log_ratios(estimate, exact, margin=5.0)
+    assert none.decisive_share == 0.0 and math.isnan(none.decisive_agreement)
+    summary = stats.summary()
+    assert summary["decisive_agreement"] == 0.5 and summary["decisive_share"] == 0.5
+    one = compare_log_ratios(np.zeros((3, 1)), np.arange(3.0)[:, None])  # K = 1: no runner-up
+    assert one.decisive_share == 1.0 and one.decisive_agreement == 1.0
+    with pytest.raises(ValueError, match="margin"):
+        compare_log_ratios(estimate, exact, margin=0.0)
+
+
 @pytest.mark.parametrize(
     ("estimate", "exact", "kwargs", "match"),
     [

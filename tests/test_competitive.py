@@ -347,7 +347,7 @@ def test_by_default_every_point_trains_and_no_validation_score_is_kept():
 def test_fit_sets_history_and_weights(fitted):
     model, X, _ = fitted
     h = model.history_
-    assert set(h) == {"share", "n_changed", "val_score", "round_time", "time"}
+    assert set(h) == {"share", "n_changed", "epochs", "val_score", "round_time", "time"}
     assert len(h["share"]) == model.n_iter_ and all(len(s) == 3 for s in h["share"])
     assert all(np.isfinite(h["val_score"]))
     np.testing.assert_allclose(model.weights_.sum(), 1.0)

@@ -4,6 +4,7 @@ they use, checked cell by cell on synthetic results (float64)."""
 from __future__ import annotations
 
 import argparse
+import copy
 import functools
 import math
 from types import SimpleNamespace
@@ -30,9 +31,15 @@ def _result(seed, kl, acc, ari, agreement, exact, disc, spearman, pearson):
               "fit_time": 1.0 + seed, "epochs": 4, "uses_labels": False,
               "convergence_warnings": ["VMoNF: ... raise max_time"] * seed}  # fmt: skip
     stats = {k: 0.0 for k in ("agreement", "ari", "mae", "mae_owned", "bias", "saturated")}
+    stats |= {"decisive_agreement": 0.9 + 0.1 * seed, "decisive_share": 0.25}
     cmp = {"truth": {**stats, "spearman": spearman, "pearson": pearson},
            "mixture": {**stats, "spearman": 0.0, "pearson": 0.0}}  # fmt: skip
-    rounds = {"history": {"agreement": agreement}, "log_likelihood_exact": exact,
+    history = {
+        "agreement": agreement,
+        "decisive_agreement": [a + 0.1 for a in agreement],
+        "decisive_share": [0.5] * len(agreement),
+    }
+    rounds = {"history": history, "log_likelihood_exact": exact,
               "log_likelihood_discriminator": disc, "rounds_exact": 2 + seed}  # fmt: skip
     return {
         "case": "toy", "seed": seed, "k": 2, "n_train": 10, "n_test": 10, "n_labelled": 4,
@@ -67,11 +74,28 @@ def test_report_tables_average_over_seeds_in_the_right_columns():
     assert row[-2:] == ["4.0 ± 0.0", "1.5 ± 0.7"]  # epochs trained, fit time
     assert _row(report.soft_hard_tables(RESULTS), "| GaussianMixture |")[-2] == "n/a"
     row = _row(report.rounds_markdown_table(RESULTS), "| toy | uniform |")
-    assert row[4] == "2.0 ± 0.0"  # the discriminator run's rounds = entries after round 0
-    assert row[5] == "2.5 ± 0.7"  # the exact run's, recorded apart
-    assert row[8] == "2.000 ± 0.000"  # exact - discriminator, positive here
+    assert row[2:7] == [  # agreement after pre-training and at the end, decisive points
+        "0.500 ± 0.000", "0.600 ± 0.000", "0.500 ± 0.000", "0.900 ± 0.141", "1.000 ± 0.141",
+    ]  # fmt: skip
+    assert row[7] == "2.0 ± 0.0"  # the discriminator run's rounds = entries after round 0
+    assert row[8] == "2.5 ± 0.7"  # the exact run's, recorded apart
+    assert row[11:13] == ["2.000 ± 0.000", "2 of 2"]  # exact - discriminator, seeds ahead
     row = _row(report.comparison_markdown_table(RESULTS), "| toy | VMoNF (ELBO) |")
-    assert row[4] == "0.120 ± 0.014" and row[5] == "0.980 ± 0.014"  # Spearman, Pearson
+    assert row[3:5] == ["0.950 ± 0.071", "0.250 ± 0.000"]  # decisive points, their share
+    assert row[6] == "0.120 ± 0.014" and row[7] == "0.980 ± 0.014"  # Spearman, Pearson
+
+
+def test_report_tables_read_results_from_before_the_decisive_agreement():
+    old = copy.deepcopy(RESULTS)
+    for result in old:
+        for comparison in result["comparisons"].values():
+            for key in ("decisive_agreement", "decisive_share"):  # the dicts are shared
+                comparison["truth"].pop(key, None)
+        for entry in result["rounds"].values():
+            entry["history"] = {"agreement": entry["history"]["agreement"]}
+    assert _row(report.rounds_markdown_table(old), "| toy | uniform |")[3:5] == ["n/a", "n/a"]
+    row = _row(report.comparison_markdown_table(old), "| toy | VMoNF (ELBO) |")
+    assert row[3:5] == ["n/a", "n/a"]
 
 
 def test_cells_of_methods_fitted_with_labels_are_marked():
@@ -85,6 +109,15 @@ def test_the_report_says_how_close_fits_came_to_the_budget():
     n_flow_fits = 2 * (len(studies.METHODS) - 1)  # GaussianMixture has no epochs
     assert text.startswith("The longest flow fit took 2.0 s")
     assert f"the cap stopped {n_flow_fits // 2} of {n_flow_fits}" in text  # seed 1's
+    # Section 3's uniform pre-training runs count too (older results have no "fits").
+    with_uniform = copy.deepcopy(RESULTS)
+    for result in with_uniform:
+        capped = {"fit_time": 9.5, "convergence_warnings": ["max_time stopped the fit"]}
+        fits = {"discriminator": capped, "exact": {"fit_time": 0.5, "convergence_warnings": []}}
+        result["rounds"]["uniform"] = {**result["rounds"]["uniform"], "fits": fits}
+    text = report._longest_fits(with_uniform)
+    assert text.startswith("The longest flow fit took 9.5 s (competitive (discriminator), ")
+    assert f"the cap stopped {n_flow_fits // 2 + 2} of {n_flow_fits + 4}" in text
 
 
 # --------------------------------------------------------------- report options (R5, R8)
@@ -333,8 +366,15 @@ def test_every_flow_method_is_planned_the_same_epochs(full_case, quick):
     # Epochs counted as trained: pre-training plus the rounds that ran.
     comp = built["competitive (exact)"]
     comp.n_iter_ = comp.max_rounds  # as after a fit that ran every round
+    comp.history_ = {"epochs": [comp.max_epochs] * comp.max_rounds}
     vmonf = built["VMoNF (ELBO)"]
     vmonf.n_iter_ = vmonf.max_epochs
+    assert studies._epochs_trained(comp, case, settings) == pretrain + case.epochs
+    comp.history_["epochs"][-1] = 1  # max_time cut the last round short: what ran counts
+    assert studies._epochs_trained(comp, case, settings) == pretrain + case.epochs - (
+        comp.max_epochs - 1
+    )
+    comp.history_ = {}  # a model saved before rounds' epochs were kept: every round full
     assert studies._epochs_trained(comp, case, settings) == pretrain + case.epochs
     assert studies._epochs_trained(vmonf, case, settings) == pretrain + case.epochs
 

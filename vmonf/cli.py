@@ -654,9 +654,9 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
         metavar="F",
         type=_fraction,
         default=0.02,
-        help="stop once at most this fraction of the points change owner in a round (0: "
-        "none may; CompetitiveMixture's default, which flows, whose boundary points keep "
-        "moving, rarely reach)",
+        help="stop once at most this fraction of the points change owner in a round "
+        "(default %(default)s; 0, CompetitiveMixture's default, lets none change, which "
+        "flows, whose boundary points keep moving, rarely reach)",
     )
     train.add_argument(
         "--epochs", metavar="E", type=positive_int, default=10, help="generator epochs per round"

@@ -9,6 +9,7 @@ pixel scale, and samples images::
     from vmonf.images import ImageMixture
 
     X, y = datasets.images("mnist", classes=range(5))          # uint8 (N, 28, 28)
+    X_test, y_test = datasets.images("mnist", "test", classes=range(5))
     m = ImageMixture(VMoNF(5, random_state=0), pca_components=20, random_state=0).fit(X)
     m.predict(X_test); m.bits_per_dim(X_test); m.sample(64)   # -> uint8 images, components
 """
