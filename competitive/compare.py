@@ -37,7 +37,7 @@ from torch import Tensor
 from competitive.discriminators import ComponentSampler, Discriminators, train_discriminators
 from competitive.estimator import CompetitiveMixture
 from competitive.generators import NoExactLikelihoodError
-from vmonf._validation import check_array, check_positive_float, check_seed
+from vmonf._validation import SeedLike, check_array, check_positive_float, check_seed
 from vmonf.base import MixtureEstimator
 from vmonf.metrics import adjusted_rand_index
 from vmonf.training import torch_threads
@@ -175,7 +175,7 @@ def discriminator_estimate(
     X_eval: object,
     *,
     settings: CompetitiveMixture | None = None,
-    random_state: int | None = 0,
+    random_state: SeedLike = 0,
     max_time: float | None = None,
 ) -> DiscriminatorEstimate:
     """Train fresh discriminators on a fitted flow mixture as the competitive scheme does.
@@ -410,7 +410,7 @@ def compare_with_exact(
     *,
     true_log_prob: object | None = None,
     settings: CompetitiveMixture | None = None,
-    random_state: int | None = 0,
+    random_state: SeedLike = 0,
     max_time: float | None = None,
     saturation: float = 1e-3,
 ) -> LikelihoodComparison:

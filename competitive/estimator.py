@@ -26,6 +26,7 @@ from competitive.generators import (
     VAEGenerators,
 )
 from vmonf._validation import (
+    SeedLike,
     check_array,
     check_betas,
     check_bool,
@@ -221,7 +222,7 @@ class CompetitiveMixture(MixtureEstimator):
         weight_decay: float = 0.0,
         lr_schedule: str = "constant",
         validation_fraction: float = 0.0,
-        random_state: int | None = None,
+        random_state: SeedLike = None,
         verbose: bool = False,
         device: str = "cpu",
         dtype: str = "float32",

@@ -436,3 +436,15 @@ def test_a_toy_parameter_called_name_is_reported_as_unknown():
     """It clashed with toy()'s own argument: "got multiple values for argument 'name'"."""
     with pytest.raises(TypeError, match="unknown parameter"):
         datasets.toy("moons", name="x")
+
+
+def test_the_toy_name_may_be_given_by_keyword():
+    """toy(name="moons") read as a missing name before ("missing 1 required positional
+    argument: 'name'", though the user gave it)."""
+    by_keyword = datasets.toy(name="pinwheel", n_classes=3)
+    assert isinstance(by_keyword, type(datasets.toy("pinwheel")))
+    assert by_keyword.n_classes == 3
+    with pytest.raises(TypeError, match=r"needs a toy name; available: .*moons"):
+        datasets.toy()
+    with pytest.raises(TypeError, match="toy name must be a string, got int"):
+        datasets.toy(name=3)

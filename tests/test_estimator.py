@@ -644,6 +644,31 @@ def test_a_numpy_integer_seed_works_like_the_int():
     np.testing.assert_array_equal(a.score_samples(X), b.score_samples(X))
 
 
+@pytest.mark.parametrize("make", [np.random.RandomState, np.random.default_rng])
+def test_a_numpy_random_state_is_drawn_from_as_in_scikit_learn(make, tmp_path):
+    """An int or None only before: TypeError for RandomState(0), which scikit-learn users
+    pass. Each fit (and sample) draws from it: two fits on one generator differ, and a
+    generator made alike gives the same sequence again."""
+    X = blobs(200)[0]
+    params = {**FAST, "max_epochs": 1, "init_steps": 5}
+    rng, again = make(0), make(0)
+    a, b = VMoNF(3, random_state=rng, **params), VMoNF(3, random_state=again, **params)
+    first, first_again = a.fit(X).score_samples(X), b.fit(X).score_samples(X)
+    np.testing.assert_array_equal(first, first_again)
+    assert not np.array_equal(a.fit(X).score_samples(X), first)  # the generator moved on
+    draws, draws_again = a.sample(5)[0], b.fit(X).sample(5)[0]
+    np.testing.assert_array_equal(draws, draws_again)  # both drew their 3rd seed here
+    assert not np.array_equal(a.sample(5)[0], draws)
+    np.testing.assert_array_equal(
+        a.sample(5, random_state=make(1))[0], a.sample(5, random_state=make(1))[0]
+    )
+    loaded = VMoNF.load(a.save(tmp_path / "m.pt"))  # a generator is state, saved as None
+    assert loaded.random_state is None
+    np.testing.assert_array_equal(loaded.score_samples(X), a.score_samples(X))
+    with pytest.raises(TypeError, match="int, None, or a numpy RandomState or Generator"):
+        VMoNF(3, random_state="0", **params).fit(X)
+
+
 def test_a_failed_fit_leaves_the_previous_fit_whole_not_half_updated():
     X = blobs(200)[0]
     model = VMoNF(3, random_state=0, **{**FAST, "max_epochs": 1, "init_steps": 5}).fit(X)
@@ -959,3 +984,19 @@ def test_samples_come_back_in_the_users_units(estimator):
     # Standardised samples would sit at (0, 0) with unit spread.
     assert (np.abs(samples.mean(0) - X.mean(0)) < 0.25 * X.std(0)).all()
     np.testing.assert_allclose(samples.std(0) / X.std(0), 1.0, atol=0.3)
+
+
+@pytest.mark.parametrize("dtype", [np.float64, np.dtype("float64"), torch.float64, "float64"])
+def test_dtype_may_be_given_as_a_numpy_or_torch_dtype(dtype, tmp_path):
+    """Only the strings before: ValueError for dtype=np.float64."""
+    X = blobs(200)[0]
+    model = VMoNF(3, random_state=0, dtype=dtype, **{**FAST, "max_epochs": 1, "init_steps": 5})
+    assert model.fit(X).get_params()["dtype"] is dtype  # kept as given, as sklearn's clone needs
+    assert model._fitted_dtype == torch.float64
+    assert VMoNF.load(model.save(tmp_path / "m.pt")).dtype == "float64"
+
+
+@pytest.mark.parametrize("dtype", [None, np.float16, torch.int64, "double", object()])
+def test_other_dtypes_are_refused_by_name(dtype):
+    with pytest.raises(ValueError, match=r"dtype must be one of \('float32', 'float64'\)"):
+        VMoNF(3, dtype=dtype, **FAST).fit(blobs(100)[0])

@@ -419,8 +419,13 @@ def test_numpy_settings_save_and_load(digits, tmp_path):
 
 def test_image_helpers_check_their_inputs(digits, tmp_path):
     X, _ = digits
-    with pytest.raises(ValueError, match="fixed random_state"):
+    with pytest.raises(ValueError, match=r"fixed \(int\) random_state"):
         ImageMixture(_vmonf(checkpoint=tmp_path / "s.pt"), n_levels=17).fit(X, resume=True)
+    with pytest.raises(ValueError, match=r"fixed \(int\) random_state"):  # it moves on
+        ImageMixture(
+            _vmonf(checkpoint=tmp_path / "s.pt"), n_levels=17,
+            random_state=np.random.RandomState(0),
+        ).fit(X, resume=True)  # fmt: skip
     transform = ImageTransform(17)
     with pytest.raises(ValueError, match="not fitted"):
         transform.forward(np.zeros((2, 64)))

@@ -198,9 +198,12 @@ def test_resuming_a_finished_fit_replays_it(tmp_path):
     assert_same_weights(first.model_, again.model_, atol=0)
 
 
-def test_a_seedless_fit_resumes_with_its_stored_seed(tmp_path):
+@pytest.mark.parametrize("random_state", [None, np.random.RandomState(5)])
+def test_a_seedless_fit_resumes_with_its_stored_seed(tmp_path, random_state):
+    """Also with a numpy RandomState, whose state moved since: the resumed fit is the
+    interrupted one, not a fit for other settings."""
     X = blobs()
-    params = {**VMONF, "random_state": None}
+    params = {**VMONF, "random_state": random_state}
     path = tmp_path / "state.pt"
     with pytest.raises(Stop):
         VMoNF(**params, checkpoint=path, callback=stop_at(2)).fit(X)

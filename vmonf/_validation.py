@@ -27,6 +27,7 @@ MAX_SEED = 2**63 - 1
 
 __all__ = [
     "MAX_SEED",
+    "SeedLike",
     "check_array",
     "check_betas",
     "check_bool",
@@ -38,6 +39,7 @@ __all__ = [
     "check_points",
     "check_positive_float",
     "check_positive_int",
+    "check_random_state",
     "check_seed",
     "check_widths",
     "feature_names",
@@ -361,16 +363,37 @@ def check_choice(value: object, name: str, choices: Iterable[str]) -> str:
     return str(value)
 
 
-def check_seed(seed: object, name: str = "random_state") -> int | None:
-    """Return a seed as a non-negative int, or None."""
-    if seed is None:
-        return None
+_NUMPY_GENERATORS = (np.random.RandomState, np.random.Generator)
+#: What a ``random_state`` may be (scikit-learn's convention, plus numpy's Generator).
+SeedLike = int | np.random.RandomState | np.random.Generator | None
+
+
+def check_random_state(seed: object, name: str = "random_state") -> object:
+    """Validate a ``random_state`` without drawing from it: an int in [0, MAX_SEED], None,
+    or a numpy ``RandomState``/``Generator`` (scikit-learn's convention). Returns it."""
+    if seed is None or isinstance(seed, _NUMPY_GENERATORS):
+        return seed
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
-        raise TypeError(f"{name} must be an int or None, got {type(seed).__name__}")
+        raise TypeError(
+            f"{name} must be an int, None, or a numpy RandomState or Generator, got "
+            f"{type(seed).__name__}"
+        )
     number = operator.index(seed)  # exactly the Integral's value, as a Python int
     if not 0 <= number <= MAX_SEED:
         raise ValueError(f"{name} must be in [0, {MAX_SEED}], got {seed}")
     return number
+
+
+def check_seed(seed: object, name: str = "random_state") -> int | None:
+    """The seed a ``random_state`` gives now, a plain int or None (fresh randomness): an
+    int as it is; a numpy ``RandomState`` or ``Generator`` draws one, so that each call
+    differs and the sequence follows the generator's state, as in scikit-learn."""
+    checked = check_random_state(seed, name)
+    if isinstance(checked, np.random.RandomState):
+        return int(checked.randint(MAX_SEED, dtype=np.int64))
+    if isinstance(checked, np.random.Generator):
+        return int(checked.integers(MAX_SEED))
+    return cast(int | None, checked)
 
 
 def check_output_file(path: object, name: str = "path") -> Path:

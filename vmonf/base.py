@@ -15,7 +15,7 @@ import warnings
 import weakref
 from abc import abstractmethod
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any, Protocol, Self, cast
 
@@ -27,6 +27,7 @@ from sklearn.cluster import KMeans
 from torch import Tensor, nn
 
 from vmonf._validation import (
+    SeedLike,
     check_array,
     check_bool,
     check_choice,
@@ -34,6 +35,7 @@ from vmonf._validation import (
     check_labels,
     check_positive_float,
     check_positive_int,
+    check_random_state,
     check_seed,
     feature_names,
     image_shape,
@@ -74,6 +76,24 @@ __all__ = [
 ]
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64}
+
+
+def dtype_name(value: object) -> str:
+    """ "float32" or "float64" from that name, a torch dtype, or a numpy dtype-like
+    (``np.float64``, ``np.dtype("f4")``); ``ValueError`` for any other."""
+    name: object = value
+    if isinstance(value, torch.dtype):
+        name = str(value).removeprefix("torch.")
+    elif value is not None and not isinstance(value, str):  # np.dtype(None) is float64
+        with suppress(TypeError, ValueError):
+            name = np.dtype(cast(Any, value)).name
+    if name not in DTYPES:
+        raise ValueError(
+            f"dtype must be one of {tuple(DTYPES)} (or the numpy or torch dtype), got {value!r}"
+        )
+    return cast(str, name)
+
+
 DEVICES = ("cpu", "cuda", "auto")
 # Standardised magnitudes beyond these overflow the model's arithmetic (z**2, MLPs).
 MAX_STANDARDISED = {torch.float32: 1e15, torch.float64: 1e150}
@@ -286,9 +306,9 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         check_positive_float(self.max_time, "max_time", allow_none=True)
         check_positive_int(self.batch_size, "batch_size", maximum=MAX_BATCH)
         check_positive_float(self.learning_rate, "learning_rate")
-        check_seed(self.random_state)
+        check_random_state(self.random_state)  # validated only: fit draws from a generator
         check_choice(self.device, "device", DEVICES)
-        check_choice(self.dtype, "dtype", tuple(DTYPES))
+        dtype_name(self.dtype)
         if self.n_threads is not None:
             check_positive_int(self.n_threads, "n_threads", maximum=MAX_THREADS)
         check_bool(self.compile, "compile")
@@ -318,7 +338,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     @property
     def _torch_dtype(self) -> torch.dtype:
-        return DTYPES[self.dtype]
+        return DTYPES[dtype_name(self.dtype)]
 
     # The fitted model computes where and in the dtype it was fitted (or loaded): device
     # and dtype set by set_params after a fit take effect at the next fit, as in sklearn.
@@ -537,13 +557,14 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         return self.predict_proba(X).argmax(axis=1).astype(np.int64)
 
     def sample(
-        self, n_samples: int = 1, random_state: int | None = None
+        self, n_samples: int = 1, random_state: SeedLike = None
     ) -> tuple[np.ndarray, np.ndarray]:
         """Draw points from the fitted mixture -> (X (n, D), component labels (n,)).
 
         ``random_state`` seeds the draw; None takes the estimator's ``random_state``, as
         scikit-learn's ``GaussianMixture.sample`` does (an int then gives the same points
-        at every call; fresh ones when that is None too). A model fitted to images
+        at every call; fresh ones when that is None too; a numpy ``RandomState`` or
+        ``Generator`` gives a seed drawn from it at each call). A model fitted to images
         (N, H, W) returns X as images (n, H, W).
         """
         self._check_is_fitted()

@@ -130,8 +130,9 @@ def from_plain(value: object) -> object:
 def plain_setting(value: object) -> object:
     """A hyper-parameter as ``torch.load(weights_only=True)`` reads it: numpy scalars as
     numbers, paths as str, arrays as lists, inside tuples, lists and dicts too;
-    callables (e.g. a callback) are not data and become None."""
-    if callable(value):
+    callables (e.g. a callback) and numpy random generators (a ``random_state``) are not
+    data and become None."""
+    if callable(value) or isinstance(value, np.random.RandomState | np.random.Generator):
         return None
     if isinstance(value, os.PathLike):
         return os.fspath(value)

@@ -17,6 +17,7 @@ from sklearn.semi_supervised import LabelSpreading
 from torch import Tensor
 
 from vmonf._validation import (
+    SeedLike,
     check_choice,
     check_positive_float,
     check_positive_int,
@@ -131,10 +132,14 @@ class VMoNF(MixtureEstimator):
             epoch 7): ``patience=5`` stopped at epoch 6 there and restored epoch 1
             (held-out log-likelihood 0.57 against 0.98 after all 200 epochs, 0.88 with
             ``patience`` 10 or 20), so give it 10 or more.
-        random_state, verbose (progress bars in a terminal or a Jupyter notebook; none
-            when output goes to a file or pipe), device (``"cpu"``, ``"cuda"``, ``"auto"``), dtype
-            (``"float32"``/``"float64"``), n_threads (torch threads while fitting and
-            scoring; 1 is fastest for small flows on few cores, None = leave as is).
+        random_state: an int (reproducible fits), None (fresh randomness), or a numpy
+            ``RandomState``/``Generator`` that each fit and ``sample`` draws a seed from,
+            as in scikit-learn (a saved model stores None for it).
+        verbose (progress bars in a terminal or a Jupyter notebook; none when output
+            goes to a file or pipe), device (``"cpu"``, ``"cuda"``, ``"auto"``), dtype
+            (``"float32"``/``"float64"``, or the numpy or torch dtype), n_threads
+            (torch threads while fitting and scoring; 1 is fastest for small flows on
+            few cores, None = leave as is).
         elbo_top_k: None (default) for the exact ELBO over all K components; an int
             k >= 2 to train each unlabelled point on its k most probable components
             under q(c|x) only, q renormalised over them (still a lower bound on log
@@ -201,7 +206,7 @@ class VMoNF(MixtureEstimator):
         lr_schedule: str = "cosine",
         validation_fraction: float = 0.0,
         patience: int | None = None,
-        random_state: int | None = None,
+        random_state: SeedLike = None,
         verbose: bool = False,
         device: str = "cpu",
         dtype: str = "float32",

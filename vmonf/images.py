@@ -25,7 +25,14 @@ from typing import Any, Self
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin, DensityMixin, clone
 
-from vmonf._validation import check_bool, check_positive_int, check_seed, user_stacklevel
+from vmonf._validation import (
+    SeedLike,
+    check_bool,
+    check_positive_int,
+    check_random_state,
+    check_seed,
+    user_stacklevel,
+)
 from vmonf.base import (
     MixtureEstimator,
     NotFittedError,
@@ -102,7 +109,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         n_levels: int = 256,
         logit_alpha: float | None = 0.05,
         pca_components: int | None = None,
-        random_state: int | None = None,
+        random_state: SeedLike = None,
     ) -> None:
         self.estimator = estimator
         self.n_levels = n_levels
@@ -150,12 +157,13 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
                 f"got {type(self.estimator).__name__}"
             )
         settings = self.get_params(deep=False)
-        seed = check_seed(self.random_state)
-        if resume and seed is None:
+        fixed = check_random_state(self.random_state)
+        if resume and not isinstance(fixed, int):
             raise ValueError(
-                "resume=True needs a fixed random_state: the dequantisation noise must be "
-                "drawn again exactly as in the interrupted fit"
+                "resume=True needs a fixed (int) random_state: the dequantisation noise "
+                "must be drawn again exactly as in the interrupted fit"
             )
+        seed = check_seed(fixed)
         if seed is None:  # data-parallel ranks must dequantise alike: rank 0's draw
             init_from_env(self.estimator._torch_device)
             seed = broadcast_int(int(np.random.SeedSequence().generate_state(1)[0]))
@@ -235,7 +243,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
 
     # -- sampling ------------------------------------------------------------------------
     def sample(
-        self, n_samples: int = 1, random_state: int | None = None, *, residual_noise: bool = True
+        self, n_samples: int = 1, random_state: SeedLike = None, *, residual_noise: bool = True
     ) -> tuple[np.ndarray, np.ndarray]:
         """Draw images -> (images (n, *image_shape_) in levels 0..L-1, components (n,)).
 

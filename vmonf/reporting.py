@@ -20,6 +20,7 @@ import numpy as np
 
 from vmonf import metrics, plots
 from vmonf._validation import (
+    SeedLike,
     check_array,
     check_integer_labels,
     check_output_file,
@@ -73,7 +74,7 @@ class FittedMixture(Protocol):
     def predict(self, X: object) -> np.ndarray: ...
     def predict_proba(self, X: object) -> np.ndarray: ...
     def sample(
-        self, n_samples: int = 1, random_state: int | None = None
+        self, n_samples: int = 1, random_state: SeedLike = None
     ) -> tuple[np.ndarray, np.ndarray]: ...
 
 

@@ -121,6 +121,9 @@ def _canonical(value: Any) -> Any:
         return tuple(_canonical(v) for v in value)
     if isinstance(value, np.generic):
         return value.item()
+    if isinstance(value, np.random.RandomState | np.random.Generator):
+        # Its state moves with every draw; a resumed fit continues with the stored seed.
+        return f"numpy {type(value).__name__}"
     if isinstance(value, np.ndarray):
         array = np.ascontiguousarray(value)
         return ("array", str(array.dtype), array.shape, hashlib.sha256(array.tobytes()).hexdigest())

@@ -23,13 +23,20 @@ def available_toys() -> list[str]:
     return sorted(TOYS)
 
 
-def toy(name: str, /, **params: object) -> ToyDistribution:
+def toy(name: str | None = None, /, **params: object) -> ToyDistribution:
     """Build the toy distribution ``name`` with keyword ``params`` (defaults otherwise).
 
-    Raises ``ValueError`` for an unknown name and ``TypeError`` for an unknown parameter.
+    ``name`` may also be given by keyword (``toy(name="moons")``). Raises ``ValueError``
+    for an unknown name and ``TypeError`` for an unknown parameter.
     """
-    if not isinstance(name, str):
-        raise TypeError(f"toy name must be a string, got {type(name).__name__}")
+    chosen: object = name
+    if name is None:  # toy(name=...); toy("moons", name=...) reports name as unknown
+        if "name" not in params:
+            raise TypeError(f"toy() needs a toy name; available: {', '.join(available_toys())}")
+        chosen = params.pop("name")
+    if not isinstance(chosen, str):
+        raise TypeError(f"toy name must be a string, got {type(chosen).__name__}")
+    name = chosen
     if name not in TOYS:
         raise ValueError(f"unknown toy {name!r}; available toys: {', '.join(available_toys())}")
     cls = TOYS[name]
