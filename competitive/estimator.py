@@ -52,6 +52,8 @@ __all__ = ["ASSIGNMENTS", "GENERATORS", "INITS", "CompetitiveMixture", "Competit
 GENERATORS = ("flow", "vae", "kmeans")
 ASSIGNMENTS = ("exact", "discriminator")
 INITS = ("uniform", "random_split", "kmeans", "bootstrap")
+#: A ``tol`` that stochastically trained generators reach (the ``vmonf compete`` default).
+TYPICAL_TOL = 0.02
 
 
 @dataclass
@@ -655,14 +657,25 @@ class CompetitiveMixture(MixtureEstimator):
             else:
                 message = (
                     f"assignments still changed after {progress.n_rounds} round(s) ({last} "
-                    "points in the last); raise max_rounds or tol (e.g. tol=0.02: boundary "
-                    "points of stochastically trained flows keep moving)"
+                    f"of {x_train.shape[0]} points in the last); {self._convergence_hint()}"
                 )
             warnings.warn(
                 f"CompetitiveMixture: {message}",
                 ConvergenceWarning,
                 stacklevel=user_stacklevel(),
             )
+
+    def _convergence_hint(self) -> str:
+        """What to change when assignments still moved at the last round."""
+        if self.generator == "kmeans":  # Lloyd's steps settle exactly: rounds will do
+            return "raise max_rounds"
+        kind = "flows" if self.generator == "flow" else "VAEs"
+        if self.tol is None or self.tol < TYPICAL_TOL:
+            return (
+                f"raise max_rounds or tol (e.g. tol={TYPICAL_TOL:g}: boundary points of "
+                f"stochastically trained {kind} keep moving)"
+            )
+        return "raise max_rounds or tol"
 
     def _warn_on_empty_components(self) -> None:
         """Say so when the rounds left components with no points (mixing weight 0)."""

@@ -3,7 +3,7 @@ comparison of discriminator estimates with exact likelihoods (estimate vs exact 
 component, argmax agreement over rounds, where the two assignments disagree).
 
 Same conventions as :mod:`vmonf.plots`: each function draws on its own Agg
-figure, writes a PNG at ``path`` and returns the ``Path``.
+figure, writes a PNG, PDF or SVG at ``path`` (by its suffix) and returns the ``Path``.
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ from vmonf._validation import (
     check_integer_labels,
     check_positive_int,
 )
-from vmonf.plots import check_dpi, class_colours, figure_file, new_figure, save_png
+from vmonf.plots import check_dpi, class_colours, figure_file, new_figure, save_figure
 
 __all__ = [
     "plot_agreement_rounds",
@@ -87,7 +87,7 @@ def plot_assignment_rounds(
         _plane(ax, bounds)
     for ax in axes[shown.size :]:
         ax.set_axis_off()
-    return save_png(fig, out, dpi)
+    return save_figure(fig, out, dpi)
 
 
 def plot_shares(shares: Sequence[Sequence[float]], path: Path, *, dpi: int = 100) -> Path:
@@ -110,7 +110,7 @@ def plot_shares(shares: Sequence[Sequence[float]], path: Path, *, dpi: int = 100
     ax.grid(alpha=0.3)
     if arr.shape[1] <= 12:
         ax.legend(title="component", fontsize="small", ncols=2)
-    return save_png(fig, out, dpi)
+    return save_figure(fig, out, dpi)
 
 
 def _check_pair(a: object, b: object, names: tuple[str, str]) -> tuple[np.ndarray, np.ndarray]:
@@ -165,7 +165,7 @@ def plot_estimate_vs_exact(
         ax.set_axis_off()
     fig.supxlabel(xlabel + ", symlog", fontsize="small")
     fig.supylabel(ylabel + ", symlog", fontsize="small")
-    return save_png(fig, out, dpi)
+    return save_figure(fig, out, dpi)
 
 
 def plot_agreement_rounds(
@@ -193,7 +193,7 @@ def plot_agreement_rounds(
     ax.legend(fontsize="small", ncols=2 if len(curves) > 4 else 1)
     if title is not None:
         ax.set_title(title, fontsize="small")
-    return save_png(fig, out, dpi)
+    return save_figure(fig, out, dpi)
 
 
 def plot_disagreement(
@@ -230,4 +230,4 @@ def plot_disagreement(
         _plane(ax, bounds)
     if title is not None:
         fig.suptitle(title, fontsize="small")
-    return save_png(fig, out, dpi)
+    return save_figure(fig, out, dpi)

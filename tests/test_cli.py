@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from vmonf import VMoNF, cli, datasets, plots, reporting
-from vmonf.cli import UsageError, build_parser, main, toy_param
+from vmonf.cli import UsageError, build_parser, in_cli_terms, main, toy_param
 from vmonf.reporting import partial_labels
 
 BASE = [
@@ -146,7 +146,11 @@ def test_fit_time_leaves_out_the_animation_frames_drawn_during_the_fit(tmp_path,
         (["fit", "pinwheel", "--labels", "2"], "at least the toy's 5 classes"),
         (["fit", "moons", "--seed", str(2**64)], "--seed"),
         (["compete", "moons", "--seed", str(2**63 - 2)], "--seed"),  # seed + 2 is used
-        (["compete", "moons", "--generator", "vae"], "--assignment discriminator"),
+        (
+            ["compete", "moons", "--generator", "vae", "--assignment", "exact"],
+            "--assignment discriminator",
+        ),
+        (["compete", "moons", "--generator", "vae", "--rounds", "0"], "--rounds 0"),
         (["compete", "moons", "--rounds", "0", "--assignment", "discriminator"], "--rounds 0"),
         (["compete", "moons", "--tol", "1"], "--tol: expected a fraction in [0, 1)"),
         (["compete", "moons", "--tol", "nan"], "--tol"),
@@ -171,10 +175,11 @@ def test_bad_input_exits_2_with_one_line(argv, needle, capsys, tmp_path):
 @pytest.mark.parametrize(
     ("argv", "needle"),
     [
-        (["fit", "pinwheel", "--elbo-top-k", "9"], "elbo_top_k must be <= n_components"),
-        (["fit", "pinwheel", "--n-train", "3"], "n_components=5 is larger than the number"),
-        (["compete", "pinwheel", "--n-train", "3"], "n_components=5 is larger than the number"),
-        (["fit", "pinwheel", "--nproc", "2", "--n-train", "3"], "n_components=5 is larger"),
+        # the estimators' messages in the commands' terms (elbo_top_k, n_components=5 before)
+        (["fit", "pinwheel", "--elbo-top-k", "9"], "--elbo-top-k must be <= --components"),
+        (["fit", "pinwheel", "--n-train", "3"], "--components 5 is larger than the number"),
+        (["compete", "pinwheel", "--n-train", "3"], "--components 5 is larger than the number"),
+        (["fit", "pinwheel", "--nproc", "2", "--n-train", "3"], "--components 5 is larger"),
         (["compete", "moons", "--nproc", "2", "--n-train", "1"], "is larger than the number"),
     ],
 )
@@ -409,3 +414,16 @@ def test_compete_stopped_by_max_time_before_any_round_still_reports(tmp_path):
             "--out", str(tmp_path)]  # fmt: skip
     assert main(argv) == 0
     assert (tmp_path / "metrics.json").exists() and not (tmp_path / "shares.png").exists()
+
+
+def test_estimator_messages_name_the_commands_options():
+    """A CLI warning said "raise max_rounds or tol (e.g. tol=0.02 ...)": the options are
+    --rounds and --tol."""
+    assert in_cli_terms("raise max_rounds or tol (e.g. tol=0.02: points move)") == (
+        "raise --rounds or --tol (e.g. --tol 0.02: points move)"
+    )
+    assert in_cli_terms('raise max_time, lower learning_rate or try init="kmeans"') == (
+        "raise --max-time, lower --lr or try --init kmeans"
+    )
+    assert in_cli_terms("on the device it was fitted on") == "on the device it was fitted on"
+    assert in_cli_terms("--max-time 3") == "--max-time 3"

@@ -390,8 +390,8 @@ def test_comparison_figures_are_written(tmp_path):
     # dpi and path are checked as vmonf.plots checks them (dpi was not checked at all)
     with pytest.raises(ValueError, match="dpi must be >= 1, got 0"):
         plot_agreement_rounds({"x": [1.0]}, tmp_path / "k.png", dpi=0)
-    with pytest.raises(ValueError, match=r"path must end in \.png"):
-        plot_agreement_rounds({"x": [1.0]}, tmp_path / "k.pdf")
+    with pytest.raises(ValueError, match=r"path must end in \.png or \.pdf or \.svg"):
+        plot_agreement_rounds({"x": [1.0]}, tmp_path / "k.gif")
 
 
 # --------------------------------------------------------------------------- the report

@@ -717,12 +717,31 @@ def test_the_command_prints_warnings_as_one_line_each(tmp_path, capsys):
     assert main(argv) == 0
     err = capsys.readouterr().err
     assert "vmonf: warning: CompetitiveMixture: assignments still changed" in err
+    assert "raise --rounds or --tol (e.g. --tol 0.02" in err  # the options, not max_rounds
     assert ".py:" not in err  # no Python source location
 
 
+@pytest.mark.parametrize(
+    ("generator", "tol", "hint"),
+    [
+        ("flow", 0.0, "raise max_rounds or tol (e.g. tol=0.02: boundary points of "
+                      "stochastically trained flows keep moving)"),
+        ("vae", 0.0, "raise max_rounds or tol (e.g. tol=0.02: boundary points of "
+                     "stochastically trained VAEs keep moving)"),
+        ("flow", 0.02, "raise max_rounds or tol"),  # not "e.g. tol=0.02" when it is 0.02
+        ("kmeans", 0.0, "raise max_rounds"),  # Lloyd's steps settle: no flows, no tol
+    ],
+)  # fmt: skip
+def test_the_convergence_hint_fits_the_generator_and_tol(generator, tol, hint):
+    """It spoke of flows for k-means and suggested tol=0.02 when tol was 0.02 already."""
+    model = CompetitiveMixture(3, generator=generator, tol=tol)
+    assert model._convergence_hint() == hint
+
+
 def test_compete_with_vaes_says_why_there_is_no_kl(tmp_path, capsys):
+    # --assignment left out: discriminator, the only one VAEs allow, is their default
     argv = [
-        "compete", "pinwheel", "--generator", "vae", "--assignment", "discriminator",
+        "compete", "pinwheel", "--generator", "vae",
         "--n-train", "200", "--n-test", "64", "--rounds", "1", "--epochs", "1",
         "--pretrain-epochs", "1", "--quiet", "--out", str(tmp_path / "r"),
     ]  # fmt: skip

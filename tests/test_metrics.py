@@ -92,6 +92,20 @@ def test_kl_to_truth_matches_closed_form_for_shifted_gaussian():
     assert est.as_dict() == {"value": est.value, "stderr": est.stderr}
 
 
+def test_kl_to_truth_with_its_arguments_swapped_warns():
+    """It returned a negative KL silently (e.g. -2.0 nats) for model, truth in that order."""
+    x = np.random.default_rng(1).standard_normal((2000, 2))
+    true_lp = multivariate_normal(np.zeros(2), np.eye(2)).logpdf(x)
+    model_lp = multivariate_normal(np.array([1.0, 0.0]), np.eye(2)).logpdf(x)
+    with pytest.warns(UserWarning, match="standard errors below 0.*arguments swapped"):
+        assert kl_to_truth(model_lp, true_lp) < 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert kl_to_truth(true_lp, model_lp) > 0
+        same = kl_to_truth_estimate(true_lp, true_lp + 1e-3 * np.sin(x[:, 0]))  # noise only
+        assert abs(same.value) < 4 * same.stderr
+
+
 def test_kl_to_truth_is_infinite_when_model_has_zero_density():
     est = kl_to_truth_estimate([-1.0, -2.0], [-1.0, -np.inf])
     assert est.value == np.inf and est.stderr == np.inf

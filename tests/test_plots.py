@@ -71,6 +71,19 @@ def test_density_grid_rejects_nan_and_wrong_shape():
         density_grid(lambda x: np.zeros(3), BOUNDS, 5)
     with pytest.raises(TypeError, match="log_prob must be callable"):
         density_grid(None, BOUNDS, 5)
+
+
+def test_an_estimator_passed_for_a_callable_is_told_which_method_to_pass(tmp_path):
+    class Estimator:  # what a user passes: the fitted model itself
+        def score_samples(self, X): ...
+        def predict_proba(self, X): ...
+
+    with pytest.raises(TypeError, match=r"got Estimator \(pass its method, e.g. model.score_s"):
+        density_grid(Estimator(), BOUNDS, 5)
+    with pytest.raises(TypeError, match=r"model_log_prob must .* e.g. model.score_samples"):
+        plot_density_comparison(None, Estimator(), BOUNDS, tmp_path / "d.png")
+    with pytest.raises(TypeError, match=r"predict must .* e.g. model.predict_proba\)"):
+        plot_decision_regions(Estimator(), BOUNDS, tmp_path / "r.png")
     with pytest.raises(ValueError, match="resolution must be >= 2"):
         density_grid(_true_log_prob, BOUNDS, 1)
 
@@ -291,11 +304,14 @@ def test_a_huge_label_is_refused_not_given_a_palette_row_per_value(tmp_path):
 
 def test_paths_dpi_and_colormaps_are_checked_before_drawing(tmp_path):
     X, y = _data()
-    for name in ("s.pdf", "s.svg", "s"):  # PNG bytes under another name misled viewers
-        with pytest.raises(ValueError, match=r"path must end in \.png: this function writes a PNG"):
+    for name in ("s.jpg", "s"):  # PNG bytes under another name misled viewers
+        with pytest.raises(ValueError, match=r"must end in \.png or \.pdf or \.svg: this "):
             plot_samples(X, y, tmp_path / "sub" / name)
     assert not (tmp_path / "sub").exists()  # refused before its folder was made
     _assert_image(plot_samples(X, y, tmp_path / "s.PNG"), "PNG")
+    # The format follows the suffix (PNG only before: a .pdf was refused).
+    assert plot_samples(X, y, tmp_path / "s.pdf").read_bytes().startswith(b"%PDF")
+    assert b"<svg" in plot_samples(X, y, tmp_path / "s.svg").read_bytes()[:1000]
     with pytest.raises(ValueError, match=r"path must end in \.gif"):
         animate_assignments(X, [y], tmp_path / "a.png")
     with pytest.raises(ValueError, match="dpi must be <= 1200, got 1000000"):

@@ -15,6 +15,7 @@ import inspect
 import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -614,8 +615,9 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
     model.add_argument(
         "--assignment",
         choices=("exact", "discriminator"),
-        default="exact",
-        help="re-assign by exact likelihood or by discriminators (density-ratio trick)",
+        default=None,
+        help="re-assign by exact likelihood or by discriminators (density-ratio trick); "
+        "default: exact, or discriminator for --generator vae (VAEs have no exact likelihood)",
     )
     model.add_argument(
         "--init",
@@ -711,6 +713,8 @@ def run_compete(args: argparse.Namespace) -> int:
     from competitive.figures import plot_assignment_rounds, plot_shares
     from vmonf import metrics, plots
 
+    if args.assignment is None:
+        args.assignment = "discriminator" if args.generator == "vae" else "exact"
     if args.generator == "vae" and args.assignment == "exact":
         raise UsageError(
             "--generator vae needs --assignment discriminator: VAEs have no exact likelihood"
@@ -936,8 +940,31 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Estimator parameters as the commands' options, for the estimators' own messages
+# ("raise max_time" -> "raise --max-time"). Names that are ordinary words too (init,
+# device, ...) are translated only as name=value.
+PARAMETER_FLAGS = {
+    "n_components": "--components", "max_epochs": "--epochs", "max_time": "--max-time",
+    "batch_size": "--batch-size", "learning_rate": "--lr", "random_state": "--seed",
+    "n_layers": "--layers", "hidden_features": "--hidden", "init_steps": "--init-steps",
+    "elbo_top_k": "--elbo-top-k", "base_df": "--base-df", "max_rounds": "--rounds",
+    "pretrain_epochs": "--pretrain-epochs", "tol": "--tol", "init": "--init",
+    "objective": "--objective", "temperature": "--temperature", "device": "--device",
+    "assignment": "--assignment", "generator": "--generator",
+}  # fmt: skip
+
+
+def in_cli_terms(message: str) -> str:
+    """An estimator's message with its parameter names as this command's options."""
+    for name, flag in PARAMETER_FLAGS.items():
+        message = re.sub(rf"\b{name}=\"?([^\s\")]+)\"?", rf"{flag} \1", message)
+        if "_" in name or name == "tol":
+            message = re.sub(rf"(?<![-\w]){name}\b", flag, message)
+    return message
+
+
 def _fail(message: object, status: int) -> int:
-    text = " ".join(str(message).split()) or "failed"
+    text = in_cli_terms(" ".join(str(message).split())) or "failed"
     print(f"{PROG}: error: {text}", file=sys.stderr)
     return status
 
@@ -951,7 +978,8 @@ def _one_line_warning(
     line: str | None = None,
 ) -> None:
     """Warnings as ``vmonf: warning: ...`` lines, without Python's source location."""
-    print(f"{PROG}: warning: {message}", file=sys.stderr if file is None else file)
+    text = in_cli_terms(str(message))
+    print(f"{PROG}: warning: {text}", file=sys.stderr if file is None else file)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -13,6 +13,7 @@ visible as zero columns.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import numpy as np
@@ -28,6 +29,7 @@ from vmonf._validation import (
     check_positive_int,
     check_real_numbers,
     check_seed,
+    user_stacklevel,
 )
 
 __all__ = [
@@ -136,6 +138,10 @@ def mean_log_likelihood(log_probs: object) -> float:
     return float(mean)
 
 
+#: Standard errors below 0 at which a KL estimate warns (chance: about 3e-5).
+IMPLAUSIBLE_Z = 4.0
+
+
 def kl_to_truth_estimate(true_log_prob: object, model_log_prob: object) -> Estimate:
     """Monte-Carlo estimate of KL(p_true || p_model) in nats, with its standard error.
 
@@ -155,7 +161,17 @@ def kl_to_truth_estimate(true_log_prob: object, model_log_prob: object) -> Estim
         raise ValueError(
             "true_log_prob contains -inf: the points must be samples of the true distribution"
         )
-    return mean_estimate(t - m)
+    estimate = mean_estimate(t - m)
+    if estimate.value + IMPLAUSIBLE_Z * estimate.stderr < 0:
+        warnings.warn(
+            f"the KL estimate is {estimate.value:.4g} nats, more than {IMPLAUSIBLE_Z:g} "
+            "standard errors below 0, where a KL to the truth cannot lie: are the arguments "
+            "swapped (true_log_prob first), or are the points not held-out samples of the "
+            "truth?",
+            UserWarning,
+            stacklevel=user_stacklevel(),
+        )
+    return estimate
 
 
 def kl_to_truth(true_log_prob: object, model_log_prob: object) -> float:

@@ -2,8 +2,10 @@
 
 Every function draws on its own ``matplotlib.figure.Figure`` rendered by the Agg
 canvas (no pyplot global state, safe in headless and threaded code), writes the
-file at ``path`` (parent folders are created) and returns it as a ``Path``.
-Functions take plain callables and arrays, never estimator objects.
+file at ``path`` (parent folders are created; a still figure as PNG, PDF or SVG by
+the path's suffix, an animation as GIF) and returns it as a ``Path``. Functions take
+plain callables and arrays, never estimator objects: pass ``m.score_samples`` or
+``m.predict``.
 
 ``bounds`` is always ``(xmin, xmax, ymin, ymax)`` in data units. Density
 callables map an (M, 2) array to (M,) log densities in nats (numpy or torch).
@@ -27,6 +29,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.colors import BoundaryNorm, Colormap, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
+from matplotlib.ticker import MaxNLocator
 
 from vmonf._validation import (
     as_numpy,
@@ -58,7 +61,7 @@ __all__ = [
     "plot_image_grid",
     "plot_samples",
     "plot_training_curves",
-    "save_png",
+    "save_figure",
 ]
 
 Bounds = tuple[float, float, float, float]
@@ -138,18 +141,31 @@ def new_figure(width: float, height: float) -> Figure:
     return fig
 
 
-def figure_file(path: object, suffix: str = ".png") -> Path:
-    """``path`` as a writable file ending in ``suffix`` (the format written there)."""
+#: The formats a still figure is written in, by the path's suffix.
+STILL_FORMATS = (".png", ".pdf", ".svg")
+
+
+def figure_file(path: object, suffixes: tuple[str, ...] = STILL_FORMATS) -> Path:
+    """``path`` as a writable file ending in one of ``suffixes`` (the format written)."""
     if (
         isinstance(path, str | os.PathLike)
-        and Path(path).suffix.lower() != suffix
+        and Path(path).suffix.lower() not in suffixes
         and not Path(path).is_dir()  # check_output_file says what is wrong with that
     ):
+        kinds = " or ".join(suffix[1:].upper() for suffix in suffixes)
         raise ValueError(
-            f"path must end in {suffix}: this function writes a {suffix[1:].upper()} image, "
-            f"got {str(path)!r}"
+            f"path must end in {' or '.join(suffixes)}: this function writes a {kinds} "
+            f"image, got {str(path)!r}"
         )
     return check_output_file(path)
+
+
+def _check_callable(fn: object, name: str, method: str) -> None:
+    """``fn`` must be callable; an estimator is told which of its methods to pass."""
+    if callable(fn):
+        return
+    hint = f" (pass its method, e.g. model.{method})" if hasattr(fn, method) else ""
+    raise TypeError(f"{name} must be callable, got {type(fn).__name__}{hint}")
 
 
 def check_dpi(dpi: object) -> int:
@@ -168,9 +184,11 @@ def check_cmap(cmap: object) -> str | Colormap:
     return cmap
 
 
-def save_png(fig: Figure, path: Path, dpi: int) -> Path:
-    """Write ``fig`` as a PNG at ``path`` (checked by :func:`figure_file`); returns it."""
-    return write_atomically(path, lambda handle: fig.savefig(handle, format="png", dpi=dpi))
+def save_figure(fig: Figure, path: Path, dpi: int) -> Path:
+    """Write ``fig`` at ``path`` (checked by :func:`figure_file`) in the format its suffix
+    names (PNG, PDF or SVG); returns it."""
+    image_format = path.suffix.lower().removeprefix(".")
+    return write_atomically(path, lambda handle: fig.savefig(handle, format=image_format, dpi=dpi))
 
 
 def class_colours(n_classes: int) -> np.ndarray:
@@ -223,8 +241,7 @@ def density_grid(
     gives density 0; NaN, and values whose density overflows float64 (log p > ~709: a
     degenerate density), raise ``ValueError``.
     """
-    if not callable(log_prob):
-        raise TypeError(f"log_prob must be callable, got {type(log_prob).__name__}")
+    _check_callable(log_prob, "log_prob", "score_samples")
     xx, yy = grid_points(bounds, resolution)
     points = np.column_stack([xx.ravel(), yy.ravel()])
     with unnamed_points():
@@ -266,8 +283,8 @@ def plot_density_comparison(
     With ``true_log_prob=None`` only the model panel is drawn (titled ``titles[1]``).
     """
     for name, fn in (("true_log_prob", true_log_prob), ("model_log_prob", model_log_prob)):
-        if not (callable(fn) or (fn is None and name == "true_log_prob")):
-            raise TypeError(f"{name} must be callable, got {type(fn).__name__}")
+        if not (fn is None and name == "true_log_prob"):
+            _check_callable(fn, name, "score_samples")
     bounds = _check_bounds(bounds)
     names = _check_titles(titles, 2, "panels (true, model)") or ["true density", "model density"]
     dpi = check_dpi(dpi)
@@ -291,7 +308,7 @@ def plot_density_comparison(
     axes[0].set_ylabel("$x_2$")
     assert image is not None  # there is always the model's panel
     fig.colorbar(image, ax=list(axes), label="density")
-    return save_png(fig, out, dpi)
+    return save_figure(fig, out, dpi)
 
 
 def _plane_axes(ax: Axes, bounds: Bounds | None) -> None:
@@ -338,7 +355,7 @@ def plot_samples(
     _plane_axes(ax, bounds)
     if title is not None:
         ax.set_title(title)
-    return save_png(fig, out, dpi)
+    return save_figure(fig, out, dpi)
 
 
 def _resolve_n_classes(n_classes: int | None, *labels: np.ndarray | None) -> int:
@@ -389,8 +406,7 @@ def plot_decision_regions(
     to (M, K) probabilities (e.g. q(c|x)), whose argmax is taken. Points ``X`` (N, 2) are
     coloured by ``y`` (N,) when given (-1 = unlabelled, grey), black otherwise.
     """
-    if not callable(predict):
-        raise TypeError(f"predict must be callable, got {type(predict).__name__}")
+    _check_callable(predict, "predict", "predict_proba")
     bounds = _check_bounds(bounds)
     out = figure_file(path)
     dpi = check_dpi(dpi)
@@ -452,7 +468,7 @@ def plot_decision_regions(
     ax.set_ylabel("$x_2$")
     if title is not None:
         ax.set_title(title)
-    return save_png(fig, out, dpi)
+    return save_figure(fig, out, dpi)
 
 
 def plot_training_curves(
@@ -462,9 +478,11 @@ def plot_training_curves(
     log_scale: Sequence[str] = (),
     units: Mapping[str, str] | None = None,
     title: str | None = None,
+    x_label: str = "epoch",
     dpi: int = 100,
 ) -> Path:
-    """One panel per key of ``history`` (e.g. loss, val_loss, temperature); x = epoch 1..n.
+    """One panel per key of ``history`` (e.g. loss, val_loss, temperature); x = 1..n in
+    whole steps of ``x_label`` (``"round"`` for a competitive fit's ``history_``).
 
     Each value is a sequence of numbers, or of rows (n, K) drawn as K lines (e.g. a
     competitive fit's per-component ``share``); NaN/inf are drawn as gaps. Keys named
@@ -502,6 +520,8 @@ def plot_training_curves(
         unknown = set(keys) - set(history)
         if unknown:
             raise ValueError(f"{option} names keys not in history: {sorted(unknown)}")
+    if not isinstance(x_label, str):
+        raise TypeError(f"x_label must be a str, got {type(x_label).__name__}")
     out = figure_file(path)
     dpi = check_dpi(dpi)
     # "val_loss" is drawn on the "loss" panel, so the two can be compared.
@@ -524,7 +544,8 @@ def plot_training_curves(
         if len(curves) > 1:
             ax.legend(fontsize="small")
         ax.set_title(name + _clip_to_bulk(ax, np.concatenate([a for _, a in curves])))
-        ax.set_xlabel("epoch")
+        ax.set_xlabel(x_label)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no round 1.5
         if name in units:
             ax.set_ylabel(units[name])
         if name in log_scale:
@@ -534,7 +555,7 @@ def plot_training_curves(
         ax.set_visible(False)
     if title is not None:
         fig.suptitle(title)
-    return save_png(fig, out, dpi)
+    return save_figure(fig, out, dpi)
 
 
 def _clip_to_bulk(ax: Axes, values: np.ndarray) -> str:
@@ -565,7 +586,7 @@ def plot_image_grid(
     row_labels: Sequence[str] | None = None,
     dpi: int = 100,
 ) -> Path:
-    """Tile ``images`` (N, H, W) grey or (N, H, W, 3) RGB into one mosaic PNG.
+    """Tile ``images`` (N, H, W) grey or (N, H, W, 3) RGB into one mosaic image.
 
     ``n_cols`` defaults to ceil(sqrt(N)); the colour range defaults to the data range
     (RGB arrays are clipped to it and rescaled to [0, 1]). ``row_labels`` (one per
@@ -627,7 +648,7 @@ def plot_image_grid(
             spine.set_visible(False)
     if title is not None:
         ax.set_title(title)
-    return save_png(fig, out, dpi)
+    return save_figure(fig, out, dpi)
 
 
 def plot_component_images(
@@ -721,7 +742,7 @@ def animate_density(
         if not np.isfinite(g).all() or (g < 0).any():
             raise ValueError(f"frames[{i}] must hold finite, non-negative densities")
     bounds = _check_bounds(bounds)
-    out = figure_file(path, ".gif")
+    out = figure_file(path, (".gif",))
     fps = check_positive_int(fps, "fps")
     dpi = check_dpi(dpi)
     cmap = check_cmap(cmap)
@@ -771,7 +792,7 @@ def animate_assignments(
     labs = [
         check_integer_labels(f, f"label_frames[{i}]", pts.shape[0]) for i, f in enumerate(stack)
     ]
-    out = figure_file(path, ".gif")
+    out = figure_file(path, (".gif",))
     fps = check_positive_int(fps, "fps")
     dpi = check_dpi(dpi)
     marker_size = check_positive_float(marker_size, "marker_size")
