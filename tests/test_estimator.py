@@ -299,8 +299,8 @@ def test_marginal_restarts_are_selected_on_the_held_out_log_likelihood(monkeypat
     seen = []
     real_fit_once = VMoNF._fit_once
 
-    def recording_fit_once(self, model, x, y, x_val, *args):
-        fit = real_fit_once(self, model, x, y, x_val, *args)
+    def recording_fit_once(self, model, x, y, x_val, *args, **kwargs):
+        fit = real_fit_once(self, model, x, y, x_val, *args, **kwargs)
         with torch.no_grad():
             held_out = model.mixture.log_prob(x_val).mean().item()
         seen.append((fit.selection_score, held_out))
@@ -1000,3 +1000,60 @@ def test_dtype_may_be_given_as_a_numpy_or_torch_dtype(dtype, tmp_path):
 def test_other_dtypes_are_refused_by_name(dtype):
     with pytest.raises(ValueError, match=r"dtype must be one of \('float32', 'float64'\)"):
         VMoNF(3, dtype=dtype, **FAST).fit(blobs(100)[0])
+
+
+# --------------------------------------------------------------------------- warm start
+
+
+def test_warm_start_continues_from_the_previous_fit():
+    """Training longer needed a new fit from scratch (no warm_start; resume=True with a
+    larger max_epochs was refused as other settings)."""
+    X = blobs(300)[0]
+    params = {**FAST, "max_epochs": 3, "init_steps": 20}
+    cold = VMoNF(3, random_state=0, **params).fit(X)
+    warm = VMoNF(3, random_state=0, warm_start=True, **params).fit(X)
+    np.testing.assert_array_equal(warm.score_samples(X), cold.score_samples(X))  # 1st: as cold
+    first_state = {k: v.clone() for k, v in warm.model_.state_dict().items()}
+    standardizer = warm.standardizer_
+    before = warm.score(X)
+    warm.set_params(max_epochs=6).fit(X[:200])  # other rows: the first fit's units kept
+    assert warm.n_iter_ == 6 and len(warm.history_["loss"]) == 6
+    assert warm.score(X) > before  # it went on improving instead of starting over
+    torch.testing.assert_close(warm.standardizer_.mean, standardizer.mean)
+    # The previous fit's objects are not changed in place (a copy was trained).
+    assert warm.standardizer_ is not standardizer
+    # Continued from the first fit's weights: a fit of 0 more steps would give them back.
+    resumed = VMoNF(3, random_state=0, warm_start=True, **{**params, "max_epochs": 1})
+    resumed.fit(X)
+    state = {k: v.clone() for k, v in resumed.model_.state_dict().items()}
+    resumed.set_params(learning_rate=1e-30, weight_decay=0.0).fit(X)
+    for name, value in resumed.model_.state_dict().items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=1e-6, msg=name)
+    assert any(not torch.equal(first_state[k], v) for k, v in warm.model_.state_dict().items())
+
+
+def test_warm_start_keeps_an_annealed_temperature():
+    X = blobs(300)[0]
+    params = {**FAST, "max_epochs": 4, "init_steps": 20, "temperature": "anneal",
+              "temperature_decay": 0.05}  # fmt: skip
+    model = VMoNF(3, random_state=0, warm_start=True, **params).fit(X)
+    ended = float(model.model_.posterior.temperature)
+    assert ended < 0.5
+    model.fit(X)
+    assert model.history_["temperature"][0] <= ended  # it did not start again at T = 1
+
+
+def test_warm_start_refuses_what_it_cannot_continue(tmp_path):
+    X = blobs(300)[0]
+    params = {**FAST, "max_epochs": 1, "init_steps": 5}
+    model = VMoNF(3, random_state=0, warm_start=True, **params).fit(X)
+    scores = model.score_samples(X)
+    with pytest.raises(ValueError, match="warm_start: X has 3 features, the previous fit 2"):
+        model.fit(np.column_stack([X, X[:, 0] ** 2]))
+    with pytest.raises(ValueError, match="warm_start: the previous fit's model has another"):
+        model.set_params(hidden_features=9).fit(X)
+    np.testing.assert_array_equal(model.score_samples(X), scores)  # left as it was
+    with pytest.raises(ValueError, match="warm_start=True cannot be combined with a checkpoint"):
+        VMoNF(3, warm_start=True, checkpoint=tmp_path / "s.pt", **params).fit(X)
+    with pytest.raises(TypeError, match="warm_start"):
+        VMoNF(3, warm_start="yes", **params).fit(X)

@@ -500,7 +500,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             device = self._torch_device
             with fit_threads(self.n_threads), self._seeded(seed, device), interruptible:
                 x64 = torch.as_tensor(x, dtype=torch.float64, device=device)
-                self.standardizer_ = Standardizer(x.shape[1]).to(device).fit(x64)
+                self.standardizer_ = self._standardizer_for(x64)
                 self.n_features_in_ = x.shape[1]
                 names = feature_names(X)  # a data frame's columns, as scikit-learn keeps them
                 if names is None:
@@ -527,6 +527,10 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 del _FITTING[self]
         self.fit_time_ = _fit_time(started, checkpointer)
         return self
+
+    def _standardizer_for(self, x64: Tensor) -> Standardizer:
+        """The standardisation a fit trains in: fitted to ``x64`` (N, D) float64."""
+        return Standardizer(x64.shape[1]).to(x64.device).fit(x64)
 
     def _fitted_attributes(self) -> dict[str, Any]:
         """The fitted attributes (scikit-learn's trailing underscore). A fit assigns

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import warnings
 from collections.abc import Callable
 from numbers import Integral
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, Self
 
 import numpy as np
 import torch
@@ -18,6 +19,7 @@ from torch import Tensor
 
 from vmonf._validation import (
     SeedLike,
+    check_bool,
     check_choice,
     check_positive_float,
     check_positive_int,
@@ -36,6 +38,7 @@ from vmonf.mixture import WEIGHT_MODES, MixtureOfFlows
 from vmonf.model import VariationalMixture
 from vmonf.objectives import marginal_nll
 from vmonf.posterior import PosteriorNet, TemperatureSchedule
+from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer
 from vmonf.training import (
     EVAL_CHUNK,
@@ -157,6 +160,12 @@ class VMoNF(MixtureEstimator):
             it the estimator's public methods (``score_samples``, ``predict``...) use
             the model being trained (e.g. to record animation frames). Its time is
             not counted against ``max_time`` (it is part of ``fit_time_``).
+        warm_start: as scikit-learn's ``GaussianMixture``: each ``fit`` of a fitted model
+            starts from the previous fit (its flows, q, mixing weights, temperature and
+            standardisation) instead of pre-training, and trains ``max_epochs`` more
+            epochs with a fresh optimiser and learning-rate schedule; ``n_init`` is
+            ignored then. The data must have the same features; the architecture
+            settings must stay as fitted. Not with a ``checkpoint``.
 
     Fitted attributes: ``weights_`` (K,), ``history_`` (per-epoch lists),
     ``n_iter_`` (epochs), ``n_features_in_``, ``labels_`` ((N,), the most probable
@@ -216,6 +225,7 @@ class VMoNF(MixtureEstimator):
         checkpoint_every: int | None = 100,
         checkpoint_seconds: float | None = 60.0,
         callback: Callable[[VMoNF, int], None] | None = None,
+        warm_start: bool = False,
     ) -> None:
         self.n_components = n_components
         self.objective = objective
@@ -255,6 +265,7 @@ class VMoNF(MixtureEstimator):
         self.checkpoint_every = checkpoint_every
         self.checkpoint_seconds = checkpoint_seconds
         self.callback = callback
+        self.warm_start = warm_start
 
     # -- hooks -------------------------------------------------------------------------
     def _validate_params(self) -> None:
@@ -262,6 +273,12 @@ class VMoNF(MixtureEstimator):
         check_choice(self.weights, "weights", WEIGHT_MODES)
         check_choice(self.init, "init", INITS)
         check_positive_int(self.n_init, "n_init")
+        check_bool(self.warm_start, "warm_start")
+        if self.warm_start and self.checkpoint is not None:
+            raise ValueError(
+                "warm_start=True cannot be combined with a checkpoint: the training state "
+                "does not record the weights a warm-started fit began from"
+            )
         check_positive_int(self.init_steps, "init_steps", minimum=0)
         check_choice(self.temperature, "temperature", ("constant", "anneal"))
         check_positive_float(self.temperature_decay, "temperature_decay", allow_zero=True)
@@ -291,10 +308,55 @@ class VMoNF(MixtureEstimator):
         self._train_config(max_epochs=1)
         self._schedule()
 
-    def _schedule(self) -> TemperatureSchedule:
+    def _schedule(self, start: float = 1.0) -> TemperatureSchedule:
+        """q's temperature over the main stage, from ``start`` (a warm start continues
+        the exponential from the temperature the previous fit ended at)."""
         if self.temperature == "constant":
             return TemperatureSchedule("constant")
-        return TemperatureSchedule("exponential", 1.0, self.temperature_decay, self.min_temperature)
+        return TemperatureSchedule(
+            "exponential", start, self.temperature_decay, self.min_temperature
+        )
+
+    # -- warm start --------------------------------------------------------------------
+    def fit(self, X: object, y: object | None = None, *, resume: bool = False) -> Self:
+        """Fit to X (N, D) with optional labels y (N,) in [-1, K), -1 = unlabelled; see
+        :meth:`MixtureEstimator.fit` (``resume`` and the checkpoint). With
+        ``warm_start=True`` a fitted model continues from its previous fit instead."""
+        self._validate_settings()
+        warm = bool(self.warm_start) and hasattr(self, "model_")
+        self._warm_from = (self.standardizer_, self.model_) if warm else None
+        try:
+            return super().fit(X, y, resume=resume)
+        finally:
+            del self._warm_from
+
+    def _standardizer_for(self, x64: Tensor) -> Standardizer:
+        warm = getattr(self, "_warm_from", None)
+        if warm is None:
+            return super()._standardizer_for(x64)
+        standardizer = warm[0]
+        if x64.shape[1] != standardizer.mean.numel():
+            raise ValueError(
+                f"warm_start: X has {x64.shape[1]} features, the previous fit "
+                f"{standardizer.mean.numel()}"
+            )
+        # The previous fit's units: its flows were trained in them.
+        return copy.deepcopy(standardizer).to(x64.device)
+
+    def _warm_model(self) -> VariationalMixture | None:
+        """A copy of the previous fit's model in this fit's settings, or None."""
+        warm = getattr(self, "_warm_from", None)
+        if warm is None:
+            return None
+        model = self._build()
+        try:
+            model.load_state_dict(warm[1].state_dict())
+        except RuntimeError:
+            raise ValueError(
+                "warm_start: the previous fit's model has another architecture; keep "
+                "n_components and the flow and posterior settings as they were fitted"
+            ) from None
+        return model
 
     def _train_config(self, **overrides: Any) -> TrainConfig:
         settings = {
@@ -415,9 +477,10 @@ class VMoNF(MixtureEstimator):
         generator: torch.Generator,
         seed: int,
         checkpointer: Checkpointer | None,
+        warm: bool = False,
     ) -> _Fit:
-        """Pre-train (optionally) and train ``model``; the ELBOs are on ``val`` if given,
-        else on ``x``."""
+        """Pre-train (optionally; never a ``warm`` model, a previous fit's) and train
+        ``model``; the ELBOs are on ``val`` if given, else on ``x``."""
         clock = FitClock()  # max_time's clock: the callback's time is left out
 
         def negative_bound(batch: tuple[Tensor, ...], _: int) -> Tensor:
@@ -431,7 +494,7 @@ class VMoNF(MixtureEstimator):
             return -evaluate(objective, (points,), 0)
 
         initial_log_likelihood = mean_score(negative_log_likelihood, x)
-        init_labels = self._initial_labels(x, y, seed)
+        init_labels = None if warm else self._initial_labels(x, y, seed)
         step = 0
         if init_labels is not None:
             keep = init_labels >= 0
@@ -470,7 +533,10 @@ class VMoNF(MixtureEstimator):
                     stacklevel=user_stacklevel(),
                 )
 
-        schedule, main_start = self._schedule(), step
+        # A warm start continues from the temperature the previous fit ended at.
+        start = max(float(model.posterior.temperature), self.min_temperature) if warm else 1.0
+        schedule = self._schedule(start)
+        main_start = step
         loss_fn = torch.compile(model.loss, dynamic=True) if self.compile else model.loss
 
         def temperature(step: int) -> float:
@@ -576,14 +642,16 @@ class VMoNF(MixtureEstimator):
                     f"init={self.init!r} needs a labelled point of every class; "
                     f"none for {sorted(missing)}"
                 )
+        warm = self._warm_model()
         best = None
-        for restart in range(self.n_init):
+        for restart in range(self.n_init if warm is None else 1):  # as sklearn: n_init unused
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
-            model = self._build()
+            model = self._build() if warm is None else warm
             try:
                 fitted = self._fit_once(
-                    model, x_train, y_train, x_val, generator, seed + restart, checkpointer
-                )
+                    model, x_train, y_train, x_val, generator, seed + restart, checkpointer,
+                    warm=warm is not None,
+                )  # fmt: skip
             except NonFiniteLossError as exc:
                 # Keep the best model so far (a failed one holds its last good state).
                 if best is None:
