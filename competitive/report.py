@@ -421,7 +421,7 @@ def rounds_markdown_table(results: list[dict[str, Any]]) -> str:
                 mean_sd([len(h["agreement"]) - 1 for h in history], 1),
                 _mean_sd_or_na([x.get("rounds_exact") for x in e]),
                 mean_sd(exact), mean_sd(disc), mean_sd(gaps),
-                f"{sum(gap > 0 for gap in gaps)} of {len(gaps)}",
+                f"{sum(gap > 0 for gap in gaps)} of {sum(math.isfinite(gap) for gap in gaps)}",
                 mean_sd([r["truth"]["log_likelihood"] for r in rs]),
             ])  # fmt: skip
     header = [

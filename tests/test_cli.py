@@ -150,7 +150,7 @@ def test_fit_time_leaves_out_the_animation_frames_drawn_during_the_fit(tmp_path,
             ["compete", "moons", "--generator", "vae", "--assignment", "exact"],
             "--assignment discriminator",
         ),
-        (["compete", "moons", "--generator", "vae", "--rounds", "0"], "--rounds 0"),
+        (["compete", "moons", "--generator", "vae", "--rounds", "0"], "use --rounds >= 1"),
         (["compete", "moons", "--rounds", "0", "--assignment", "discriminator"], "--rounds 0"),
         (["compete", "moons", "--tol", "1"], "--tol: expected a fraction in [0, 1)"),
         (["compete", "moons", "--tol", "nan"], "--tol"),
@@ -427,3 +427,33 @@ def test_estimator_messages_name_the_commands_options():
     )
     assert in_cli_terms("on the device it was fitted on") == "on the device it was fitted on"
     assert in_cli_terms("--max-time 3") == "--max-time 3"
+    # Paths, quoted names and Python code are the user's or vmonf's own words: left alone.
+    for text in (
+        "results/max_epochs=10/metrics.json",
+        "cannot create runs/max_time/a",
+        "{'max_epochs': 10, 'tol': 0.02}",
+        "VMoNF.load(path, device='cpu')",
+    ):
+        assert in_cli_terms(text) == text
+    # Only options the command has: vmonf fit has no --init.
+    fit_options = {"--max-time", "--lr", "--components"}
+    assert in_cli_terms('raise max_time or try init="kmeans"', fit_options) == (
+        'raise --max-time or try init="kmeans"'
+    )
+
+
+def test_an_os_error_keeps_its_path_as_written(tmp_path, capsys):
+    blocker = tmp_path / "max_time"
+    blocker.write_text("a file where a folder is needed")
+    out = blocker / "run"
+    argv = ["fit", "moons", "--n-train", "50", "--epochs", "1", "--quiet", "--out", str(out)]
+    assert main(argv) != 0
+    err = capsys.readouterr().err
+    assert str(blocker) in err and "--max-time" not in err
+
+
+def test_vaes_without_rounds_are_not_told_to_use_exact_assignment(capsys):
+    """--rounds 0 suggested --assignment exact, which VAEs are refused."""
+    assert main(["compete", "moons", "--generator", "vae", "--rounds", "0"]) == 2
+    err = capsys.readouterr().err
+    assert err.rstrip().endswith("use --rounds >= 1") and "--assignment exact" not in err

@@ -1050,10 +1050,36 @@ def test_warm_start_refuses_what_it_cannot_continue(tmp_path):
     scores = model.score_samples(X)
     with pytest.raises(ValueError, match="warm_start: X has 3 features, the previous fit 2"):
         model.fit(np.column_stack([X, X[:, 0] ** 2]))
-    with pytest.raises(ValueError, match="warm_start: the previous fit's model has another"):
+    with pytest.raises(ValueError, match=r"hidden_features changed .*hidden_features=16 there"):
         model.set_params(hidden_features=9).fit(X)
+    model.set_params(hidden_features=FAST["hidden_features"])
+    # Same shapes, other model: refused too (learned weights were kept, frozen, as uniform).
+    for change in ({"weights": "learned"}, {"activation": "relu"}):
+        with pytest.raises(ValueError, match=f"warm_start: {next(iter(change))} changed"):
+            model.set_params(**change).fit(X)
+        model.set_params(**{name: VMoNF().get_params()[name] for name in change})
     np.testing.assert_array_equal(model.score_samples(X), scores)  # left as it was
     with pytest.raises(ValueError, match="warm_start=True cannot be combined with a checkpoint"):
         VMoNF(3, warm_start=True, checkpoint=tmp_path / "s.pt", **params).fit(X)
     with pytest.raises(TypeError, match="warm_start"):
         VMoNF(3, warm_start="yes", **params).fit(X)
+
+
+def test_a_refit_from_a_callback_and_a_copy_taken_there_carry_no_warm_state():
+    """The warm start's source lived on the estimator: a refit from a callback deleted it
+    under the outer fit (AttributeError), even with warm_start=False."""
+    X = blobs(200)[0]
+    copies = []
+
+    def refit_once(estimator, epoch):
+        if epoch == 0 and not copies:
+            copies.append(copy.deepcopy(estimator))
+            estimator.fit(X)
+
+    params = {**FAST, "max_epochs": 2, "init_steps": 5}
+    for warm_start in (False, True):
+        copies.clear()
+        model = VMoNF(3, random_state=0, warm_start=warm_start, callback=refit_once, **params)
+        model.fit(X).fit(X)  # the second fit warm-starts when asked to
+        assert np.isfinite(model.score(X))
+        assert not any(name.startswith("_warm") for name in vars(copies[0]))

@@ -247,12 +247,12 @@ def test_a_restart_that_fails_leaves_the_estimator_not_converged(monkeypatch):
     X = np.random.default_rng(0).normal(size=(200, 2))
     fit_once, restarts = VMoNF._fit_once, []
 
-    def second_restart_all_nan(self, model, *args):
+    def second_restart_all_nan(self, model, *args, **kwargs):
         restarts.append(model)
         if len(restarts) == 2:  # every loss of this restart's model is NaN
             loss = model.loss
             model.loss = lambda *a, **k: loss(*a, **k) * torch.nan
-        return fit_once(self, model, *args)
+        return fit_once(self, model, *args, **kwargs)
 
     monkeypatch.setattr(VMoNF, "_fit_once", second_restart_all_nan)
     model = VMoNF(2, **{**TINY_VMONF, "n_init": 2, "max_epochs": 3})

@@ -198,6 +198,19 @@ def test_resuming_a_finished_fit_replays_it(tmp_path):
     assert_same_weights(first.model_, again.model_, atol=0)
 
 
+def test_a_fit_resumes_with_the_same_dtype_given_another_way(tmp_path):
+    """dtype="float64" and np.float64 are one setting: the resume was refused as a fit
+    "for other settings (dtype)"."""
+    X = blobs()
+    path = tmp_path / "state.pt"
+    params = {**VMONF, "dtype": "float64"}
+    with pytest.raises(Stop):
+        VMoNF(**params, checkpoint=path, callback=stop_at(2)).fit(X)
+    resumed = VMoNF(**{**params, "dtype": np.float64}, checkpoint=path).fit(X, resume=True)
+    reference = VMoNF(**params).fit(X)
+    assert_same_weights(reference.model_, resumed.model_)
+
+
 @pytest.mark.parametrize("random_state", [None, np.random.RandomState(5)])
 def test_a_seedless_fit_resumes_with_its_stored_seed(tmp_path, random_state):
     """Also with a numpy RandomState, whose state moved since: the resumed fit is the

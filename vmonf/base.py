@@ -423,6 +423,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         settings = {
             k: v for k, v in self.get_params(deep=False).items() if k not in RESUMABLE_CHANGES
         }
+        settings["dtype"] = dtype_name(settings["dtype"])  # "float64" resumes np.float64's
         checkpointer = Checkpointer(
             self.checkpoint,
             fingerprint(x, labels, settings={"estimator": type(self).__name__, **settings}),

@@ -20,7 +20,8 @@ import subprocess
 import sys
 import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
+from contextvars import ContextVar, copy_context
 from pathlib import Path
 from typing import Any, NoReturn, TextIO
 
@@ -720,9 +721,10 @@ def run_compete(args: argparse.Namespace) -> int:
             "--generator vae needs --assignment discriminator: VAEs have no exact likelihood"
         )
     if args.rounds == 0 and args.assignment == "discriminator":
+        other = "" if args.generator == "vae" else " or --assignment exact"  # VAEs: none
         raise UsageError(
             "--rounds 0 trains no discriminator, so nothing could assign the points: use "
-            "--rounds >= 1 or --assignment exact"
+            f"--rounds >= 1{other}"
         )
     toy = datasets.toy(args.toy, **dict(args.toy_param))
     k = toy.n_classes if args.components is None else args.components
@@ -954,18 +956,50 @@ PARAMETER_FLAGS = {
 }  # fmt: skip
 
 
-def in_cli_terms(message: str) -> str:
-    """An estimator's message with its parameter names as this command's options."""
-    for name, flag in PARAMETER_FLAGS.items():
-        message = re.sub(rf"\b{name}=\"?([^\s\")]+)\"?", rf"{flag} \1", message)
-        if "_" in name or name == "tol":
-            message = re.sub(rf"(?<![-\w]){name}\b", flag, message)
-    return message
+# The options of the command that runs (None: every option), for in_cli_terms.
+_COMMAND_OPTIONS: ContextVar[frozenset[str] | None] = ContextVar("options", default=None)
+_ASSIGNMENT = re.compile(r'(\(?)(\w+)=("[^"]*"|[-+.\w]+)([),.;:]*)')  # tol=0.02: init="x")
+_WORD = re.compile(r"(\(?)(\w+)([),.;:]*)")  # max_time, max_rounds)
 
 
-def _fail(message: object, status: int) -> int:
-    text = in_cli_terms(" ".join(str(message).split())) or "failed"
-    print(f"{PROG}: error: {text}", file=sys.stderr)
+def in_cli_terms(message: str, options: Collection[str] | None = None) -> str:
+    """An estimator's message with its parameter names as the command's ``options``
+    (default: the running command's): ``raise max_rounds or tol (e.g. tol=0.02: ...)``
+    -> ``raise --rounds or --tol (e.g. --tol 0.02: ...)``. Only whole words outside
+    paths and quotes, and only names the command has an option for."""
+    options = _COMMAND_OPTIONS.get() if options is None else options
+
+    def flag_of(name: str) -> str | None:
+        flag = PARAMETER_FLAGS.get(name)
+        return flag if flag is not None and (options is None or flag in options) else None
+
+    def translated(word: str) -> str:
+        if "/" in word or "\\" in word:  # a path: its folders may be named anything
+            return word
+        if (match := _ASSIGNMENT.fullmatch(word)) and (flag := flag_of(match[2])):
+            return f"{match[1]}{flag} {match[3].strip(chr(34))}{match[4]}"
+        bare = _WORD.fullmatch(word)
+        if bare and ("_" in bare[2] or bare[2] == "tol") and (flag := flag_of(bare[2])):
+            return f"{bare[1]}{flag}{bare[3]}"  # plain words (init, device) only as name=
+        return word
+
+    return "".join(translated(part) for part in re.split(r"(\s+)", message))
+
+
+def _command_options(parser: argparse.ArgumentParser, command: str) -> frozenset[str]:
+    """The option strings of ``parser``'s subcommand ``command``."""
+    for action in parser._actions:
+        if isinstance(action, argparse._SubParsersAction) and command in action.choices:
+            sub = action.choices[command]
+            return frozenset(s for a in sub._actions for s in a.option_strings)
+    return frozenset()
+
+
+def _fail(message: object, status: int, translate: bool = True) -> int:
+    """Print the one-line error; the estimators' messages in the command's terms (not an
+    OSError's: its paths are the user's)."""
+    text = " ".join(str(message).split()) or "failed"
+    print(f"{PROG}: error: {in_cli_terms(text) if translate else text}", file=sys.stderr)
     return status
 
 
@@ -986,7 +1020,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Run ``vmonf`` with ``argv`` (default: ``sys.argv[1:]``); returns the exit status."""
     with warnings.catch_warnings():
         warnings.showwarning = _one_line_warning
-        return _main(argv)
+        return copy_context().run(_main, argv)  # the command's options stay in this run
 
 
 def _main(argv: Sequence[str] | None) -> int:
@@ -994,6 +1028,7 @@ def _main(argv: Sequence[str] | None) -> int:
     try:
         argv = sys.argv[1:] if argv is None else list(argv)
         args, rest = parser.parse_known_args(argv)
+        _COMMAND_OPTIONS.set(_command_options(parser, args.command))
         if rest and not getattr(args, "takes_own_options", False):
             parser.error(f"unrecognized arguments: {' '.join(rest)}")
         args.own_options = rest
@@ -1011,7 +1046,7 @@ def _main(argv: Sequence[str] | None) -> int:
     except NonFiniteLossError as exc:
         return _fail(f"training failed: {exc}", 1)
     except OSError as exc:
-        return _fail(exc, 1)
+        return _fail(exc, 1, translate=False)
     except TrainingInterrupted as exc:
         print(f"{PROG}: {exc}; run the same command with --resume to continue", file=sys.stderr)
         return 130

@@ -6,6 +6,7 @@ import copy
 import math
 import os
 import warnings
+import weakref
 from collections.abc import Callable
 from numbers import Integral
 from typing import Any, NamedTuple, Self
@@ -83,6 +84,28 @@ def _history_in_user_units(
         key: [float(v) - log_abs_det if key in ("loss", "val_loss") else float(v) for v in values]
         for key, values in history.items()
     }
+
+
+#: Settings that shape a VMoNF's model: a warm start keeps them as fitted.
+WARM_ARCHITECTURE = (
+    "n_components", "weights", "n_layers", "hidden_features", "n_hidden_layers",
+    "activation", "max_log_scale", "actnorm", "linear", "base_df", "posterior_hidden",
+)  # fmt: skip
+
+
+class _WarmSource(NamedTuple):
+    """The fit a ``warm_start`` fit continues: its standardisation and model."""
+
+    standardizer: Standardizer
+    model: VariationalMixture
+
+
+def _comparable(value: object) -> object:
+    """A setting as compared across fits: a list (a loaded model's) as a tuple."""
+    return tuple(value) if isinstance(value, list) else value
+
+
+_WARM_SOURCES: weakref.WeakKeyDictionary[VMoNF, _WarmSource | None] = weakref.WeakKeyDictionary()
 
 
 class VMoNF(MixtureEstimator):
@@ -165,7 +188,9 @@ class VMoNF(MixtureEstimator):
             standardisation) instead of pre-training, and trains ``max_epochs`` more
             epochs with a fresh optimiser and learning-rate schedule; ``n_init`` is
             ignored then. The data must have the same features; the architecture
-            settings must stay as fitted. Not with a ``checkpoint``.
+            settings must stay as fitted. Not with a ``checkpoint``. With
+            ``validation_fraction`` > 0 give an int ``random_state``: else each fit
+            holds out other points, some of which the previous fit trained on.
 
     Fitted attributes: ``weights_`` (K,), ``history_`` (per-epoch lists),
     ``n_iter_`` (epochs), ``n_features_in_``, ``labels_`` ((N,), the most probable
@@ -323,39 +348,58 @@ class VMoNF(MixtureEstimator):
         :meth:`MixtureEstimator.fit` (``resume`` and the checkpoint). With
         ``warm_start=True`` a fitted model continues from its previous fit instead."""
         self._validate_settings()
-        warm = bool(self.warm_start) and hasattr(self, "model_")
-        self._warm_from = (self.standardizer_, self.model_) if warm else None
+        source = None
+        if self.warm_start and hasattr(self, "model_"):
+            self._check_warm_architecture()
+            source = _WarmSource(self.standardizer_, self.model_)
+        # Beside the estimator, not on it (as base.fit's in-fit count): a copy or pickle
+        # taken in a callback carries no previous model, and a refit from a callback
+        # gets its own entry.
+        outer = _WARM_SOURCES.get(self)
+        _WARM_SOURCES[self] = source
         try:
             return super().fit(X, y, resume=resume)
         finally:
-            del self._warm_from
+            if outer is None:
+                _WARM_SOURCES.pop(self, None)
+            else:
+                _WARM_SOURCES[self] = outer
+
+    def _check_warm_architecture(self) -> None:
+        """The settings that shape the model must be those of the fit warm-started from."""
+        fitted = getattr(self, "fitted_params_", None) or {}
+        now = self.get_params(deep=False)
+        changed = [
+            name
+            for name in WARM_ARCHITECTURE
+            if name in fitted and _comparable(fitted[name]) != _comparable(now[name])
+        ]
+        if changed:
+            raise ValueError(
+                f"warm_start: {', '.join(changed)} changed since the fit it would continue "
+                f"({', '.join(f'{n}={fitted[n]!r}' for n in changed)} there); refit with "
+                "warm_start=False for another model"
+            )
 
     def _standardizer_for(self, x64: Tensor) -> Standardizer:
-        warm = getattr(self, "_warm_from", None)
-        if warm is None:
+        source = _WARM_SOURCES.get(self)
+        if source is None:
             return super()._standardizer_for(x64)
-        standardizer = warm[0]
-        if x64.shape[1] != standardizer.mean.numel():
+        n_fitted = source.standardizer.mean.numel()
+        if x64.shape[1] != n_fitted:
             raise ValueError(
-                f"warm_start: X has {x64.shape[1]} features, the previous fit "
-                f"{standardizer.mean.numel()}"
+                f"warm_start: X has {x64.shape[1]} features, the previous fit {n_fitted}"
             )
         # The previous fit's units: its flows were trained in them.
-        return copy.deepcopy(standardizer).to(x64.device)
+        return copy.deepcopy(source.standardizer).to(x64.device)
 
     def _warm_model(self) -> VariationalMixture | None:
-        """A copy of the previous fit's model in this fit's settings, or None."""
-        warm = getattr(self, "_warm_from", None)
-        if warm is None:
+        """A copy of the previous fit's model in this fit's dtype and device, or None."""
+        source = _WARM_SOURCES.get(self)
+        if source is None:
             return None
         model = self._build()
-        try:
-            model.load_state_dict(warm[1].state_dict())
-        except RuntimeError:
-            raise ValueError(
-                "warm_start: the previous fit's model has another architecture; keep "
-                "n_components and the flow and posterior settings as they were fitted"
-            ) from None
+        model.load_state_dict(source.model.state_dict())  # same settings: same shapes
         return model
 
     def _train_config(self, **overrides: Any) -> TrainConfig:

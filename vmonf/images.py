@@ -91,7 +91,9 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
             checkerboard order so the flows' alternating masks are checkerboards.
         random_state: seed of the dequantisation noise (training and scoring); the
             wrapped estimator's own ``random_state`` seeds its training: set both for
-            a reproducible fit.
+            a reproducible fit. A numpy ``RandomState``/``Generator`` gives a seed drawn
+            at each fit, ``score_samples`` and ``sample`` (fresh noise each time, as None).
+            The wrapped estimator is cloned at each fit: its ``warm_start`` has no effect.
 
     Input X: uint8/integer images (N, H, W) or (N, H, W, C), or flattened (N, D);
     samples come back in the same layout. Fitted attributes: ``estimator_``,
@@ -136,11 +138,11 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         the bins' centres or (``noise``) with scoring noise: with a ``random_state``,
         each image's drawn from its own values, else fresh."""
         levels = self._pixels(X)
-        seed = check_seed(fitted_setting(self, "random_state"))
         n_levels = fitted_setting(self, "n_levels")
         if not noise:
-            v = dequantize(levels, n_levels)
-        elif seed is None:
+            return self.transform_.forward(dequantize(levels, n_levels))
+        seed = check_seed(fitted_setting(self, "random_state"))  # drawn only for noise
+        if seed is None:
             v = dequantize(levels, n_levels, np.random.default_rng())
         else:
             v = dequantize_by_content(levels, n_levels, seed)

@@ -62,6 +62,7 @@ __all__ = [
     "plot_samples",
     "plot_training_curves",
     "save_figure",
+    "save_png",
 ]
 
 Bounds = tuple[float, float, float, float]
@@ -189,6 +190,9 @@ def save_figure(fig: Figure, path: Path, dpi: int) -> Path:
     names (PNG, PDF or SVG); returns it."""
     image_format = path.suffix.lower().removeprefix(".")
     return write_atomically(path, lambda handle: fig.savefig(handle, format=image_format, dpi=dpi))
+
+
+save_png = save_figure  # its name before PDF and SVG: kept for code that imports it
 
 
 def class_colours(n_classes: int) -> np.ndarray:
