@@ -27,6 +27,7 @@ MAX_SEED = 2**63 - 1
 
 __all__ = [
     "MAX_SEED",
+    "NUMPY_GENERATORS",
     "SeedLike",
     "check_array",
     "check_betas",
@@ -363,7 +364,8 @@ def check_choice(value: object, name: str, choices: Iterable[str]) -> str:
     return str(value)
 
 
-_NUMPY_GENERATORS = (np.random.RandomState, np.random.Generator)
+#: The numpy random generators a ``random_state`` may be (state, not settings).
+NUMPY_GENERATORS = (np.random.RandomState, np.random.Generator)
 #: What a ``random_state`` may be (scikit-learn's convention, plus numpy's Generator).
 SeedLike = int | np.random.RandomState | np.random.Generator | None
 
@@ -371,7 +373,7 @@ SeedLike = int | np.random.RandomState | np.random.Generator | None
 def check_random_state(seed: object, name: str = "random_state") -> object:
     """Validate a ``random_state`` without drawing from it: an int in [0, MAX_SEED], None,
     or a numpy ``RandomState``/``Generator`` (scikit-learn's convention). Returns it."""
-    if seed is None or isinstance(seed, _NUMPY_GENERATORS):
+    if seed is None or isinstance(seed, NUMPY_GENERATORS):
         return seed
     if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(

@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from vmonf._validation import check_output_file
+from vmonf._validation import NUMPY_GENERATORS, check_output_file
 from vmonf.atomic import write_atomically
 
 __all__ = [
@@ -132,7 +132,7 @@ def plain_setting(value: object) -> object:
     numbers, paths as str, arrays as lists, inside tuples, lists and dicts too;
     callables (e.g. a callback) and numpy random generators (a ``random_state``) are not
     data and become None."""
-    if callable(value) or isinstance(value, np.random.RandomState | np.random.Generator):
+    if callable(value) or isinstance(value, NUMPY_GENERATORS):
         return None
     if isinstance(value, os.PathLike):
         return os.fspath(value)

@@ -38,7 +38,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from vmonf._validation import check_positive_float, check_positive_int
+from vmonf._validation import NUMPY_GENERATORS, check_positive_float, check_positive_int
 from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vmonf.distributed import any_rank, is_main_process
 
@@ -121,7 +121,7 @@ def _canonical(value: Any) -> Any:
         return tuple(_canonical(v) for v in value)
     if isinstance(value, np.generic):
         return value.item()
-    if isinstance(value, np.random.RandomState | np.random.Generator):
+    if isinstance(value, NUMPY_GENERATORS):
         # Its state moves with every draw; a resumed fit continues with the stored seed.
         return f"numpy {type(value).__name__}"
     if isinstance(value, np.ndarray):
