@@ -207,3 +207,32 @@ def test_flow_component_samples_in_the_users_units():
     drawn = FlowComponent(flows, components, standardizer).sample()
     torch.manual_seed(3)
     torch.testing.assert_close(drawn, standardizer.inverse(flows.sample_components(components)))
+
+
+def test_the_model_draws_points_when_x_is_not_given():
+    """model(None) was refused, so Pyro's Predictive could not sample from the mixture.
+    Drawn through Pyro, points follow the estimator's own sampler: component shares match
+    the mixing weights and the points' mean log-density matches that of est.sample."""
+    rng = np.random.default_rng(0)
+    X = np.concatenate([rng.normal(-4, 1, (300, 2)), rng.normal(6, 2, (100, 2))])
+    settings = dict(n_layers=2, hidden_features=8, posterior_hidden=(8,), init_steps=50,
+                    max_epochs=5, weights="learned", dtype="float64", random_state=0)  # fmt: skip
+    est = VMoNF(2, **settings).fit(X)
+    pm = from_estimator(est)
+    torch.manual_seed(0)
+    with pyro.get_param_store().scope():
+        draws = pyro.infer.Predictive(pm.model, num_samples=1)(None, n=4000)
+    c, x = draws["c"][0], draws["x"][0]
+    assert c.shape == (4000,) and x.shape == (4000, 2)
+    shares = np.bincount(c.numpy(), minlength=2) / 4000
+    np.testing.assert_allclose(shares, est.weights_, atol=4 * np.sqrt(0.25 / 4000))
+    ours = est.score_samples(x.numpy())
+    reference = est.score_samples(est.sample(4000, random_state=1)[0])
+    stderr = np.hypot(ours.std(), reference.std()) / np.sqrt(4000)
+    assert abs(ours.mean() - reference.mean()) < 5 * stderr
+    with pytest.raises(ValueError, match="give their number, n"):
+        pm.model(None)
+    with pytest.raises(ValueError, match="not both"):
+        pm.model(torch.as_tensor(X), n=3)
+    with pytest.raises(ValueError, match="n must be >= 1"):
+        pm.model(None, n=0)

@@ -20,7 +20,7 @@ from pyro.distributions import constraints
 from pyro.infer import TraceEnum_ELBO
 from torch import Tensor
 
-from vmonf._validation import check_points
+from vmonf._validation import check_points, check_positive_int
 from vmonf.estimator import VMoNF
 from vmonf.flows import ComponentFlows
 from vmonf.mixture import MixtureOfFlows
@@ -140,13 +140,25 @@ class PyroMixture:
         dtype = next(self.vm.parameters()).dtype
         check_points(x, self.vm.mixture.flows.n_features, dtype, computed_by="mixture")
 
-    def model(self, x: Tensor, temperature: float | None = None) -> None:
-        """p(x, c) = pi_c p_c(x) for x (N, D) observed; c latent, one per point."""
-        self._check(x)
+    def model(
+        self, x: Tensor | None = None, temperature: float | None = None, *, n: int | None = None
+    ) -> None:
+        """p(x, c) = pi_c p_c(x) for x (N, D) observed, c latent, one per point; or, with
+        ``x=None`` and ``n``, generative: n pairs (c, x) drawn from the mixture (e.g.
+        ``pyro.infer.Predictive(pm.model, num_samples=1)(None, n=500)``)."""
+        if x is None:
+            if n is None:
+                raise ValueError("model(None) draws points: give their number, n")
+            size = check_positive_int(n, "n")
+        else:
+            if n is not None:
+                raise ValueError("give x (observed) or n (points to draw), not both")
+            self._check(x)
+            size = x.shape[0]
         # pyro.module returns the module it registers (its stub: any nn.Module).
         mixture = cast(MixtureOfFlows, pyro.module(f"{self.name}_mixture", self.vm.mixture))
         log_pi = mixture.log_weights()
-        with pyro.plate("data", x.shape[0], dim=-1):
+        with pyro.plate("data", size, dim=-1):
             c = pyro.sample("c", dist.Categorical(logits=log_pi))
             pyro.sample("x", FlowComponent(mixture.flows, c, self.standardizer), obs=x)
 
