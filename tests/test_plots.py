@@ -393,3 +393,48 @@ def test_plots_name_non_numeric_input(tmp_path):
         plots.animate_density("abc", bounds, tmp_path / "a.gif")
     with pytest.raises(TypeError, match="images must hold numbers"):
         plots.plot_component_images(np.array([["a"] * 4] * 2), [0, 1], tmp_path / "c.png")
+
+
+def test_draw_functions_draw_on_the_users_axes_and_return_their_artists(tmp_path):
+    fig = plots.new_figure(9.0, 3.0)
+    density_ax, samples_ax, regions_ax = fig.subplots(1, 3)
+    X, y = _data()
+
+    image = plots.draw_density(density_ax, _true_log_prob, BOUNDS, resolution=21, vmax=0.5)
+    assert image in density_ax.images and image.get_clim() == (0.0, 0.5)
+    np.testing.assert_allclose(
+        image.get_array(), density_grid(_true_log_prob, BOUNDS, resolution=21)[2]
+    )
+    assert image.get_extent() == list(BOUNDS)
+    default_scale = plots.draw_density(density_ax, _true_log_prob, BOUNDS, resolution=21)
+    assert default_scale.get_clim()[1] == pytest.approx(_TRUE.pdf([0.0, 0.0]))
+
+    scatter = plots.draw_samples(samples_ax, X, y, bounds=BOUNDS, n_classes=3)
+    assert scatter in samples_ax.collections
+    np.testing.assert_array_equal(scatter.get_offsets(), X)
+    grey = scatter.get_facecolors()[y == -1]
+    assert np.allclose(grey, plots._UNLABELLED_COLOUR)  # unlabelled points are grey
+    assert samples_ax.get_xlim() == BOUNDS[:2] and samples_ax.get_legend() is not None
+
+    regions = plots.draw_decision_regions(
+        regions_ax, lambda g: (g[:, 0] > 0).astype(int), BOUNDS, X=X, y=y, resolution=11
+    )
+    assert regions in regions_ax.images
+    region_labels = np.asarray(regions.get_array())
+    assert region_labels.shape == (11, 11)
+    assert (region_labels[:, :5] == 0).all() and (region_labels[:, 6:] == 1).all()
+    _assert_image(plots.save_figure(fig, tmp_path / "panels.png", 80), "PNG")
+
+
+def test_draw_functions_refuse_what_is_not_an_axes():
+    X, _ = _data()
+    for call in (
+        lambda ax: plots.draw_density(ax, _true_log_prob, BOUNDS),
+        lambda ax: plots.draw_samples(ax, X),
+        lambda ax: plots.draw_decision_regions(ax, lambda g: g[:, 0] > 0, BOUNDS),
+    ):
+        with pytest.raises(TypeError, match=r"ax must be a matplotlib Axes .* got Figure"):
+            call(plots.new_figure(3.0, 3.0))  # the figure, not its axes
+    ax = plots.new_figure(3.0, 3.0).add_subplot()
+    with pytest.raises(ValueError, match=r"vmax must be finite and > 0, got 0\.0"):
+        plots.draw_density(ax, _true_log_prob, BOUNDS, vmax=0.0)

@@ -405,7 +405,8 @@ def gaussian_kde_log_density(queries: object, centres: object, bandwidth: float)
 def kde_bandwidth_grid(h0: float) -> np.ndarray:
     """The protocol's bandwidth grid (14,): ``h0 * 2**(k - 7)`` for k = 0..13."""
     h0 = check_positive_float(h0, "h0")
-    grid = h0 * 2.0 ** (np.arange(14) - 7)
+    with np.errstate(over="ignore", under="ignore"):  # an inf/0 end is refused below
+        grid = h0 * 2.0 ** (np.arange(14) - 7)
     if not MIN_BANDWIDTH <= grid[0] <= grid[-1] <= MAX_BANDWIDTH:
         raise ValueError(
             f"h0 = {h0:g} gives a grid beyond [{MIN_BANDWIDTH:g}, {MAX_BANDWIDTH:g}]: "

@@ -1,11 +1,18 @@
 """Figures: density heatmaps, samples, decision regions, training curves, animations, images.
 
-Every function draws on its own ``matplotlib.figure.Figure`` rendered by the Agg
-canvas (no pyplot global state, safe in headless and threaded code), writes the
-file at ``path`` (parent folders are created; a still figure as PNG, PDF or SVG by
-the path's suffix, an animation as GIF) and returns it as a ``Path``. Functions take
-plain callables and arrays, never estimator objects: pass ``m.score_samples`` or
-``m.predict``.
+Two kinds of function:
+
+* ``plot_*`` and ``animate_*`` draw on their own ``matplotlib.figure.Figure``
+  rendered by the Agg canvas (no pyplot global state, safe in headless and threaded
+  code), write the file at ``path`` (parent folders are created; a still figure as
+  PNG, PDF or SVG by the path's suffix, an animation as GIF) and return it as a
+  ``Path``;
+* ``draw_*`` draw on an ``Axes`` you give them (e.g. one of ``plt.subplots()``) and
+  return the artist they added, as ``ax.imshow`` and ``ax.scatter`` do; titles,
+  colour bars and saving are yours.
+
+Functions take plain callables and arrays, never estimator objects: pass
+``m.score_samples`` or ``m.predict``.
 
 ``bounds`` is always ``(xmin, xmax, ymin, ymax)`` in data units. Density
 callables map an (M, 2) array to (M,) log densities in nats (numpy or torch).
@@ -26,8 +33,10 @@ from matplotlib.animation import FuncAnimation, PillowWriter
 from matplotlib.artist import Artist
 from matplotlib.axes import Axes
 from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.collections import PathCollection
 from matplotlib.colors import BoundaryNorm, Colormap, ListedColormap
 from matplotlib.figure import Figure
+from matplotlib.image import AxesImage
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
@@ -52,6 +61,9 @@ __all__ = [
     "check_dpi",
     "class_colours",
     "density_grid",
+    "draw_decision_regions",
+    "draw_density",
+    "draw_samples",
     "figure_file",
     "grid_points",
     "new_figure",
@@ -133,6 +145,14 @@ def _numbers(x: object, name: str) -> np.ndarray:
 
 def _check_points_2d(X: object, name: str = "X") -> np.ndarray:
     return check_array(X, name, n_features=2)
+
+
+def _check_axes(ax: object) -> Axes:
+    if not isinstance(ax, Axes):
+        raise TypeError(
+            f"ax must be a matplotlib Axes (e.g. from plt.subplots()), got {type(ax).__name__}"
+        )
+    return ax
 
 
 def new_figure(width: float, height: float) -> Figure:
@@ -271,6 +291,47 @@ def density_grid(
 # --------------------------------------------------------------------------- static figures
 
 
+def _density_image(
+    ax: Axes, density: np.ndarray, bounds: Bounds, cmap: str | Colormap, vmax: float
+) -> AxesImage:
+    """Draw a (H, W) density grid (row 0 at ``ymin``) over ``bounds`` on [0, ``vmax``]."""
+    return ax.imshow(
+        density, origin="lower", extent=bounds, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto"
+    )
+
+
+def _colour_top(densities: Iterable[np.ndarray]) -> float:
+    """The top of a shared colour scale: the largest density (1 when all are 0)."""
+    top = max(float(d.max()) for d in densities)
+    return top if top > 0 else 1.0
+
+
+def draw_density(
+    ax: Axes,
+    log_prob: LogProbFn,
+    bounds: Bounds,
+    *,
+    resolution: int = 200,
+    cmap: str | Colormap = "viridis",
+    vmax: float | None = None,
+) -> AxesImage:
+    """Heatmap of ``exp(log_prob)`` over ``bounds`` on ``ax``; returns the image.
+
+    The colour scale is [0, ``vmax``] (default: the largest density on the grid); pass
+    one ``vmax`` to compare panels, and the image to ``fig.colorbar`` for a colour bar.
+    """
+    ax = _check_axes(ax)
+    bounds = _check_bounds(bounds)
+    cmap = check_cmap(cmap)
+    top = None if vmax is None else check_positive_float(vmax, "vmax")
+    density = density_grid(log_prob, bounds, resolution)[2]
+    image = _density_image(
+        ax, density, bounds, cmap, _colour_top([density]) if top is None else top
+    )
+    _plane_axes(ax, None)
+    return image
+
+
 def plot_density_comparison(
     true_log_prob: LogProbFn | None,
     model_log_prob: LogProbFn,
@@ -298,31 +359,62 @@ def plot_density_comparison(
     if true_log_prob is not None:
         panels.append((names[0], density_grid(true_log_prob, bounds, resolution)[2]))
     panels.append((names[1], density_grid(model_log_prob, bounds, resolution)[2]))
-    vmax = max(float(d.max()) for _, d in panels)
-    vmax = vmax if vmax > 0 else 1.0
+    top = _colour_top(d for _, d in panels)
     fig = new_figure(4.2 * len(panels) + 0.8, 4.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     image = None
     for ax, (title, dens) in zip(axes, panels, strict=True):
-        image = ax.imshow(
-            dens, origin="lower", extent=bounds, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto"
-        )
+        image = _density_image(ax, dens, bounds, cmap, top)
+        _plane_axes(ax, None)
         ax.set_title(title)
-        ax.set_xlabel("$x_1$")
-    axes[0].set_ylabel("$x_2$")
+    for ax in axes[1:]:
+        ax.set_ylabel("")
     assert image is not None  # there is always the model's panel
     fig.colorbar(image, ax=list(axes), label="density")
     return save_figure(fig, out, dpi)
 
 
 def _plane_axes(ax: Axes, bounds: Bounds | None) -> None:
-    """Label a 2-D scatter's axes and, when given, fix its window to ``bounds``."""
+    """Label a 2-D plot's axes and, when given, fix its window to ``bounds``."""
     if bounds is not None:
         xmin, xmax, ymin, ymax = _check_bounds(bounds)
         ax.set_xlim(xmin, xmax)
         ax.set_ylim(ymin, ymax)
     ax.set_xlabel("$x_1$")
     ax.set_ylabel("$x_2$")
+
+
+def draw_samples(
+    ax: Axes,
+    X: object,
+    labels: object | None = None,
+    *,
+    bounds: Bounds | None = None,
+    n_classes: int | None = None,
+    marker_size: float = 4.0,
+) -> PathCollection:
+    """Scatter of 2-D points ``X`` (N, 2) on ``ax``, coloured by integer ``labels`` (N,)
+    with a legend; returns the scatter.
+
+    ``labels=None`` draws one colour; label -1 (unlabelled) is grey. ``n_classes``
+    fixes the palette so colours match other figures (default: largest label + 1).
+    ``bounds`` fixes the window (default: matplotlib's).
+    """
+    ax = _check_axes(ax)
+    pts = _check_points_2d(X)
+    lab = None if labels is None else check_integer_labels(labels, "labels", pts.shape[0])
+    bounds = None if bounds is None else _check_bounds(bounds)
+    marker_size = check_positive_float(marker_size, "marker_size")
+    n_classes = _resolve_n_classes(n_classes, lab)
+    if lab is None:
+        scatter = ax.scatter(pts[:, 0], pts[:, 1], s=marker_size, color="C0", linewidths=0)
+    else:
+        scatter = ax.scatter(
+            pts[:, 0], pts[:, 1], s=marker_size, c=_label_colours(lab, n_classes), linewidths=0
+        )
+        _add_legend(ax, lab, n_classes)
+    _plane_axes(ax, bounds)
+    return scatter
 
 
 def plot_samples(
@@ -336,27 +428,12 @@ def plot_samples(
     marker_size: float = 4.0,
     dpi: int = 100,
 ) -> Path:
-    """Scatter of 2-D points ``X`` (N, 2) coloured by integer ``labels`` (N,), with a legend.
-
-    ``labels=None`` draws one colour; label -1 (unlabelled) is grey. ``n_classes``
-    fixes the palette so colours match other figures (default: largest label + 1).
-    """
-    pts = _check_points_2d(X)
-    lab = None if labels is None else check_integer_labels(labels, "labels", pts.shape[0])
+    """:func:`draw_samples` in a figure of its own, written at ``path``."""
     out = figure_file(path)
-    marker_size = check_positive_float(marker_size, "marker_size")
     dpi = check_dpi(dpi)
-    n_classes = _resolve_n_classes(n_classes, lab)
     fig = new_figure(5.0, 4.6)
     ax = fig.add_subplot()
-    if lab is None:
-        ax.scatter(pts[:, 0], pts[:, 1], s=marker_size, color="C0", linewidths=0)
-    else:
-        ax.scatter(
-            pts[:, 0], pts[:, 1], s=marker_size, c=_label_colours(lab, n_classes), linewidths=0
-        )
-        _add_legend(ax, lab, n_classes)
-    _plane_axes(ax, bounds)
+    draw_samples(ax, X, labels, bounds=bounds, n_classes=n_classes, marker_size=marker_size)
     if title is not None:
         ax.set_title(title)
     return save_figure(fig, out, dpi)
@@ -391,29 +468,27 @@ def _add_legend(ax: Axes, labels: np.ndarray, n_classes: int) -> None:
         ax.legend(handles=handles, title="component", loc="best", fontsize="small")
 
 
-def plot_decision_regions(
+def draw_decision_regions(
+    ax: Axes,
     predict: Callable[[np.ndarray], object],
     bounds: Bounds,
-    path: PathLike,
     *,
     X: object | None = None,
     y: object | None = None,
     n_classes: int | None = None,
     resolution: int = 200,
-    title: str | None = None,
     marker_size: float = 6.0,
-    dpi: int = 100,
-) -> Path:
-    """Filled regions of the predicted component over ``bounds``, data points on top.
+) -> AxesImage:
+    """Filled regions of the predicted component over ``bounds`` on ``ax``, data points
+    on top; returns the regions' image.
 
     ``predict`` maps (M, 2) points to (M,) (or an (M, 1) integer column of) labels, or
     to (M, K) probabilities (e.g. q(c|x)), whose argmax is taken. Points ``X`` (N, 2) are
     coloured by ``y`` (N,) when given (-1 = unlabelled, grey), black otherwise.
     """
+    ax = _check_axes(ax)
     _check_callable(predict, "predict", "predict_proba")
     bounds = _check_bounds(bounds)
-    out = figure_file(path)
-    dpi = check_dpi(dpi)
     marker_size = check_positive_float(marker_size, "marker_size")
     pts = None if X is None else _check_points_2d(X)
     if y is not None and pts is None:
@@ -439,16 +514,12 @@ def plot_decision_regions(
     n_classes = _resolve_n_classes(n_classes, region, lab)
     n_classes = max(n_classes, n_from_proba)
     palette = class_colours(n_classes)
-    cmap = ListedColormap(palette[:, :3])
-    norm = BoundaryNorm(np.arange(n_classes + 1) - 0.5, n_classes)
-    fig = new_figure(5.0, 4.6)
-    ax = fig.add_subplot()
-    ax.imshow(
+    image = ax.imshow(
         region.reshape(xx.shape),
         origin="lower",
         extent=bounds,
-        cmap=cmap,
-        norm=norm,
+        cmap=ListedColormap(palette[:, :3]),
+        norm=BoundaryNorm(np.arange(n_classes + 1) - 0.5, n_classes),
         alpha=0.35,
         aspect="auto",
         interpolation="nearest",
@@ -466,10 +537,38 @@ def plot_decision_regions(
                 linewidths=0.2,
             )
             _add_legend(ax, lab, n_classes)
-    ax.set_xlim(bounds[0], bounds[1])
-    ax.set_ylim(bounds[2], bounds[3])
-    ax.set_xlabel("$x_1$")
-    ax.set_ylabel("$x_2$")
+    _plane_axes(ax, bounds)
+    return image
+
+
+def plot_decision_regions(
+    predict: Callable[[np.ndarray], object],
+    bounds: Bounds,
+    path: PathLike,
+    *,
+    X: object | None = None,
+    y: object | None = None,
+    n_classes: int | None = None,
+    resolution: int = 200,
+    title: str | None = None,
+    marker_size: float = 6.0,
+    dpi: int = 100,
+) -> Path:
+    """:func:`draw_decision_regions` in a figure of its own, written at ``path``."""
+    out = figure_file(path)
+    dpi = check_dpi(dpi)
+    fig = new_figure(5.0, 4.6)
+    ax = fig.add_subplot()
+    draw_decision_regions(
+        ax,
+        predict,
+        bounds,
+        X=X,
+        y=y,
+        n_classes=n_classes,
+        resolution=resolution,
+        marker_size=marker_size,
+    )
     if title is not None:
         ax.set_title(title)
     return save_figure(fig, out, dpi)
@@ -751,13 +850,10 @@ def animate_density(
     dpi = check_dpi(dpi)
     cmap = check_cmap(cmap)
     names = _check_titles(titles, len(grids), "frames")
-    top = max(float(g.max()) for g in grids) if vmax is None else check_positive_float(vmax, "vmax")
-    top = top if top > 0 else 1.0
+    top = _colour_top(grids) if vmax is None else check_positive_float(vmax, "vmax")
     fig = new_figure(5.0, 4.2)
     ax = fig.add_subplot()
-    image = ax.imshow(
-        grids[0], origin="lower", extent=bounds, cmap=cmap, vmin=0.0, vmax=top, aspect="auto"
-    )
+    image = _density_image(ax, grids[0], bounds, cmap, top)
     fig.colorbar(image, ax=ax, label="density")
     heading = ax.set_title(names[0] if names else "frame 1")
 
