@@ -20,7 +20,7 @@ from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
 
-from vmonf import VMoNF, plots, training
+from vmonf import VMoNF, datasets, plots, reporting, training
 from vmonf._validation import (
     MAX_SEED,
     check_array,
@@ -612,6 +612,32 @@ def test_top_k_elbo_fits_reproducibly_and_round_trips(tmp_path, monkeypatch):
     # elbo() and elbo_ report the top-2 bound that was trained (the full-K one with a
     # q trained on 2 components can look diverged).
     assert model.converged_ and model.elbo_ == pytest.approx(model.elbo(X).mean(), abs=1e-5)
+    # top_k picks the bound: None is q's ELBO over all K (log p - KL(q || p(c|x))).
+    np.testing.assert_array_equal(model.elbo(X, top_k="fitted"), model.elbo(X))
+    np.testing.assert_array_equal(model.elbo(X, top_k=2), model.elbo(X))
+    full = model.elbo(X, top_k=None)
+    np.testing.assert_array_equal(model.elbo(X, top_k=3), full)
+    proba, log_p = model.predict_proba(X), model.score_samples(X)
+    exact = model.predict_proba(X, posterior="exact")
+    kl_q = (proba * (np.log(np.clip(proba, 1e-300, None)) - np.log(exact))).sum(axis=1)
+    np.testing.assert_allclose(full, log_p - kl_q, rtol=0, atol=1e-5)  # float32 fit
+    with pytest.raises(ValueError, match="top_k must be <= 3, got 4"):
+        model.elbo(X, top_k=4)
+    with pytest.raises(ValueError, match="top_k must be 'fitted', None or an int, got 'all'"):
+        model.elbo(X, top_k="all")
+    with pytest.raises(TypeError, match="top_k must be an int"):
+        model.elbo(X, top_k=2.5)
+
+
+def test_evaluate_on_toy_measures_the_gap_over_all_components_after_a_top_k_fit():
+    toy = datasets.toy("pinwheel", n_classes=3)
+    X, y = toy.sample(300, seed=0)
+    model = VMoNF(3, random_state=0, elbo_top_k=2, **FAST).fit(X)
+    result = reporting.evaluate_on_toy(model, toy, X, y)
+    assert result["elbo"] == pytest.approx(model.elbo(X, top_k=None).mean(), abs=1e-12)
+    assert result["amortization_gap"] == pytest.approx(
+        result["log_likelihood"] - result["elbo"], abs=1e-12
+    )
 
 
 def test_save_load_is_exact_for_data_far_from_zero_in_float32(tmp_path):

@@ -766,13 +766,25 @@ class VMoNF(MixtureEstimator):
         """Most probable component under q(c|x) or the exact posterior, (N,) int64."""
         return self.predict_proba(X, posterior).argmax(axis=1).astype(np.int64)
 
-    def elbo(self, X: object) -> np.ndarray:
-        """ELBO of each row, (N,), nats, in the user's units (<= score_samples); with
-        ``elbo_top_k``, the top-k bound that the fit trained."""
+    def elbo(self, X: object, *, top_k: int | str | None = "fitted") -> np.ndarray:
+        """ELBO of each row, (N,), nats, in the user's units (<= score_samples).
+
+        ``top_k``: ``"fitted"`` (default) the bound the fit trained: the ELBO over all K
+        components, or with ``elbo_top_k`` the top-k bound (q renormalised over each
+        row's ``elbo_top_k`` likeliest components); None the ELBO of q over all K
+        components, ``log p(x) - KL(q(c|x) || p(c|x))``; an int k in [1, K] the top-k
+        bound. Only the ELBO over all K measures q's amortisation gap.
+        """
         u = self._validate_X(X)
+        k: int | None = None
+        if isinstance(top_k, str) and top_k == "fitted":
+            k = self._fitted_setting("elbo_top_k")
+        elif isinstance(top_k, str):
+            raise ValueError(f"top_k must be 'fitted', None or an int, got {top_k!r}")
+        elif top_k is not None:
+            k = check_positive_int(top_k, "top_k", maximum=self.model_.mixture.n_components)
         log_det = self.standardizer_.log_abs_det()
-        top_k = self._fitted_setting("elbo_top_k")
-        return self._chunked(lambda c: self.model_.elbo(c, top_k=top_k) + log_det, u)
+        return self._chunked(lambda c: self.model_.elbo(c, top_k=k) + log_det, u)
 
     def suggest_labels(self, X: object, n: int = 10) -> np.ndarray:
         """Indices of the ``n`` rows whose q(c|x) has the highest entropy (most worth labelling)."""

@@ -204,8 +204,8 @@ def from_estimator(est: VMoNF, name: str = "vmonf") -> PyroMixture:
     Works in the **user's units**: x is standardised with ``est.standardizer_``
     inside the model and guide, and the standardiser's log-determinant is added to
     every flow density, so ``pyro_elbo(from_estimator(est), x)`` equals
-    ``est.elbo(X).mean()`` (the ELBO over all K components: with ``elbo_top_k``,
-    ``est.elbo`` is the top-k bound instead). x must have the estimator's dtype and
+    ``est.elbo(X, top_k=None).mean()``, the ELBO over all K components (``est.elbo(X)``
+    too, unless the fit used ``elbo_top_k``). x must have the estimator's dtype and
     device.
     """
     if not isinstance(est, VMoNF):
