@@ -429,11 +429,25 @@ def plot_samples(
     dpi: int = 100,
 ) -> Path:
     """:func:`draw_samples` in a figure of its own, written at ``path``."""
+    return _one_panel_figure(
+        path,
+        lambda ax: draw_samples(
+            ax, X, labels, bounds=bounds, n_classes=n_classes, marker_size=marker_size
+        ),
+        title,
+        dpi,
+    )
+
+
+def _one_panel_figure(
+    path: PathLike, draw: Callable[[Axes], object], title: str | None, dpi: int
+) -> Path:
+    """A 5 x 4.6 inch figure of one ``draw(ax)`` panel, titled, written at ``path``."""
     out = figure_file(path)
     dpi = check_dpi(dpi)
     fig = new_figure(5.0, 4.6)
     ax = fig.add_subplot()
-    draw_samples(ax, X, labels, bounds=bounds, n_classes=n_classes, marker_size=marker_size)
+    draw(ax)
     if title is not None:
         ax.set_title(title)
     return save_figure(fig, out, dpi)
@@ -555,23 +569,21 @@ def plot_decision_regions(
     dpi: int = 100,
 ) -> Path:
     """:func:`draw_decision_regions` in a figure of its own, written at ``path``."""
-    out = figure_file(path)
-    dpi = check_dpi(dpi)
-    fig = new_figure(5.0, 4.6)
-    ax = fig.add_subplot()
-    draw_decision_regions(
-        ax,
-        predict,
-        bounds,
-        X=X,
-        y=y,
-        n_classes=n_classes,
-        resolution=resolution,
-        marker_size=marker_size,
+    return _one_panel_figure(
+        path,
+        lambda ax: draw_decision_regions(
+            ax,
+            predict,
+            bounds,
+            X=X,
+            y=y,
+            n_classes=n_classes,
+            resolution=resolution,
+            marker_size=marker_size,
+        ),
+        title,
+        dpi,
     )
-    if title is not None:
-        ax.set_title(title)
-    return save_figure(fig, out, dpi)
 
 
 def plot_training_curves(
