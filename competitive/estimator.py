@@ -52,7 +52,7 @@ __all__ = ["ASSIGNMENTS", "GENERATORS", "INITS", "CompetitiveMixture", "Competit
 GENERATORS = ("flow", "vae", "kmeans")
 ASSIGNMENTS = ("exact", "discriminator")
 INITS = ("uniform", "random_split", "kmeans", "bootstrap")
-#: A ``tol`` that stochastically trained generators reach (the ``vmonf compete`` default).
+#: A ``tol`` that stochastically trained generators reach (``tol="auto"`` for them).
 TYPICAL_TOL = 0.02
 
 
@@ -127,11 +127,11 @@ class CompetitiveMixture(MixtureEstimator):
             equal weights: bagging or a single model, see :mod:`competitive.baselines`).
         tol: converged when at most ``tol * N`` points change owner in a round; None:
             no early stop, every one of the ``max_rounds`` rounds runs (a fixed
-            training budget, as in :mod:`competitive.studies`). With flows a few points
-            near the boundaries keep changing owner from round to round (stochastic
-            training: 2-3 % on pinwheel after 20 rounds), so the default 0 (exact
-            convergence, natural for ``generator="kmeans"``) usually ends with a
-            ConvergenceWarning; 0.01-0.02 stops there.
+            training budget, as in :mod:`competitive.studies`). ``"auto"`` (default):
+            0 for ``generator="kmeans"`` (Lloyd's steps settle exactly), 0.02 for
+            flows and VAEs: a few points near their boundaries keep changing owner
+            from round to round (stochastic training: 2-3 % on pinwheel after 20
+            rounds), so ``tol=0`` rarely converges with them.
         min_share: load balancing: a generator winning fewer than ``min_share * N``
             points keeps training on its best ``min_share * N`` points with mixing
             weight 0 (default 0.1 / K).
@@ -198,7 +198,7 @@ class CompetitiveMixture(MixtureEstimator):
         init: str | Any = "uniform",
         pretrain_epochs: int = 10,
         max_rounds: int = 20,
-        tol: float | None = 0.0,
+        tol: float | str | None = "auto",
         min_share: float | None = None,
         n_layers: int = 6,
         hidden_features: int | None = None,
@@ -305,7 +305,9 @@ class CompetitiveMixture(MixtureEstimator):
             check_choice(self.init, "init", INITS)
         check_positive_int(self.pretrain_epochs, "pretrain_epochs")
         check_positive_int(self.max_rounds, "max_rounds", minimum=0)
-        if self.tol is not None:
+        if isinstance(self.tol, str):
+            check_choice(self.tol, "tol", ("auto",))
+        elif self.tol is not None:
             tol = check_positive_float(self.tol, "tol", allow_zero=True)
             if tol >= 1.0:
                 raise ValueError(f"tol must be < 1, got {tol}")
@@ -326,6 +328,12 @@ class CompetitiveMixture(MixtureEstimator):
         self._generator_config(1, None)
         self._discriminator_config(None)
 
+    def _tol(self) -> float | None:
+        """``tol`` with ``"auto"`` resolved for the generator."""
+        if self.tol == "auto":
+            return 0.0 if self.generator == "kmeans" else TYPICAL_TOL
+        return None if self.tol is None else float(self.tol)
+
     def _min_share(self) -> float:
         share = self._fitted_setting("min_share")
         return 0.1 / self._fitted_setting("n_components") if share is None else float(share)
@@ -336,7 +344,7 @@ class CompetitiveMixture(MixtureEstimator):
         """Pre-training's config, or with ``round_index`` a round's: with ``tol=None``
         the rounds follow one learning-rate schedule over all ``max_rounds`` of them."""
         schedule: dict[str, int] = {}
-        if round_index is not None and self.tol is None:
+        if round_index is not None and self._tol() is None:
             schedule = {
                 "lr_schedule_epochs": epochs * self.max_rounds,
                 "lr_schedule_start": epochs * round_index,
@@ -670,7 +678,8 @@ class CompetitiveMixture(MixtureEstimator):
         if self.generator == "kmeans":  # Lloyd's steps settle exactly: rounds will do
             return "raise max_rounds"
         kind = "flows" if self.generator == "flow" else "VAEs"
-        if self.tol is None or self.tol < TYPICAL_TOL:
+        tol = self._tol()
+        if tol is None or tol < TYPICAL_TOL:
             return (
                 f"raise max_rounds or tol (e.g. tol={TYPICAL_TOL:g}: boundary points of "
                 f"stochastically trained {kind} keep moving)"
@@ -743,7 +752,7 @@ class CompetitiveMixture(MixtureEstimator):
     ) -> None:
         """Pre-training, then rounds of training and re-assignment. Keeps ``progress``
         (owners, rounds, convergence) current and appends each round to ``history``."""
-        model, k = self.model_, self.n_components
+        model, k, tol = self.model_, self.n_components, self._tol()
         gens = model.generators
         # Pre-training and the rounds are one optimisation: Adam's moments carry over
         # (with a fresh optimiser and schedule every round the K = 9 skewed mixture of
@@ -795,13 +804,13 @@ class CompetitiveMixture(MixtureEstimator):
                 history["round_time"].append(time.perf_counter() - round_started)
                 history["time"].append(clock.elapsed())
                 self._notify(progress.n_rounds, clock)
-                if self.tol is not None and changed <= self.tol * x_train.shape[0]:
+                if tol is not None and changed <= tol * x_train.shape[0]:
                     progress.converged = True
                     break
                 if trained.stop_reason == "max_time":  # the round itself was cut short
                     progress.out_of_time = True
                     break
             else:
-                progress.converged = self.tol is None  # the fixed rounds all ran
+                progress.converged = tol is None  # the fixed rounds all ran
         else:
             progress.converged = True  # nothing to converge: bagging / a single model

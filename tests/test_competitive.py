@@ -34,7 +34,7 @@ from competitive import (
 from competitive.assignment import hard_assign, min_count, mixing_weights, training_weights
 from competitive.discriminators import fit_discriminators, log_ratio_normaliser
 from competitive.studies import StudySettings
-from vmonf import cli, training
+from vmonf import cli, datasets, training
 from vmonf._gaussian import diagonal_normal_log_prob
 from vmonf.checkpoint import load_checkpoint, save_checkpoint
 from vmonf.cli import main
@@ -68,7 +68,11 @@ def gaussian_log_prob(x: torch.Tensor, means: torch.Tensor) -> torch.Tensor:
 @pytest.fixture(scope="module")
 def fitted() -> tuple[CompetitiveMixture, np.ndarray, np.ndarray]:
     X, y = blobs()
-    return CompetitiveMixture(3, random_state=0, validation_fraction=0.1, **FAST).fit(X), X, y
+    return (
+        CompetitiveMixture(3, random_state=0, validation_fraction=0.1, tol=0.0, **FAST).fit(X),
+        X,
+        y,
+    )
 
 
 # --------------------------------------------------------------------------- generators
@@ -261,6 +265,28 @@ def test_tol_none_runs_every_round_and_counts_as_converged():
     assert early.n_iter_ == 1  # the same run with a tol stops at its first round
     with pytest.raises(ValueError, match="tol"):
         CompetitiveMixture(3, tol=-0.1).fit(X)
+    with pytest.raises(ValueError, match="tol must be one of"):
+        CompetitiveMixture(3, tol="exact").fit(X)
+
+
+@pytest.mark.parametrize(("generator", "resolved"), [("flow", 0.02), ("vae", 0.02), ("kmeans", 0)])
+def test_tol_auto_is_0_for_kmeans_and_0_02_for_stochastically_trained_generators(
+    generator, resolved
+):
+    """tol=0, the old default, ended most flow fits with a ConvergenceWarning."""
+    model = CompetitiveMixture(3, generator=generator)
+    assert model.tol == "auto" and model._tol() == resolved
+    assert CompetitiveMixture(3, generator=generator, tol=0.1)._tol() == 0.1
+
+
+def test_default_flow_fit_on_pinwheel_converges_without_a_warning():
+    X, _ = datasets.toy("pinwheel", n_classes=3).sample(600, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ConvergenceWarning)
+        model = CompetitiveMixture(
+            3, init="kmeans", n_layers=2, hidden_features=16, max_epochs=3, random_state=0
+        ).fit(X)
+    assert model.converged_ and model.n_iter_ < model.max_rounds
 
 
 def test_starved_component_recovers(fitted):
@@ -546,8 +572,8 @@ def test_a_fit_failing_mid_rounds_keeps_the_last_assignment():
                     p.fill_(math.nan)
 
     model = CompetitiveMixture(
-        2, **{**FAST, "validation_fraction": 0.0}, init="uniform", random_state=0,
-        callback=blow_up_after_round_1,
+        2, **{**FAST, "validation_fraction": 0.0, "tol": 0.0}, init="uniform",
+        random_state=0, callback=blow_up_after_round_1,
     )  # fmt: skip
     with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError):
         model.fit(X)

@@ -658,8 +658,8 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
         type=_fraction,
         default=0.02,
         help="stop once at most this fraction of the points change owner in a round "
-        "(default %(default)s; 0, CompetitiveMixture's default, lets none change, which "
-        "flows, whose boundary points keep moving, rarely reach)",
+        "(default %(default)s, as CompetitiveMixture's tol='auto' for flows and VAEs; 0 "
+        "lets none change, which flows, whose boundary points keep moving, rarely reach)",
     )
     train.add_argument(
         "--epochs", metavar="E", type=positive_int, default=10, help="generator epochs per round"
