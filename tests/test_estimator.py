@@ -5,6 +5,7 @@ from __future__ import annotations
 import copy
 import math
 import pickle
+import re
 import time
 import warnings
 from pathlib import Path
@@ -20,7 +21,7 @@ from sklearn.base import clone
 from sklearn.exceptions import ConvergenceWarning
 from sklearn.metrics import adjusted_rand_score
 
-from vmonf import VMoNF, datasets, plots, reporting, training
+from vmonf import VMoNF, base, datasets, plots, reporting, training
 from vmonf._validation import (
     MAX_SEED,
     check_array,
@@ -183,10 +184,39 @@ def test_a_model_fitted_on_cuda_loads_on_a_cpu_machine_with_device_cpu(fitted, t
     loaded = VMoNF.load(path, device="cpu")
     assert loaded.device == "cpu"
     np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
-    for bad in ("gpu", "cuda"):  # the argument's fault, not the file's
+    for bad in ("gpu", "cuda", "cuda:0"):  # the argument's fault, not the file's
         with pytest.raises(ValueError, match="device") as raised:
             VMoNF.load(path, device=bad)
         assert not isinstance(raised.value, CheckpointError)
+    assert VMoNF.load(path, device=torch.device("cpu")).device == torch.device("cpu")
+
+
+@pytest.mark.parametrize(
+    ("device", "error", "message"),
+    [
+        ("gpu", ValueError, "device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got 'gpu'"),
+        ("cuda:x", ValueError, "got 'cuda:x'"),
+        (torch.device("meta"), ValueError, "got 'meta'"),
+        (0, TypeError, "device must be 'cpu', 'cuda', 'cuda:N', 'auto' or a torch.device"),
+    ],
+)
+def test_device_names_as_torch_does(device, error, message):
+    X, _ = blobs(60)
+    with pytest.raises(error, match=re.escape(message)):
+        VMoNF(2, **FAST, device=device).fit(X)
+    assert base.device_name(torch.device("cuda", 1)) == "cuda:1"
+    assert base.device_name("cuda:3") == "cuda:3"
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match=r"device='cuda:1' was requested but CUDA is not"):
+            base.torch_device("cuda:1")
+
+
+def test_a_torch_device_fits_and_saves_as_its_name(tmp_path):
+    X, _ = blobs(200)
+    model = VMoNF(2, **FAST, device=torch.device("cpu"), random_state=0).fit(X)
+    loaded = VMoNF.load(model.save(tmp_path / "m.pt"))
+    assert loaded.device == "cpu"
+    np.testing.assert_array_equal(loaded.score_samples(X), model.score_samples(X))
 
 
 def test_a_model_saves_as_it_was_fitted_not_as_set_params_changed_it_since(fitted, tmp_path):

@@ -211,6 +211,15 @@ def test_a_fit_resumes_with_the_same_dtype_given_another_way(tmp_path):
     assert_same_weights(reference.model_, resumed.model_)
 
 
+def test_a_fit_resumes_with_the_same_device_given_as_a_torch_device(tmp_path):
+    X = blobs()
+    path = tmp_path / "state.pt"
+    with pytest.raises(Stop):
+        VMoNF(**VMONF, device="cpu", checkpoint=path, callback=stop_at(2)).fit(X)
+    resumed = VMoNF(**VMONF, device=torch.device("cpu"), checkpoint=path).fit(X, resume=True)
+    assert_same_weights(VMoNF(**VMONF).fit(X).model_, resumed.model_)
+
+
 @pytest.mark.parametrize("random_state", [None, np.random.RandomState(5)])
 def test_a_seedless_fit_resumes_with_its_stored_seed(tmp_path, random_state):
     """Also with a numpy RandomState, whose state moved since: the resumed fit is the

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import time
 import warnings
 import weakref
@@ -30,7 +31,6 @@ from vmonf._validation import (
     SeedLike,
     check_array,
     check_bool,
-    check_choice,
     check_feature_names,
     check_labels,
     check_positive_float,
@@ -94,7 +94,25 @@ def dtype_name(value: object) -> str:
     return cast(str, name)
 
 
-DEVICES = ("cpu", "cuda", "auto")
+DEVICES = ("cpu", "cuda", "auto")  # and "cuda:N", or a torch.device of those
+_CUDA_INDEX = re.compile(r"cuda:(\d+)")
+
+
+def device_name(device: object) -> str:
+    """A ``device`` setting as its canonical name: "cpu", "cuda", "cuda:N" or "auto"
+    (from that string or a ``torch.device``); ValueError/TypeError naming the choices."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise TypeError(
+            f"device must be 'cpu', 'cuda', 'cuda:N', 'auto' or a torch.device, got "
+            f"{type(device).__name__}"
+        )
+    if device in DEVICES or _CUDA_INDEX.fullmatch(device):
+        return device
+    raise ValueError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got {device!r}")
+
+
 # Standardised magnitudes beyond these overflow the model's arithmetic (z**2, MLPs).
 MAX_STANDARDISED = {torch.float32: 1e15, torch.float64: 1e150}
 # Settings that do not change what a fit computes: a fit may resume under other values.
@@ -152,18 +170,25 @@ def fitted_setting(estimator: Any, name: str) -> Any:
 
 
 def torch_device(device: object) -> torch.device:
-    """The torch device a ``device`` setting ("cpu", "cuda", "auto") names here; a
-    ValueError for another value, or for "cuda" without CUDA."""
-    check_choice(device, "device", DEVICES)
-    if device == "auto":
+    """The torch device a ``device`` setting (see :func:`device_name`) names here; a
+    ValueError for another value, or for a CUDA device this machine does not have."""
+    name = device_name(device)
+    if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device='cuda' was requested but CUDA is not available")
-    return torch.device(str(device))
+    if name.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise ValueError(f"device={name!r} was requested but CUDA is not available")
+        index = torch.device(name).index
+        if index is not None and index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device={name!r} was requested but this machine has "
+                f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+    return torch.device(name)
 
 
 def check_loadable_device(
-    payload: object, device: str | None, path: str | os.PathLike, loader: str
+    payload: object, device: object, path: str | os.PathLike, loader: str
 ) -> None:
     """Refuse, with the way out, a checkpoint fitted on CUDA where there is none, unless
     ``device`` (checked by the caller with :func:`torch_device`) overrides where it loads."""
@@ -172,9 +197,10 @@ def check_loadable_device(
     params = payload.get("params", {}) if isinstance(payload, dict) else None
     if not isinstance(params, dict):
         raise CheckpointError(f"{path} holds no settings")
-    if params.get("device") == "cuda" and not torch.cuda.is_available():
+    fitted_on = str(params.get("device"))
+    if fitted_on.startswith("cuda") and not torch.cuda.is_available():
         raise CheckpointError(
-            f"{path} was fitted with device='cuda' and CUDA is not available here: "
+            f"{path} was fitted with device={fitted_on!r} and CUDA is not available here: "
             f"load it with {loader}.load(path, device='cpu')"
         )
 
@@ -307,7 +333,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         check_positive_int(self.batch_size, "batch_size", maximum=MAX_BATCH)
         check_positive_float(self.learning_rate, "learning_rate")
         check_random_state(self.random_state)  # validated only: fit draws from a generator
-        check_choice(self.device, "device", DEVICES)
+        device_name(self.device)
         dtype_name(self.dtype)
         if self.n_threads is not None:
             check_positive_int(self.n_threads, "n_threads", maximum=MAX_THREADS)
@@ -424,6 +450,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             k: v for k, v in self.get_params(deep=False).items() if k not in RESUMABLE_CHANGES
         }
         settings["dtype"] = dtype_name(settings["dtype"])  # "float64" resumes np.float64's
+        settings["device"] = device_name(settings["device"])
         checkpointer = Checkpointer(
             self.checkpoint,
             fingerprint(x, labels, settings={"estimator": type(self).__name__, **settings}),
@@ -699,12 +726,12 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         return params
 
     @classmethod
-    def load(cls, path: str | os.PathLike, device: str | None = None) -> Self:
+    def load(cls, path: str | os.PathLike, device: str | torch.device | None = None) -> Self:
         """Read an estimator written by :meth:`save` (``torch.load(weights_only=True)``).
 
-        ``device`` ("cpu", "cuda", "auto") overrides the device it was fitted on, as
-        ``torch.load``'s ``map_location`` does: a model fitted on a GPU loads on a CPU-only
-        machine with ``device="cpu"``.
+        ``device`` ("cpu", "cuda", "cuda:N", "auto", a ``torch.device``) overrides the
+        device it was fitted on, as ``torch.load``'s ``map_location`` does: a model fitted
+        on a GPU loads on a CPU-only machine with ``device="cpu"``.
         """
         if device is not None:
             torch_device(device)  # a bad argument is the caller's, not the file's
@@ -712,7 +739,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     @classmethod
     def _from_payload(
-        cls, payload: dict[str, Any], device: str | None, path: str | os.PathLike
+        cls, payload: dict[str, Any], device: str | torch.device | None, path: str | os.PathLike
     ) -> Self:
         """The estimator :meth:`_to_payload` described; ``path`` names the file in errors."""
         try:

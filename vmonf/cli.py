@@ -30,7 +30,7 @@ import torch
 
 from vmonf import __version__, datasets, reporting
 from vmonf._validation import MAX_SEED
-from vmonf.base import MixtureEstimator, torch_device
+from vmonf.base import MixtureEstimator, device_name, torch_device
 from vmonf.distributed import init_from_env, is_main_process
 from vmonf.estimator import VMoNF
 from vmonf.flows import MAX_BASE_DF, MIN_BASE_DF
@@ -106,6 +106,15 @@ def _fraction(text: str) -> float:
     if not 0 <= value < 1:  # NaN fails too
         raise argparse.ArgumentTypeError(f"expected a fraction in [0, 1), got {text!r}")
     return value
+
+
+def _device(text: str) -> str:
+    try:
+        return device_name(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected cpu, cuda, cuda:N or auto, got {text!r}"
+        ) from None
 
 
 def _degrees_of_freedom(text: str) -> float:
@@ -283,7 +292,7 @@ def _start_run(
 def _join_process_group(args: argparse.Namespace) -> bool:
     """Under torchrun, join the process group; returns whether this is the rank that
     prints and writes (the others only train)."""
-    cuda = args.device == "cuda" or (args.device == "auto" and torch.cuda.is_available())
+    cuda = args.device.startswith("cuda") or (args.device == "auto" and torch.cuda.is_available())
     init_from_env(torch.device("cuda" if cuda else "cpu"))  # NCCL, one GPU per rank
     main_rank = is_main_process()
     if not main_rank:
@@ -439,9 +448,9 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
     )
     train.add_argument(
         "--device",
-        choices=("cpu", "cuda", "auto"),
+        type=_device,
         default="cpu",
-        help="where to train (auto: cuda when available)",
+        help="where to train: cpu, cuda, cuda:N or auto (cuda when available)",
     )
     out = p.add_argument_group("output")
     out.add_argument(
@@ -691,7 +700,10 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
         help="Adam learning rate (default: CompetitiveMixture's)",
     )
     train.add_argument(
-        "--device", choices=("cpu", "cuda", "auto"), default="cpu", help="where to train"
+        "--device",
+        type=_device,
+        default="cpu",
+        help="where to train: cpu, cuda, cuda:N or auto (cuda when available)",
     )
     out = p.add_argument_group("output")
     out.add_argument(

@@ -162,7 +162,9 @@ class VMoNF(MixtureEstimator):
             ``RandomState``/``Generator`` that each fit and ``sample`` draws a seed from,
             as in scikit-learn (a saved model stores None for it).
         verbose (progress bars in a terminal or a Jupyter notebook; none when output
-            goes to a file or pipe), device (``"cpu"``, ``"cuda"``, ``"auto"``), dtype
+            goes to a file or pipe), device (``"cpu"``, ``"cuda"``, ``"cuda:N"``,
+            ``"auto"`` or a ``torch.device``; under torchrun ``"cuda"``: each process its
+            local GPU), dtype
             (``"float32"``/``"float64"``, or the numpy or torch dtype), n_threads
             (torch threads while fitting and scoring; 1 is fastest for small flows on
             few cores, None = leave as is).

@@ -20,7 +20,7 @@ import math
 import os
 import warnings
 from pathlib import Path
-from typing import Any, Self
+from typing import TYPE_CHECKING, Any, Self
 
 import numpy as np
 from sklearn.base import BaseEstimator, ClusterMixin, DensityMixin, clone
@@ -59,6 +59,9 @@ from vmonf.image_transforms import (
     dequantize_by_content,
     quantize,
 )
+
+if TYPE_CHECKING:
+    import torch
 
 __all__ = ["ImageMixture"]
 
@@ -290,7 +293,7 @@ class ImageMixture(DensityMixin, ClusterMixin, BaseEstimator):
         cls,
         path: str | os.PathLike,
         estimator_class: type[MixtureEstimator] | None = None,
-        device: str | None = None,
+        device: str | torch.device | None = None,
     ) -> Self:
         """Read a model written by :meth:`save`.
 
