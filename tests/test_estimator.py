@@ -585,8 +585,31 @@ def test_a_far_outlier_that_merges_the_other_points_in_float32_is_warned_about()
         VMoNF(2, random_state=0, **{**FAST, "max_epochs": 1}).fit(X)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
-        VMoNF(2, random_state=0, dtype="float64", **{**FAST, "max_epochs": 1}).fit(X)
-        VMoNF(2, random_state=0, **{**FAST, "max_epochs": 1}).fit(discrete)
+        # (learned weights: q puts 95 % of these points on one component, which fixed
+        # uniform weights would warn about)
+        one_epoch = {**FAST, "max_epochs": 1, "weights": "responsibilities"}
+        VMoNF(2, random_state=0, dtype="float64", **one_epoch).fit(X)
+        VMoNF(2, random_state=0, **one_epoch).fit(discrete)
+
+
+def test_fixed_uniform_weights_say_what_they_cost_when_q_shares_the_points_unequally():
+    rng = np.random.default_rng(0)
+    X = np.r_[rng.normal(size=(900, 2)), rng.normal(size=(100, 2)) + 8.0]  # 90 % / 10 %
+    with pytest.warns(UserWarning, match=r"\[0\.(8|9)\d* +0\.1\d*\] of the training points, but"):
+        model = VMoNF(2, random_state=0, **FAST).fit(X)
+    assert model.weights_.tolist() == [0.5, 0.5]
+    fitted = VMoNF(2, random_state=0, **{**FAST, "weights": "responsibilities"})
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        fitted.fit(X)
+    np.testing.assert_allclose(np.sort(fitted.weights_), [0.1, 0.9], atol=0.01)
+    # The cost the warning quotes: KL(shares || 1/K), what matched weights gain here.
+    gain = fitted.score(X) - model.score(X)
+    assert gain == pytest.approx(0.9 * np.log(1.8) + 0.1 * np.log(0.2), abs=0.05)
+    balanced = np.r_[rng.normal(size=(500, 2)), rng.normal(size=(500, 2)) + 8.0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        VMoNF(2, random_state=0, **FAST).fit(balanced)
 
 
 def test_bad_predict_input_gives_clear_errors(fitted):

@@ -119,9 +119,11 @@ class VMoNF(MixtureEstimator):
         n_components: number of flows K.
         objective: ``"elbo"`` (amortised q, the paper) or ``"marginal"`` (exact
             -log p(x), i.e. soft EM; q is distilled from the exact posterior).
-        weights: mixing weights, ``"uniform"``, ``"learned"`` or ``"responsibilities"``
-            (after every epoch, the mean responsibility: one-hot at a point's label,
-            else q(c|x) for the ELBO or the exact p(c|x) for the marginal objective).
+        weights: mixing weights, ``"uniform"`` (the paper's fixed 1/K; a fit warns when
+            q's shares of the points make that cost more than 0.05 nats per point),
+            ``"learned"`` or ``"responsibilities"`` (after every epoch, the mean
+            responsibility: one-hot at a point's label, else q(c|x) for the ELBO or the
+            exact p(c|x) for the marginal objective; as GaussianMixture's M-step).
         init: ``"kmeans"`` (pre-train each flow and q on a k-means cluster),
             ``"labels"`` (pre-train on the labelled points, as in the paper),
             ``"propagate"`` (spread the labels to every point along a k-nearest-
@@ -724,7 +726,10 @@ class VMoNF(MixtureEstimator):
         self.n_iter_ = fit.n_epochs
         self.elbo_ = float(fit.elbo) + log_det
         self.weights_ = probabilities(model.mixture.log_weights())
-        self.labels_ = self._chunked(self._log_proba, x).argmax(axis=1).astype(np.int64)
+        log_q = self._chunked(self._log_proba, x)
+        self.labels_ = log_q.argmax(axis=1).astype(np.int64)
+        if warn and self._fitted_setting("weights") == "uniform":
+            _warn_on_unequal_shares(probabilities(log_q).mean(axis=0))
         finite = math.isfinite(fit.elbo) and math.isfinite(fit.train_log_likelihood)
         diverged = finite and fit.train_log_likelihood < divergence_floor(
             fit.initial_train_log_likelihood, self.n_components
@@ -794,6 +799,30 @@ class VMoNF(MixtureEstimator):
         proba = self.predict_proba(X)
         entropy = -(proba * np.log(np.clip(proba, 1e-300, None))).sum(axis=1)
         return np.argsort(-entropy, kind="stable")[: min(n, proba.shape[0])]
+
+
+#: Nats per point that fixed uniform weights may cost before a fit says so.
+UNIFORM_WEIGHTS_COST = 0.05
+
+
+def _warn_on_unequal_shares(shares: np.ndarray) -> None:
+    """Warn when q(c|x) shares the training points (K,) so unequally that the fixed
+    uniform weights cost more than ``UNIFORM_WEIGHTS_COST``: about KL(shares || 1/K)
+    nats per point against weights equal to the shares (exactly so for separated
+    components)."""
+    k = shares.shape[0]
+    cost = float(np.sum(shares * np.log(np.clip(shares * k, 1e-300, None))))
+    if cost <= UNIFORM_WEIGHTS_COST:
+        return
+    warnings.warn(
+        f"q(c|x) gives the components {np.array2string(shares, precision=3)} of the training "
+        f"points, but weights='uniform' keeps every mixing weight at 1/K = {1 / k:.3g}: "
+        f"score_samples and sample then cost about {cost:.2g} nats per point against "
+        "weights equal to those shares. weights='responsibilities' (or 'learned') fits "
+        "them, as GaussianMixture does",
+        UserWarning,
+        stacklevel=user_stacklevel(),
+    )
 
 
 def _propagate_labels(x: Tensor, y: Tensor, n_neighbors: int = 10) -> Tensor:
