@@ -8,6 +8,7 @@ import time
 import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -47,13 +48,28 @@ from vmonf.mixture import draw_components
 from vmonf.resume import Checkpointer
 from vmonf.training import MAX_BATCH, FitClock, NonFiniteLossError, TrainConfig, map_chunks
 
-__all__ = ["ASSIGNMENTS", "GENERATORS", "INITS", "CompetitiveMixture", "CompetitiveModel"]
+__all__ = [
+    "ASSIGNMENTS",
+    "GENERATORS",
+    "INITS",
+    "CompetitiveMixture",
+    "CompetitiveModel",
+    "resolve_assignment",
+]
 
 GENERATORS = ("flow", "vae", "kmeans")
 ASSIGNMENTS = ("exact", "discriminator")
 INITS = ("uniform", "random_split", "kmeans", "bootstrap")
 #: A ``tol`` that stochastically trained generators reach (``tol="auto"`` for them).
 TYPICAL_TOL = 0.02
+
+
+def resolve_assignment(assignment: str, generator: str) -> str:
+    """The rule an ``assignment`` setting names for ``generator``s: ``"auto"`` is exact
+    likelihoods, or the discriminators' estimate for VAEs (which have none)."""
+    if assignment == "auto":
+        return "discriminator" if generator == "vae" else "exact"
+    return assignment
 
 
 @dataclass
@@ -111,8 +127,9 @@ class CompetitiveMixture(MixtureEstimator):
             degenerate generator x = mu_k + eps with eps ~ N(0, I) in the standardised
             coordinates every generator works in: competitive training is k-means on
             the standardised points, not on X's raw scale).
-        assignment: ``"exact"`` (argmax log p_k(x); flows and k-means only) or
-            ``"discriminator"`` (argmax of the normalised (1 - D_k)/D_k).
+        assignment: ``"exact"`` (argmax log p_k(x); flows and k-means only),
+            ``"discriminator"`` (argmax of the normalised (1 - D_k)/D_k) or ``"auto"``
+            (default: exact, discriminator for VAEs).
         assign_with_weights: add log pi_k, floored at the log of the minimum share
             that load balancing keeps (``min_share``), to the scores before the argmax.
             After ``init="uniform"`` the generators start alike and the first one ahead
@@ -193,7 +210,7 @@ class CompetitiveMixture(MixtureEstimator):
         n_components: int = 3,
         *,
         generator: str = "flow",
-        assignment: str = "exact",
+        assignment: str = "auto",
         assign_with_weights: bool = False,
         init: str | Any = "uniform",
         pretrain_epochs: int = 10,
@@ -282,7 +299,7 @@ class CompetitiveMixture(MixtureEstimator):
     # -- validation ----------------------------------------------------------------------
     def _validate_params(self) -> None:
         check_choice(self.generator, "generator", GENERATORS)
-        check_choice(self.assignment, "assignment", ASSIGNMENTS)
+        check_choice(self.assignment, "assignment", (*ASSIGNMENTS, "auto"))
         if self.assignment == "exact" and self.generator == "vae":
             raise ValueError(
                 "assignment='exact' needs generators with an exact likelihood; VAEs have "
@@ -414,7 +431,7 @@ class CompetitiveMixture(MixtureEstimator):
         """An untrained model; discriminators by default when the settings train them
         (``assignment="discriminator"``, ``max_rounds >= 1``)."""
         if with_discriminators is None:
-            with_discriminators = self.assignment == "discriminator" and self.max_rounds > 0
+            with_discriminators = not self._exact_assignment(fitted=False) and self.max_rounds > 0
         generators = self._build_generators()
         discriminators = self._build_discriminators() if with_discriminators else None
         model = CompetitiveModel(generators, discriminators)
@@ -444,14 +461,19 @@ class CompetitiveMixture(MixtureEstimator):
         fitted = self._fitted_setting
         return fitted("n_components") - 1 if fitted("max_rounds") > 0 else 0  # shares won
 
+    def _exact_assignment(self, fitted: bool = True) -> bool:
+        """Whether points go to the argmax of exact likelihoods (``"auto"``: unless the
+        generators are VAEs), by the fitted settings or (``fitted=False``) the current."""
+        setting = self._fitted_setting if fitted else partial(getattr, self)
+        return resolve_assignment(setting("assignment"), setting("generator")) == "exact"
+
     def _can_assign(self) -> bool:
-        exact = self._fitted_setting("assignment") == "exact"
-        return exact or self.model_.discriminators is not None
+        return self._exact_assignment() or self.model_.discriminators is not None
 
     def _likelihood_scores(self, u: Tensor) -> Tensor:
         """Log-likelihood estimates (N, K): exact, or the discriminators' (standardised units)."""
         model = self.model_
-        if self._fitted_setting("assignment") == "exact":
+        if self._exact_assignment():
             return model.generators.log_prob(u)
         return self._discriminator_log_ratio(u)
 
@@ -585,7 +607,7 @@ class CompetitiveMixture(MixtureEstimator):
         """Train the discriminators if needed, then the (N, K) likelihood estimates of the
         training points (:meth:`_likelihood_scores`)."""
         model = self.model_
-        if self.assignment == "discriminator":
+        if not self._exact_assignment(fitted=False):
             if model.discriminators is None or not self.keep_discriminators:
                 model.discriminators = self._build_discriminators()
             log_norm = train_discriminators(

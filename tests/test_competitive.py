@@ -279,6 +279,22 @@ def test_tol_auto_is_0_for_kmeans_and_0_02_for_stochastically_trained_generators
     assert CompetitiveMixture(3, generator=generator, tol=0.1)._tol() == 0.1
 
 
+@pytest.mark.parametrize(
+    ("generator", "rule"), [("flow", "exact"), ("kmeans", "exact"), ("vae", "discriminator")]
+)
+def test_assignment_auto_uses_exact_likelihoods_where_there_are_any(generator, rule, tmp_path):
+    X, _ = blobs(200)
+    settings = {**FAST, "max_rounds": 1, "validation_fraction": 0.0}
+    model = CompetitiveMixture(2, generator=generator, random_state=0, **settings).fit(X)
+    assert model.assignment == "auto" and model._exact_assignment() == (rule == "exact")
+    assert (model.model_.discriminators is not None) == (rule == "discriminator")
+    explicit = CompetitiveMixture(2, generator=generator, assignment=rule, random_state=0)
+    np.testing.assert_array_equal(explicit.set_params(**settings).fit(X).labels_, model.labels_)
+    loaded = CompetitiveMixture.load(model.save(tmp_path / "m.pt"))
+    assert loaded.assignment == "auto"
+    np.testing.assert_array_equal(loaded.predict(X), model.predict(X))
+
+
 def test_default_flow_fit_on_pinwheel_converges_without_a_warning():
     X, _ = datasets.toy("pinwheel", n_classes=3).sample(600, seed=0)
     with warnings.catch_warnings():
@@ -679,7 +695,7 @@ def test_set_params_after_a_fit_changes_the_next_fit_not_this_one(tmp_path):
     np.testing.assert_array_equal(model.predict_proba(X), proba)
     assert model.bic(X) == bic
     loaded = CompetitiveMixture.load(model.save(tmp_path / "m.pt"))
-    assert loaded.get_params()["assignment"] == "exact"
+    assert loaded.get_params()["assignment"] == "auto"  # as fitted (exact for flows)
     np.testing.assert_array_equal(loaded.predict_proba(X), proba)
     model.fit(X)
     assert model.fitted_params_["assignment"] == "discriminator"

@@ -624,10 +624,11 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
     )
     model.add_argument(
         "--assignment",
-        choices=("exact", "discriminator"),
-        default=None,
+        choices=("exact", "discriminator", "auto"),
+        default="auto",
         help="re-assign by exact likelihood or by discriminators (density-ratio trick); "
-        "default: exact, or discriminator for --generator vae (VAEs have no exact likelihood)",
+        "auto (default): exact, or discriminator for --generator vae (VAEs have no exact "
+        "likelihood)",
     )
     model.add_argument(
         "--init",
@@ -723,11 +724,11 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
 def run_compete(args: argparse.Namespace) -> int:
     """``vmonf compete``: sample, fit competitively, evaluate, print, write the run folder."""
     from competitive import CompetitiveMixture  # vmonf never imports competitive at import
+    from competitive.estimator import resolve_assignment
     from competitive.figures import plot_assignment_rounds, plot_shares
     from vmonf import metrics, plots
 
-    if args.assignment is None:
-        args.assignment = "discriminator" if args.generator == "vae" else "exact"
+    args.assignment = resolve_assignment(args.assignment, args.generator)
     if args.generator == "vae" and args.assignment == "exact":
         raise UsageError(
             "--generator vae needs --assignment discriminator: VAEs have no exact likelihood"
