@@ -499,6 +499,15 @@ BAD_FIT = [
     (np.zeros((0, 2)), None, {}, ValueError, "minimum of 2 is required"),
     (np.array([["a", "b"]]), None, {}, TypeError, "numbers"),
     (np.array([[1.0, "b"]], dtype=object), None, {}, TypeError, "numbers"),
+    # Missing values of nullable data-frame columns (pd.NA: a class of this name) and None
+    (
+        np.array([[1.0, 2.0], [type("NAType", (), {})(), 3.0]], dtype=object),
+        None,
+        {},
+        ValueError,
+        r"X contains NaN or infinite values \(1 row",
+    ),
+    (np.array([[1.0, None], [2.0, 3.0]], dtype=object), None, {}, ValueError, "contains NaN"),
     (scipy.sparse.csr_matrix(np.eye(3)), None, {}, TypeError, r"sparse matrix.*toarray"),
     (torch.eye(3).to_sparse(), None, {}, TypeError, r"sparse torch tensor.*to_dense"),
     (torch.empty(3, 2, device="meta"), None, {}, TypeError, "meta tensor"),

@@ -74,6 +74,22 @@ def check_real_numbers(arr: np.ndarray, name: str) -> None:
         raise ValueError(f"Complex data not supported: {name} has dtype {arr.dtype}")
 
 
+def _is_missing(value: object) -> bool:
+    # pandas' NA (nullable dtypes' missing value) and None, without importing pandas
+    return value is None or type(value).__name__ == "NAType"
+
+
+def _missing_as_nan(arr: np.ndarray) -> np.ndarray:
+    """An object array with its missing values (None, ``pd.NA``) as NaN, so that they
+    are refused as NaN, as scikit-learn does, not as values that are not numbers."""
+    missing = np.frompyfunc(_is_missing, 1, 1)(arr).astype(bool)
+    if not missing.any():
+        return arr
+    arr = arr.copy()
+    arr[missing] = np.nan
+    return arr
+
+
 def check_array(
     X: object,
     name: str = "X",
@@ -98,7 +114,7 @@ def check_array(
     try:
         arr = np.asarray(X)
         if arr.dtype == object:  # numbers in an object array, as scikit-learn accepts
-            arr = arr.astype(np.float64)
+            arr = _missing_as_nan(arr).astype(np.float64)
     except Exception as exc:  # ragged lists, strings in an object array and the like
         raise TypeError(f"{name} must be array-like of numbers: {exc}") from None
     check_real_numbers(arr, name)
