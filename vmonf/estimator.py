@@ -128,7 +128,9 @@ class VMoNF(MixtureEstimator):
             ``"labels"`` (pre-train on the labelled points, as in the paper),
             ``"propagate"`` (spread the labels to every point along a k-nearest-
             neighbour graph, then pre-train on all points), ``"random"`` (none) or
-            ``"auto"`` (propagate when every class has a label, else k-means).
+            ``"auto"`` (propagate when every class has a label, else k-means). Where
+            classes touch in the kNN graph (few points in many dimensions) propagation
+            can mislabel and training keeps it: compare ``"kmeans"`` on held-out labels.
         n_init: restarts; the one with the best final objective is kept: the ELBO, or
             with ``objective="marginal"`` the exact log-likelihood (on the held-out
             points when ``validation_fraction`` > 0, else on the training points).
