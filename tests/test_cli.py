@@ -145,6 +145,8 @@ def test_fit_time_leaves_out_the_animation_frames_drawn_during_the_fit(tmp_path,
         (["fit", "moons", "--n-train", "20", "--labels", "30"], "label"),
         (["fit", "pinwheel", "--labels", "2"], "at least the toy's 5 classes"),
         (["fit", "moons", "--seed", str(2**64)], "--seed"),
+        (["fit", "moons", "--n-test", "1"], "--n-test: expected at least 2 held-out points"),
+        (["compete", "moons", "--device", "gpu"], "expected cpu, cuda, cuda:N or auto"),
         (["compete", "moons", "--seed", str(2**63 - 2)], "--seed"),  # seed + 2 is used
         (
             ["compete", "moons", "--generator", "vae", "--assignment", "exact"],

@@ -165,6 +165,8 @@ def toy_param(text: str) -> tuple[str, object]:
 
 
 positive_int = _int_in_range(1, "a positive integer")
+# A standard error needs two points.
+held_out_count = _int_in_range(2, "at least 2 held-out points")
 non_negative_int = _int_in_range(0, "a non-negative integer")
 # The held-out points are drawn with seed + 1, compete's perfect-generator sample with + 2.
 seed_int = _int_in_range(0, f"a seed in [0, {MAX_SEED - 2}]", MAX_SEED - 2)
@@ -404,7 +406,7 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
     data.add_argument(
         "--n-test",
         metavar="N",
-        type=positive_int,
+        type=held_out_count,
         default=4096,
         help="held-out points (drawn with --seed + 1)",
     )
@@ -655,7 +657,7 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
         "--n-train", metavar="N", type=positive_int, default=20000, help="training points"
     )
     data.add_argument(
-        "--n-test", metavar="N", type=positive_int, default=6400, help="held-out points"
+        "--n-test", metavar="N", type=held_out_count, default=6400, help="held-out points"
     )
     data.add_argument("--seed", type=seed_int, default=0, help="seed of data and model")
     train = p.add_argument_group("training")
