@@ -235,7 +235,7 @@ def _builders(case: Case, k: int, seed: int, settings: StudySettings) -> dict[st
         "VMoNF (ELBO)": lambda: _vmonf(case, k, seed, settings),
         "VMoNF (annealed T)": lambda: _vmonf(case, k, seed, settings, temperature="anneal"),
         "VMoNF (exact marginal)": lambda: _vmonf(case, k, seed, settings, objective="marginal"),
-        "competitive (exact)": lambda: _competitive(case, k, seed, settings),
+        "competitive (exact)": lambda: _competitive(case, k, seed, settings, assignment="exact"),
         "competitive (discriminator)": lambda: _competitive(
             case, k, seed, settings, assignment="discriminator"
         ),
@@ -408,7 +408,7 @@ def run_study(
     }
     uniform_disc = _competitive(case, k, seed, settings, init="uniform", assignment="discriminator")
     uniform_tracker, *disc_fit = _tracked_run(uniform_disc, data)
-    uniform_exact = _competitive(case, k, seed, settings, init="uniform")
+    uniform_exact = _competitive(case, k, seed, settings, init="uniform", assignment="exact")
     exact_fit = _fit(uniform_exact, X, None)
     rounds["uniform"] = _rounds_entry(uniform_tracker, uniform_disc, uniform_exact, X_test) | {
         # not rows of the tables above, but fits the time cap may have stopped too
