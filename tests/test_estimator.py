@@ -196,6 +196,8 @@ def test_a_model_fitted_on_cuda_loads_on_a_cpu_machine_with_device_cpu(fitted, t
     [
         ("gpu", ValueError, "device must be 'cpu', 'cuda', 'cuda:N' or 'auto', got 'gpu'"),
         ("cuda:x", ValueError, "got 'cuda:x'"),
+        ("cuda:01", ValueError, "got 'cuda:01'"),  # torch.device refuses it
+        ("cuda:" + "9" * 20, ValueError, "got 'cuda:99"),
         (torch.device("meta"), ValueError, "got 'meta'"),
         (0, TypeError, "device must be 'cpu', 'cuda', 'cuda:N', 'auto' or a torch.device"),
     ],
@@ -205,10 +207,24 @@ def test_device_names_as_torch_does(device, error, message):
     with pytest.raises(error, match=re.escape(message)):
         VMoNF(2, **FAST, device=device).fit(X)
     assert base.device_name(torch.device("cuda", 1)) == "cuda:1"
+    assert base.device_name(torch.device("cpu", 0)) == "cpu"
     assert base.device_name("cuda:3") == "cuda:3"
     if not torch.cuda.is_available():
         with pytest.raises(ValueError, match=r"device='cuda:1' was requested but CUDA is not"):
             base.torch_device("cuda:1")
+
+
+def test_a_numbered_gpu_is_refused_under_torchrun(monkeypatch):
+    """Every process would use that one GPU; "cuda" gives each its LOCAL_RANK's."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    assert base.torch_device("cuda:1") == torch.device("cuda", 1)
+    with pytest.raises(ValueError, match="this machine has 2 CUDA device"):
+        base.torch_device("cuda:2")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match=r"under torchrun would put every process on one GPU"):
+        base.torch_device("cuda:1")
+    assert base.torch_device("cuda") == torch.device("cuda")
 
 
 def test_a_torch_device_fits_and_saves_as_its_name(tmp_path):
@@ -508,6 +524,7 @@ BAD_FIT = [
         r"X contains NaN or infinite values \(1 row",
     ),
     (np.array([[1.0, None], [2.0, 3.0]], dtype=object), None, {}, ValueError, "contains NaN"),
+    (None, None, {}, ValueError, r"must be 2-D .* got shape \(\)"),
     (scipy.sparse.csr_matrix(np.eye(3)), None, {}, TypeError, r"sparse matrix.*toarray"),
     (torch.eye(3).to_sparse(), None, {}, TypeError, r"sparse torch tensor.*to_dense"),
     (torch.empty(3, 2, device="meta"), None, {}, TypeError, "meta tensor"),

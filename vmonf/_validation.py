@@ -82,7 +82,7 @@ def _is_missing(value: object) -> bool:
 def _missing_as_nan(arr: np.ndarray) -> np.ndarray:
     """An object array with its missing values (None, ``pd.NA``) as NaN, so that they
     are refused as NaN, as scikit-learn does, not as values that are not numbers."""
-    missing = np.frompyfunc(_is_missing, 1, 1)(arr).astype(bool)
+    missing = np.asarray(np.frompyfunc(_is_missing, 1, 1)(arr), dtype=bool)  # 0-d: a bool
     if not missing.any():
         return arr
     arr = arr.copy()

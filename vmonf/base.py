@@ -95,14 +95,14 @@ def dtype_name(value: object) -> str:
 
 
 DEVICES = ("cpu", "cuda", "auto")  # and "cuda:N", or a torch.device of those
-_CUDA_INDEX = re.compile(r"cuda:(\d+)")
+_CUDA_INDEX = re.compile(r"cuda:(0|[1-9]\d{0,3})")  # as torch.device parses it
 
 
 def device_name(device: object) -> str:
     """A ``device`` setting as its canonical name: "cpu", "cuda", "cuda:N" or "auto"
     (from that string or a ``torch.device``); ValueError/TypeError naming the choices."""
     if isinstance(device, torch.device):
-        device = str(device)
+        device = "cpu" if device.type == "cpu" else str(device)
     if not isinstance(device, str):
         raise TypeError(
             f"device must be 'cpu', 'cuda', 'cuda:N', 'auto' or a torch.device, got "
@@ -183,6 +183,11 @@ def torch_device(device: object) -> torch.device:
             raise ValueError(
                 f"device={name!r} was requested but this machine has "
                 f"{torch.cuda.device_count()} CUDA device(s)"
+            )
+        if index is not None and os.environ.get("WORLD_SIZE", "1").strip() not in ("", "1"):
+            raise ValueError(
+                f"device={name!r} under torchrun would put every process on one GPU: use "
+                "device='cuda' (each process its LOCAL_RANK's)"
             )
     return torch.device(name)
 
@@ -386,7 +391,8 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         with torch.random.fork_rng(devices=[device] if cuda else []):
             torch.default_generator.manual_seed(seed)
             if cuda:
-                torch.cuda.manual_seed(seed)  # the current device's: where draws happen
+                with torch.cuda.device(device):  # "cuda:1"'s generator, not the current one's
+                    torch.cuda.manual_seed(seed)
             yield
 
     def _check_is_fitted(self) -> None:
