@@ -438,3 +438,29 @@ def test_draw_functions_refuse_what_is_not_an_axes():
     ax = plots.new_figure(3.0, 3.0).add_subplot()
     with pytest.raises(ValueError, match=r"vmax must be finite and > 0, got 0\.0"):
         plots.draw_density(ax, _true_log_prob, BOUNDS, vmax=0.0)
+
+
+def test_plots_check_their_data_before_the_path_and_make_no_folder_for_bad_data(tmp_path):
+    with pytest.raises(ValueError, match="X has 3 features"):
+        plot_samples(np.zeros((3, 3)), None, tmp_path / "sub" / "s.png")
+    with pytest.raises(ValueError, match="bounds need xmin < xmax"):
+        plot_decision_regions(lambda g: g[:, 0] > 0, (1, 0, 0, 1), tmp_path / "sub" / "r.png")
+    assert not (tmp_path / "sub").exists()
+    with pytest.raises(TypeError, match="predict must be callable"):
+        plot_decision_regions("predict", BOUNDS, tmp_path / "r.jpg")  # not the path's error
+    with pytest.raises(TypeError, match="X must hold numbers"):
+        plot_samples(np.array([["a", "b"]]), None, tmp_path / "s.jpg")
+
+
+def test_draw_functions_can_leave_the_users_legend_alone():
+    X, y = _data()
+    ax = plots.new_figure(4.0, 4.0).add_subplot()
+    ax.plot([0, 1], [0, 1], label="mine")
+    ax.legend()
+    plots.draw_samples(ax, X, y, legend=False)
+    plots.draw_decision_regions(ax, lambda g: g[:, 0] > 0, BOUNDS, X=X, y=y, legend=False)
+    assert [t.get_text() for t in ax.get_legend().get_texts()] == ["mine"]
+    plots.draw_samples(ax, X, y)  # the default: the labels' legend
+    assert "unlabelled" in [t.get_text() for t in ax.get_legend().get_texts()]
+    with pytest.raises(TypeError, match="legend must be True or False, got 'no'"):
+        plots.draw_samples(ax, X, y, legend="no")

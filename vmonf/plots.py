@@ -25,7 +25,7 @@ import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 from matplotlib import colormaps
@@ -43,6 +43,7 @@ from matplotlib.ticker import MaxNLocator
 from vmonf._validation import (
     as_numpy,
     check_array,
+    check_bool,
     check_integer_labels,
     check_output_file,
     check_positive_float,
@@ -384,6 +385,43 @@ def _plane_axes(ax: Axes, bounds: Bounds | None) -> None:
     ax.set_ylabel("$x_2$")
 
 
+class _Scatter(NamedTuple):
+    """Checked arguments of :func:`draw_samples`."""
+
+    points: np.ndarray  # (N, 2)
+    labels: np.ndarray | None  # (N,)
+    bounds: Bounds | None
+    n_classes: int
+    marker_size: float
+
+
+def _check_scatter(
+    X: object, labels: object, bounds: object, n_classes: int | None, marker_size: object
+) -> _Scatter:
+    pts = _check_points_2d(X)
+    lab = None if labels is None else check_integer_labels(labels, "labels", pts.shape[0])
+    return _Scatter(
+        pts,
+        lab,
+        None if bounds is None else _check_bounds(bounds),
+        _resolve_n_classes(n_classes, lab),
+        check_positive_float(marker_size, "marker_size"),
+    )
+
+
+def _draw_scatter(ax: Axes, scatter: _Scatter, legend: bool) -> PathCollection:
+    pts, lab = scatter.points, scatter.labels
+    if lab is None:
+        drawn = ax.scatter(pts[:, 0], pts[:, 1], s=scatter.marker_size, color="C0", linewidths=0)
+    else:
+        colours = _label_colours(lab, scatter.n_classes)
+        drawn = ax.scatter(pts[:, 0], pts[:, 1], s=scatter.marker_size, c=colours, linewidths=0)
+        if legend:
+            _add_legend(ax, lab, scatter.n_classes)
+    _plane_axes(ax, scatter.bounds)
+    return drawn
+
+
 def draw_samples(
     ax: Axes,
     X: object,
@@ -392,29 +430,19 @@ def draw_samples(
     bounds: Bounds | None = None,
     n_classes: int | None = None,
     marker_size: float = 4.0,
+    legend: bool = True,
 ) -> PathCollection:
-    """Scatter of 2-D points ``X`` (N, 2) on ``ax``, coloured by integer ``labels`` (N,)
-    with a legend; returns the scatter.
+    """Scatter of 2-D points ``X`` (N, 2) on ``ax``, coloured by integer ``labels`` (N,);
+    returns the scatter.
 
     ``labels=None`` draws one colour; label -1 (unlabelled) is grey. ``n_classes``
     fixes the palette so colours match other figures (default: largest label + 1).
-    ``bounds`` fixes the window (default: matplotlib's).
+    ``bounds`` fixes the window (default: matplotlib's). ``legend`` (of the labels)
+    replaces a legend ``ax`` already has: pass False to keep yours.
     """
     ax = _check_axes(ax)
-    pts = _check_points_2d(X)
-    lab = None if labels is None else check_integer_labels(labels, "labels", pts.shape[0])
-    bounds = None if bounds is None else _check_bounds(bounds)
-    marker_size = check_positive_float(marker_size, "marker_size")
-    n_classes = _resolve_n_classes(n_classes, lab)
-    if lab is None:
-        scatter = ax.scatter(pts[:, 0], pts[:, 1], s=marker_size, color="C0", linewidths=0)
-    else:
-        scatter = ax.scatter(
-            pts[:, 0], pts[:, 1], s=marker_size, c=_label_colours(lab, n_classes), linewidths=0
-        )
-        _add_legend(ax, lab, n_classes)
-    _plane_axes(ax, bounds)
-    return scatter
+    scatter = _check_scatter(X, labels, bounds, n_classes, marker_size)
+    return _draw_scatter(ax, scatter, check_bool(legend, "legend"))
 
 
 def plot_samples(
@@ -429,20 +457,15 @@ def plot_samples(
     dpi: int = 100,
 ) -> Path:
     """:func:`draw_samples` in a figure of its own, written at ``path``."""
-    return _one_panel_figure(
-        path,
-        lambda ax: draw_samples(
-            ax, X, labels, bounds=bounds, n_classes=n_classes, marker_size=marker_size
-        ),
-        title,
-        dpi,
-    )
+    scatter = _check_scatter(X, labels, bounds, n_classes, marker_size)
+    return _one_panel_figure(path, lambda ax: _draw_scatter(ax, scatter, True), title, dpi)
 
 
 def _one_panel_figure(
     path: PathLike, draw: Callable[[Axes], object], title: str | None, dpi: int
 ) -> Path:
-    """A 5 x 4.6 inch figure of one ``draw(ax)`` panel, titled, written at ``path``."""
+    """A 5 x 4.6 inch figure of one ``draw(ax)`` panel, titled, written at ``path``
+    (checked, and its folder made, before drawing)."""
     out = figure_file(path)
     dpi = check_dpi(dpi)
     fig = new_figure(5.0, 4.6)
@@ -482,36 +505,51 @@ def _add_legend(ax: Axes, labels: np.ndarray, n_classes: int) -> None:
         ax.legend(handles=handles, title="component", loc="best", fontsize="small")
 
 
-def draw_decision_regions(
-    ax: Axes,
-    predict: Callable[[np.ndarray], object],
-    bounds: Bounds,
-    *,
-    X: object | None = None,
-    y: object | None = None,
-    n_classes: int | None = None,
-    resolution: int = 200,
-    marker_size: float = 6.0,
-) -> AxesImage:
-    """Filled regions of the predicted component over ``bounds`` on ``ax``, data points
-    on top; returns the regions' image.
+class _Regions(NamedTuple):
+    """Checked arguments of :func:`draw_decision_regions` (the grid is predicted when drawn)."""
 
-    ``predict`` maps (M, 2) points to (M,) (or an (M, 1) integer column of) labels, or
-    to (M, K) probabilities (e.g. q(c|x)), whose argmax is taken. Points ``X`` (N, 2) are
-    coloured by ``y`` (N,) when given (-1 = unlabelled, grey), black otherwise.
-    """
-    ax = _check_axes(ax)
+    predict: Callable[[np.ndarray], object]
+    bounds: Bounds
+    points: np.ndarray | None  # (N, 2)
+    labels: np.ndarray | None  # (N,)
+    n_classes: int | None
+    resolution: int
+    marker_size: float
+
+
+def _check_regions(
+    predict: object,
+    bounds: object,
+    X: object,
+    y: object,
+    n_classes: int | None,
+    resolution: object,
+    marker_size: object,
+) -> _Regions:
     _check_callable(predict, "predict", "predict_proba")
-    bounds = _check_bounds(bounds)
-    marker_size = check_positive_float(marker_size, "marker_size")
+    checked_bounds = _check_bounds(bounds)
+    marker = check_positive_float(marker_size, "marker_size")
     pts = None if X is None else _check_points_2d(X)
     if y is not None and pts is None:
         raise ValueError("y was given without X")
     lab = None if y is None or pts is None else check_integer_labels(y, "y", pts.shape[0])
-    xx, yy = grid_points(bounds, resolution)
+    side = check_positive_int(resolution, "resolution", minimum=2, maximum=MAX_RESOLUTION)
+    return _Regions(
+        cast(Callable[[np.ndarray], object], predict),
+        checked_bounds,
+        pts,
+        lab,
+        n_classes,
+        side,
+        marker,
+    )
+
+
+def _draw_regions(ax: Axes, regions: _Regions, legend: bool) -> AxesImage:
+    xx, yy = grid_points(regions.bounds, regions.resolution)
     grid = np.column_stack([xx.ravel(), yy.ravel()])
     with unnamed_points():
-        raw = _to_numpy(predict(grid))
+        raw = _to_numpy(regions.predict(grid))
     label_column = raw.ndim == 2 and raw.shape[1:] == (1,) and raw.dtype.kind in "iub"
     if raw.ndim == 2 and raw.shape[0] == grid.shape[0] and not label_column:
         probabilities = raw.astype(np.float64)
@@ -525,13 +563,13 @@ def draw_decision_regions(
         n_from_proba = 0
     if (region < 0).any():
         raise ValueError("predict returned negative labels on the grid")
-    n_classes = _resolve_n_classes(n_classes, region, lab)
-    n_classes = max(n_classes, n_from_proba)
+    pts, lab = regions.points, regions.labels
+    n_classes = max(_resolve_n_classes(regions.n_classes, region, lab), n_from_proba)
     palette = class_colours(n_classes)
     image = ax.imshow(
         region.reshape(xx.shape),
         origin="lower",
-        extent=bounds,
+        extent=regions.bounds,
         cmap=ListedColormap(palette[:, :3]),
         norm=BoundaryNorm(np.arange(n_classes + 1) - 0.5, n_classes),
         alpha=0.35,
@@ -539,20 +577,41 @@ def draw_decision_regions(
         interpolation="nearest",
     )
     if pts is not None:
+        size = regions.marker_size
         if lab is None:
-            ax.scatter(pts[:, 0], pts[:, 1], s=marker_size, color="k", linewidths=0)
+            ax.scatter(pts[:, 0], pts[:, 1], s=size, color="k", linewidths=0)
         else:
-            ax.scatter(
-                pts[:, 0],
-                pts[:, 1],
-                s=marker_size,
-                c=_label_colours(lab, n_classes),
-                edgecolors="k",
-                linewidths=0.2,
-            )
-            _add_legend(ax, lab, n_classes)
-    _plane_axes(ax, bounds)
+            colours = _label_colours(lab, n_classes)
+            ax.scatter(pts[:, 0], pts[:, 1], s=size, c=colours, edgecolors="k", linewidths=0.2)
+            if legend:
+                _add_legend(ax, lab, n_classes)
+    _plane_axes(ax, regions.bounds)
     return image
+
+
+def draw_decision_regions(
+    ax: Axes,
+    predict: Callable[[np.ndarray], object],
+    bounds: Bounds,
+    *,
+    X: object | None = None,
+    y: object | None = None,
+    n_classes: int | None = None,
+    resolution: int = 200,
+    marker_size: float = 6.0,
+    legend: bool = True,
+) -> AxesImage:
+    """Filled regions of the predicted component over ``bounds`` on ``ax``, data points
+    on top; returns the regions' image.
+
+    ``predict`` maps (M, 2) points to (M,) (or an (M, 1) integer column of) labels, or
+    to (M, K) probabilities (e.g. q(c|x)), whose argmax is taken. Points ``X`` (N, 2) are
+    coloured by ``y`` (N,) when given (-1 = unlabelled, grey), black otherwise;
+    ``legend`` as in :func:`draw_samples`.
+    """
+    ax = _check_axes(ax)
+    regions = _check_regions(predict, bounds, X, y, n_classes, resolution, marker_size)
+    return _draw_regions(ax, regions, check_bool(legend, "legend"))
 
 
 def plot_decision_regions(
@@ -569,21 +628,8 @@ def plot_decision_regions(
     dpi: int = 100,
 ) -> Path:
     """:func:`draw_decision_regions` in a figure of its own, written at ``path``."""
-    return _one_panel_figure(
-        path,
-        lambda ax: draw_decision_regions(
-            ax,
-            predict,
-            bounds,
-            X=X,
-            y=y,
-            n_classes=n_classes,
-            resolution=resolution,
-            marker_size=marker_size,
-        ),
-        title,
-        dpi,
-    )
+    regions = _check_regions(predict, bounds, X, y, n_classes, resolution, marker_size)
+    return _one_panel_figure(path, lambda ax: _draw_regions(ax, regions, True), title, dpi)
 
 
 def plot_training_curves(
