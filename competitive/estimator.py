@@ -324,9 +324,9 @@ class CompetitiveMixture(MixtureEstimator):
             check_choice(self.init, "init", INITS)
         check_positive_int(self.pretrain_epochs, "pretrain_epochs")
         check_positive_int(self.max_rounds, "max_rounds", minimum=0)
-        if isinstance(self.tol, str):
-            check_choice(self.tol, "tol", ("auto",))
-        elif self.tol is not None:
+        if isinstance(self.tol, str) and self.tol != "auto":
+            raise ValueError(f"tol must be a fraction in [0, 1), None or 'auto', got {self.tol!r}")
+        if not isinstance(self.tol, str) and self.tol is not None:
             tol = check_positive_float(self.tol, "tol", allow_zero=True)
             if tol >= 1.0:
                 raise ValueError(f"tol must be < 1, got {tol}")
@@ -484,8 +484,8 @@ class CompetitiveMixture(MixtureEstimator):
         model = self.model_
         if model.discriminators is None:
             raise ValueError(
-                "no discriminators were trained: they need assignment='discriminator', "
-                "max_rounds >= 1 and a fit that reached its first assignment"
+                "no discriminators were trained: they need assignment='discriminator' (or "
+                "'auto' with VAEs), max_rounds >= 1 and a fit that reached its first assignment"
             )
         return model.discriminators.log_ratio(u) - model.log_norm
 

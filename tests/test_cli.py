@@ -378,7 +378,7 @@ def test_compete_passes_pretrain_epochs_to_the_estimator(monkeypatch, tmp_path):
         cli.main(["compete", "moons", "--pretrain-epochs", "3", "--quiet",
                   "--out", str(tmp_path)])  # fmt: skip
     assert seen["pretrain_epochs"] == 3
-    assert seen["tol"] == 0.02  # the CLI's default: flows rarely reach tol=0
+    assert seen["tol"] == "auto"  # 0.02 for flows (which rarely reach 0), 0 for k-means
 
 
 def test_compete_passes_tol_to_the_estimator(monkeypatch, tmp_path):

@@ -267,7 +267,7 @@ def test_tol_none_runs_every_round_and_counts_as_converged():
     assert early.n_iter_ == 1  # the same run with a tol stops at its first round
     with pytest.raises(ValueError, match="tol"):
         CompetitiveMixture(3, tol=-0.1).fit(X)
-    with pytest.raises(ValueError, match="tol must be one of"):
+    with pytest.raises(ValueError, match=r"fraction in \[0, 1\), None or 'auto', got 'exact'"):
         CompetitiveMixture(3, tol="exact").fit(X)
 
 

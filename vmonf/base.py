@@ -124,8 +124,9 @@ RESUMABLE_CHANGES = frozenset(
 
 # Version of what save() writes; load() reads every earlier one. 2: VMoNF's elbo_ in the
 # user's units (it was standardised), fit_time_ and labels_ saved. 3: VMoNF's
-# history_ losses in the user's units.
-SAVE_FORMAT = 3
+# history_ losses in the user's units. 4: CompetitiveMixture's settings may be "auto" (tol,
+# assignment) and None (activation), which earlier versions cannot read.
+SAVE_FORMAT = 4
 # A fit whose mean training log-likelihood (exact, nats per point) ends this far below
 # log K under the untrained model's has diverged: with uniform weights, flows that each
 # model their own points at least as well as the untrained density lose at most log K

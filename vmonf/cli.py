@@ -117,6 +117,10 @@ def _device(text: str) -> str:
         ) from None
 
 
+def _tol(text: str) -> float | str:
+    return "auto" if text == "auto" else _fraction(text)
+
+
 def _degrees_of_freedom(text: str) -> float:
     value = _positive_float(text)
     if value < MIN_BASE_DF:
@@ -590,8 +594,9 @@ def run_fit(args: argparse.Namespace) -> int:
         "fitted": {
             "weights": estimator.weights_,
             "n_epochs": estimator.n_iter_,
-            # the fitted attribute (on the training points, or the validation split);
-            # metrics' "elbo" is on the held-out points
+            # the fitted attribute (on the training points, or the validation split; with
+            # --elbo-top-k the top-k bound trained); metrics' "elbo" is on the held-out
+            # points, over all K components
             "train_elbo": estimator.elbo_,
             "converged": estimator.converged_,
         },
@@ -667,11 +672,11 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--tol",
         metavar="F",
-        type=_fraction,
-        default=0.02,
+        type=_tol,
+        default="auto",
         help="stop once at most this fraction of the points change owner in a round "
-        "(default %(default)s, as CompetitiveMixture's tol='auto' for flows and VAEs; 0 "
-        "lets none change, which flows, whose boundary points keep moving, rarely reach)",
+        "(default auto: 0.02 for flows and VAEs, whose boundary points keep moving, 0 for "
+        "k-means)",
     )
     train.add_argument(
         "--epochs", metavar="E", type=positive_int, default=10, help="generator epochs per round"
