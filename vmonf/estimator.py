@@ -168,7 +168,7 @@ class VMoNF(MixtureEstimator):
         verbose (progress bars in a terminal or a Jupyter notebook; none when output
             goes to a file or pipe), device (``"cpu"``, ``"cuda"``, ``"cuda:N"``,
             ``"auto"`` or a ``torch.device``; under torchrun ``"cuda"``: each process its
-            local GPU), dtype
+            local GPU; ``save`` stores the kind, "cuda" for "cuda:1"), dtype
             (``"float32"``/``"float64"``, or the numpy or torch dtype), n_threads
             (torch threads while fitting and scoring; 1 is fastest for small flows on
             few cores, None = leave as is).
