@@ -308,20 +308,38 @@ def test_a_damaged_training_state_is_refused(tmp_path):
         VMoNF(**VMONF, checkpoint=path).fit(blobs(), resume=True)
 
 
-def test_sigint_saves_the_state_and_raises_training_interrupted(tmp_path):
+def _ctrl_c(estimator, epoch):
+    if epoch == 1:
+        os.kill(os.getpid(), signal.SIGINT)
+
+
+@pytest.fixture
+def sigint_handler():
+    """SIGINT's handler as in an interactive Python (a background job ignores SIGINT)."""
+    previous = signal.signal(signal.SIGINT, signal.default_int_handler)
+    yield
+    signal.signal(signal.SIGINT, previous)
+
+
+def test_sigint_saves_the_state_and_raises_training_interrupted(tmp_path, sigint_handler):
     X = blobs()
     path = tmp_path / "state.pt"
-
-    def ctrl_c(estimator, epoch):
-        if epoch == 1:
-            os.kill(os.getpid(), signal.SIGINT)
-
     with pytest.raises(TrainingInterrupted, match="saved to"):
-        VMoNF(**VMONF, checkpoint=path, checkpoint_every=10**6, callback=ctrl_c).fit(X)
+        VMoNF(**VMONF, checkpoint=path, checkpoint_every=10**6, callback=_ctrl_c).fit(X)
     assert load_checkpoint(path, KIND)["progress"] is not None
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # handler restored
     resumed = VMoNF(**VMONF, checkpoint=path).fit(X, resume=True)
     assert_same_weights(VMoNF(**VMONF).fit(X).model_, resumed.model_)
+
+
+def test_a_process_that_ignores_sigint_keeps_ignoring_it(tmp_path, sigint_handler):
+    """nohup and background jobs ignore Ctrl-C: a fit must not start catching it (the
+    suite failed when run as a background job: the handler 'restored' was SIG_IGN)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    X = blobs()
+    model = VMoNF(**VMONF, checkpoint=tmp_path / "state.pt", callback=_ctrl_c).fit(X)
+    assert model.n_iter_ == VMONF["max_epochs"]  # ran to the end
+    assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
 
 
 # --------------------------------------------------------------------------- the command

@@ -314,9 +314,14 @@ class Checkpointer:
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:
-        """Within the block, the first SIGINT asks for a checkpoint and a clean stop."""
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signal handlers can only be set from the main thread
+        """Within the block, the first SIGINT asks for a checkpoint and a clean stop
+        (unless the process ignores SIGINT, as background and nohup jobs do: then it
+        still does)."""
+        if (
+            threading.current_thread() is not threading.main_thread()  # only it sets handlers
+            or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        ):
+            yield
             return
 
         def request(signum: int, frame: object) -> None:
