@@ -351,11 +351,18 @@ FIT = [
 ]  # fmt: skip
 
 
+def _interactive_sigint() -> None:
+    # The child starts as from a terminal, even when the suite runs as a background job
+    # (which ignores SIGINT, and its children inherit that).
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def vmonf(*argv: str) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1])}
     return subprocess.Popen(
         [sys.executable, "-m", "vmonf", *argv], env=env,
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        preexec_fn=_interactive_sigint,
     )  # fmt: skip
 
 
