@@ -314,9 +314,8 @@ class Checkpointer:
 
     @contextmanager
     def interruptible(self) -> Iterator[None]:
-        """Within the block, the first SIGINT asks for a checkpoint and a clean stop
-        (unless the process ignores SIGINT, as background and nohup jobs do: then it
-        still does)."""
+        """Within the block, the first SIGINT asks for a checkpoint and a clean stop; a
+        process that ignores SIGINT, as background and nohup jobs do, keeps ignoring it."""
         if (
             threading.current_thread() is not threading.main_thread()  # only it sets handlers
             or signal.getsignal(signal.SIGINT) is signal.SIG_IGN
