@@ -118,7 +118,23 @@ def _device(text: str) -> str:
 
 
 def _tol(text: str) -> float | str:
-    return "auto" if text == "auto" else _fraction(text)
+    if text == "auto":
+        return text
+    try:
+        return _fraction(text)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a fraction in [0, 1) or auto, got {text!r}"
+        ) from None
+
+
+def _add_device_argument(group: argparse._ArgumentGroup) -> None:
+    group.add_argument(
+        "--device",
+        type=_device,
+        default="cpu",
+        help="where to train: cpu, cuda, cuda:N or auto (cuda when available)",
+    )
 
 
 def _degrees_of_freedom(text: str) -> float:
@@ -452,12 +468,7 @@ def add_fit_command(subparsers: argparse._SubParsersAction) -> None:
             "every point when each class has one; 0 = none (default: VMoNF's)"
         ),
     )
-    train.add_argument(
-        "--device",
-        type=_device,
-        default="cpu",
-        help="where to train: cpu, cuda, cuda:N or auto (cuda when available)",
-    )
+    _add_device_argument(train)
     out = p.add_argument_group("output")
     out.add_argument(
         "--out",
@@ -707,12 +718,7 @@ def add_compete_command(subparsers: argparse._SubParsersAction) -> None:
         type=_positive_float,
         help="Adam learning rate (default: CompetitiveMixture's)",
     )
-    train.add_argument(
-        "--device",
-        type=_device,
-        default="cpu",
-        help="where to train: cpu, cuda, cuda:N or auto (cuda when available)",
-    )
+    _add_device_argument(train)
     out = p.add_argument_group("output")
     out.add_argument(
         "--out",
