@@ -9,7 +9,7 @@ import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import partial
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -62,6 +62,12 @@ ASSIGNMENTS = ("exact", "discriminator")
 INITS = ("uniform", "random_split", "kmeans", "bootstrap")
 #: A ``tol`` that stochastically trained generators reach (``tol="auto"`` for them).
 TYPICAL_TOL = 0.02
+#: Settings that shape a CompetitiveMixture's model: a warm start keeps them as fitted.
+WARM_ARCHITECTURE = (
+    "n_components", "generator", "n_layers", "hidden_features", "n_hidden_layers",
+    "activation", "max_log_scale", "linear", "base_df", "latent_features",
+    "discriminator_hidden", "discriminator_layers",
+)  # fmt: skip
 
 
 def resolve_assignment(assignment: str, generator: str) -> str:
@@ -183,6 +189,13 @@ class CompetitiveMixture(MixtureEstimator):
         random_state, verbose, device, dtype, n_threads, compile, checkpoint,
             checkpoint_every, checkpoint_seconds: as :class:`vmonf.VMoNF`
             (``fit(X, resume=True)``); ``compile`` applies to the generators' training.
+        warm_start: as scikit-learn's ``GaussianMixture``: each ``fit`` of a fitted model
+            continues from the previous fit (its generators, discriminators, mixing
+            weights and standardisation) instead of pre-training: it assigns X's points
+            by the fitted rule (round 0), then runs up to ``max_rounds`` more rounds
+            with a fresh optimiser; ``init`` and ``pretrain_epochs`` are ignored then.
+            The data must have the same features; the architecture settings must stay
+            as fitted. Not with a ``checkpoint``.
         callback: ``callback(estimator, round)`` after every round (round 0 = after
             pre-training); inside it the public methods use the current model. Its
             time is not counted against ``max_time`` (it is part of ``fit_time_``).
@@ -196,7 +209,7 @@ class CompetitiveMixture(MixtureEstimator):
     ``n_iter_`` (rounds), ``converged_`` (False, with a ConvergenceWarning, while
     assignments still changed at the last round (``tol`` set) or time ran out, or when
     the fit diverged: its mean training score more than log K + 1 nats below the
-    untrained model's), ``pretrain_time_`` (s),
+    untrained model's), ``pretrain_time_`` (s; 0 after a warm start),
     ``fit_time_`` (s, wall time, with the time before a resume),
     ``n_features_in_``, ``feature_names_in_`` (a data frame's column names, when fitted on
     one), ``fitted_params_`` (the settings of the fit, which predictions and
@@ -204,6 +217,7 @@ class CompetitiveMixture(MixtureEstimator):
     """
 
     _checkpoint_kind = "CompetitiveMixture"
+    _warm_architecture = WARM_ARCHITECTURE
     _uses_labels = False  # unsupervised: fit(X, y) ignores y, as scikit-learn's KMeans
     model_: CompetitiveModel
 
@@ -249,6 +263,7 @@ class CompetitiveMixture(MixtureEstimator):
         dtype: str = "float32",
         n_threads: int | None = 1,
         compile: bool = False,
+        warm_start: bool = False,
         checkpoint: str | os.PathLike | None = None,
         checkpoint_every: int | None = 100,
         checkpoint_seconds: float | None = 60.0,
@@ -293,6 +308,7 @@ class CompetitiveMixture(MixtureEstimator):
         self.dtype = dtype
         self.n_threads = n_threads
         self.compile = compile
+        self.warm_start = warm_start
         self.checkpoint = checkpoint
         self.checkpoint_every = checkpoint_every
         self.checkpoint_seconds = checkpoint_seconds
@@ -644,20 +660,30 @@ class CompetitiveMixture(MixtureEstimator):
         train_idx, val_idx = self._split(x.shape[0], generator)
         x_train = x[train_idx]
         x_val = None if val_idx is None else x[val_idx]
-        init = self._initial_weights(x.shape[0], train_idx.cpu(), x_train, generator).to(x.device)
         minimum = min_count(x_train.shape[0], self._min_share())
-
-        # Generators first and alone: one seed pre-trains the same generators whatever
-        # the assignment; discriminators are built when first trained (round 0), so a
-        # fit that fails before never predicts with untrained ones.
-        self.model_ = self._build(with_discriminators=False)
-        initial_score = self._mean_score(x_train)  # the untrained model's, for divergence
+        warm = cast(CompetitiveModel | None, self._warm_model())
+        init = None
+        if warm is None:
+            init = self._initial_weights(x.shape[0], train_idx.cpu(), x_train, generator)
+            init = init.to(x.device)
+            # Generators first and alone: one seed pre-trains the same generators whatever
+            # the assignment; discriminators are built when first trained (round 0), so a
+            # fit that fails before never predicts with untrained ones.
+            self.model_ = self._build(with_discriminators=False)
+        else:
+            self.model_ = warm
+        # The untrained model's score (a warm start's: where it starts), for divergence.
+        initial_score = self._mean_score(x_train)
         self.pretrain_time_ = math.nan  # set when pre-training ends
         history: dict[str, list[Any]] = {
             "share": [], "n_changed": [], "epochs": [], "round_time": [], "time": [],
             **({} if x_val is None else {"val_score": []}),
         }  # fmt: skip
-        progress = _Progress(owners=init.argmax(1))
+        progress = _Progress(
+            owners=torch.zeros(x_train.shape[0], dtype=torch.long, device=x.device)
+            if init is None
+            else init.argmax(1)
+        )
         try:
             self._rounds(x_train, x_val, init, minimum, history, generator, checkpointer,
                          clock, progress)  # fmt: skip
@@ -766,7 +792,7 @@ class CompetitiveMixture(MixtureEstimator):
         self,
         x_train: Tensor,
         x_val: Tensor | None,
-        init: Tensor,
+        init: Tensor | None,
         minimum: int,
         history: dict[str, list[Any]],
         generator: torch.Generator,
@@ -774,22 +800,25 @@ class CompetitiveMixture(MixtureEstimator):
         clock: FitClock,
         progress: _Progress,
     ) -> None:
-        """Pre-training, then rounds of training and re-assignment. Keeps ``progress``
-        (owners, rounds, convergence) current and appends each round to ``history``."""
+        """Pre-training on ``init``'s (N_train, K) weights (None: a warm start, none),
+        then rounds of training and re-assignment. Keeps ``progress`` (owners, rounds,
+        convergence) current and appends each round to ``history``."""
         model, k, tol = self.model_, self.n_components, self._tol()
         gens = model.generators
         # Pre-training and the rounds are one optimisation: Adam's moments carry over
         # (with a fresh optimiser and schedule every round the K = 9 skewed mixture of
         # the comparison study lost 0.15 nats of held-out KL).
-        trained = gens.fit_weighted(
-            x_train,
-            init,
-            self._generator_config(self.pretrain_epochs, clock.remaining(self.max_time)),
-            generator,
-            checkpointer,
-            compile=self.compile,
-        )
-        self.pretrain_time_ = clock.elapsed()
+        optimizer_state = None
+        if init is not None:
+            optimizer_state = gens.fit_weighted(
+                x_train,
+                init,
+                self._generator_config(self.pretrain_epochs, clock.remaining(self.max_time)),
+                generator,
+                checkpointer,
+                compile=self.compile,
+            ).optimizer_state
+        self.pretrain_time_ = 0.0 if init is None else clock.elapsed()
         if self.max_rounds > 0:
             scores = self._assignment_scores(x_train, generator, clock, checkpointer)
             owners = hard_assign(scores + self._assignment_prior())
@@ -810,8 +839,9 @@ class CompetitiveMixture(MixtureEstimator):
                     generator,
                     checkpointer,
                     compile=self.compile,
-                    optimizer_state=trained.optimizer_state,
+                    optimizer_state=optimizer_state,
                 )
+                optimizer_state = trained.optimizer_state
                 scores = self._assignment_scores(x_train, generator, clock, checkpointer)
                 new = hard_assign(scores + self._assignment_prior(), previous=owners)
                 changed = int((new != owners).sum())

@@ -1118,3 +1118,74 @@ def test_keeping_idle_generators_needs_parameters_stacked_over_k():
     config = TrainConfig(max_epochs=1, batch_size=16)
     with pytest.raises(TypeError, match="stacked over K"):
         gens.fit_weighted(torch.randn(16, 2), weights, config, torch.Generator())
+
+
+# --------------------------------------------------------------------------- warm start
+
+
+def generator_state(model: CompetitiveMixture) -> dict[str, torch.Tensor]:
+    return {k: v.clone() for k, v in model.model_.generators.state_dict().items()}
+
+
+@pytest.mark.filterwarnings("ignore::sklearn.exceptions.ConvergenceWarning")  # few rounds
+def test_warm_start_continues_from_the_previous_fit(monkeypatch):
+    """A fit that stopped with "raise max_rounds" could only be refit from scratch."""
+    X, _ = blobs(300)
+    params = {**FAST, "max_rounds": 1, "tol": None}
+    cold = CompetitiveMixture(3, random_state=0, **params).fit(X)
+    warm = CompetitiveMixture(3, random_state=0, warm_start=True, **params).fit(X)
+    np.testing.assert_array_equal(warm.score_samples(X), cold.score_samples(X))  # 1st: as cold
+    first, standardizer = generator_state(warm), warm.standardizer_
+    pretraining = spy_on_fit_weighted(monkeypatch, FlowGenerators)
+    warm.set_params(max_rounds=3, init="kmeans").fit(X[:200])  # the first fit's units kept
+    assert len(pretraining) == 3  # one call per round, no pre-training
+    assert warm.pretrain_time_ == 0.0 and warm.n_iter_ == 3
+    assert len(warm.history_["n_changed"]) == 3 and warm.labels_.shape == (200,)
+    torch.testing.assert_close(warm.standardizer_.mean, standardizer.mean)
+    assert warm.standardizer_ is not standardizer  # the previous fit's objects are kept
+    assert any(not torch.equal(first[k], v) for k, v in generator_state(warm).items())
+    # Continued from the previous weights: rounds that barely step give them back.
+    state = generator_state(warm)
+    warm.set_params(learning_rate=1e-30, max_rounds=1).fit(X)
+    for name, value in generator_state(warm).items():
+        torch.testing.assert_close(value, state[name], rtol=0, atol=1e-9, msg=name)
+    # Without rounds a warm fit keeps the model and labels the points by its rule.
+    scores = warm.score_samples(X)
+    warm.set_params(max_rounds=0).fit(X)
+    np.testing.assert_allclose(warm.score_samples(X), scores, rtol=0, atol=1e-9)
+    np.testing.assert_array_equal(warm.labels_, warm.predict(X))
+
+
+def test_warm_start_keeps_the_discriminators_it_is_told_to_keep():
+    X, _ = blobs(300)
+    params = {**ONE_DISCRIMINATOR_ROUND, "tol": None, "keep_discriminators": True}
+    model = CompetitiveMixture(3, warm_start=True, **params).fit(X)
+    kept = {k: v.clone() for k, v in model.model_.discriminators.state_dict().items()}
+    ratio = model.log_ratio(X)
+    model.set_params(max_rounds=0).fit(X)  # no round: the discriminators as they were
+    np.testing.assert_array_equal(model.log_ratio(X), ratio)
+    model.set_params(max_rounds=1).fit(X)  # one more round trains the same set further
+    trained = model.model_.discriminators.state_dict()
+    assert all(v.shape == kept[k].shape for k, v in trained.items())
+    assert any(not torch.equal(v, kept[k]) for k, v in trained.items())
+
+
+def test_warm_start_refuses_what_it_cannot_continue(tmp_path):
+    X, _ = blobs(300)
+    params = {**FAST, "max_rounds": 1, "tol": None}
+    model = CompetitiveMixture(3, random_state=0, warm_start=True, **params).fit(X)
+    scores = model.score_samples(X)
+    with pytest.raises(ValueError, match="warm_start: X has 3 features, the previous fit 2"):
+        model.fit(np.column_stack([X, X[:, 0] ** 2]))
+    changes = ({"hidden_features": 9}, {"generator": "kmeans"}, {"activation": "relu"},
+               {"n_components": 2})  # fmt: skip
+    for change in changes:
+        name = next(iter(change))
+        with pytest.raises(ValueError, match=f"warm_start: {name} changed .*{name}="):
+            model.set_params(**change).fit(X)
+        model.set_params(**{name: model.fitted_params_[name]})
+    np.testing.assert_array_equal(model.score_samples(X), scores)  # left as it was
+    with pytest.raises(ValueError, match="warm_start=True cannot be combined with a checkpoint"):
+        CompetitiveMixture(3, warm_start=True, checkpoint=tmp_path / "s.pt", **params).fit(X)
+    with pytest.raises(TypeError, match="warm_start"):
+        CompetitiveMixture(3, warm_start="no", **params).fit(X)

@@ -8,6 +8,7 @@ scikit-learn's ``BaseMixture``.
 
 from __future__ import annotations
 
+import copy
 import math
 import os
 import re
@@ -18,7 +19,7 @@ from abc import abstractmethod
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
-from typing import Any, Protocol, Self, cast
+from typing import Any, NamedTuple, Protocol, Self, cast
 
 import numpy as np
 import sklearn.exceptions
@@ -125,8 +126,9 @@ RESUMABLE_CHANGES = frozenset(
 # Version of what save() writes; load() reads every earlier one. 2: VMoNF's elbo_ in the
 # user's units (it was standardised), fit_time_ and labels_ saved. 3: VMoNF's
 # history_ losses in the user's units. 4: CompetitiveMixture's settings may be "auto" (tol,
-# assignment) and None (activation), which earlier versions cannot read.
-SAVE_FORMAT = 4
+# assignment) and None (activation), which earlier versions cannot read. 5:
+# CompetitiveMixture has a warm_start setting.
+SAVE_FORMAT = 5
 # A fit whose mean training log-likelihood (exact, nats per point) ends this far below
 # log K under the untrained model's has diverged: with uniform weights, flows that each
 # model their own points at least as well as the untrained density lose at most log K
@@ -215,6 +217,26 @@ def check_loadable_device(
 _FITTING: weakref.WeakKeyDictionary[MixtureEstimator, int] = weakref.WeakKeyDictionary()
 
 
+class _WarmSource(NamedTuple):
+    """The fit a ``warm_start`` fit continues: its standardisation and model."""
+
+    standardizer: Standardizer
+    model: nn.Module
+
+
+# The fit each running fit continues, kept beside the estimator, not on it (as _FITTING):
+# a copy or pickle taken in a callback carries no previous model, and a refit from a
+# callback gets its own entry.
+_WARM_SOURCES: weakref.WeakKeyDictionary[MixtureEstimator, _WarmSource | None] = (
+    weakref.WeakKeyDictionary()
+)
+
+
+def _comparable(value: object) -> object:
+    """A setting as compared across fits: a list (a loaded model's) as a tuple."""
+    return tuple(value) if isinstance(value, list) else value
+
+
 def kmeans_clusters(x: Tensor, n_clusters: int, seed: int) -> Tensor:
     """k-means (scikit-learn, 10 restarts) cluster of each point x (N, D): int64 (N,) on
     x's device; the initialisation both estimators offer."""
@@ -271,7 +293,8 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     Subclasses store hyper-parameters in ``__init__`` only (at least
     ``n_components, max_epochs, max_time, batch_size, learning_rate, random_state,
     verbose, device``, plus ``dtype``, ``n_threads``, ``compile``, ``validation_fraction``,
-    ``checkpoint``, ``checkpoint_every`` and ``checkpoint_seconds``), and implement:
+    ``warm_start``, ``checkpoint``, ``checkpoint_every`` and ``checkpoint_seconds``), name
+    the settings that shape their model in ``_warm_architecture``, and implement:
 
     * ``_validate_params()`` -> None
     * ``_fit(x: Tensor, y: Tensor, generator, checkpointer) -> None``: train on
@@ -284,6 +307,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
 
     _checkpoint_kind = "MixtureEstimator"
     _uses_labels = True  # False: fit ignores y, as scikit-learn's unsupervised estimators
+    _warm_architecture: tuple[str, ...] = ()  # settings a warm start keeps as fitted
 
     # Fitted attributes (set by fit or load).
     model_: nn.Module
@@ -344,6 +368,12 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         if self.n_threads is not None:
             check_positive_int(self.n_threads, "n_threads", maximum=MAX_THREADS)
         check_bool(self.compile, "compile")
+        check_bool(self.warm_start, "warm_start")
+        if self.warm_start and self.checkpoint is not None:
+            raise ValueError(
+                "warm_start=True cannot be combined with a checkpoint: the training state "
+                "does not record the weights a warm-started fit began from"
+            )
         fraction = check_positive_float(
             self.validation_fraction, "validation_fraction", allow_zero=True
         )
@@ -487,8 +517,27 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         (which then raises :class:`vmonf.resume.TrainingInterrupted`);
         ``resume=True`` continues from that file when it exists and ends with the
         same weights as an uninterrupted fit.
+
+        With ``warm_start=True`` a fitted estimator continues from its previous fit (its
+        model and standardisation) instead of starting afresh.
         """
         self._validate_settings()
+        source = None
+        if self.warm_start and hasattr(self, "model_"):
+            self._check_warm_architecture()
+            source = _WarmSource(self.standardizer_, self.model_)
+        outer = _WARM_SOURCES.get(self)
+        _WARM_SOURCES[self] = source
+        try:
+            return self._fit_validated(X, y, resume)
+        finally:
+            if outer is None:
+                _WARM_SOURCES.pop(self, None)
+            else:
+                _WARM_SOURCES[self] = outer
+
+    def _fit_validated(self, X: object, y: object | None, resume: bool) -> Self:
+        """``fit`` once the settings are checked."""
         check_bool(resume, "resume")
         init_from_env(self._torch_device)  # under torchrun: train data-parallel
         x = check_array(X, "X", min_samples=2, allow_images=True)
@@ -564,8 +613,44 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         return self
 
     def _standardizer_for(self, x64: Tensor) -> Standardizer:
-        """The standardisation a fit trains in: fitted to ``x64`` (N, D) float64."""
-        return Standardizer(x64.shape[1]).to(x64.device).fit(x64)
+        """The standardisation a fit trains in: fitted to ``x64`` (N, D) float64, or a
+        warm start's, the previous fit's (its model was trained in those units)."""
+        source = _WARM_SOURCES.get(self)
+        if source is None:
+            return Standardizer(x64.shape[1]).to(x64.device).fit(x64)
+        n_fitted = source.standardizer.mean.numel()
+        if x64.shape[1] != n_fitted:
+            raise ValueError(
+                f"warm_start: X has {x64.shape[1]} features, the previous fit {n_fitted}"
+            )
+        return copy.deepcopy(source.standardizer).to(x64.device)
+
+    def _check_warm_architecture(self) -> None:
+        """The settings that shape the model must be those of the fit warm-started from."""
+        fitted = getattr(self, "fitted_params_", None) or {}
+        now = self.get_params(deep=False)
+        changed = [
+            name
+            for name in self._warm_architecture
+            if name in fitted and _comparable(fitted[name]) != _comparable(now[name])
+        ]
+        if changed:
+            raise ValueError(
+                f"warm_start: {', '.join(changed)} changed since the fit it would continue "
+                f"({', '.join(f'{n}={fitted[n]!r}' for n in changed)} there); refit with "
+                "warm_start=False for another model"
+            )
+
+    def _warm_model(self) -> nn.Module | None:
+        """In a warm-started fit, a copy of the previous fit's model in this fit's dtype
+        and device; else None."""
+        source = _WARM_SOURCES.get(self)
+        if source is None:
+            return None
+        state = source.model.state_dict()
+        model = self._build_to_load(state)
+        model.load_state_dict(state)  # same architecture settings: same shapes
+        return model
 
     def _fitted_attributes(self) -> dict[str, Any]:
         """The fitted attributes (scikit-learn's trailing underscore). A fit assigns

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-import copy
 import math
 import os
 import warnings
-import weakref
 from collections.abc import Callable
 from numbers import Integral
-from typing import Any, NamedTuple, Self
+from typing import Any, NamedTuple, cast
 
 import numpy as np
 import torch
@@ -20,7 +18,6 @@ from torch import Tensor
 
 from vmonf._validation import (
     SeedLike,
-    check_bool,
     check_choice,
     check_positive_float,
     check_positive_int,
@@ -39,7 +36,6 @@ from vmonf.mixture import WEIGHT_MODES, MixtureOfFlows
 from vmonf.model import VariationalMixture
 from vmonf.objectives import marginal_nll
 from vmonf.posterior import PosteriorNet, TemperatureSchedule
-from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer
 from vmonf.training import (
     EVAL_CHUNK,
@@ -91,21 +87,6 @@ WARM_ARCHITECTURE = (
     "n_components", "weights", "n_layers", "hidden_features", "n_hidden_layers",
     "activation", "max_log_scale", "actnorm", "linear", "base_df", "posterior_hidden",
 )  # fmt: skip
-
-
-class _WarmSource(NamedTuple):
-    """The fit a ``warm_start`` fit continues: its standardisation and model."""
-
-    standardizer: Standardizer
-    model: VariationalMixture
-
-
-def _comparable(value: object) -> object:
-    """A setting as compared across fits: a list (a loaded model's) as a tuple."""
-    return tuple(value) if isinstance(value, list) else value
-
-
-_WARM_SOURCES: weakref.WeakKeyDictionary[VMoNF, _WarmSource | None] = weakref.WeakKeyDictionary()
 
 
 class VMoNF(MixtureEstimator):
@@ -213,6 +194,7 @@ class VMoNF(MixtureEstimator):
     """
 
     _checkpoint_kind = "VMoNF"
+    _warm_architecture = WARM_ARCHITECTURE
     model_: VariationalMixture
 
     def __init__(
@@ -304,12 +286,6 @@ class VMoNF(MixtureEstimator):
         check_choice(self.weights, "weights", WEIGHT_MODES)
         check_choice(self.init, "init", INITS)
         check_positive_int(self.n_init, "n_init")
-        check_bool(self.warm_start, "warm_start")
-        if self.warm_start and self.checkpoint is not None:
-            raise ValueError(
-                "warm_start=True cannot be combined with a checkpoint: the training state "
-                "does not record the weights a warm-started fit began from"
-            )
         check_positive_int(self.init_steps, "init_steps", minimum=0)
         check_choice(self.temperature, "temperature", ("constant", "anneal"))
         check_positive_float(self.temperature_decay, "temperature_decay", allow_zero=True)
@@ -347,66 +323,6 @@ class VMoNF(MixtureEstimator):
         return TemperatureSchedule(
             "exponential", start, self.temperature_decay, self.min_temperature
         )
-
-    # -- warm start --------------------------------------------------------------------
-    def fit(self, X: object, y: object | None = None, *, resume: bool = False) -> Self:
-        """Fit to X (N, D) with optional labels y (N,) in [-1, K), -1 = unlabelled; see
-        :meth:`MixtureEstimator.fit` (``resume`` and the checkpoint). With
-        ``warm_start=True`` a fitted model continues from its previous fit instead."""
-        self._validate_settings()
-        source = None
-        if self.warm_start and hasattr(self, "model_"):
-            self._check_warm_architecture()
-            source = _WarmSource(self.standardizer_, self.model_)
-        # Beside the estimator, not on it (as base.fit's in-fit count): a copy or pickle
-        # taken in a callback carries no previous model, and a refit from a callback
-        # gets its own entry.
-        outer = _WARM_SOURCES.get(self)
-        _WARM_SOURCES[self] = source
-        try:
-            return super().fit(X, y, resume=resume)
-        finally:
-            if outer is None:
-                _WARM_SOURCES.pop(self, None)
-            else:
-                _WARM_SOURCES[self] = outer
-
-    def _check_warm_architecture(self) -> None:
-        """The settings that shape the model must be those of the fit warm-started from."""
-        fitted = getattr(self, "fitted_params_", None) or {}
-        now = self.get_params(deep=False)
-        changed = [
-            name
-            for name in WARM_ARCHITECTURE
-            if name in fitted and _comparable(fitted[name]) != _comparable(now[name])
-        ]
-        if changed:
-            raise ValueError(
-                f"warm_start: {', '.join(changed)} changed since the fit it would continue "
-                f"({', '.join(f'{n}={fitted[n]!r}' for n in changed)} there); refit with "
-                "warm_start=False for another model"
-            )
-
-    def _standardizer_for(self, x64: Tensor) -> Standardizer:
-        source = _WARM_SOURCES.get(self)
-        if source is None:
-            return super()._standardizer_for(x64)
-        n_fitted = source.standardizer.mean.numel()
-        if x64.shape[1] != n_fitted:
-            raise ValueError(
-                f"warm_start: X has {x64.shape[1]} features, the previous fit {n_fitted}"
-            )
-        # The previous fit's units: its flows were trained in them.
-        return copy.deepcopy(source.standardizer).to(x64.device)
-
-    def _warm_model(self) -> VariationalMixture | None:
-        """A copy of the previous fit's model in this fit's dtype and device, or None."""
-        source = _WARM_SOURCES.get(self)
-        if source is None:
-            return None
-        model = self._build()
-        model.load_state_dict(source.model.state_dict())  # same settings: same shapes
-        return model
 
     def _train_config(self, **overrides: Any) -> TrainConfig:
         settings = {
@@ -692,7 +608,7 @@ class VMoNF(MixtureEstimator):
                     f"init={self.init!r} needs a labelled point of every class; "
                     f"none for {sorted(missing)}"
                 )
-        warm = self._warm_model()
+        warm = cast(VariationalMixture | None, self._warm_model())
         best = None
         for restart in range(self.n_init if warm is None else 1):  # as sklearn: n_init unused
             seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
