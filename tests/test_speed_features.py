@@ -20,12 +20,21 @@ import torch
 import torch.nn.functional as F
 
 import vmonf.base
+import vmonf.coupling
 import vmonf.flows
 import vmonf.training
 from competitive import CompetitiveMixture
+from competitive.discriminators import Discriminators
 from competitive.generators import FlowGenerators, VAEGenerators
 from vmonf import VMoNF, datasets
-from vmonf.coupling import ACTIVATIONS, NARROW, AffineCoupling, BatchedMLP, bounded_log_scale
+from vmonf.coupling import (
+    ACTIVATIONS,
+    NARROW,
+    AffineCoupling,
+    BatchedMLP,
+    bounded_log_scale,
+    plain_autograd,
+)
 from vmonf.flows import ComponentFlows, group_by_component, rank_within_groups
 from vmonf.heap import _glibc, retain_freed_memory
 from vmonf.training import TrainConfig, train
@@ -62,10 +71,20 @@ def test_stacked_mlp_equals_layer_by_layer_autograd(activation, n_in, n_out, hid
         torch.testing.assert_close(g, g_ref, atol=1e-12, rtol=1e-12)
 
 
-def test_stacked_mlp_passes_gradcheck():
-    mlp = BatchedMLP(2, 1, 2, 6, 2, "tanh", zero_last=False)
+@pytest.mark.parametrize("activation", ["tanh", "silu"])
+def test_stacked_mlp_passes_gradcheck_and_gradgradcheck(activation):
+    """Second derivatives were silently wrong: the hand-written backward was marked
+    once-differentiable, and torch.autograd.functional.hessian read that as zeros."""
+    mlp = BatchedMLP(2, 1, 2, 6, 2, activation, zero_last=False)
     x = torch.randn(2, 5, 1, requires_grad=True)
     assert torch.autograd.gradcheck(lambda v: mlp(v), (x,))
+    names = [name for name, _ in mlp.named_parameters()]
+    params = tuple(p.detach().clone().requires_grad_() for p in mlp.parameters())
+
+    def forward(x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        return torch.func.functional_call(mlp, dict(zip(names, params, strict=True)), (x,))
+
+    assert torch.autograd.gradgradcheck(forward, (x, *params))
 
 
 def test_affine_coupling_forward_passes_gradcheck():
@@ -111,6 +130,64 @@ def test_coupling_stack_passes_gradcheck_in_inputs_and_parameters(config):
     assert torch.autograd.gradcheck(lambda *params: forward(data, *params), params)
     with torch.no_grad():  # the path that keeps nothing for a backward agrees
         torch.testing.assert_close(flows(x), forward(x, *params))
+    # Second derivatives (create_graph=True) differentiate a plain recomputation.
+    assert torch.autograd.gradgradcheck(forward, (x, *params))
+
+
+def test_hessians_and_torch_func_transforms_of_the_density():
+    """A Hessian of log p(x) came out as zeros, and torch.func transforms raised."""
+    flows = ComponentFlows(n_components=2, n_features=2, n_layers=3, hidden_features=8).double()
+    with torch.no_grad():
+        for p in flows.parameters():
+            p.normal_(0.0, 0.4)
+    point = torch.randn(2, dtype=torch.float64)
+
+    def log_p(u: torch.Tensor) -> torch.Tensor:
+        return flows.log_prob(u[None])[0, 1]
+
+    def gradient(u: torch.Tensor) -> torch.Tensor:
+        u = u.clone().requires_grad_()
+        return torch.autograd.grad(log_p(u), u)[0]
+
+    hessian = torch.autograd.functional.hessian(log_p, point)
+    eps, basis = 1e-6, torch.eye(2, dtype=torch.float64)
+    differences = torch.stack([(gradient(point + eps * e) - gradient(point - eps * e)) / (2 * eps)
+                               for e in basis])  # fmt: skip
+    torch.testing.assert_close(hessian, differences, atol=1e-6, rtol=1e-6)
+    with plain_autograd():  # torch.func needs the plain ops
+        torch.testing.assert_close(torch.func.hessian(log_p)(point), hessian)
+        points = torch.randn(5, 2, dtype=torch.float64)
+        per_point = torch.func.vmap(torch.func.grad(log_p))(points)
+    torch.testing.assert_close(per_point, torch.stack([gradient(u) for u in points]))
+
+
+def test_a_gradient_penalty_reaches_every_discriminator_parameter():
+    discriminators = Discriminators(2, 3, hidden_features=8).double()
+    x = torch.randn(6, 2, dtype=torch.float64, requires_grad=True)
+
+    def penalty() -> list[torch.Tensor]:
+        (grad_x,) = torch.autograd.grad(discriminators(x).sum(), x, create_graph=True)
+        params = list(discriminators.parameters())  # the output bias leaves grad_x alone
+        return torch.autograd.grad(grad_x.square().sum(), params, materialize_grads=True)
+
+    fused = penalty()
+    with plain_autograd():
+        plain = penalty()
+    for got, expected in zip(fused, plain, strict=True):
+        torch.testing.assert_close(got, expected)
+    weights = [g for (name, _), g in zip(discriminators.named_parameters(), fused, strict=True)
+               if "weight" in name]  # fmt: skip
+    assert weights and all(bool(g.abs().sum() > 0) for g in weights)
+
+
+def test_first_order_backward_keeps_the_hand_written_path(monkeypatch):
+    def recompute(*args, **kwargs):
+        raise AssertionError("plain recomputation in a first-order backward")
+
+    monkeypatch.setattr(vmonf.coupling, "_differentiable_backward", recompute)
+    flows = ComponentFlows(n_components=2, n_features=2, n_layers=2, hidden_features=8)
+    flows.log_prob(torch.randn(7, 2)).sum().backward()
+    assert all(p.grad is not None for p in flows.parameters())
 
 
 # --------------------------------------------------------------------------- competitive

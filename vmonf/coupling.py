@@ -5,16 +5,24 @@ shape (K, N, D) and each component k has its own weights, stored as tensors of
 shape (K, ...) and applied with batched matrix products. One call evaluates all K
 flows, so a mixture costs about one batched computation, not K Python calls.
 The conditioner MLPs and the data -> noise coupling carry hand-written backward
-passes (fewer autograd nodes and allocations; see ``benchmarks/speed.py``).
+passes (fewer autograd nodes and allocations; see ``benchmarks/speed.py``). Higher
+derivatives (``create_graph=True``, ``torch.autograd.functional.hessian``, gradient
+penalties) differentiate a plain-autograd recomputation instead; ``torch.func``
+transforms need :func:`plain_autograd`.
 
 Conventions follow nflows' ``Transform``: ``forward`` maps data to noise and
-returns ``(outputs, logabsdet)``; ``inverse`` maps noise to data.
+returns ``(outputs, logabsdet)``; ``inverse`` maps noise to data. The layers are not
+drop-in nflows transforms, though: they act on (K, N, D) stacks and return a
+logabsdet of shape (K, N), which nflows' ``CompositeTransform`` does not expect.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from functools import partial
 from itertools import pairwise
 from typing import NamedTuple, Protocol, cast
 
@@ -33,6 +41,7 @@ __all__ = [
     "BatchedMLP",
     "LULinear",
     "bounded_log_scale",
+    "plain_autograd",
 ]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -56,10 +65,11 @@ def _tanh_(x: Tensor) -> Tensor:
 class _Activation(NamedTuple):
     """An activation for :class:`_StackedMLP`: ``forward(z) -> y`` (may overwrite z) and
     ``backward(grad_y, saved) -> grad_z`` (may overwrite grad_y), where ``saved`` is y,
-    or z when ``needs_input``."""
+    or z when ``needs_input``; ``plain`` computes y out of place, for autograd."""
 
     forward: Callable[[Tensor], Tensor]
     backward: Callable[[Tensor, Tensor], Tensor]
+    plain: Callable[[Tensor], Tensor]
     needs_input: bool = False
 
 
@@ -68,19 +78,64 @@ _aten = torch.ops.aten
 # derivative needs its input. Slopes match the ACTIVATIONS modules' defaults.
 _ACTIVATION_OPS: dict[str, _Activation] = {
     "relu": _Activation(
-        torch.relu_, lambda g, y: _aten.threshold_backward.grad_input(g, y, 0.0, grad_input=g)
+        torch.relu_,
+        lambda g, y: _aten.threshold_backward.grad_input(g, y, 0.0, grad_input=g),
+        ACTIVATIONS["relu"](),
     ),
-    "tanh": _Activation(_tanh_, lambda g, y: _aten.tanh_backward.grad_input(g, y, grad_input=g)),
+    "tanh": _Activation(
+        _tanh_,
+        lambda g, y: _aten.tanh_backward.grad_input(g, y, grad_input=g),
+        ACTIVATIONS["tanh"](),
+    ),
     "elu": _Activation(
         F.elu_,
         lambda g, y: _aten.elu_backward.grad_input(g, 1.0, 1.0, 1.0, True, y, grad_input=g),
+        ACTIVATIONS["elu"](),
     ),
     "leaky_relu": _Activation(
         lambda z: F.leaky_relu_(z, 0.01),
         lambda g, y: _aten.leaky_relu_backward.grad_input(g, y, 0.01, True, grad_input=g),
+        ACTIVATIONS["leaky_relu"](),
     ),
-    "silu": _Activation(F.silu, _aten.silu_backward, needs_input=True),
+    "silu": _Activation(F.silu, _aten.silu_backward, ACTIVATIONS["silu"](), needs_input=True),
 }
+
+# True within plain_autograd(): the fused Functions are bypassed.
+_PLAIN_AUTOGRAD: ContextVar[bool] = ContextVar("vmonf_plain_autograd", default=False)
+
+
+@contextmanager
+def plain_autograd() -> Iterator[None]:
+    """Within the block, couplings and conditioner MLPs run as plain autograd ops instead
+    of the fused nodes with hand-written backwards: slower (more nodes, no in-place
+    activations), but every ``torch.func`` transform (``jacrev``, ``vmap``,
+    ``hessian``) works through them. Plain ``torch.autograd`` needs no such block: its
+    higher derivatives are already exact."""
+    token = _PLAIN_AUTOGRAD.set(True)
+    try:
+        yield
+    finally:
+        _PLAIN_AUTOGRAD.reset(token)
+
+
+def _differentiable_backward(
+    forward: Callable[..., Tensor | tuple[Tensor, ...]],
+    inputs: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    needs_input_grad: Sequence[bool],
+) -> list[Tensor | None]:
+    """A fused node's backward as differentiable ops, for when it is itself
+    differentiated (``create_graph=True``): ``forward`` recomputed with plain autograd
+    ops from the node's own (graph-connected) ``inputs``, then differentiated."""
+    wanted = [t for t, needed in zip(inputs, needs_input_grad, strict=True) if needed]
+    with torch.enable_grad():
+        outputs = forward(*inputs)
+    outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+    found = iter(
+        torch.autograd.grad(outputs, wanted, tuple(grads), create_graph=True, allow_unused=True)
+    )
+    return [next(found) if needed else None for needed in needs_input_grad]
+
 
 NARROW = 8
 
@@ -108,9 +163,14 @@ def _affine(x: Tensor, weight: Tensor, bias: Tensor) -> Tensor:
 
 
 def _mlp_forward(
-    act: _Activation, x: Tensor, weights: Sequence[Tensor], biases: Sequence[Tensor]
+    act: _Activation,
+    x: Tensor,
+    weights: Sequence[Tensor],
+    biases: Sequence[Tensor],
+    in_place: bool = True,
 ) -> tuple[Tensor, list[Tensor], list[Tensor]]:
-    """``h = act(h @ W_i + b_i)`` for every layer but the last, activations in place.
+    """``h = act(h @ W_i + b_i)`` for every layer but the last, activations in place
+    (``in_place=False``: out of place, so that autograd can differentiate it).
 
     Returns the output and what :func:`_mlp_backward` needs: each layer's input and
     what the activation's derivative reads (its output, or its input if ``needs_input``).
@@ -119,7 +179,7 @@ def _mlp_forward(
     h = x
     for weight, bias in zip(weights[:-1], biases[:-1], strict=True):
         z = _affine(h, weight, bias)
-        h = act.forward(z)
+        h = act.forward(z) if in_place else act.plain(z)
         inputs.append(h)
         act_saved.append(z if act.needs_input else h)
     return _affine(h, weights[-1], biases[-1]), inputs, act_saved
@@ -176,23 +236,41 @@ class _StackedMLP(torch.autograd.Function):
         weights, biases = params[0::2], params[1::2]
         out, inputs, act_saved = _mlp_forward(_ACTIVATION_OPS[activation], x, weights, biases)
         ctx.activation, ctx.n_layers = activation, len(weights)
-        ctx.save_for_backward(*inputs, *act_saved, *weights)
+        ctx.save_for_backward(*inputs, *act_saved, *params)
         return out
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(ctx: _StackedMLPContext, grad: Tensor) -> tuple[Tensor | None, ...]:
         n = ctx.n_layers
         saved = ctx.saved_tensors
-        grad_x, params = _mlp_backward(
+        params = saved[2 * n - 1 :]
+        if torch.is_grad_enabled():  # create_graph=True: this backward is differentiated
+            return (
+                None,
+                *_differentiable_backward(
+                    partial(_plain_mlp, ctx.activation),
+                    (saved[0], *params),
+                    (grad,),
+                    ctx.needs_input_grad[1:],
+                ),
+            )
+        grad_x, grad_params = _mlp_backward(
             _ACTIVATION_OPS[ctx.activation],
             grad,
             saved[:n],
             saved[n : 2 * n - 1],
-            saved[2 * n - 1 :],
+            params[0::2],
             ctx.needs_input_grad[1],
         )
-        return (None, grad_x, *params)
+        return (None, grad_x, *grad_params)
+
+
+def _plain_mlp(activation: str, x: Tensor, *params: Tensor) -> Tensor:
+    """:class:`_StackedMLP`'s forward as plain autograd ops."""
+    out, _, _ = _mlp_forward(
+        _ACTIVATION_OPS[activation], x, params[0::2], params[1::2], in_place=False
+    )
+    return out
 
 
 def bounded_log_scale(raw: Tensor, bound: float) -> Tensor:
@@ -239,10 +317,15 @@ def _join(identity: Tensor, transformed: Tensor, spec: _CouplingSpec) -> Tensor:
 
 
 def _stack_forward(
-    specs: Sequence[_CouplingSpec], x: Tensor, params: Sequence[Tensor], keep: list[Tensor] | None
+    specs: Sequence[_CouplingSpec],
+    x: Tensor,
+    params: Sequence[Tensor],
+    keep: list[Tensor] | None,
+    in_place: bool = True,
 ) -> tuple[Tensor, Tensor]:
     r"""Data -> noise through consecutive couplings; ``keep`` collects what the backward
-    reads (None: nothing kept, for evaluation without gradients). Per coupling:
+    reads (None: nothing kept, for evaluation without gradients, or with ``in_place=False``
+    as plain autograd ops). Per coupling:
 
     .. math:: s = c \tanh(u / c), \quad z_t = x_t e^{s} + t, \quad \log|\det| = \textstyle\sum s,
 
@@ -255,7 +338,11 @@ def _stack_forward(
         offset += spec.n_params
         identity, transformed = _split(x, spec)
         out, inputs, act_saved = _mlp_forward(
-            _ACTIVATION_OPS[spec.activation], identity, layer_params[0::2], layer_params[1::2]
+            _ACTIVATION_OPS[spec.activation],
+            identity,
+            layer_params[0::2],
+            layer_params[1::2],
+            in_place,
         )
         shift, raw = out.chunk(2, dim=-1)
         log_scale = bounded_log_scale(raw, spec.bound)
@@ -295,18 +382,27 @@ class _CouplingStack(torch.autograd.Function):
         keep: list[Tensor] = []
         z, logabsdet = _stack_forward(specs, x, params, keep)
         ctx.specs = specs
-        ctx.save_for_backward(*keep, *params)
+        ctx.save_for_backward(x, *keep, *params)
         return z, logabsdet
 
     @staticmethod
-    @torch.autograd.function.once_differentiable
     def backward(
         ctx: _CouplingStackContext, grad_z: Tensor, grad_logabsdet: Tensor
     ) -> tuple[Tensor | None, ...]:
         specs = ctx.specs
         saved = ctx.saved_tensors
         n_params = sum(spec.n_params for spec in specs)
-        kept, params = saved[: len(saved) - n_params], saved[len(saved) - n_params :]
+        kept, params = saved[1 : len(saved) - n_params], saved[len(saved) - n_params :]
+        if torch.is_grad_enabled():  # create_graph=True: this backward is differentiated
+            return (
+                None,
+                *_differentiable_backward(
+                    partial(_plain_stack, specs),
+                    (saved[0], *params),
+                    (grad_z, grad_logabsdet),
+                    ctx.needs_input_grad[1:],
+                ),
+            )
         grad_params: list[Tensor] = []
         grad_logabsdet = grad_logabsdet.unsqueeze(-1)
         kept_end, params_end = len(kept), n_params
@@ -339,12 +435,21 @@ class _CouplingStack(torch.autograd.Function):
         return (None, grad_x, *grad_params)
 
 
+def _plain_stack(
+    specs: Sequence[_CouplingSpec], x: Tensor, *params: Tensor
+) -> tuple[Tensor, Tensor]:
+    """:class:`_CouplingStack`'s forward as plain autograd ops."""
+    return _stack_forward(specs, x, params, keep=None, in_place=False)
+
+
 def coupling_forward(couplings: Sequence[AffineCoupling], x: Tensor) -> tuple[Tensor, Tensor]:
     """Data -> noise through consecutive couplings: (K, N, D) -> z (K, N, D) and the
     summed log|det| (K, N), nats. One autograd node for all of them when gradients
     are recorded; nothing kept for a backward otherwise."""
     specs = tuple(c.spec for c in couplings)
     params = [p for c in couplings for p in c.conditioner.flat_parameters()]
+    if _PLAIN_AUTOGRAD.get():
+        return _plain_stack(specs, x, *params)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return _CouplingStack.apply(specs, x, *params)
     return _stack_forward(specs, x, params, keep=None)
@@ -415,6 +520,8 @@ class BatchedMLP(nn.Module):
 
     def forward(self, inputs: Tensor) -> Tensor:
         """(K, N, in) -> (K, N, out)."""
+        if _PLAIN_AUTOGRAD.get():
+            return _plain_mlp(self.activation_name, inputs, *self.flat_parameters())
         return _StackedMLP.apply(self.activation_name, inputs, *self.flat_parameters())
 
 
