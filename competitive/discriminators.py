@@ -42,6 +42,8 @@ class ComponentSampler(Protocol):
 
     def eval(self) -> Any: ...
 
+    def train(self, mode: bool = True) -> Any: ...
+
     def sample(self, n: int, *, generator: torch.Generator) -> Tensor: ...
 
 
@@ -75,13 +77,21 @@ class Discriminators(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         """Logits log D/(1-D): x (N, D) shared by all, or (K, N, D) one slice each -> (N, K)."""
+        self._check(x, "x", stacked=True)
         xs = x.expand(self.n_components, *x.shape) if x.dim() == 2 else x
         return self.net(xs).squeeze(-1).transpose(0, 1)
 
     def log_ratio(self, x: Tensor) -> Tensor:
         """Unnormalised log (1 - D_k)/D_k ~ log p_k(x) - log p_data(x): (N, D) -> (N, K)."""
-        check_points(x, self.n_features, self.net.weights[0].dtype, computed_by="discriminators")
+        self._check(x, "x")
         return -self(x)
+
+    def _check(self, x: object, name: str, stacked: bool = False) -> None:
+        """x (N, D), or with ``stacked`` also (K, N, D), in the discriminators' dtype."""
+        check_points(
+            x, self.n_features, self.net.weights[0].dtype, name, computed_by="discriminators",
+            n_components=self.n_components if stacked else None,
+        )  # fmt: skip
 
 
 def fit_discriminators(
@@ -103,11 +113,12 @@ def fit_discriminators(
     binding only on rare large steps) and its non-finite-step guard, which restores all
     K, resets their Adam state and halves their learning rate together.
     """
-    k, n, d = fake.shape
-    if real.shape != (n, d) or k != discriminators.n_components:
+    discriminators._check(real, "real")
+    discriminators._check(fake, "fake", stacked=True)
+    if fake.dim() != 3 or fake.shape[1] != real.shape[0]:
         raise ValueError(
-            f"real must be (N, D) and fake (K, N, D) with K = {discriminators.n_components}; "
-            f"got {tuple(real.shape)} and {tuple(fake.shape)}"
+            f"fake must be (K, N, D) with K = {discriminators.n_components} and as many "
+            f"points per generator as real has (N = {real.shape[0]}); got {tuple(fake.shape)}"
         )
 
     def objective(batch: tuple[Tensor, ...], _: int) -> Tensor:
@@ -137,9 +148,12 @@ def train_discriminators(
     from each component (``components.sample(n, generator=...)`` -> (K, n, D)), fit the
     discriminators (:func:`fit_discriminators`) and return their log normaliser (K,)
     over the real points (:func:`log_ratio_normaliser`)."""
+    was_training = getattr(components, "training", False)
     components.eval()
     with torch.no_grad():  # batch orders are drawn on the CPU, fakes where the data is
         fake = components.sample(real.shape[0], generator=generator_on(real.device, generator))
+    if was_training:
+        components.train()
     fit_discriminators(discriminators, real, fake, config, generator, checkpointer)
     return log_ratio_normaliser(discriminators, real)
 

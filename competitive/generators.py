@@ -26,7 +26,13 @@ import torch
 from torch import Tensor, nn
 
 from vmonf._gaussian import diagonal_normal_log_prob
-from vmonf._validation import check_bool, check_choice, check_points, check_positive_int
+from vmonf._validation import (
+    check_bool,
+    check_choice,
+    check_points,
+    check_positive_float,
+    check_positive_int,
+)
 from vmonf.coupling import ACTIVATIONS, BatchedMLP, bounded_log_scale
 from vmonf.flows import (
     ComponentFlows,
@@ -70,7 +76,12 @@ class Generators(nn.Module, ABC):
 
     def per_point_loss(self, x: Tensor) -> Tensor:
         """Training loss of every generator at every point: x (N, D) -> (N, K), nats."""
+        self._check_points(x)
         return self.stacked_loss(x.expand(self.n_components, *x.shape)).transpose(0, 1)
+
+    def _check_points(self, x: object, name: str = "x") -> None:
+        """x (N, D) in the generators' dtype."""
+        check_points(x, self.n_features, self._reference.dtype, name, computed_by="generators")
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
         """``n`` points from every generator: (K, n, D)."""
@@ -98,16 +109,26 @@ class Generators(nn.Module, ABC):
             lambda m: self._sample(m, generator), components, self.n_components
         )
 
-    def _check_fit_inputs(self, x: Tensor, weights: Tensor) -> None:
-        """x (N, D) of the generators' dtype; weights (N, K), non-negative, not NaN."""
-        check_points(x, self.n_features, self._reference.dtype, "x", computed_by="generators")
-        if not isinstance(weights, Tensor) or weights.shape != (x.shape[0], self.n_components):
+    def _check_fit_inputs(self, x: Tensor, weights: Tensor, generator: object) -> None:
+        """x (N, D) of the generators' dtype, finite; weights (N, K), non-negative, not
+        NaN; a torch.Generator for the batch order."""
+        self._check_points(x)
+        if not bool(torch.isfinite(x).all()):  # else every step is skipped as non-finite
+            raise ValueError("x contains NaN or infinity")
+        if not isinstance(weights, Tensor):
+            raise TypeError(f"weights must be a torch.Tensor, got {type(weights).__name__}")
+        if weights.shape != (x.shape[0], self.n_components):
             raise ValueError(
-                f"weights must be a ({x.shape[0]}, {self.n_components}) tensor, one row per "
-                f"point and one column per generator, got {getattr(weights, 'shape', weights)}"
+                f"weights must have shape ({x.shape[0]}, {self.n_components}), one row per "
+                f"point and one column per generator, got {tuple(weights.shape)}"
             )
         if not bool((weights >= 0).all()):  # NaN fails too
             raise ValueError("weights must be non-negative (and not NaN)")
+        if not isinstance(generator, torch.Generator):
+            raise TypeError(
+                f"generator must be a torch.Generator (it orders the batches), got "
+                f"{type(generator).__name__}"
+            )
 
     def fit_weighted(
         self,
@@ -135,7 +156,7 @@ class Generators(nn.Module, ABC):
         slice of Adam's carried moments does move: should it win points back, its
         first steps can be larger than the learning rate.)
         """
-        self._check_fit_inputs(x, weights)
+        self._check_fit_inputs(x, weights, generator)
         stacked_loss = self.stacked_loss
         if compile:
             stacked_loss = torch.compile(stacked_loss, dynamic=True)
@@ -243,7 +264,7 @@ class VAEGenerators(Generators):
         layers = check_positive_int(n_hidden_layers, "n_hidden_layers", minimum=0)
         self.decoder_noise = check_bool(decoder_noise, "decoder_noise")
         check_choice(activation, "activation", ACTIVATIONS)
-        self.max_log_var = float(max_log_var)
+        self.max_log_var = check_positive_float(max_log_var, "max_log_var")
         k, d, z = n_components, n_features, self.latent_features
         self.encoder = BatchedMLP(k, d, 2 * z, hidden, layers, activation, zero_last=False)
         self.decoder = BatchedMLP(k, z, 2 * d, hidden, layers, activation, zero_last=False)
@@ -280,6 +301,7 @@ class VAEGenerators(Generators):
         closed-form-KL ELBO of :meth:`elbo` has the same mean per component, but not
         that property: its noise survives the log-sum-exp over components as an upward
         bias (0.19 nats for two VAEs whose encoders are exact posteriors)."""
+        self._check_points(x)
         mu, log_var, z, log_likelihood = self._encode_decode(x.expand(self.n_components, *x.shape))
         zeros = torch.zeros_like(z)
         log_prior = diagonal_normal_log_prob(z, zeros, zeros)
@@ -351,7 +373,8 @@ class KMeansGenerators(Generators):
     ) -> TrainResult:
         """Closed form: mu_k = sum_i w_ik x_i / sum_i w_ik (a centre with no weight stays;
         deterministic, so there is nothing to checkpoint, compile or optimise)."""
-        self._check_fit_inputs(x, weights)
+        self._check_fit_inputs(x, weights, generator)
+        weights = weights.to(x.dtype)  # bootstrap counts may be integers
         total = weights.sum(0)
         means = (weights.T @ x) / total.clamp_min(1e-300)[:, None]
         self.centres.copy_(torch.where(total[:, None] > 0, means, self.centres))

@@ -32,7 +32,11 @@ from competitive import (
     single_model,
 )
 from competitive.assignment import hard_assign, min_count, mixing_weights, training_weights
-from competitive.discriminators import fit_discriminators, log_ratio_normaliser
+from competitive.discriminators import (
+    fit_discriminators,
+    log_ratio_normaliser,
+    train_discriminators,
+)
 from competitive.studies import StudySettings
 from vmonf import cli, datasets, training
 from vmonf._gaussian import diagonal_normal_log_prob
@@ -166,7 +170,7 @@ def test_fit_weighted_and_sample_components_refuse_what_they_would_silently_bend
     for weights, match in [
         (-torch.ones(10, 3), "non-negative"),
         (torch.full((10, 3), math.nan), "non-negative"),
-        (torch.ones(10, 2), r"weights must be a \(10, 3\) tensor"),
+        (torch.ones(10, 2), r"weights must have shape \(10, 3\)"),
     ]:
         with pytest.raises(ValueError, match=match):
             gens.fit_weighted(x, weights, config, torch.Generator())
@@ -175,6 +179,77 @@ def test_fit_weighted_and_sample_components_refuse_what_they_would_silently_bend
     with pytest.raises(ValueError, match="non-negative"):  # the closed-form override too
         KMeansGenerators(2, 3).fit_weighted(x, -torch.ones(10, 3), config, torch.Generator())
     assert gens.sample_components(torch.tensor([0.0, 2.0]), None).shape == (2, 2)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: FlowGenerators(2, 3, n_layers=2, hidden_features=8),
+    lambda: VAEGenerators(2, 3, hidden_features=8),
+    lambda: KMeansGenerators(2, 3),
+])  # fmt: skip
+def test_generators_refuse_bad_points_and_training_inputs_by_name(make):
+    """NaN points made every training step "non-finite" and the fit return untrained (a
+    k-means centre became NaN); wrong shapes gave wrong-shaped results (k-means) or
+    failed deep inside torch (VAEs)."""
+    gens = make()
+    x, config = torch.randn(10, 2), TrainConfig(max_epochs=1, batch_size=10)
+    weights = torch.ones(10, 3)
+    for bad, error, match in [
+        (torch.randn(2), ValueError, r"x must have shape \(N, 2\), got \(2,\)"),
+        (torch.randn(4, 3), ValueError, r"x must have shape \(N, 2\), got \(4, 3\)"),
+        (torch.randn(4, 2, dtype=torch.float32), TypeError, "x has dtype torch.float32"),
+        (np.zeros((4, 2)), TypeError, "x must be a torch.Tensor"),
+    ]:
+        with pytest.raises(error, match=match):
+            gens.log_likelihood_bound(bad)
+        with pytest.raises(error, match=match):
+            gens.per_point_loss(bad)
+    nan = x.clone()
+    nan[3, 1] = math.nan
+    with pytest.raises(ValueError, match="x contains NaN or infinity"):
+        gens.fit_weighted(nan, weights, config, torch.Generator())
+    with pytest.raises(TypeError, match=r"weights must be a torch\.Tensor, got ndarray"):
+        gens.fit_weighted(x, weights.numpy(), config, torch.Generator())
+    with pytest.raises(TypeError, match=r"generator must be a torch\.Generator"):
+        gens.fit_weighted(x, weights, config, None)
+    gens.fit_weighted(x, weights.long(), config, torch.Generator())  # bootstrap counts
+    assert all(bool(torch.isfinite(p).all()) for p in gens.parameters())
+
+
+def test_discriminators_refuse_bad_inputs_by_name():
+    discriminators = Discriminators(2, 3, hidden_features=8)
+    config = TrainConfig(max_epochs=1, batch_size=8)
+    real, fake = torch.randn(8, 2), torch.randn(3, 8, 2)
+    for bad, error, match in [
+        (torch.randn(6, 3), ValueError, r"x must have shape \(N, 2\) or \(3, N, 2\)"),
+        (torch.randn(2), ValueError, r"x must have shape"),
+        (torch.randn(2, 6, 2), ValueError, "x has 2 component slices, expected 3"),
+        (torch.randn(6, 2, dtype=torch.float32), TypeError, "x has dtype torch.float32"),
+    ]:
+        with pytest.raises(error, match=match):
+            discriminators(bad)
+    for args, error, match in [
+        ((real.numpy(), fake), TypeError, "real must be a torch.Tensor"),
+        ((real, fake.float()), TypeError, "fake has dtype torch.float32"),
+        ((real, real), ValueError, r"fake must be \(K, N, D\) with K = 3"),
+        ((real, fake[:, :5]), ValueError, r"as many points per generator as real has \(N = 8\)"),
+    ]:
+        with pytest.raises(error, match=match):
+            fit_discriminators(discriminators, *args, config, torch.Generator())
+
+
+def test_vae_max_log_var_must_be_a_positive_number():
+    for bad, error in [(math.nan, ValueError), (0.0, ValueError), (-1.0, ValueError),
+                       ("8", TypeError)]:  # fmt: skip
+        with pytest.raises(error, match="max_log_var"):
+            VAEGenerators(2, 3, max_log_var=bad)
+
+
+def test_training_discriminators_leaves_the_generators_in_their_mode():
+    gens = FlowGenerators(2, 3, n_layers=2, hidden_features=8).train()
+    config = TrainConfig(max_epochs=1, batch_size=8)
+    train_discriminators(Discriminators(2, 3, hidden_features=8), torch.randn(8, 2), gens,
+                         config, torch.Generator())  # fmt: skip
+    assert gens.training
 
 
 def _linear_gaussian_vaes(encoder_gain: float, encoder_var: float) -> VAEGenerators:

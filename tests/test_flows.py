@@ -289,6 +289,8 @@ def test_bad_inputs_give_clear_errors():
     flows = ComponentFlows(n_features=2, n_components=2)
     with pytest.raises(ValueError, match="shape"):
         flows.log_prob(torch.randn(4, 3))
+    with pytest.raises(ValueError, match=r"x must have shape \(N, 2\), got \(3,\)$"):
+        flows.log_prob(torch.randn(3))  # not "or (2, N, 2)": log_prob takes no stacks
     with pytest.raises(TypeError, match=r"torch\.Tensor"):
         flows.log_prob([[0.0, 1.0]])
     for d in (2, 4):  # D = 2 used to promote silently, D = 4 to fail deep inside a GEMM

@@ -361,7 +361,8 @@ def test_the_training_loss_and_the_batched_mlp_name_bad_arguments():
     model = random_model(3)
     x = torch.randn(5, 2)
     for y, error, match in [
-        (torch.zeros(5), TypeError, "int64 tensor of labels"),
+        (torch.zeros(5), TypeError, "int64 tensor of labels, got torch.float64"),
+        (torch.zeros(5, dtype=torch.long).numpy(), TypeError, "labels, got ndarray"),
         (torch.zeros(4, dtype=torch.long), ValueError, r"shape \(5,\)"),
         (torch.full((5,), 7), ValueError, r"labels in \[-1, 3\)"),
         (torch.full((5,), -2), ValueError, r"labels in \[-1, 3\)"),
@@ -371,3 +372,16 @@ def test_the_training_loss_and_the_batched_mlp_name_bad_arguments():
     assert model.loss(x, torch.full((5,), -1), alpha=1.0, objective="elbo").shape == (5,)
     with pytest.raises(ValueError, match="activation"):
         BatchedMLP(2, 3, 4, 8, 1, activation="swish")
+
+
+def test_a_posterior_over_other_components_or_features_is_refused():
+    """A q over 1 component broadcast against log p(x, c) (N, 3): a finite, wrong ELBO."""
+    mixture = MixtureOfFlows(ComponentFlows(n_features=2, n_components=3, n_layers=2))
+    with pytest.raises(ValueError, match="posterior has n_components=1 but the mixture"):
+        VariationalMixture(mixture, PosteriorNet(2, 1))
+    with pytest.raises(ValueError, match="posterior has n_features=3 but the mixture"):
+        VariationalMixture(mixture, PosteriorNet(3, 3))
+    with pytest.raises(TypeError, match="posterior must be a PosteriorNet"):
+        VariationalMixture(mixture, torch.nn.Linear(2, 3))
+    with pytest.raises(TypeError, match="flows must be a ComponentFlows, got str"):
+        MixtureOfFlows("abc")

@@ -144,8 +144,10 @@ def sample_by_component(
 
     ``sample(m)`` draws m points of every component, (K, m, D). Points are drawn
     ``SAMPLE_CHUNK`` at a time, each chunk as one batched call over K x (its largest
-    count) slots, into one preallocated output: memory stays bounded and the cost is
-    about that of n points when the counts are balanced.
+    count) slots, into one preallocated output: memory stays bounded (under
+    ``torch.no_grad()``; with gradients recorded, as a differentiable sample needs, every
+    chunk's graph is kept for the backward) and the cost is about that of n points when
+    the counts are balanced.
     """
     out: Tensor | None = None
     for start in range(0, components.numel(), SAMPLE_CHUNK):
@@ -257,10 +259,11 @@ class ComponentFlows(nn.Module):
     def _reference(self) -> Tensor:
         return next(self.parameters())
 
-    def _check(self, x: Tensor, name: str) -> None:
+    def _check(self, x: Tensor, name: str, stacked: bool = True) -> None:
+        """x (N, D) in the flows' dtype, or with ``stacked`` also (K, N, D)."""
         check_points(
             x, self.n_features, self._reference.dtype, name,
-            computed_by="flows", n_components=self.n_components,
+            computed_by="flows", n_components=self.n_components if stacked else None,
         )  # fmt: skip
 
     def _stack(self, x: Tensor) -> Tensor:
@@ -290,9 +293,7 @@ class ComponentFlows(nn.Module):
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Log density of each flow at each point: x (N, D) -> (N, K), nats."""
-        self._check(x, "x")
-        if x.dim() != 2:
-            raise ValueError(f"x must have shape (N, {self.n_features}), got {tuple(x.shape)}")
+        self._check(x, "x", stacked=False)
         return self._log_prob(x)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
@@ -332,7 +333,7 @@ class ComponentFlows(nn.Module):
     def initialize(self, x: Tensor) -> None:
         """Run pending data-dependent initialisations (ActNorm, training mode) on the
         points x (N, D), seen by every flow; a no-op once done."""
-        self._check(x, "x")
+        self._check(x, "x", stacked=False)
         pending = any(
             isinstance(layer, ActNorm) and not bool(layer.initialized) for layer in self.layers
         )
@@ -377,7 +378,8 @@ class ComponentFlows(nn.Module):
     def sample(
         self, n: int, component: int | None = None, generator: torch.Generator | None = None
     ) -> Tensor:
-        """Draw ``n`` points from one flow, (n, D), or from every flow, (K, n, D)."""
+        """Draw ``n`` points from one flow, (n, D), or from every flow, (K, n, D);
+        differentiable in the flows' weights when gradients are recorded."""
         n = check_positive_int(n, "n", minimum=0)
         if component is None:
             return self._inverse(self._base_sample((self.n_components, n), generator))[0]
@@ -393,6 +395,8 @@ class ComponentFlows(nn.Module):
         """One point from flow ``components[i]`` for each i: (n,) int -> (n, D).
 
         Streams in chunks of ``SAMPLE_CHUNK`` points (see :func:`sample_by_component`).
+        Differentiable in the flows' weights (a reparameterised sample) when gradients
+        are recorded; draw many points under ``torch.no_grad()``, as the estimators do.
         """
         components = check_components(components, self.n_components, self._reference.device)
         return self._sample_components(components, generator)

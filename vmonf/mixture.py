@@ -47,6 +47,8 @@ class MixtureOfFlows(nn.Module):
 
     def __init__(self, flows: ComponentFlows, weights: str = "uniform") -> None:
         super().__init__()
+        if not isinstance(flows, ComponentFlows):
+            raise TypeError(f"flows must be a ComponentFlows, got {type(flows).__name__}")
         self.flows = flows
         self.weight_mode = check_choice(weights, "weights", WEIGHT_MODES)
         k = flows.n_components
@@ -59,6 +61,10 @@ class MixtureOfFlows(nn.Module):
     @property
     def n_components(self) -> int:
         return self.flows.n_components
+
+    @property
+    def n_features(self) -> int:
+        return self.flows.n_features
 
     def log_weights(self) -> Tensor:
         """log pi, shape (K,)."""

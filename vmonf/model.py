@@ -20,6 +20,19 @@ class VariationalMixture(nn.Module):
 
     def __init__(self, mixture: MixtureOfFlows, posterior: PosteriorNet) -> None:
         super().__init__()
+        if not isinstance(mixture, MixtureOfFlows):
+            raise TypeError(f"mixture must be a MixtureOfFlows, got {type(mixture).__name__}")
+        if not isinstance(posterior, PosteriorNet):
+            raise TypeError(f"posterior must be a PosteriorNet, got {type(posterior).__name__}")
+        # A q over other components would broadcast against log p(x, c) (N, K) and give
+        # a finite, meaningless ELBO.
+        for name in ("n_components", "n_features"):
+            ours, theirs = getattr(mixture, name), getattr(posterior, name)
+            if ours != theirs:
+                raise ValueError(
+                    f"posterior has {name}={theirs} but the mixture {name}={ours}: q(c|x) "
+                    "must cover the mixture's components and read its points"
+                )
         self.mixture = mixture
         self.posterior = posterior
 
@@ -60,10 +73,10 @@ class VariationalMixture(nn.Module):
 
     def _check_labels(self, y: object, n: int) -> None:
         """y must be an int64 tensor (n,) of labels in [-1, K); -1 = unlabelled."""
-        if not isinstance(y, Tensor) or y.dtype != torch.long:
-            raise TypeError(
-                f"y must be an int64 tensor of labels, got {getattr(y, 'dtype', type(y).__name__)}"
-            )
+        if not isinstance(y, Tensor):
+            raise TypeError(f"y must be an int64 torch.Tensor of labels, got {type(y).__name__}")
+        if y.dtype != torch.long:
+            raise TypeError(f"y must be an int64 tensor of labels, got {y.dtype}")
         if y.shape != (n,):
             raise ValueError(f"y must have shape ({n},), one label per point, got {tuple(y.shape)}")
         k = self.mixture.n_components
