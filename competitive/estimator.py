@@ -84,7 +84,7 @@ class _Progress:
     convergence (kept current, so a fit that fails keeps its last assignment)."""
 
     owners: Tensor
-    assigned: bool = False  # owners come from an assignment (else from ``init``)
+    assigned: bool = False  # owners come from an assignment (else a placeholder)
     n_rounds: int = 0
     converged: bool = False
     out_of_time: bool = False  # max_time stopped the rounds
@@ -147,7 +147,8 @@ class CompetitiveMixture(MixtureEstimator):
             a bootstrap of N/K points: bagging) or an (N,) array of initial owners.
         pretrain_epochs: epochs of pre-training.
         max_rounds: rounds of Algorithm 1 (0 = keep the pre-trained generators with
-            equal weights: bagging or a single model, see :mod:`competitive.baselines`).
+            equal weights: bagging or a single model, see :mod:`competitive.baselines`;
+            at least 1 for a warm start).
         tol: converged when at most ``tol * N`` points change owner in a round; None:
             no early stop, every one of the ``max_rounds`` rounds runs (a fixed
             training budget, as in :mod:`competitive.studies`). ``"auto"`` (default):
@@ -190,15 +191,17 @@ class CompetitiveMixture(MixtureEstimator):
             checkpoint_every, checkpoint_seconds: as :class:`vmonf.VMoNF`
             (``fit(X, resume=True)``); ``compile`` applies to the generators' training.
         warm_start: as scikit-learn's ``GaussianMixture``: each ``fit`` of a fitted model
-            continues from the previous fit (its generators, discriminators, mixing
-            weights and standardisation) instead of pre-training: it assigns X's points
-            by the fitted rule (round 0), then runs up to ``max_rounds`` more rounds
-            with a fresh optimiser; ``init`` and ``pretrain_epochs`` are ignored then.
-            The data must have the same features; the architecture settings must stay
-            as fitted. Not with a ``checkpoint``.
+            continues from the previous fit (its generators and standardisation, and its
+            discriminators when ``keep_discriminators`` and discriminator assignment)
+            instead of pre-training: it assigns X's points by the ``assignment`` rule
+            (round 0), then runs up to ``max_rounds`` (>= 1) more rounds with a fresh
+            optimiser; ``init`` and ``pretrain_epochs`` are ignored then. The data must
+            have the same features; the architecture settings must stay as fitted. Not
+            with a ``checkpoint``.
         callback: ``callback(estimator, round)`` after every round (round 0 = after
-            pre-training); inside it the public methods use the current model. Its
-            time is not counted against ``max_time`` (it is part of ``fit_time_``).
+            pre-training, or a warm start's first assignment); inside it the public
+            methods use the current model. Its time is not counted against ``max_time``
+            (it is part of ``fit_time_``).
 
     Fitted attributes: ``weights_`` (K,), ``labels_`` ((N,), the owner of each row of X;
     held-out rows get the final assignment rule's choice, -1 where no rule was
@@ -209,7 +212,8 @@ class CompetitiveMixture(MixtureEstimator):
     ``n_iter_`` (rounds), ``converged_`` (False, with a ConvergenceWarning, while
     assignments still changed at the last round (``tol`` set) or time ran out, or when
     the fit diverged: its mean training score more than log K + 1 nats below the
-    untrained model's), ``pretrain_time_`` (s; 0 after a warm start),
+    untrained model's, a warm start's starting model's), ``pretrain_time_`` (s; 0 after a
+    warm start),
     ``fit_time_`` (s, wall time, with the time before a resume),
     ``n_features_in_``, ``feature_names_in_`` (a data frame's column names, when fitted on
     one), ``fitted_params_`` (the settings of the fit, which predictions and
@@ -340,6 +344,11 @@ class CompetitiveMixture(MixtureEstimator):
             check_choice(self.init, "init", INITS)
         check_positive_int(self.pretrain_epochs, "pretrain_epochs")
         check_positive_int(self.max_rounds, "max_rounds", minimum=0)
+        if self.warm_start and self.max_rounds == 0 and hasattr(self, "model_"):
+            raise ValueError(
+                "warm_start=True with max_rounds=0 would train nothing (a warm start skips "
+                "pre-training): give max_rounds >= 1"
+            )
         if isinstance(self.tol, str) and self.tol != "auto":
             raise ValueError(f"tol must be a fraction in [0, 1), None or 'auto', got {self.tol!r}")
         if not isinstance(self.tol, str) and self.tol is not None:
@@ -671,6 +680,8 @@ class CompetitiveMixture(MixtureEstimator):
             # fit that fails before never predicts with untrained ones.
             self.model_ = self._build(with_discriminators=False)
         else:
+            if self._exact_assignment(fitted=False) or not self.keep_discriminators:
+                warm.discriminators = None  # trained against the previous generators
             self.model_ = warm
         # The untrained model's score (a warm start's: where it starts), for divergence.
         initial_score = self._mean_score(x_train)
@@ -692,15 +703,15 @@ class CompetitiveMixture(MixtureEstimator):
             self._set_fitted(progress, x_train, train_idx, x_val, val_idx, history)
             raise  # the generators keep their last good state
         self._set_fitted(progress, x_train, train_idx, x_val, val_idx, history)
-        self._warn_on_empty_components()
+        self._warn_on_empty_components(warm_started=warm is not None)
         final_score = self._mean_score(x_train)
         if not final_score >= divergence_floor(initial_score, self.n_components):  # or NaN
             self.converged_ = False
             warnings.warn(
                 "CompetitiveMixture fit diverged: its mean training score (log-likelihood; "
                 f"an ELBO for VAEs) is {initial_score - final_score:.4g} nats per point below "
-                f"the untrained model's, more than log K + {DIVERGENCE_MARGIN:g}; lower "
-                "learning_rate",
+                f"{'the untrained' if warm is None else 'its starting'} "
+                f"model's, more than log K + {DIVERGENCE_MARGIN:g}; lower learning_rate",
                 ConvergenceWarning,
                 stacklevel=user_stacklevel(),
             )
@@ -736,7 +747,7 @@ class CompetitiveMixture(MixtureEstimator):
             )
         return "raise max_rounds or tol"
 
-    def _warn_on_empty_components(self) -> None:
+    def _warn_on_empty_components(self, warm_started: bool) -> None:
         """Say so when the rounds left components with no points (mixing weight 0)."""
         empty = np.flatnonzero(self.weights_ == 0).tolist()
         if not empty or self.n_iter_ == 0:
@@ -745,7 +756,10 @@ class CompetitiveMixture(MixtureEstimator):
             ": with assign_with_weights=True and init='uniform' the generators start alike "
             "and the first component ahead takes the points through its weight; try "
             "init='kmeans' or assign_with_weights=False"
-            if self.assign_with_weights and isinstance(self.init, str) and self.init == "uniform"
+            if self.assign_with_weights
+            and isinstance(self.init, str)
+            and self.init == "uniform"
+            and not warm_started
             else ""
         )
         warnings.warn(

@@ -1224,25 +1224,34 @@ def test_warm_start_continues_from_the_previous_fit(monkeypatch):
     warm.set_params(learning_rate=1e-30, max_rounds=1).fit(X)
     for name, value in generator_state(warm).items():
         torch.testing.assert_close(value, state[name], rtol=0, atol=1e-9, msg=name)
-    # Without rounds a warm fit keeps the model and labels the points by its rule.
+    # Without rounds a warm fit would train nothing: refused, the model left as it was.
     scores = warm.score_samples(X)
-    warm.set_params(max_rounds=0).fit(X)
-    np.testing.assert_allclose(warm.score_samples(X), scores, rtol=0, atol=1e-9)
-    np.testing.assert_array_equal(warm.labels_, warm.predict(X))
+    with pytest.raises(ValueError, match="warm_start=True with max_rounds=0 would train nothing"):
+        warm.set_params(max_rounds=0).fit(X)
+    np.testing.assert_array_equal(warm.score_samples(X), scores)
 
 
-def test_warm_start_keeps_the_discriminators_it_is_told_to_keep():
+@pytest.mark.parametrize("keep", [True, False])
+def test_warm_start_continues_the_discriminators_only_when_told_to_keep_them(keep):
+    X, _ = blobs(300)
+    params = {**ONE_DISCRIMINATOR_ROUND, "tol": None, "keep_discriminators": keep}
+    model = CompetitiveMixture(3, warm_start=True, **params).fit(X)
+    kept = {k: v.clone() for k, v in model.model_.discriminators.state_dict().items()}
+    model.set_params(discriminator_learning_rate=1e-30).fit(X)  # steps too small to see
+    trained = model.model_.discriminators.state_dict()
+    same = all(torch.allclose(v, kept[k], rtol=0, atol=1e-9) for k, v in trained.items())
+    assert same == keep  # continued from the previous fit's, or trained afresh
+
+
+def test_a_warm_start_to_exact_assignment_drops_the_discriminators():
+    """They were kept, trained against generators that had since moved on."""
     X, _ = blobs(300)
     params = {**ONE_DISCRIMINATOR_ROUND, "tol": None, "keep_discriminators": True}
     model = CompetitiveMixture(3, warm_start=True, **params).fit(X)
-    kept = {k: v.clone() for k, v in model.model_.discriminators.state_dict().items()}
-    ratio = model.log_ratio(X)
-    model.set_params(max_rounds=0).fit(X)  # no round: the discriminators as they were
-    np.testing.assert_array_equal(model.log_ratio(X), ratio)
-    model.set_params(max_rounds=1).fit(X)  # one more round trains the same set further
-    trained = model.model_.discriminators.state_dict()
-    assert all(v.shape == kept[k].shape for k, v in trained.items())
-    assert any(not torch.equal(v, kept[k]) for k, v in trained.items())
+    model.set_params(assignment="exact").fit(X)
+    assert model.model_.discriminators is None
+    with pytest.raises(ValueError, match="no discriminators were trained"):
+        model.log_ratio(X)
 
 
 def test_warm_start_refuses_what_it_cannot_continue(tmp_path):

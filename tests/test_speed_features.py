@@ -186,8 +186,24 @@ def test_first_order_backward_keeps_the_hand_written_path(monkeypatch):
 
     monkeypatch.setattr(vmonf.coupling, "_differentiable_backward", recompute)
     flows = ComponentFlows(n_components=2, n_features=2, n_layers=2, hidden_features=8)
-    flows.log_prob(torch.randn(7, 2)).sum().backward()
-    assert all(p.grad is not None for p in flows.parameters())
+    flows.log_prob(torch.randn(7, 2)).sum().backward()  # the coupling stack
+    discriminators = Discriminators(2, 2, hidden_features=8)  # a batched MLP
+    discriminators(torch.randn(7, 2)).sum().backward()
+    for module in (flows, discriminators):
+        assert all(p.grad is not None for p in module.parameters())
+
+
+def test_the_plain_autograd_switch_leaves_compiled_graphs_whole():
+    """Reading its ContextVar broke the graph at every coupling stack and MLP."""
+    flows = ComponentFlows(n_components=2, n_features=2, n_layers=2, hidden_features=8)
+    discriminators = Discriminators(2, 2, hidden_features=8)
+
+    def loss(x: torch.Tensor) -> torch.Tensor:
+        return flows.log_prob(x).sum() + discriminators(x).sum()
+
+    x = torch.randn(7, 2)
+    compiled = torch.compile(loss, fullgraph=True, backend="eager")  # fails on a break
+    torch.testing.assert_close(compiled(x), loss(x))
 
 
 # --------------------------------------------------------------------------- competitive

@@ -8,7 +8,7 @@ The conditioner MLPs and the data -> noise coupling carry hand-written backward
 passes (fewer autograd nodes and allocations; see ``benchmarks/speed.py``). Higher
 derivatives (``create_graph=True``, ``torch.autograd.functional.hessian``, gradient
 penalties) differentiate a plain-autograd recomputation instead; ``torch.func``
-transforms need :func:`plain_autograd`.
+transforms and vectorised ``torch.autograd.functional`` calls need :func:`plain_autograd`.
 
 Conventions follow nflows' ``Transform``: ``forward`` maps data to noise and
 returns ``(outputs, logabsdet)``; ``inverse`` maps noise to data. The layers are not
@@ -109,13 +109,21 @@ def plain_autograd() -> Iterator[None]:
     """Within the block, couplings and conditioner MLPs run as plain autograd ops instead
     of the fused nodes with hand-written backwards: slower (more nodes, no in-place
     activations), but every ``torch.func`` transform (``jacrev``, ``vmap``,
-    ``hessian``) works through them. Plain ``torch.autograd`` needs no such block: its
-    higher derivatives are already exact."""
+    ``hessian``) works through them, as does ``torch.autograd.functional``'s
+    ``vectorize=True``. Plain ``torch.autograd`` needs no such block: its higher
+    derivatives (``create_graph=True``) are exact either way. Not read under
+    ``torch.compile``, which traces the fused nodes."""
     token = _PLAIN_AUTOGRAD.set(True)
     try:
         yield
     finally:
         _PLAIN_AUTOGRAD.reset(token)
+
+
+def _plain_autograd_on() -> bool:
+    """Whether :func:`plain_autograd` is on; never read under ``torch.compile`` (dynamo
+    cannot trace a ContextVar: every read would break the graph)."""
+    return not torch.compiler.is_compiling() and _PLAIN_AUTOGRAD.get()
 
 
 def _differentiable_backward(
@@ -448,7 +456,7 @@ def coupling_forward(couplings: Sequence[AffineCoupling], x: Tensor) -> tuple[Te
     are recorded; nothing kept for a backward otherwise."""
     specs = tuple(c.spec for c in couplings)
     params = [p for c in couplings for p in c.conditioner.flat_parameters()]
-    if _PLAIN_AUTOGRAD.get():
+    if _plain_autograd_on():
         return _plain_stack(specs, x, *params)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return _CouplingStack.apply(specs, x, *params)
@@ -520,7 +528,7 @@ class BatchedMLP(nn.Module):
 
     def forward(self, inputs: Tensor) -> Tensor:
         """(K, N, in) -> (K, N, out)."""
-        if _PLAIN_AUTOGRAD.get():
+        if _plain_autograd_on():
             return _plain_mlp(self.activation_name, inputs, *self.flat_parameters())
         return _StackedMLP.apply(self.activation_name, inputs, *self.flat_parameters())
 
