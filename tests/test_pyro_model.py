@@ -169,6 +169,13 @@ def test_model_rejects_bad_shapes():
         pm.model(torch.zeros(5, 3))
     with pytest.raises(ValueError, match="shape"):
         pm.guide(torch.zeros(5))
+    # These failed inside Pyro's plate (ZeroDivisionError) and torch's gather.
+    with pytest.raises(ValueError, match="x must hold at least one point"):
+        pyro_elbo(pm, torch.zeros(0, 2))
+    flows = pm.vm.mixture.flows
+    for bad in (torch.tensor([5]), torch.tensor([[0], [-1]])):
+        with pytest.raises(ValueError, match=r"component indices must lie in \[0, 2\)"):
+            FlowComponent(flows, bad)
 
 
 def test_from_estimator_in_user_units():

@@ -63,6 +63,11 @@ class FlowComponent(dist.TorchDistribution):
     ) -> None:
         self.flows = flows
         self.component = torch.as_tensor(component, dtype=torch.long)
+        k = flows.n_components
+        if self.component.numel() and bool(
+            (self.component.min() < 0) | (self.component.max() >= k)
+        ):
+            raise ValueError(f"component indices must lie in [0, {k})")
         self.standardizer = standardizer
         super().__init__(
             self.component.shape, torch.Size([flows.n_features]), validate_args=validate_args
@@ -139,6 +144,8 @@ class PyroMixture:
     def _check(self, x: Tensor) -> None:
         dtype = next(self.vm.parameters()).dtype
         check_points(x, self.vm.mixture.flows.n_features, dtype, computed_by="mixture")
+        if x.shape[0] == 0:  # a plate of size 0 fails inside Pyro (ZeroDivisionError)
+            raise ValueError("x must hold at least one point, got shape (0, D)")
 
     def model(
         self, x: Tensor | None = None, temperature: float | None = None, *, n: int | None = None
