@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
-from matplotlib.ticker import MaxNLocator
+from matplotlib.ticker import MaxNLocator, SymmetricalLogLocator
 
 from vmonf._validation import (
     check_array,
@@ -105,6 +105,8 @@ def plot_shares(shares: Sequence[Sequence[float]], path: Path, *, dpi: int = 100
     for k in range(arr.shape[1]):
         ax.plot(rounds, arr[:, k], marker="o", markersize=3, color=palette[k], label=str(k))
     ax.set_xlabel("round")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.axhline(1.0 / arr.shape[1], color="0.5", linestyle=":", linewidth=0.8, label="1/K")
     ax.set_ylabel("share of training points")
     ax.set_ylim(0, max(1e-3, float(arr.max())) * 1.05)
     ax.grid(alpha=0.3)
@@ -159,6 +161,8 @@ def plot_estimate_vs_exact(
         ax.plot(diagonal, diagonal, color="0.3", linestyle="--", linewidth=0.8)
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_yscale("symlog", linthresh=1.0)
+        for axis in (ax.xaxis, ax.yaxis):  # every other decade: 2.8-inch panels
+            axis.set_major_locator(SymmetricalLogLocator(linthresh=1.0, base=100.0))
         ax.set_title(titles[j] if titles is not None else f"component {j}", fontsize="small")
         ax.grid(alpha=0.3)
     for ax in axes[k:]:
@@ -208,7 +212,8 @@ def plot_disagreement(
     dpi: int = 90,
 ) -> Path:
     """Three panels over points ``X`` (N, 2): the exact owners (N,), the estimated
-    owners (N,), and the points where the two disagree (red) among the rest (grey)."""
+    owners (N,), and the points where the two disagree (black) among the rest (light
+    grey): neither is a component's colour."""
     pts = check_array(X, "X", n_features=2)
     n_components = check_positive_int(n_components, "n_components")
     a = _check_owners(exact, pts.shape[0], n_components, "exact")
@@ -223,8 +228,8 @@ def plot_disagreement(
     ):
         ax.scatter(pts[:, 0], pts[:, 1], s=2, c=palette[owners], linewidths=0)
         ax.set_title(name, fontsize="small")
-    axes[2].scatter(pts[~differ, 0], pts[~differ, 1], s=2, color="0.8", linewidths=0)
-    axes[2].scatter(pts[differ, 0], pts[differ, 1], s=4, color="tab:red", linewidths=0)
+    axes[2].scatter(pts[~differ, 0], pts[~differ, 1], s=2, color="0.88", linewidths=0)
+    axes[2].scatter(pts[differ, 0], pts[differ, 1], s=4, color="black", linewidths=0)
     axes[2].set_title(f"disagree: {differ.mean():.1%} of points", fontsize="small")
     for ax in axes:
         _plane(ax, bounds)

@@ -467,6 +467,7 @@ def _comparison_figures(
         comparison.exact["truth"],
         out / f"{stem}_estimate_vs_exact.png",
         titles=titles,
+        xlabel="exact log p_k - log p_true (nats)",
         max_points=settings.figure_points,
     )
     exact_owner, disc_owner = comparison.owners()

@@ -25,7 +25,7 @@ BASE = [
 ]  # fmt: skip
 TINY = [*BASE, "--no-animation"]
 
-FIGURES = ("density.png", "samples.png", "posterior.png", "training.png")
+FIGURES = ("density.png", "log_density.png", "samples.png", "posterior.png", "training.png")
 METRICS = (
     "log_likelihood",
     "log_likelihood_stderr",

@@ -383,3 +383,16 @@ def test_kde_protocol_is_scale_equivariant_and_refuses_scales_float64_cannot_hol
     for bandwidth in (1e-200, 1e200):
         with pytest.raises(ValueError, match=r"bandwidth must lie in \[1e-100, 1e\+100\]"):
             gaussian_kde_log_density(test, generated, bandwidth)
+
+
+def test_matched_labels_name_each_class_after_its_matched_cluster():
+    y_true = np.array([0, 0, 1, 1, 2, 2, 3])
+    y_pred = np.array([2, 2, 0, 0, 1, 1, 1])  # class 3 shares cluster 1 with class 2
+    np.testing.assert_array_equal(
+        metrics.matched_labels(y_true, y_pred), [2, 2, 0, 0, 1, 1, 3]
+    )  # class 3: no cluster left, a new id after the largest cluster label
+    np.testing.assert_array_equal(
+        metrics.matched_labels(y_true, y_pred, n_clusters=5), [2, 2, 0, 0, 1, 1, 5]
+    )
+    with pytest.raises(ValueError, match="n_clusters"):
+        metrics.matched_labels(y_true, y_pred, n_clusters=0)

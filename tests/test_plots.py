@@ -464,3 +464,43 @@ def test_draw_functions_can_leave_the_users_legend_alone():
     assert "unlabelled" in [t.get_text() for t in ax.get_legend().get_texts()]
     with pytest.raises(TypeError, match="legend must be True or False, got 'no'"):
         plots.draw_samples(ax, X, y, legend="no")
+
+
+def test_log_scale_shows_the_tails_on_one_colour_scale(tmp_path, monkeypatch):
+    """On the linear scale the tails, where held-out points lose most nats, are one colour."""
+    ranges: list[tuple[float, float]] = []
+    original = matplotlib.axes.Axes.imshow
+
+    def spy(self, *args, **kwargs):
+        ranges.append((kwargs.get("vmin"), kwargs.get("vmax")))
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy)
+    bounds = (-1.0, 1.0, -1.0, 1.0)
+    plots.plot_density_comparison(
+        lambda p: np.full(len(p), 2.0), lambda p: np.where(p[:, 0] > 0, -np.inf, -30.0),
+        bounds, tmp_path / "d.png", resolution=5, scale="log", log_range=4.0,
+    )  # fmt: skip
+    assert ranges == [(pytest.approx(-2.0), pytest.approx(2.0))] * 2  # the top 4 nats
+    fig = plots.new_figure(3.0, 3.0)
+    ax = fig.add_subplot()
+    image = plots.draw_density(ax, lambda p: -np.square(p).sum(1), bounds, resolution=5,
+                               scale="log")  # fmt: skip
+    assert image.get_clim() == (pytest.approx(-10.0), pytest.approx(0.0))
+    assert ax.get_aspect() == 1.0  # x1 and x2 are in the same units
+    for bad, error in [({"scale": "symlog"}, ValueError), ({"log_range": 0.0}, ValueError),
+                       ({"log_range": "10"}, TypeError)]:  # fmt: skip
+        with pytest.raises(error, match=next(iter(bad))):
+            plots.plot_density_comparison(None, _model_log_prob, BOUNDS, tmp_path / "e.png", **bad)
+
+
+def test_animations_hold_the_final_frame(tmp_path):
+    """The final model flashed by for one frame in a looping GIF."""
+    out = animate_density([np.ones((4, 4)) * s for s in (1.0, 2.0, 3.0)], (0.0, 1.0, 0.0, 1.0),
+                          tmp_path / "a.gif", fps=4)  # fmt: skip
+    with Image.open(out) as im:
+        durations = []
+        for i in range(im.n_frames):
+            im.seek(i)
+            durations.append(im.info["duration"])
+    assert sum(durations) == pytest.approx((3 + 2 * 4) * 250, abs=30)  # 3 frames, 2 s held

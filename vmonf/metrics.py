@@ -45,6 +45,7 @@ __all__ = [
     "kde_log_likelihood",
     "kl_to_truth",
     "kl_to_truth_estimate",
+    "matched_labels",
     "mean_estimate",
     "mean_log_likelihood",
     "normalized_mutual_info",
@@ -272,6 +273,22 @@ def best_matching(y_true: object, y_pred: object) -> dict[int, int]:
     Labels must be non-negative.
     """
     return _matched_counts(y_true, y_pred)[0]
+
+
+def matched_labels(y_true: object, y_pred: object, n_clusters: int | None = None) -> np.ndarray:
+    """``y_true`` (N,) with each class renamed to the cluster :func:`best_matching` matches
+    it to, so that points coloured by class share their cluster's colour (int64 (N,)).
+
+    Classes no cluster is matched to (more classes than clusters) get new ids, from
+    ``n_clusters`` (default: the largest cluster label + 1) up, in class order.
+    """
+    t, p = _non_negative_label_pair(y_true, y_pred)
+    matching = best_matching(t, p)  # cluster -> class
+    rename = {cls: cluster for cluster, cls in matching.items()}
+    start = int(p.max()) + 1 if n_clusters is None else check_positive_int(n_clusters, "n_clusters")
+    for cls in sorted(set(t.tolist()) - set(rename)):
+        rename[cls] = start + len(rename) - len(matching)
+    return np.array([rename[int(c)] for c in t], dtype=np.int64)
 
 
 def clustering_accuracy(y_true: object, y_pred: object) -> float:

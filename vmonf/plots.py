@@ -44,6 +44,7 @@ from vmonf._validation import (
     as_numpy,
     check_array,
     check_bool,
+    check_choice,
     check_integer_labels,
     check_output_file,
     check_positive_float,
@@ -67,6 +68,7 @@ __all__ = [
     "draw_samples",
     "figure_file",
     "grid_points",
+    "log_density_grid",
     "new_figure",
     "plot_component_images",
     "plot_decision_regions",
@@ -266,6 +268,22 @@ def density_grid(
     gives density 0; NaN, and values whose density overflows float64 (log p > ~709: a
     degenerate density), raise ``ValueError``.
     """
+    xx, yy, values = log_density_grid(log_prob, bounds, resolution)
+    with np.errstate(over="ignore"):
+        density = np.exp(values)
+    if np.isinf(density).any():
+        raise ValueError(
+            f"log_prob is too large to plot at {int(np.isinf(density).sum())} grid point(s) "
+            f"(max {values.max():.4g} nats: the density overflows float64, a degenerate fit)"
+        )
+    return xx, yy, density
+
+
+def log_density_grid(
+    log_prob: LogProbFn, bounds: Bounds, resolution: int = 200
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Evaluate ``log_prob`` on a grid: ``(xx, yy, log density)`` (nats), each (resolution,
+    resolution); NaN raises ``ValueError``, ``-inf`` (density 0) stays."""
     _check_callable(log_prob, "log_prob", "score_samples")
     xx, yy = grid_points(bounds, resolution)
     points = np.column_stack([xx.ravel(), yy.ravel()])
@@ -279,25 +297,27 @@ def density_grid(
         )
     if np.isnan(values).any():
         raise ValueError(f"log_prob returned NaN at {int(np.isnan(values).sum())} grid point(s)")
-    with np.errstate(over="ignore"):
-        density = np.exp(values)
-    if np.isinf(density).any():
-        raise ValueError(
-            f"log_prob is too large to plot at {int(np.isinf(density).sum())} grid point(s) "
-            f"(max {values.max():.4g} nats: the density overflows float64, a degenerate fit)"
-        )
-    return xx, yy, density.reshape(xx.shape)
+    if np.isposinf(values).any():
+        n_inf = int(np.isposinf(values).sum())
+        raise ValueError(f"log_prob returned +inf at {n_inf} grid point(s): a degenerate fit")
+    return xx, yy, values.reshape(xx.shape)
 
 
 # --------------------------------------------------------------------------- static figures
 
 
 def _density_image(
-    ax: Axes, density: np.ndarray, bounds: Bounds, cmap: str | Colormap, vmax: float
+    ax: Axes,
+    density: np.ndarray,
+    bounds: Bounds,
+    cmap: str | Colormap,
+    vmax: float,
+    vmin: float = 0.0,
 ) -> AxesImage:
-    """Draw a (H, W) density grid (row 0 at ``ymin``) over ``bounds`` on [0, ``vmax``]."""
+    """Draw a (H, W) grid (row 0 at ``ymin``) over ``bounds`` on [``vmin``, ``vmax``]
+    (log densities below ``vmin``, -inf included, take its colour)."""
     return ax.imshow(
-        density, origin="lower", extent=bounds, cmap=cmap, vmin=0.0, vmax=vmax, aspect="auto"
+        density, origin="lower", extent=bounds, cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal"
     )
 
 
@@ -305,6 +325,30 @@ def _colour_top(densities: Iterable[np.ndarray]) -> float:
     """The top of a shared colour scale: the largest density (1 when all are 0)."""
     top = max(float(d.max()) for d in densities)
     return top if top > 0 else 1.0
+
+
+SCALES = ("linear", "log")
+_SCALE_LABELS = {"linear": "density", "log": "log density (nats)"}
+
+
+def _density_values(log_prob: LogProbFn, bounds: Bounds, resolution: int, scale: str) -> np.ndarray:
+    """The grid a density panel shows: densities, or log densities (nats) for ``"log"``."""
+    if scale == "log":
+        return log_density_grid(log_prob, bounds, resolution)[2]
+    return density_grid(log_prob, bounds, resolution)[2]
+
+
+def _colour_range(
+    grids: Sequence[np.ndarray], scale: str, vmax: float | None, log_range: float
+) -> tuple[float, float]:
+    """(vmin, vmax) of a colour scale shared by ``grids``: [0, largest density], or the
+    ``log_range`` nats below the largest log density."""
+    if scale == "linear":
+        return 0.0, _colour_top(grids) if vmax is None else vmax
+    if vmax is None:
+        finite = [g[np.isfinite(g)] for g in grids]
+        vmax = max((float(f.max()) for f in finite if f.size), default=0.0)
+    return vmax - log_range, vmax
 
 
 def draw_density(
@@ -315,20 +359,30 @@ def draw_density(
     resolution: int = 200,
     cmap: str | Colormap = "viridis",
     vmax: float | None = None,
+    scale: str = "linear",
+    log_range: float = 10.0,
 ) -> AxesImage:
     """Heatmap of ``exp(log_prob)`` over ``bounds`` on ``ax``; returns the image.
 
     The colour scale is [0, ``vmax``] (default: the largest density on the grid); pass
     one ``vmax`` to compare panels, and the image to ``fig.colorbar`` for a colour bar.
+    ``scale="log"`` shows log p (nats) from ``vmax`` (default: its largest value) down
+    to ``log_range`` nats below it: the tails, where a linear scale shows nothing.
     """
     ax = _check_axes(ax)
     bounds = _check_bounds(bounds)
     cmap = check_cmap(cmap)
-    top = None if vmax is None else check_positive_float(vmax, "vmax")
-    density = density_grid(log_prob, bounds, resolution)[2]
-    image = _density_image(
-        ax, density, bounds, cmap, _colour_top([density]) if top is None else top
-    )
+    scale = check_choice(scale, "scale", SCALES)
+    span = check_positive_float(log_range, "log_range")
+    if vmax is not None:
+        top: float | None = (
+            check_positive_float(vmax, "vmax") if scale == "linear" else _check_finite(vmax, "vmax")
+        )
+    else:
+        top = None
+    values = _density_values(log_prob, bounds, resolution, scale)
+    low, high = _colour_range([values], scale, top, span)
+    image = _density_image(ax, values, bounds, cmap, high, low)
     _plane_axes(ax, None)
     return image
 
@@ -343,10 +397,13 @@ def plot_density_comparison(
     titles: tuple[str, str] = ("true density", "model density"),
     cmap: str | Colormap = "viridis",
     dpi: int = 100,
+    scale: str = "linear",
+    log_range: float = 10.0,
 ) -> Path:
     """Heatmaps of the true and model densities side by side, on one colour scale.
 
     With ``true_log_prob=None`` only the model panel is drawn (titled ``titles[1]``).
+    ``scale`` and ``log_range`` as in :func:`draw_density`.
     """
     for name, fn in (("true_log_prob", true_log_prob), ("model_log_prob", model_log_prob)):
         if not (fn is None and name == "true_log_prob"):
@@ -355,23 +412,25 @@ def plot_density_comparison(
     names = _check_titles(titles, 2, "panels (true, model)") or ["true density", "model density"]
     dpi = check_dpi(dpi)
     cmap = check_cmap(cmap)
+    scale = check_choice(scale, "scale", SCALES)
+    span = check_positive_float(log_range, "log_range")
     out = figure_file(path)
     panels: list[tuple[str, np.ndarray]] = []
     if true_log_prob is not None:
-        panels.append((names[0], density_grid(true_log_prob, bounds, resolution)[2]))
-    panels.append((names[1], density_grid(model_log_prob, bounds, resolution)[2]))
-    top = _colour_top(d for _, d in panels)
+        panels.append((names[0], _density_values(true_log_prob, bounds, resolution, scale)))
+    panels.append((names[1], _density_values(model_log_prob, bounds, resolution, scale)))
+    low, high = _colour_range([d for _, d in panels], scale, None, span)
     fig = new_figure(4.2 * len(panels) + 0.8, 4.0)
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
     image = None
     for ax, (title, dens) in zip(axes, panels, strict=True):
-        image = _density_image(ax, dens, bounds, cmap, top)
+        image = _density_image(ax, dens, bounds, cmap, high, low)
         _plane_axes(ax, None)
         ax.set_title(title)
     for ax in axes[1:]:
         ax.set_ylabel("")
     assert image is not None  # there is always the model's panel
-    fig.colorbar(image, ax=list(axes), label="density")
+    fig.colorbar(image, ax=list(axes), label=_SCALE_LABELS[scale])
     return save_figure(fig, out, dpi)
 
 
@@ -573,7 +632,7 @@ def _draw_regions(ax: Axes, regions: _Regions, legend: bool) -> AxesImage:
         cmap=ListedColormap(palette[:, :3]),
         norm=BoundaryNorm(np.arange(n_classes + 1) - 0.5, n_classes),
         alpha=0.35,
-        aspect="auto",
+        aspect="equal",
         interpolation="nearest",
     )
     if pts is not None:
@@ -863,7 +922,9 @@ def _write_gif(
     fps: int,
     dpi: int,
 ) -> Path:
-    anim = FuncAnimation(fig, update, frames=n_frames, blit=False, repeat=False)
+    # The last frame (the final model) held for 2 s: a looping GIF otherwise flashes it.
+    order = [*range(n_frames), *[n_frames - 1] * (2 * fps)]
+    anim = FuncAnimation(fig, update, frames=order, blit=False, repeat=False)
     write_file_atomically(
         path, lambda tmp: anim.save(str(tmp), writer=PillowWriter(fps=fps), dpi=dpi)
     )
@@ -912,6 +973,7 @@ def animate_density(
     fig = new_figure(5.0, 4.2)
     ax = fig.add_subplot()
     image = _density_image(ax, grids[0], bounds, cmap, top)
+    _plane_axes(ax, None)
     fig.colorbar(image, ax=ax, label="density")
     heading = ax.set_title(names[0] if names else "frame 1")
 

@@ -289,7 +289,8 @@ def write_figures(
     seed: int = 0,
     max_points: int = 1500,
 ) -> list[Path]:
-    """Write density.png, samples.png, posterior.png, training.png and training.gif.
+    """Write density.png, log_density.png (the tails), samples.png, posterior.png,
+    training.png and training.gif.
 
     ``training.png`` needs ``history`` and ``training.gif`` a ``recorder`` with frames;
     in posterior.png the test points are coloured by their true class, renamed to
@@ -305,8 +306,10 @@ def write_figures(
             None if toy is None else toy.log_prob,
             estimator.score_samples,
             bounds,
-            out / "density.png",
+            out / name,
+            scale=scale,
         )
+        for name, scale in (("density.png", "linear"), ("log_density.png", "log"))
     ]
     Xs, comp = estimator.sample(max(X.shape[0], 2000), random_state=seed)
     written.append(
@@ -321,13 +324,8 @@ def write_figures(
     )
     shown = np.random.default_rng(seed).permutation(X.shape[0])[:max_points]
     colours = y[shown]
-    if not labelled:
-        # Name each class after its matched component; unmatched classes get new ids >= K.
-        matching = metrics.best_matching(y, estimator.predict(X))  # component -> class
-        rename = {c: comp_id for comp_id, c in matching.items()}
-        for c in sorted(set(y.tolist()) - set(rename)):
-            rename[c] = k + len(rename) - len(matching)
-        colours = np.array([rename[int(c)] for c in colours], dtype=np.int64)
+    if not labelled:  # each class named after its matched component
+        colours = metrics.matched_labels(y, estimator.predict(X), n_clusters=k)[shown]
     written.append(
         plots.plot_decision_regions(
             estimator.predict_proba,
