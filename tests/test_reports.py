@@ -438,3 +438,17 @@ def test_partial_labels_and_kde_helpers_name_bad_arguments():
     points = np.random.default_rng(0).normal(size=(60, 2))
     with pytest.raises(TypeError, match="shuffle"):
         metrics.kde_log_likelihood(points, points, n_select=20, n_test=None, shuffle="False")
+
+
+def test_the_training_figure_leaves_out_flat_curves_and_the_clock():
+    """A constant temperature and the wall clock filled two of four panels."""
+    history = {
+        "loss": [2.0, 1.5, 1.4], "val_loss": [2.1, 1.6, math.nan], "lr": [1e-3, 5e-4, 1e-4],
+        "temperature": [1.0, 1.0, 1.0], "time": [0.1, 0.2, 0.3],
+    }  # fmt: skip
+    assert reporting._curves_worth_drawing(history).keys() == {
+        "loss", "val_loss", "learning rate"
+    }  # fmt: skip
+    assert reporting._curves_worth_drawing({"temperature": [1.0, 0.5, math.nan]}) == {
+        "temperature": [1.0, 0.5, math.nan]
+    }

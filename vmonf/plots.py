@@ -790,7 +790,7 @@ def _clip_to_bulk(ax: Axes, values: np.ndarray) -> str:
         return ""
     pad = 0.05 * max(limit - low, 1e-9)
     ax.set_ylim(low - pad, limit + pad)
-    return f" ({int((finite > limit).sum())} off scale, max {high:.3g})"
+    return f" ({int((finite > limit).sum())} above the axis, up to {high:.3g})"
 
 
 def plot_image_grid(

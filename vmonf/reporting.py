@@ -50,7 +50,26 @@ __all__ = [
 
 Bounds = tuple[float, float, float, float]
 # y-axis labels of training.png: the loss is per point (nats), the time cumulative.
-_HISTORY_UNITS = {"loss": "nats per point", "time": "seconds since the start"}
+_HISTORY_UNITS = {"loss": "nats per point", "val_loss": "nats per point"}
+_HISTORY_NAMES = {"lr": "learning rate"}
+
+
+def _curves_worth_drawing(history: Mapping[str, list[float]]) -> dict[str, list[float]]:
+    """The training history a figure shows: the losses, and the other series that
+    change (a constant temperature is no curve), without the clock (the run prints its
+    fit time); "lr" spelled out."""
+    return {
+        _HISTORY_NAMES.get(key, key): values
+        for key, values in history.items()
+        if key in ("loss", "val_loss") or (key != "time" and _varies(values))
+    }
+
+
+def _varies(values: object) -> bool:
+    """Whether the finite entries of ``values`` differ."""
+    array = np.asarray(values, dtype=np.float64)
+    finite = array[np.isfinite(array)]
+    return bool(finite.size) and bool(finite.max() > finite.min())
 
 
 class Toy(Protocol):
@@ -337,9 +356,10 @@ def write_figures(
             title="q(c|x) regions; test points by true class",
         )
     )
-    if history:
-        units = {key: unit for key, unit in _HISTORY_UNITS.items() if key in history}
-        written.append(plots.plot_training_curves(history, out / "training.png", units=units))
+    curves = _curves_worth_drawing(history or {})
+    if curves:
+        units = {key: unit for key, unit in _HISTORY_UNITS.items() if key in curves}
+        written.append(plots.plot_training_curves(curves, out / "training.png", units=units))
     if recorder is not None and recorder.frames:
         vmax = max(float(recorder.frames[-1].max()), 1e-12)
         if toy is not None:  # the frames' own window, which may differ from bounds
