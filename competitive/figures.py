@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 from matplotlib.axes import Axes
+from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator, SymmetricalLogLocator
 
 from vmonf._validation import (
@@ -60,9 +61,11 @@ def plot_assignment_rounds(
     n_components: int,
     bounds: Bounds | None = None,
     max_panels: int = 12,
+    title: str | None = None,
     dpi: int = 90,
 ) -> Path:
-    """Grid of scatter plots of ``X`` (N, 2), one per round, coloured by owner (N,) each.
+    """Grid of scatter plots of ``X`` (N, 2), one per round, coloured by owner (N,) each,
+    with a legend of the components (up to 12) and ``title`` above.
 
     At most ``max_panels`` rounds are shown, spread evenly, the first and last included.
     """
@@ -75,8 +78,8 @@ def plot_assignment_rounds(
         _check_owners(o, pts.shape[0], n_components, f"owners[{i}]") for i, o in enumerate(owners)
     ]
     shown = np.unique(np.linspace(0, len(owners) - 1, min(max_panels, len(owners))).round())
-    cols = min(4, shown.size)
-    rows = math.ceil(shown.size / cols)
+    rows = math.ceil(shown.size / 4)
+    cols = math.ceil(shown.size / rows)  # at most 4 wide, as few empty cells as that allows
     out, dpi = figure_file(path), check_dpi(dpi)
     fig = new_figure(3.0 * cols, 2.8 * rows)
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
@@ -87,6 +90,15 @@ def plot_assignment_rounds(
         _plane(ax, bounds)
     for ax in axes[shown.size :]:
         ax.set_axis_off()
+    if n_components <= 12:
+        handles = [
+            Line2D([], [], marker="o", linestyle="", color=palette[j], label=str(j))
+            for j in range(n_components)
+        ]
+        fig.legend(handles=handles, title="component", loc="outside right upper",
+                   fontsize="small")  # fmt: skip
+    if title is not None:
+        fig.suptitle(title, fontsize="medium")
     return save_figure(fig, out, dpi)
 
 

@@ -873,7 +873,7 @@ def run_compete(args: argparse.Namespace) -> int:
             generated[:2000],
             generated_by[:2000],
             out / "samples.png",
-            title="samples by component",
+            title="model samples by component",
             bounds=bounds,
             n_classes=k,
         )
@@ -881,7 +881,14 @@ def run_compete(args: argparse.Namespace) -> int:
     if frames:
         files.append(
             plot_assignment_rounds(
-                shown, frames, titles, out / "assignments.png", n_components=k, bounds=bounds
+                shown,
+                frames,
+                titles,
+                out / "assignments.png",
+                n_components=k,
+                bounds=bounds,
+                title=f"owner of {shown.shape[0]} held-out points after each round "
+                f"({args.assignment} assignment)",
             )
         )
         if estimator.history_["share"]:  # none when max_time ended the fit before round 1
