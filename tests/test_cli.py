@@ -390,7 +390,7 @@ def test_compete_passes_tol_to_the_estimator(monkeypatch, tmp_path):
     assert seen["tol"] == 0.0
 
 
-def test_training_figure_labels_loss_and_time_units(tmp_path, monkeypatch):
+def test_training_figure_labels_the_loss_in_nats_per_point(tmp_path, monkeypatch):
     X = np.random.default_rng(0).normal(size=(50, 2))
     model = VMoNF(2, max_epochs=1, n_layers=2, hidden_features=8, init_steps=5).fit(X)
     seen: dict[str, object] = {}
@@ -406,6 +406,32 @@ def test_training_figure_labels_loss_and_time_units(tmp_path, monkeypatch):
         history={"loss": [1.0], "lr": [1e-3], "temperature": [1.0]},
     )  # fmt: skip
     assert seen["units"] == {"loss": "nats per point"}  # only the keys the history has
+
+
+def test_the_posterior_figure_marks_the_labelled_training_points(tmp_path, monkeypatch):
+    """A semi-supervised run's figure looked the same as an unsupervised one's."""
+    X = np.random.default_rng(0).normal(size=(50, 2))
+    model = VMoNF(2, max_epochs=1, n_layers=2, hidden_features=8, init_steps=5).fit(X)
+    saved = {}
+    real = reporting.plots.save_figure
+
+    def spy(fig, path, dpi):
+        saved[Path(path).name] = fig
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(reporting.plots, "save_figure", spy)
+    reporting.write_figures(
+        model, None, X, np.zeros(50, int), tmp_path, reporting.plot_bounds(X), labelled=True,
+        labelled_points=(X[:3], np.array([0, 1, 1])),
+    )  # fmt: skip
+    ax = saved["posterior.png"].axes[0]
+    stars = [c for c in ax.collections if c.get_offsets().shape == (3, 2)]
+    assert len(stars) == 1 and "3 labelled training points" in ax.get_title()
+    with pytest.raises(ValueError, match="labelled_points y must hold the true classes"):
+        reporting.write_figures(
+            model, None, X, np.zeros(50, int), tmp_path, reporting.plot_bounds(X),
+            labelled=True, labelled_points=(X[:2], np.array([0, -1])),
+        )  # fmt: skip
 
 
 def test_compete_stopped_by_max_time_before_any_round_still_reports(tmp_path):

@@ -581,6 +581,7 @@ def run_fit(args: argparse.Namespace) -> int:
         history=estimator.history_,
         recorder=recorder,
         seed=args.seed,
+        labelled_points=(X[y_fit >= 0], y_fit[y_fit >= 0]) if y_fit is not None else None,
     )
     params = {k: v for k, v in estimator.get_params().items() if k != "callback"}
     report: dict[str, Any] = {

@@ -101,12 +101,14 @@ class FittedMixture(Protocol):
 # --------------------------------------------------------------------------- data
 
 
-def _check_test_points(X_test: object, y_test: object) -> tuple[np.ndarray, np.ndarray]:
-    """Held-out 2-D points (N, 2) and their true classes (N,), each >= 0."""
-    X = check_array(X_test, "X_test", n_features=2)
-    y = check_integer_labels(y_test, "y_test", X.shape[0], rows_of="X_test")
+def _check_test_points(
+    X_test: object, y_test: object, names: tuple[str, str] = ("X_test", "y_test")
+) -> tuple[np.ndarray, np.ndarray]:
+    """2-D points (N, 2) and their true classes (N,), each >= 0 (held-out by default)."""
+    X = check_array(X_test, names[0], n_features=2)
+    y = check_integer_labels(y_test, names[1], X.shape[0], rows_of=names[0])
     if (y < 0).any():
-        raise ValueError("y_test must hold the true classes (>= 0), not -1 for unlabelled")
+        raise ValueError(f"{names[1]} must hold the true classes (>= 0), not -1 for unlabelled")
     return X, y
 
 
@@ -307,6 +309,7 @@ def write_figures(
     recorder: DensityRecorder | None = None,
     seed: int = 0,
     max_points: int = 1500,
+    labelled_points: tuple[object, object] | None = None,
 ) -> list[Path]:
     """Write density.png, log_density.png (the tails), samples.png, posterior.png,
     training.png and training.gif.
@@ -314,9 +317,15 @@ def write_figures(
     ``training.png`` needs ``history`` and ``training.gif`` a ``recorder`` with frames;
     in posterior.png the test points are coloured by their true class, renamed to
     the matched component (Hungarian) unless ``labelled`` fixed the names (classes
-    left unmatched when K < classes get colours of their own).
+    left unmatched when K < classes get colours of their own), and the training points
+    whose labels the fit used, ``labelled_points`` ((M, 2), (M,)), are stars.
     """
     X, y = _check_test_points(X_test, y_test)
+    stars = (
+        None
+        if labelled_points is None
+        else _check_test_points(*labelled_points, names=("labelled_points X", "labelled_points y"))
+    )
     max_points = check_positive_int(max_points, "max_points")
     out = Path(out)
     k = int(estimator._fitted_setting("n_components"))
@@ -345,17 +354,27 @@ def write_figures(
     colours = y[shown]
     if not labelled:  # each class named after its matched component
         colours = metrics.matched_labels(y, estimator.predict(X), n_clusters=k)[shown]
-    written.append(
-        plots.plot_decision_regions(
-            estimator.predict_proba,
-            bounds,
-            out / "posterior.png",
-            X=X[shown],
-            y=colours,
-            n_classes=max(k, int(colours.max()) + 1),
-            title="q(c|x) regions; test points by true class",
-        )
+    n_colours = max(k, int(colours.max()) + 1)
+    if stars is not None and stars[1].size:
+        n_colours = max(n_colours, int(stars[1].max()) + 1)
+    fig = plots.new_figure(6.0, 4.6)
+    ax = fig.add_subplot()
+    plots.draw_decision_regions(
+        ax, estimator.predict_proba, bounds, X=X[shown], y=colours, n_classes=n_colours
     )
+    title = "q(c|x) regions; test points by true class"
+    if stars is not None and stars[0].shape[0]:
+        ax.scatter(
+            stars[0][:, 0], stars[0][:, 1], marker="*", s=110,
+            c=plots.class_colours(n_colours)[stars[1]], edgecolors="k", linewidths=0.8,
+        )  # fmt: skip
+        title += f";\n★ the {stars[0].shape[0]} labelled training points"
+    ax.set_title(title)
+    legend = ax.get_legend()
+    if legend is not None:  # beside the plane: inside, it hid points
+        legend.set_loc("upper left")
+        legend.set_bbox_to_anchor((1.02, 1.0))
+    written.append(plots.save_figure(fig, plots.figure_file(out / "posterior.png"), 100))
     curves = _curves_worth_drawing(history or {})
     if curves:
         units = {key: unit for key, unit in _HISTORY_UNITS.items() if key in curves}
