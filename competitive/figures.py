@@ -81,7 +81,7 @@ def plot_assignment_rounds(
     rows = math.ceil(shown.size / 4)
     cols = math.ceil(shown.size / rows)  # at most 4 wide, as few empty cells as that allows
     out, dpi = figure_file(path), check_dpi(dpi)
-    fig = new_figure(3.0 * cols, 2.8 * rows)
+    fig = new_figure(max(3.0 * cols, 7.5), 2.8 * rows)  # room for the title and legend
     axes = fig.subplots(rows, cols, squeeze=False).ravel()
     palette = class_colours(n_components)
     for ax, i in zip(axes, shown.astype(int), strict=False):
@@ -118,7 +118,9 @@ def plot_shares(shares: Sequence[Sequence[float]], path: Path, *, dpi: int = 100
         ax.plot(rounds, arr[:, k], marker="o", markersize=3, color=palette[k], label=str(k))
     ax.set_xlabel("round")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.axhline(1.0 / arr.shape[1], color="0.5", linestyle=":", linewidth=0.8, label="1/K")
+    ax.axhline(1.0 / arr.shape[1], color="0.5", linestyle=":", linewidth=0.8)
+    ax.text(1.0, 1.0 / arr.shape[1], " 1/K", transform=ax.get_yaxis_transform(),
+            va="center", ha="left", fontsize="small", color="0.4")  # fmt: skip
     ax.set_ylabel("share of training points")
     ax.set_ylim(0, max(1e-3, float(arr.max())) * 1.05)
     ax.grid(alpha=0.3)
@@ -161,6 +163,7 @@ def plot_estimate_vs_exact(
     values = values[np.isfinite(values)]
     lo, hi = (float(values.min()), float(values.max())) if values.size else (-1.0, 1.0)
     diagonal = -np.geomspace(max(-lo, 1.0) + 1.0, 1.0, 200) + 1.0  # dense near 0
+    decades = math.log10(max(-lo, 1.0)) + math.log10(max(hi, 1.0))  # the symlog span
     diagonal = np.concatenate([diagonal, np.linspace(0.0, max(hi, 0.0), 20)])
     cols = min(k, 5)
     n_rows = math.ceil(k / cols)
@@ -173,8 +176,9 @@ def plot_estimate_vs_exact(
         ax.plot(diagonal, diagonal, color="0.3", linestyle="--", linewidth=0.8)
         ax.set_xscale("symlog", linthresh=1.0)
         ax.set_yscale("symlog", linthresh=1.0)
-        for axis in (ax.xaxis, ax.yaxis):  # every other decade: 2.8-inch panels
-            axis.set_major_locator(SymmetricalLogLocator(linthresh=1.0, base=100.0))
+        if decades > 4:  # every other decade, or the labels of 2.8-inch panels overlap
+            for axis in (ax.xaxis, ax.yaxis):
+                axis.set_major_locator(SymmetricalLogLocator(linthresh=1.0, base=100.0))
         ax.set_title(titles[j] if titles is not None else f"component {j}", fontsize="small")
         ax.grid(alpha=0.3)
     for ax in axes[k:]:

@@ -396,3 +396,8 @@ def test_matched_labels_name_each_class_after_its_matched_cluster():
     )
     with pytest.raises(ValueError, match="n_clusters"):
         metrics.matched_labels(y_true, y_pred, n_clusters=0)
+    # An n_clusters below a cluster label gave an unmatched class that cluster's id.
+    np.testing.assert_array_equal(
+        metrics.matched_labels([0, 0, 1, 1, 2, 2], [0, 0, 4, 4, 4, 4], n_clusters=4),
+        [0, 0, 4, 4, 5, 5],
+    )

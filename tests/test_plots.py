@@ -488,6 +488,13 @@ def test_log_scale_shows_the_tails_on_one_colour_scale(tmp_path, monkeypatch):
                                scale="log")  # fmt: skip
     assert image.get_clim() == (pytest.approx(-10.0), pytest.approx(0.0))
     assert ax.get_aspect() == 1.0  # x1 and x2 are in the same units
+    # Where the density is 0 (log p = -inf) the bottom colour, not a blank (imshow's NaN).
+    zero = plots.draw_density(ax, lambda p: np.where(p[:, 0] > 0, -np.inf, 0.0), bounds,
+                              resolution=4, scale="log")  # fmt: skip
+    assert (zero.to_rgba(zero.get_array())[..., 3] == 1.0).all()
+    # A strip of a window (features on other scales) is not squeezed to equal aspect.
+    strip = plots.draw_density(ax, _true_log_prob, (-100.0, 100.0, -1.0, 1.0), resolution=4)
+    assert strip.axes.get_aspect() == "auto"
     for bad, error in [({"scale": "symlog"}, ValueError), ({"log_range": 0.0}, ValueError),
                        ({"log_range": "10"}, TypeError)]:  # fmt: skip
         with pytest.raises(error, match=next(iter(bad))):

@@ -280,12 +280,15 @@ def matched_labels(y_true: object, y_pred: object, n_clusters: int | None = None
     it to, so that points coloured by class share their cluster's colour (int64 (N,)).
 
     Classes no cluster is matched to (more classes than clusters) get new ids, from
-    ``n_clusters`` (default: the largest cluster label + 1) up, in class order.
+    ``n_clusters`` (the model's K: clusters no point went to keep their ids) or the
+    largest cluster label + 1, whichever is larger, up, in class order.
     """
     t, p = _non_negative_label_pair(y_true, y_pred)
     matching = best_matching(t, p)  # cluster -> class
     rename = {cls: cluster for cluster, cls in matching.items()}
-    start = int(p.max()) + 1 if n_clusters is None else check_positive_int(n_clusters, "n_clusters")
+    start = int(p.max()) + 1  # past every cluster label, so that no id is taken twice
+    if n_clusters is not None:
+        start = max(start, check_positive_int(n_clusters, "n_clusters"))
     for cls in sorted(set(t.tolist()) - set(rename)):
         rename[cls] = start + len(rename) - len(matching)
     return np.array([rename[int(c)] for c in t], dtype=np.int64)

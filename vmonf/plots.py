@@ -25,7 +25,7 @@ import numbers
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any, NamedTuple, cast
+from typing import Any, Literal, NamedTuple, cast
 
 import numpy as np
 from matplotlib import colormaps
@@ -70,6 +70,7 @@ __all__ = [
     "grid_points",
     "log_density_grid",
     "new_figure",
+    "plane_aspect",
     "plot_component_images",
     "plot_decision_regions",
     "plot_density_comparison",
@@ -86,6 +87,8 @@ LogProbFn = Callable[[np.ndarray], object]
 
 _UNLABELLED_COLOUR = (0.6, 0.6, 0.6, 1.0)
 MAX_CLASSES = 1000  # colours a plot tells apart (and palette rows it allocates)
+MAX_EQUAL_ASPECT = 4.0  # a wider (or taller) x1-x2 window is drawn with aspect "auto"
+MAX_HOLD_FRAMES = 20  # repeats of a GIF's last frame (each is rendered again)
 # A 5-inch figure is then 6000 pixels wide; Agg refuses images beyond 2**16 pixels a side.
 MAX_DPI = 1200
 # Grid points a side: 4000**2 float64 values are 128 MB per grid; more is no sharper.
@@ -315,10 +318,21 @@ def _density_image(
     vmin: float = 0.0,
 ) -> AxesImage:
     """Draw a (H, W) grid (row 0 at ``ymin``) over ``bounds`` on [``vmin``, ``vmax``]
-    (log densities below ``vmin``, -inf included, take its colour)."""
+    (log densities below ``vmin``, -inf included, take its colour: imshow would leave
+    -inf blank)."""
     return ax.imshow(
-        density, origin="lower", extent=bounds, cmap=cmap, vmin=vmin, vmax=vmax, aspect="equal"
-    )
+        np.maximum(density, vmin), origin="lower", extent=bounds, cmap=cmap, vmin=vmin,
+        vmax=vmax, aspect=plane_aspect(bounds),
+    )  # fmt: skip
+
+
+def plane_aspect(bounds: Bounds) -> Literal["equal", "auto"]:
+    """``"equal"`` for an x1-x2 window (x1 and x2 in the same units), unless it is more
+    than ``MAX_EQUAL_ASPECT`` times wider than tall or taller than wide (features on
+    other scales: a strip), then ``"auto"``."""
+    xmin, xmax, ymin, ymax = bounds
+    ratio = (xmax - xmin) / (ymax - ymin)
+    return "equal" if 1 / MAX_EQUAL_ASPECT <= ratio <= MAX_EQUAL_ASPECT else "auto"
 
 
 def _colour_top(densities: Iterable[np.ndarray]) -> float:
@@ -435,11 +449,13 @@ def plot_density_comparison(
 
 
 def _plane_axes(ax: Axes, bounds: Bounds | None) -> None:
-    """Label a 2-D plot's axes and, when given, fix its window to ``bounds``."""
+    """Label a 2-D plot's axes and, when given, fix its window to ``bounds`` (aspect as
+    :func:`plane_aspect`)."""
     if bounds is not None:
         xmin, xmax, ymin, ymax = _check_bounds(bounds)
         ax.set_xlim(xmin, xmax)
         ax.set_ylim(ymin, ymax)
+        ax.set_aspect(plane_aspect((xmin, xmax, ymin, ymax)))
     ax.set_xlabel("$x_1$")
     ax.set_ylabel("$x_2$")
 
@@ -632,7 +648,7 @@ def _draw_regions(ax: Axes, regions: _Regions, legend: bool) -> AxesImage:
         cmap=ListedColormap(palette[:, :3]),
         norm=BoundaryNorm(np.arange(n_classes + 1) - 0.5, n_classes),
         alpha=0.35,
-        aspect="equal",
+        aspect=plane_aspect(regions.bounds),
         interpolation="nearest",
     )
     if pts is not None:
@@ -923,7 +939,7 @@ def _write_gif(
     dpi: int,
 ) -> Path:
     # The last frame (the final model) held for 2 s: a looping GIF otherwise flashes it.
-    order = [*range(n_frames), *[n_frames - 1] * (2 * fps)]
+    order = [*range(n_frames), *[n_frames - 1] * min(2 * fps, MAX_HOLD_FRAMES)]
     anim = FuncAnimation(fig, update, frames=order, blit=False, repeat=False)
     write_file_atomically(
         path, lambda tmp: anim.save(str(tmp), writer=PillowWriter(fps=fps), dpi=dpi)
@@ -945,7 +961,8 @@ def animate_density(
     """Animated GIF of density grids ``frames``, each (H, W) (e.g. from :func:`density_grid`).
 
     Row 0 of a grid is the bottom edge ``ymin`` (as :func:`density_grid` returns it).
-    All frames share one colour scale, [0, ``vmax``] (default: the largest value).
+    All frames share one colour scale, [0, ``vmax``] (default: the largest value). The
+    last frame is held about 2 s (at most ``MAX_HOLD_FRAMES`` more frames).
     """
     stack: object = frames
     if hasattr(stack, "detach"):  # a torch tensor of frames

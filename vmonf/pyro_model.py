@@ -64,8 +64,11 @@ class FlowComponent(dist.TorchDistribution):
         self.flows = flows
         self.component = torch.as_tensor(component, dtype=torch.long)
         k = flows.n_components
-        if self.component.numel() and bool(
-            (self.component.min() < 0) | (self.component.max() >= k)
+        # Checked on the CPU only: on a GPU the check would sync at every model call.
+        if (
+            self.component.numel()
+            and self.component.device.type == "cpu"
+            and bool((self.component.min() < 0) | (self.component.max() >= k))
         ):
             raise ValueError(f"component indices must lie in [0, {k})")
         self.standardizer = standardizer
@@ -145,7 +148,7 @@ class PyroMixture:
         dtype = next(self.vm.parameters()).dtype
         check_points(x, self.vm.mixture.flows.n_features, dtype, computed_by="mixture")
         if x.shape[0] == 0:  # a plate of size 0 fails inside Pyro (ZeroDivisionError)
-            raise ValueError("x must hold at least one point, got shape (0, D)")
+            raise ValueError(f"x must hold at least one point, got shape {tuple(x.shape)}")
 
     def model(
         self, x: Tensor | None = None, temperature: float | None = None, *, n: int | None = None

@@ -49,7 +49,7 @@ __all__ = [
 ]
 
 Bounds = tuple[float, float, float, float]
-# y-axis labels of training.png: the loss is per point (nats), the time cumulative.
+# y-axis labels of training.png: the losses are per point (nats).
 _HISTORY_UNITS = {"loss": "nats per point", "val_loss": "nats per point"}
 _HISTORY_NAMES = {"lr": "learning rate"}
 
