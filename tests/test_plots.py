@@ -511,3 +511,20 @@ def test_animations_hold_the_final_frame(tmp_path):
             im.seek(i)
             durations.append(im.info["duration"])
     assert sum(durations) == pytest.approx((3 + 2 * 4) * 250, abs=30)  # 3 frames, 2 s held
+
+
+def test_one_panel_figures_put_their_legend_beside_the_plane(tmp_path, monkeypatch):
+    """Placed "best" inside, the legend hid samples in the tails."""
+    figures = []
+    real = plots.save_figure
+
+    def spy(fig, path, dpi):
+        figures.append(fig)
+        return real(fig, path, dpi)
+
+    monkeypatch.setattr(plots, "save_figure", spy)
+    X, y = _data()
+    plot_samples(X, np.abs(y), tmp_path / "s.png")
+    legend = figures[0].axes[0].get_legend()
+    anchor = legend.get_bbox_to_anchor().transformed(figures[0].axes[0].transAxes.inverted())
+    assert anchor.x0 > 1.0  # right of the axes

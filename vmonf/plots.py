@@ -68,6 +68,7 @@ __all__ = [
     "draw_samples",
     "figure_file",
     "grid_points",
+    "legend_beside",
     "log_density_grid",
     "new_figure",
     "plane_aspect",
@@ -539,16 +540,26 @@ def plot_samples(
 def _one_panel_figure(
     path: PathLike, draw: Callable[[Axes], object], title: str | None, dpi: int
 ) -> Path:
-    """A 5 x 4.6 inch figure of one ``draw(ax)`` panel, titled, written at ``path``
-    (checked, and its folder made, before drawing)."""
+    """A 6 x 4.6 inch figure of one ``draw(ax)`` panel, titled, its legend beside the
+    panel (:func:`legend_beside`), written at ``path`` (checked, and its folder made,
+    before drawing)."""
     out = figure_file(path)
     dpi = check_dpi(dpi)
-    fig = new_figure(5.0, 4.6)
+    fig = new_figure(6.0, 4.6)
     ax = fig.add_subplot()
     draw(ax)
+    legend_beside(ax)
     if title is not None:
         ax.set_title(title)
     return save_figure(fig, out, dpi)
+
+
+def legend_beside(ax: Axes) -> None:
+    """Move ``ax``'s legend, if any, to the right of the panel: inside, it hid points."""
+    legend = ax.get_legend()
+    if legend is not None:
+        legend.set_loc("upper left")
+        legend.set_bbox_to_anchor((1.02, 1.0))
 
 
 def _resolve_n_classes(n_classes: int | None, *labels: np.ndarray | None) -> int:

@@ -370,10 +370,7 @@ def write_figures(
         )  # fmt: skip
         title += f";\n★ the {stars[0].shape[0]} labelled training points"
     ax.set_title(title)
-    legend = ax.get_legend()
-    if legend is not None:  # beside the plane: inside, it hid points
-        legend.set_loc("upper left")
-        legend.set_bbox_to_anchor((1.02, 1.0))
+    plots.legend_beside(ax)
     written.append(plots.save_figure(fig, plots.figure_file(out / "posterior.png"), 100))
     curves = _curves_worth_drawing(history or {})
     if curves:
