@@ -481,7 +481,8 @@ def test_log_scale_shows_the_tails_on_one_colour_scale(tmp_path, monkeypatch):
         lambda p: np.full(len(p), 2.0), lambda p: np.where(p[:, 0] > 0, -np.inf, -30.0),
         bounds, tmp_path / "d.png", resolution=5, scale="log", log_range=4.0,
     )  # fmt: skip
-    assert ranges == [(pytest.approx(-2.0), pytest.approx(2.0))] * 2  # the top 4 nats
+    assert ranges[:2] == [(pytest.approx(-2.0), pytest.approx(2.0))] * 2  # the top 4 nats
+    assert ranges[2] == (-2.0, 2.0)  # log p_model - log p_true, +-log_range / 2
     fig = plots.new_figure(3.0, 3.0)
     ax = fig.add_subplot()
     image = plots.draw_density(ax, lambda p: -np.square(p).sum(1), bounds, resolution=5,
@@ -528,3 +529,25 @@ def test_one_panel_figures_put_their_legend_beside_the_plane(tmp_path, monkeypat
     legend = figures[0].axes[0].get_legend()
     anchor = legend.get_bbox_to_anchor().transformed(figures[0].axes[0].transAxes.inverted())
     assert anchor.x0 > 1.0  # right of the axes
+
+
+def test_the_log_density_figure_shows_where_the_model_is_too_high_or_low(tmp_path, monkeypatch):
+    shown = []
+    original = matplotlib.axes.Axes.imshow
+
+    def spy(self, data, *args, **kwargs):
+        shown.append(np.asarray(data, dtype=float))
+        return original(self, data, *args, **kwargs)
+
+    monkeypatch.setattr(matplotlib.axes.Axes, "imshow", spy)
+    truth = lambda p: np.where(p[:, 0] < 0, 0.0, -50.0)  # noqa: E731 (negligible right)
+    model = lambda p: np.where(p[:, 1] < 0, -1.0, 3.0)  # noqa: E731
+    plots.plot_density_comparison(truth, model, (-1.0, 1.0, -1.0, 1.0), tmp_path / "d.png",
+                                  resolution=4, scale="log", log_range=4.0)  # fmt: skip
+    ratio = shown[2]
+    assert np.isnan(ratio[:, 2:]).all()  # where the truth is negligible: blank
+    np.testing.assert_array_equal(ratio[:2, :2], -1.0)  # too low by 1 nat
+    np.testing.assert_array_equal(ratio[2:, :2], 2.0)  # too high by 3 nats, clipped at 2
+    plots.plot_density_comparison(truth, model, (-1.0, 1.0, -1.0, 1.0), tmp_path / "e.png",
+                                  resolution=4)  # fmt: skip
+    assert len(shown) == 5  # the linear scale: no difference panel

@@ -418,7 +418,10 @@ def plot_density_comparison(
     """Heatmaps of the true and model densities side by side, on one colour scale.
 
     With ``true_log_prob=None`` only the model panel is drawn (titled ``titles[1]``).
-    ``scale`` and ``log_range`` as in :func:`draw_density`.
+    ``scale`` and ``log_range`` as in :func:`draw_density`; on the log scale, with the
+    truth, a third panel shows log p_model - log p_true (nats, red: the model too high,
+    blue: too low, within +-``log_range`` / 2) where the truth is shown (no more than
+    ``log_range`` nats below the shared scale's top; blank elsewhere).
     """
     for name, fn in (("true_log_prob", true_log_prob), ("model_log_prob", model_log_prob)):
         if not (fn is None and name == "true_log_prob"):
@@ -435,18 +438,38 @@ def plot_density_comparison(
         panels.append((names[0], _density_values(true_log_prob, bounds, resolution, scale)))
     panels.append((names[1], _density_values(model_log_prob, bounds, resolution, scale)))
     low, high = _colour_range([d for _, d in panels], scale, None, span)
-    fig = new_figure(4.2 * len(panels) + 0.8, 4.0)
-    axes = fig.subplots(1, len(panels), squeeze=False)[0]
+    difference = scale == "log" and len(panels) == 2
+    fig = new_figure(4.2 * (len(panels) + difference) + 0.8 * (1 + difference), 4.0)
+    axes = fig.subplots(1, len(panels) + difference, squeeze=False)[0]
     image = None
-    for ax, (title, dens) in zip(axes, panels, strict=True):
+    for ax, (title, dens) in zip(axes[: len(panels)], panels, strict=True):
         image = _density_image(ax, dens, bounds, cmap, high, low)
         _plane_axes(ax, None)
         ax.set_title(title)
     for ax in axes[1:]:
         ax.set_ylabel("")
     assert image is not None  # there is always the model's panel
-    fig.colorbar(image, ax=list(axes), label=_SCALE_LABELS[scale])
+    fig.colorbar(image, ax=list(axes[: len(panels)]), label=_SCALE_LABELS[scale])
+    if difference:
+        _draw_log_ratio(axes[-1], panels[1][1], panels[0][1], low, span / 2, bounds)
     return save_figure(fig, out, dpi)
+
+
+def _draw_log_ratio(
+    ax: Axes, model: np.ndarray, truth: np.ndarray, shown_from: float, limit: float, bounds: Bounds
+) -> None:
+    """log p_model - log p_true (H, W grids, nats) where log p_true >= ``shown_from``, on
+    a diverging scale of +-``limit`` nats, with its own colour bar."""
+    with np.errstate(invalid="ignore"):  # -inf - -inf where both vanish: masked anyway
+        ratio = np.where(truth >= shown_from, model - truth, np.nan)
+    image = ax.imshow(
+        np.clip(ratio, -limit, limit), origin="lower", extent=bounds, cmap="RdBu_r",
+        vmin=-limit, vmax=limit, aspect=plane_aspect(bounds),
+    )  # fmt: skip
+    _plane_axes(ax, None)
+    ax.set_ylabel("")
+    ax.set_title("log p_model - log p_true")
+    ax.figure.colorbar(image, ax=ax, label="nats (model too high: red)")
 
 
 def _plane_axes(ax: Axes, bounds: Bounds | None) -> None:
