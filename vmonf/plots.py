@@ -71,6 +71,7 @@ __all__ = [
     "legend_beside",
     "log_density_grid",
     "new_figure",
+    "one_panel_figure",
     "plane_aspect",
     "plot_component_images",
     "plot_decision_regions",
@@ -557,10 +558,10 @@ def plot_samples(
 ) -> Path:
     """:func:`draw_samples` in a figure of its own, written at ``path``."""
     scatter = _check_scatter(X, labels, bounds, n_classes, marker_size)
-    return _one_panel_figure(path, lambda ax: _draw_scatter(ax, scatter, True), title, dpi)
+    return one_panel_figure(path, lambda ax: _draw_scatter(ax, scatter, True), title, dpi)
 
 
-def _one_panel_figure(
+def one_panel_figure(
     path: PathLike, draw: Callable[[Axes], object], title: str | None, dpi: int
 ) -> Path:
     """A 6 x 4.6 inch figure of one ``draw(ax)`` panel, titled, its legend beside the
@@ -738,7 +739,7 @@ def plot_decision_regions(
 ) -> Path:
     """:func:`draw_decision_regions` in a figure of its own, written at ``path``."""
     regions = _check_regions(predict, bounds, X, y, n_classes, resolution, marker_size)
-    return _one_panel_figure(path, lambda ax: _draw_regions(ax, regions, True), title, dpi)
+    return one_panel_figure(path, lambda ax: _draw_regions(ax, regions, True), title, dpi)
 
 
 def plot_training_curves(

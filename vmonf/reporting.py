@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
+from matplotlib.axes import Axes
 
 from vmonf import metrics, plots
 from vmonf._validation import (
@@ -357,21 +358,22 @@ def write_figures(
     n_colours = max(k, int(colours.max()) + 1)
     if stars is not None and stars[1].size:
         n_colours = max(n_colours, int(stars[1].max()) + 1)
-    fig = plots.new_figure(6.0, 4.6)
-    ax = fig.add_subplot()
-    plots.draw_decision_regions(
-        ax, estimator.predict_proba, bounds, X=X[shown], y=colours, n_classes=n_colours
-    )
+    n_stars = 0 if stars is None else stars[0].shape[0]
+
+    def draw(ax: Axes) -> None:
+        plots.draw_decision_regions(
+            ax, estimator.predict_proba, bounds, X=X[shown], y=colours, n_classes=n_colours
+        )
+        if stars is not None and n_stars:
+            ax.scatter(
+                stars[0][:, 0], stars[0][:, 1], marker="*", s=110,
+                c=plots.class_colours(n_colours)[stars[1]], edgecolors="k", linewidths=0.8,
+            )  # fmt: skip
+
     title = "q(c|x) regions; test points by true class"
-    if stars is not None and stars[0].shape[0]:
-        ax.scatter(
-            stars[0][:, 0], stars[0][:, 1], marker="*", s=110,
-            c=plots.class_colours(n_colours)[stars[1]], edgecolors="k", linewidths=0.8,
-        )  # fmt: skip
-        title += f";\n★ the {stars[0].shape[0]} labelled training points"
-    ax.set_title(title)
-    plots.legend_beside(ax)
-    written.append(plots.save_figure(fig, plots.figure_file(out / "posterior.png"), 100))
+    if n_stars:
+        title += f";\n★ the {n_stars} labelled training points"
+    written.append(plots.one_panel_figure(out / "posterior.png", draw, title, 100))
     curves = _curves_worth_drawing(history or {})
     if curves:
         units = {key: unit for key, unit in _HISTORY_UNITS.items() if key in curves}
