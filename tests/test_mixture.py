@@ -385,3 +385,33 @@ def test_a_posterior_over_other_components_or_features_is_refused():
         VariationalMixture(mixture, torch.nn.Linear(2, 3))
     with pytest.raises(TypeError, match="flows must be a ComponentFlows, got str"):
         MixtureOfFlows("abc")
+
+
+def test_calling_the_modules_gives_the_mixture_density_and_the_elbo():
+    model = random_model()
+    x = torch.randn(9, 2)
+    torch.testing.assert_close(model.mixture(x), model.mixture.log_prob(x))
+    torch.testing.assert_close(model(x, 0.5), model.elbo(x, 0.5))
+    torch.testing.assert_close(model(x, top_k=2), model.elbo(x, top_k=2))
+
+
+def test_mixture_density_is_minus_inf_at_infinity():
+    mixture = random_model().mixture
+    x = torch.tensor([[0.0, 0.0], [torch.inf, 0.0], [0.0, torch.nan]])
+    log_p = mixture.log_prob(x)
+    assert torch.isfinite(log_p[0]) and log_p[1] == -torch.inf and torch.isnan(log_p[2])
+
+
+def test_trained_mixing_weights_do_not_load_into_a_uniform_mixture():
+    learned = random_model(weights="learned").mixture
+    flows = ComponentFlows(n_features=2, n_components=3, n_layers=3, hidden_features=8)
+    uniform = MixtureOfFlows(flows, "uniform")
+    with pytest.raises(RuntimeError, match=r"unequal mixing weights.*'uniform'"):
+        uniform.load_state_dict(learned.state_dict())
+    with pytest.raises(RuntimeError, match="unequal mixing weights"):  # nested, as in a model
+        random_model(weights="uniform").load_state_dict(random_model().state_dict())
+    with torch.no_grad():
+        learned.weight_logits.fill_(0.7)  # equal weights: 1/K as uniform means
+    uniform.load_state_dict(learned.state_dict())
+    torch.testing.assert_close(uniform.log_weights(), torch.full((3,), -math.log(3)))
+    MixtureOfFlows(flows, "learned").load_state_dict(uniform.state_dict())  # the other way

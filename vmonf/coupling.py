@@ -42,6 +42,7 @@ __all__ = [
     "LULinear",
     "bounded_log_scale",
     "plain_autograd",
+    "plain_autograd_on",
 ]
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -120,7 +121,7 @@ def plain_autograd() -> Iterator[None]:
         _PLAIN_AUTOGRAD.reset(token)
 
 
-def _plain_autograd_on() -> bool:
+def plain_autograd_on() -> bool:
     """Whether :func:`plain_autograd` is on; never read under ``torch.compile`` (dynamo
     cannot trace a ContextVar: every read would break the graph)."""
     return not torch.compiler.is_compiling() and _PLAIN_AUTOGRAD.get()
@@ -456,7 +457,7 @@ def coupling_forward(couplings: Sequence[AffineCoupling], x: Tensor) -> tuple[Te
     are recorded; nothing kept for a backward otherwise."""
     specs = tuple(c.spec for c in couplings)
     params = [p for c in couplings for p in c.conditioner.flat_parameters()]
-    if _plain_autograd_on():
+    if plain_autograd_on():
         return _plain_stack(specs, x, *params)
     if torch.is_grad_enabled() and (x.requires_grad or any(p.requires_grad for p in params)):
         return _CouplingStack.apply(specs, x, *params)
@@ -528,7 +529,7 @@ class BatchedMLP(nn.Module):
 
     def forward(self, inputs: Tensor) -> Tensor:
         """(K, N, in) -> (K, N, out)."""
-        if _plain_autograd_on():
+        if plain_autograd_on():
             return _plain_mlp(self.activation_name, inputs, *self.flat_parameters())
         return _StackedMLP.apply(self.activation_name, inputs, *self.flat_parameters())
 

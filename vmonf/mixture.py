@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -57,6 +59,34 @@ class MixtureOfFlows(nn.Module):
             self.weight_logits = nn.Parameter(logits)
         else:
             self.register_buffer("weight_logits", logits)
+        self.register_load_state_dict_pre_hook(self._refuse_unequal_weights_if_uniform)
+
+    def _refuse_unequal_weights_if_uniform(
+        self,
+        module: nn.Module,
+        state_dict: Mapping[str, Any],
+        prefix: str,
+        local_metadata: dict[str, Any],
+        strict: bool,
+        missing_keys: list[str],
+        unexpected_keys: list[str],
+        error_msgs: list[str],
+    ) -> None:
+        """load_state_dict pre-hook. The logits are stored in every mode, so torch's key
+        and shape checks pass when trained weights are loaded into a mixture meant to
+        keep them at 1/K."""
+        logits = state_dict.get(prefix + "weight_logits")
+        if (
+            self.weight_mode == "uniform"
+            and isinstance(logits, Tensor)
+            and logits.numel() > 1
+            and not bool((logits == logits.flatten()[0]).all())
+        ):
+            error_msgs.append(
+                f"{prefix}weight_logits holds unequal mixing weights, but this "
+                "MixtureOfFlows has weights='uniform': build it with weights='learned' "
+                "or 'responsibilities' to load them"
+            )
 
     @property
     def n_components(self) -> int:
@@ -73,6 +103,10 @@ class MixtureOfFlows(nn.Module):
     def log_joint(self, x: Tensor) -> Tensor:
         """log pi_k + log p_k(x): x (N, D) -> (N, K), nats."""
         return self.flows.log_prob(x) + self.log_weights()
+
+    def _log_joint(self, x: Tensor) -> Tensor:
+        """:meth:`log_joint` of checked, finite points (a training batch)."""
+        return self.flows._log_prob(x) + self.log_weights()
 
     def log_joint_at(self, x: Tensor, components: Tensor) -> Tensor:
         """log pi_k + log p_k(x) for the components listed per point only:
@@ -116,8 +150,13 @@ class MixtureOfFlows(nn.Module):
         return (dense + self.log_weights()).gather(1, components)
 
     def log_prob(self, x: Tensor) -> Tensor:
-        """Mixture log density: x (N, D) -> (N,), nats."""
+        """Mixture log density: x (N, D) -> (N,), nats; -inf at a point with an
+        infinite coordinate, NaN at one with a NaN."""
         return torch.logsumexp(self.log_joint(x), dim=1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """``mixture(x)`` is :meth:`log_prob`: (N, D) -> (N,), nats."""
+        return self.log_prob(x)
 
     def posterior(self, x: Tensor) -> Tensor:
         """Exact log posterior log p(k | x): (N, D) -> (N, K)."""

@@ -58,7 +58,7 @@ class VariationalMixture(nn.Module):
             self._check_labels(y, x.shape[0])
         log_q = self.posterior(x, temperature)
         if not self._uses_top_k(top_k):
-            log_joint = self.mixture.log_joint(x)
+            log_joint = self.mixture._log_joint(x)
             return mixture_loss(log_joint, log_q, y, alpha=alpha, objective=objective)
         labelled = y >= 0
         ranking = log_q.detach().clone()
@@ -89,9 +89,15 @@ class VariationalMixture(nn.Module):
         ``top_k`` most probable components that :meth:`loss` trains (q renormalised)."""
         log_q = self.posterior(x, temperature)
         if not self._uses_top_k(top_k):
-            return elbo(self.mixture.log_joint(x), log_q)
+            return elbo(self.mixture._log_joint(x), log_q)
         log_joint, log_q_top = self._at_top_k(x, log_q, log_q.detach(), top_k)
         return elbo(log_joint, log_q_top - log_q_top.logsumexp(1, keepdim=True))
+
+    def forward(
+        self, x: Tensor, temperature: float | None = None, top_k: int | None = None
+    ) -> Tensor:
+        """``model(x)`` is :meth:`elbo`: the ELBO per point (N,), nats."""
+        return self.elbo(x, temperature, top_k)
 
     def _uses_top_k(self, top_k: int | None) -> TypeGuard[int]:
         """Whether ``top_k`` (checked) keeps fewer than the K components: never for None."""
