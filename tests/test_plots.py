@@ -426,6 +426,20 @@ def test_draw_functions_draw_on_the_users_axes_and_return_their_artists(tmp_path
     _assert_image(plots.save_figure(fig, tmp_path / "panels.png", 80), "PNG")
 
 
+def test_probability_regions_fade_where_the_probabilities_are_unsure():
+    def proba(g: np.ndarray) -> np.ndarray:  # sure at x1 = -3 and 3, undecided at 0
+        right = np.clip(0.5 + g[:, 0] / 4, 0.0, 1.0)
+        return np.column_stack([1 - right, right])
+
+    ax = plots.new_figure(3.0, 3.0).subplots()
+    image = plots.draw_decision_regions(ax, proba, BOUNDS, resolution=5)  # x1 = -3, -1.5, ...
+    alpha = np.asarray(image.get_alpha())
+    np.testing.assert_allclose(alpha[0], plots.REGION_ALPHA * np.array([1, 0.75, 0, 0.75, 1]))
+    assert (alpha == alpha[0]).all()  # the same in every row: only x1 matters
+    labels = plots.draw_decision_regions(ax, lambda g: (g[:, 0] > 0).astype(int), BOUNDS)
+    assert labels.get_alpha() == plots.REGION_ALPHA  # labels carry no doubt to show
+
+
 def test_draw_functions_refuse_what_is_not_an_axes():
     X, _ = _data()
     for call in (

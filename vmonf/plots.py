@@ -91,6 +91,7 @@ _UNLABELLED_COLOUR = (0.6, 0.6, 0.6, 1.0)
 MAX_CLASSES = 1000  # colours a plot tells apart (and palette rows it allocates)
 MAX_EQUAL_ASPECT = 4.0  # a wider (or taller) x1-x2 window is drawn with aspect "auto"
 MAX_HOLD_FRAMES = 20  # repeats of a GIF's last frame (each is rendered again)
+REGION_ALPHA = 0.35  # opacity of a decision region's tint where predict is sure
 # A 5-inch figure is then 6000 pixels wide; Agg refuses images beyond 2**16 pixels a side.
 MAX_DPI = 1200
 # Grid points a side: 4000**2 float64 values are 128 MB per grid; more is no sharper.
@@ -655,6 +656,16 @@ def _check_regions(
     )
 
 
+def _certainty(probabilities: np.ndarray) -> np.ndarray:
+    """How sure (M, K) probabilities are of their argmax, (M,) in [0, 1]: 0 where the
+    largest is 1/K (no winner), 1 where it is 1."""
+    k = probabilities.shape[1]
+    if k == 1:
+        return np.ones(probabilities.shape[0])
+    top = probabilities.max(axis=1)
+    return np.clip((top - 1.0 / k) / (1.0 - 1.0 / k), 0.0, 1.0)
+
+
 def _draw_regions(ax: Axes, regions: _Regions, legend: bool) -> AxesImage:
     xx, yy = grid_points(regions.bounds, regions.resolution)
     grid = np.column_stack([xx.ravel(), yy.ravel()])
@@ -667,10 +678,12 @@ def _draw_regions(ax: Axes, regions: _Regions, legend: bool) -> AxesImage:
             raise ValueError("predict returned NaN probabilities on the grid")
         region = np.argmax(probabilities, axis=1)
         n_from_proba = raw.shape[1]
+        opacity: float | np.ndarray = REGION_ALPHA * _certainty(probabilities).reshape(xx.shape)
     else:  # labels, also as an (M, 1) integer column
         raw = raw.reshape(-1) if label_column else raw
         region = check_integer_labels(raw, "predict(...) output", grid.shape[0])
         n_from_proba = 0
+        opacity = REGION_ALPHA
     if (region < 0).any():
         raise ValueError("predict returned negative labels on the grid")
     pts, lab = regions.points, regions.labels
@@ -682,7 +695,7 @@ def _draw_regions(ax: Axes, regions: _Regions, legend: bool) -> AxesImage:
         extent=regions.bounds,
         cmap=ListedColormap(palette[:, :3]),
         norm=BoundaryNorm(np.arange(n_classes + 1) - 0.5, n_classes),
-        alpha=0.35,
+        alpha=opacity,
         aspect=plane_aspect(regions.bounds),
         interpolation="nearest",
     )
@@ -715,7 +728,8 @@ def draw_decision_regions(
     on top; returns the regions' image.
 
     ``predict`` maps (M, 2) points to (M,) (or an (M, 1) integer column of) labels, or
-    to (M, K) probabilities (e.g. q(c|x)), whose argmax is taken. Points ``X`` (N, 2) are
+    to (M, K) probabilities (e.g. q(c|x)), whose argmax is taken; the tint then fades to
+    white where they are unsure, in proportion to (max - 1/K) / (1 - 1/K). Points ``X`` (N, 2) are
     coloured by ``y`` (N,) when given (-1 = unlabelled, grey), black otherwise;
     ``legend`` as in :func:`draw_samples`.
     """

@@ -370,7 +370,7 @@ def write_figures(
                 c=plots.class_colours(n_colours)[stars[1]], edgecolors="k", linewidths=0.8,
             )  # fmt: skip
 
-    title = "q(c|x) regions; test points by true class"
+    title = "q(c|x) regions, faded where q is unsure;\ntest points by true class"
     if n_stars:
         title += f";\n★ the {n_stars} labelled training points"
     written.append(plots.one_panel_figure(out / "posterior.png", draw, title, 100))
