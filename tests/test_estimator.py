@@ -991,6 +991,29 @@ def test_a_fitted_model_pickles_once_its_callback_is_cleared():
     np.testing.assert_array_equal(again.score_samples(X), model.score_samples(X))
 
 
+@pytest.mark.parametrize("interrupted", [False, True])
+def test_a_pickled_model_holds_each_weight_once(tmp_path, interrupted):
+    """Trained, every parameter was a view of one packed buffer, and pickle (unlike
+    torch.save) wrote that whole buffer once per parameter: 50 times the model."""
+    X, _ = blobs(100)
+    model = VMoNF(3, random_state=0, **FAST).fit(X)
+    if interrupted:  # a warm fit that raises midway leaves the model unpacked too
+
+        def stop(estimator: VMoNF, epoch: int) -> None:
+            raise RuntimeError("stop")
+
+        with pytest.raises(RuntimeError, match="stop"):
+            model.set_params(callback=stop, warm_start=True).fit(X)
+        model.set_params(callback=None, warm_start=False)
+    weights = sum(p.numel() * p.element_size() for p in model.model_.parameters())
+    pickled = pickle.dumps(model)
+    assert len(pickled) < 1.5 * weights + 100_000
+    again = pickle.loads(pickled)
+    np.testing.assert_array_equal(again.score_samples(X), model.score_samples(X))
+    packed_again = model.set_params(warm_start=True, max_epochs=1).fit(X)  # and trains on
+    assert np.isfinite(packed_again.score(X))
+
+
 @pytest.mark.parametrize("refit", [False, True])
 def test_save_inside_the_callback_is_refused_and_the_fit_rolled_back(tmp_path, refit):
     """Saved mid-fit, a file mixed the new weights with the previous fit's attributes

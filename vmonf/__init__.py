@@ -6,7 +6,15 @@ from vmonf import datasets
 from vmonf.estimator import VMoNF
 from vmonf.flows import ComponentFlows
 from vmonf.mixture import MixtureOfFlows
+from vmonf.model import VariationalMixture
 from vmonf.posterior import PosteriorNet
 
-__all__ = ["ComponentFlows", "MixtureOfFlows", "PosteriorNet", "VMoNF", "datasets"]
+__all__ = [
+    "ComponentFlows",
+    "MixtureOfFlows",
+    "PosteriorNet",
+    "VMoNF",
+    "VariationalMixture",
+    "datasets",
+]
 __version__ = "0.1.0"

@@ -51,6 +51,7 @@ from vmonf.checkpoint import (
     to_plain,
 )
 from vmonf.distributed import broadcast_int, count_ranks, init_from_env
+from vmonf.packing import unpack_parameters
 from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer, fingerprint
 from vmonf.training import (
@@ -535,6 +536,9 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 _WARM_SOURCES.pop(self, None)
             else:
                 _WARM_SOURCES[self] = outer
+            for value in vars(self).values():  # the fitted modules: trained packed
+                if isinstance(value, nn.Module):
+                    unpack_parameters(value)
 
     def _fit_validated(self, X: object, y: object | None, resume: bool) -> Self:
         """``fit`` once the settings are checked."""

@@ -15,7 +15,7 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-__all__ = ["pack_parameters"]
+__all__ = ["pack_parameters", "unpack_parameters"]
 
 
 def pack_parameters(params: Sequence[nn.Parameter]) -> nn.Parameter | None:
@@ -52,3 +52,23 @@ def pack_parameters(params: Sequence[nn.Parameter]) -> nn.Parameter | None:
     packed = nn.Parameter(values)
     packed.grad = grads
     return packed
+
+
+def unpack_parameters(module: nn.Module) -> None:
+    """Give every parameter of ``module`` that is a view of a larger (packed) buffer its
+    own storage again, and its gradient too; the Parameter objects stay the same.
+
+    Packed, each parameter pickles the whole buffer (pickle, unlike ``torch.save``, does
+    not share storages between tensors): a fitted estimator of 54 parameter tensors
+    pickled to 50 times its size.
+    """
+    with torch.no_grad():
+        for p in module.parameters():
+            if _is_part_of_larger_storage(p):
+                p.data = p.detach().clone()
+            if p.grad is not None and _is_part_of_larger_storage(p.grad):
+                p.grad = p.grad.clone()
+
+
+def _is_part_of_larger_storage(t: torch.Tensor) -> bool:
+    return t.untyped_storage().nbytes() > t.numel() * t.element_size()
