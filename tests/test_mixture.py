@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -395,19 +396,50 @@ def test_calling_the_modules_gives_the_mixture_density_and_the_elbo():
     torch.testing.assert_close(model(x, top_k=2), model.elbo(x, top_k=2))
 
 
-def test_mixture_density_is_minus_inf_at_infinity():
-    mixture = random_model().mixture
-    x = torch.tensor([[0.0, 0.0], [torch.inf, 0.0], [0.0, torch.nan]])
+@pytest.mark.parametrize("weights", ["learned", "uniform"])
+def test_mixture_density_is_minus_inf_at_infinity_with_no_nan_gradient(weights):
+    model = random_model(weights=weights)
+    mixture = model.mixture
+    x = torch.tensor([[0.0, 0.0], [torch.inf, 0.0], [0.0, torch.nan], [1.0, -1.0]])
     log_p = mixture.log_prob(x)
-    assert torch.isfinite(log_p[0]) and log_p[1] == -torch.inf and torch.isnan(log_p[2])
+    assert torch.isfinite(log_p[[0, 3]]).all() and log_p[1] == -torch.inf
+    assert torch.isnan(log_p[2])
+    torch.testing.assert_close(log_p[[0, 3]], mixture.log_prob(x[[0, 3]]))
+    posterior = mixture.posterior(x)
+    assert torch.isnan(posterior[[1, 2]]).all()
+    torch.testing.assert_close(posterior[[0, 3]], mixture.posterior(x[[0, 3]]))
+    components = torch.tensor([[0, 2], [1, 0], [2, 1], [1, 2]])
+    at = mixture.log_joint_at(x, components)
+    torch.testing.assert_close(at, mixture.log_joint(x).gather(1, components), equal_nan=True)
+    (log_p[[0, 3]].sum() + posterior[[0, 3]].sum() + at[[0, 3]].sum()).backward()
+    for name, p in model.named_parameters():
+        assert p.grad is None or torch.isfinite(p.grad).all(), name  # the logits too
+
+
+def test_actnorm_still_refuses_to_start_from_non_finite_points():
+    flows = ComponentFlows(n_features=2, n_components=2, n_layers=2, hidden_features=4,
+                           actnorm=True)  # fmt: skip
+    x = torch.tensor([[0.0, 1.0], [torch.nan, 0.0], [2.0, 3.0]])
+    for log_p in (
+        MixtureOfFlows(flows).log_prob,
+        flows.log_prob,
+        lambda u: flows.log_prob_stacked(u.expand(2, -1, -1)),
+    ):
+        with pytest.raises(ValueError, match="ActNorm cannot initialise from non-finite"):
+            log_p(x)  # not started from the point set to 0
+    assert not bool(flows.layers[0].initialized)
 
 
 def test_trained_mixing_weights_do_not_load_into_a_uniform_mixture():
     learned = random_model(weights="learned").mixture
     flows = ComponentFlows(n_features=2, n_components=3, n_layers=3, hidden_features=8)
     uniform = MixtureOfFlows(flows, "uniform")
-    with pytest.raises(RuntimeError, match=r"unequal mixing weights.*'uniform'"):
-        uniform.load_state_dict(learned.state_dict())
+    before = copy.deepcopy(uniform.state_dict())
+    for strict in (True, False):
+        with pytest.raises(RuntimeError, match=r"unequal mixing weights.*'uniform'"):
+            uniform.load_state_dict(learned.state_dict(), strict=strict)
+        for key, value in uniform.state_dict().items():  # nothing was copied in
+            torch.testing.assert_close(value, before[key], msg=key)
     with pytest.raises(RuntimeError, match="unequal mixing weights"):  # nested, as in a model
         random_model(weights="uniform").load_state_dict(random_model().state_dict())
     with torch.no_grad():

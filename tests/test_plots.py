@@ -438,6 +438,8 @@ def test_probability_regions_fade_where_the_probabilities_are_unsure():
     assert (alpha == alpha[0]).all()  # the same in every row: only x1 matters
     labels = plots.draw_decision_regions(ax, lambda g: (g[:, 0] > 0).astype(int), BOUNDS)
     assert labels.get_alpha() == plots.REGION_ALPHA  # labels carry no doubt to show
+    scores = plots.draw_decision_regions(ax, lambda g: np.log(proba(g) + 1e-9), BOUNDS)
+    assert (np.asarray(scores.get_alpha()) == plots.REGION_ALPHA).all()  # nor do scores
 
 
 def test_draw_functions_refuse_what_is_not_an_axes():

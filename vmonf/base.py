@@ -536,9 +536,6 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                 _WARM_SOURCES.pop(self, None)
             else:
                 _WARM_SOURCES[self] = outer
-            for value in vars(self).values():  # the fitted modules: trained packed
-                if isinstance(value, nn.Module):
-                    unpack_parameters(value)
 
     def _fit_validated(self, X: object, y: object | None, resume: bool) -> Self:
         """``fit`` once the settings are checked."""
@@ -611,8 +608,11 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             raise
         finally:
             _FITTING[self] -= 1
-            if not _FITTING[self]:
+            if not _FITTING[self]:  # the outermost fit: no training of its own goes on
                 del _FITTING[self]
+                for value in vars(self).values():  # the fitted modules, trained packed
+                    if isinstance(value, nn.Module):
+                        unpack_parameters(value)
         self.fit_time_ = _fit_time(started, checkpointer)
         return self
 

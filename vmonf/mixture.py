@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from vmonf._validation import check_choice, check_points, check_positive_int
-from vmonf.flows import ComponentFlows, group_by_component
+from vmonf.flows import ComponentFlows, at_finite_points, group_by_component
 
 __all__ = ["WEIGHT_MODES", "MixtureOfFlows", "draw_components", "generator_on"]
 
@@ -74,7 +74,8 @@ class MixtureOfFlows(nn.Module):
     ) -> None:
         """load_state_dict pre-hook. The logits are stored in every mode, so torch's key
         and shape checks pass when trained weights are loaded into a mixture meant to
-        keep them at 1/K."""
+        keep them at 1/K. Runs before the mixture's own tensors and its flows' are
+        copied (a parent module's registered before it are loaded already)."""
         logits = state_dict.get(prefix + "weight_logits")
         if (
             self.weight_mode == "uniform"
@@ -82,10 +83,12 @@ class MixtureOfFlows(nn.Module):
             and logits.numel() > 1
             and not bool((logits == logits.flatten()[0]).all())
         ):
-            error_msgs.append(
-                f"{prefix}weight_logits holds unequal mixing weights, but this "
-                "MixtureOfFlows has weights='uniform': build it with weights='learned' "
-                "or 'responsibilities' to load them"
+            # Raised here, not added to error_msgs: torch would copy every tensor first.
+            raise RuntimeError(
+                f"Error(s) in loading state_dict: {prefix}weight_logits holds unequal "
+                "mixing weights, but this MixtureOfFlows has weights='uniform': build it "
+                "with weights='learned' or 'responsibilities' to load them (nothing of it "
+                "was loaded)"
             )
 
     @property
@@ -135,15 +138,17 @@ class MixtureOfFlows(nn.Module):
             )
         if components.numel() and (components.min() < 0 or components.max() >= k):
             raise ValueError(f"components must lie in [0, {k})")
-        return self._log_joint_at(x, components)
+        self.flows.initialize(x)
+        return at_finite_points(x, lambda u: self._log_joint_at(u, components), component_axis=1)
 
     def _log_joint_at(self, x: Tensor, components: Tensor) -> Tensor:
+        """:meth:`log_joint_at` of checked, finite points (a training batch)."""
         self.flows.initialize(x)
         n, k = x.shape[0], self.n_components
         listed = torch.zeros(n, k, dtype=torch.bool, device=x.device)
         listed.scatter_(1, components, True)
         index, slot_weights = group_by_component(listed)
-        log_prob = self.flows.log_prob_stacked(x[index])  # (K, M)
+        log_prob = self.flows._log_prob_stacked(x[index])  # (K, M)
         filled = slot_weights > 0
         owner = torch.arange(k, device=x.device).unsqueeze(1).expand_as(index)
         dense = log_prob.new_zeros(n, k).index_put((index[filled], owner[filled]), log_prob[filled])
@@ -151,16 +156,21 @@ class MixtureOfFlows(nn.Module):
 
     def log_prob(self, x: Tensor) -> Tensor:
         """Mixture log density: x (N, D) -> (N,), nats; -inf at a point with an
-        infinite coordinate, NaN at one with a NaN."""
-        return torch.logsumexp(self.log_joint(x), dim=1)
+        infinite coordinate, NaN at one with a NaN (with no NaN in any gradient)."""
+        self.flows.initialize(x)
+        return at_finite_points(x, lambda u: torch.logsumexp(self._log_joint(u), dim=1))
 
     def forward(self, x: Tensor) -> Tensor:
         """``mixture(x)`` is :meth:`log_prob`: (N, D) -> (N,), nats."""
         return self.log_prob(x)
 
     def posterior(self, x: Tensor) -> Tensor:
-        """Exact log posterior log p(k | x): (N, D) -> (N, K)."""
-        return torch.log_softmax(self.log_joint(x), dim=1)
+        """Exact log posterior log p(k | x): (N, D) -> (N, K); NaN at a point that is not
+        finite (with no NaN in any gradient)."""
+        self.flows.initialize(x)
+        return at_finite_points(
+            x, lambda u: torch.log_softmax(self._log_joint(u), dim=1), 1, at_infinity=math.nan
+        )
 
     @torch.no_grad()
     def update_weights(self, mean_responsibility: Tensor) -> None:

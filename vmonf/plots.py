@@ -658,9 +658,11 @@ def _check_regions(
 
 def _certainty(probabilities: np.ndarray) -> np.ndarray:
     """How sure (M, K) probabilities are of their argmax, (M,) in [0, 1]: 0 where the
-    largest is 1/K (no winner), 1 where it is 1."""
+    largest is 1/K (no winner), 1 where it is 1; 1 everywhere for scores that are not
+    probabilities (rows in [0, 1] summing to 1), e.g. log-probabilities."""
     k = probabilities.shape[1]
-    if k == 1:
+    in_range = bool(((probabilities >= 0) & (probabilities <= 1)).all())
+    if k == 1 or not (in_range and np.allclose(probabilities.sum(axis=1), 1.0, atol=1e-3)):
         return np.ones(probabilities.shape[0])
     top = probabilities.max(axis=1)
     return np.clip((top - 1.0 / k) / (1.0 - 1.0 / k), 0.0, 1.0)
@@ -728,8 +730,9 @@ def draw_decision_regions(
     on top; returns the regions' image.
 
     ``predict`` maps (M, 2) points to (M,) (or an (M, 1) integer column of) labels, or
-    to (M, K) probabilities (e.g. q(c|x)), whose argmax is taken; the tint then fades to
-    white where they are unsure, in proportion to (max - 1/K) / (1 - 1/K). Points ``X`` (N, 2) are
+    to (M, K) probabilities (e.g. q(c|x)) or scores, whose argmax is taken; for
+    probabilities the tint fades to white where they are unsure, in proportion to
+    (max - 1/K) / (1 - 1/K). Points ``X`` (N, 2) are
     coloured by ``y`` (N,) when given (-1 = unlabelled, grey), black otherwise;
     ``legend`` as in :func:`draw_samples`.
     """
