@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 import torch
 
-from vmonf import VMoNF, cli, datasets, plots, reporting
+from vmonf import VMoNF, __version__, cli, datasets, plots, reporting
 from vmonf.cli import UsageError, build_parser, in_cli_terms, main, toy_param
 from vmonf.reporting import partial_labels
 
@@ -85,10 +85,21 @@ def test_fit_model_reloads_with_the_reported_score(moons_run):
     assert model.score(X_test) == pytest.approx(_report(out)["metrics"]["log_likelihood"])
 
 
-def test_fit_prints_the_table(tmp_path, capsys):
+def test_fit_prints_the_table_and_notes_its_run_on_every_figure(tmp_path, capsys, monkeypatch):
+    notes: list[list[str]] = []
+    save = plots.save_figure
+
+    def record(fig, path, dpi):
+        written = save(fig, path, dpi)
+        notes.append([t.get_text() for t in fig.texts])
+        return written
+
+    monkeypatch.setattr(plots, "save_figure", record)
     status = main(["fit", "moons", *TINY, "--epochs", "1", "--out", str(tmp_path)])
     printed = capsys.readouterr()
     assert status == 0
+    header = next(line for line in printed.out.splitlines() if line.startswith("moons: VMoNF"))
+    assert notes and all(f"vmonf {__version__} · {header}" in n for n in notes)
     for label in ("log-likelihood", "KL", "ELBO", "amortisation gap", "ARI", "clustering"):
         assert label in printed.out
     assert "accuracy  " not in printed.out.replace("clustering accuracy", "")

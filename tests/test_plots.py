@@ -567,3 +567,24 @@ def test_the_log_density_figure_shows_where_the_model_is_too_high_or_low(tmp_pat
     plots.plot_density_comparison(truth, model, (-1.0, 1.0, -1.0, 1.0), tmp_path / "e.png",
                                   resolution=4)  # fmt: skip
     assert len(shown) == 5  # the linear scale: no difference panel
+
+
+def test_a_figure_note_marks_every_figure_saved_within_it(tmp_path, monkeypatch):
+    X, y = _data()
+    seen: list[list[str]] = []
+    original = plots.save_figure
+
+    def record(fig, path, dpi):
+        out = original(fig, path, dpi)
+        seen.append([t.get_text() for t in fig.texts])
+        return out
+
+    monkeypatch.setattr(plots, "save_figure", record)
+    with plots.figure_note("pinwheel · K=5 · seed 0"):
+        plots.plot_samples(X, y, tmp_path / "s.png")
+        with plots.figure_note("inner"):
+            plots.plot_samples(X, y, tmp_path / "t.png")
+    plots.plot_samples(X, y, tmp_path / "u.png")
+    assert seen == [["pinwheel · K=5 · seed 0"], ["inner"], []]
+    with pytest.raises(TypeError, match="text must be a str"), plots.figure_note(3):  # type: ignore[arg-type]
+        pass

@@ -28,7 +28,7 @@ from typing import Any, NoReturn, TextIO
 import numpy as np
 import torch
 
-from vmonf import __version__, datasets, reporting
+from vmonf import __version__, datasets, plots, reporting
 from vmonf._validation import MAX_SEED
 from vmonf.base import MixtureEstimator, device_name, torch_device
 from vmonf.distributed import init_from_env, is_main_process
@@ -570,19 +570,20 @@ def run_fit(args: argparse.Namespace) -> int:
     print(header)
     print(reporting.format_table(results, labelled=labelled), flush=True)
 
-    files = reporting.write_figures(
-        estimator,
-        toy,
-        X_test,
-        y_test,
-        out,
-        bounds,
-        labelled=labelled,
-        history=estimator.history_,
-        recorder=recorder,
-        seed=args.seed,
-        labelled_points=(X[y_fit >= 0], y_fit[y_fit >= 0]) if y_fit is not None else None,
-    )
+    with plots.figure_note(f"vmonf {__version__} · {header}"):
+        files = reporting.write_figures(
+            estimator,
+            toy,
+            X_test,
+            y_test,
+            out,
+            bounds,
+            labelled=labelled,
+            history=estimator.history_,
+            recorder=recorder,
+            seed=args.seed,
+            labelled_points=(X[y_fit >= 0], y_fit[y_fit >= 0]) if y_fit is not None else None,
+        )
     params = {k: v for k, v in estimator.get_params().items() if k != "callback"}
     report: dict[str, Any] = {
         "command": "fit",
@@ -740,7 +741,7 @@ def run_compete(args: argparse.Namespace) -> int:
     from competitive import CompetitiveMixture  # vmonf never imports competitive at import
     from competitive.estimator import resolve_assignment
     from competitive.figures import plot_assignment_rounds, plot_shares
-    from vmonf import metrics, plots
+    from vmonf import metrics
 
     args.assignment = resolve_assignment(args.assignment, args.generator)
     if args.generator == "vae" and args.assignment == "exact":
@@ -842,10 +843,11 @@ def run_compete(args: argparse.Namespace) -> int:
     def num(key: str, digits: int = 3) -> str:
         return reporting.format_number(results.get(key), digits)
 
-    print(
+    header = (
         f"{toy.name}: competitive K={k} {args.generator} generators, {args.assignment} "
         f"assignment, {args.n_train} training points, {args.n_test} held-out, seed {args.seed}"
     )
+    print(header)
     rows = [
         (
             "KL(truth || model)",
@@ -869,31 +871,32 @@ def run_compete(args: argparse.Namespace) -> int:
     print(reporting.format_rows(rows), flush=True)
 
     files = [out / "model.pt", out / "metrics.json"]
-    files.append(
-        plots.plot_samples(
-            generated[:2000],
-            generated_by[:2000],
-            out / "samples.png",
-            title="model samples by component",
-            bounds=bounds,
-            n_classes=k,
-        )
-    )
-    if frames:
+    with plots.figure_note(f"vmonf {__version__} · {header}"):
         files.append(
-            plot_assignment_rounds(
-                shown,
-                frames,
-                titles,
-                out / "assignments.png",
-                n_components=k,
+            plots.plot_samples(
+                generated[:2000],
+                generated_by[:2000],
+                out / "samples.png",
+                title="model samples by component",
                 bounds=bounds,
-                title=f"owner of {shown.shape[0]} held-out points after each round "
-                f"({args.assignment} assignment)",
+                n_classes=k,
             )
         )
-        if estimator.history_["share"]:  # none when max_time ended the fit before round 1
-            files.append(plot_shares(estimator.history_["share"], out / "shares.png"))
+        if frames:
+            files.append(
+                plot_assignment_rounds(
+                    shown,
+                    frames,
+                    titles,
+                    out / "assignments.png",
+                    n_components=k,
+                    bounds=bounds,
+                    title=f"owner of {shown.shape[0]} held-out points after each round "
+                    f"({args.assignment} assignment)",
+                )
+            )
+            if estimator.history_["share"]:  # none when max_time ended the fit before round 1
+                files.append(plot_shares(estimator.history_["share"], out / "shares.png"))
     params = {key: v for key, v in estimator.get_params().items() if key != "callback"}
     report: dict[str, Any] = {
         "command": "compete",

@@ -23,7 +23,9 @@ from __future__ import annotations
 import math
 import numbers
 import os
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import Any, Literal, NamedTuple, cast
 
@@ -37,6 +39,7 @@ from matplotlib.collections import PathCollection
 from matplotlib.colors import BoundaryNorm, Colormap, ListedColormap
 from matplotlib.figure import Figure
 from matplotlib.image import AxesImage
+from matplotlib.layout_engine import ConstrainedLayoutEngine
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
@@ -67,6 +70,7 @@ __all__ = [
     "draw_density",
     "draw_samples",
     "figure_file",
+    "figure_note",
     "grid_points",
     "legend_beside",
     "log_density_grid",
@@ -91,6 +95,7 @@ _UNLABELLED_COLOUR = (0.6, 0.6, 0.6, 1.0)
 MAX_CLASSES = 1000  # colours a plot tells apart (and palette rows it allocates)
 MAX_EQUAL_ASPECT = 4.0  # a wider (or taller) x1-x2 window is drawn with aspect "auto"
 MAX_HOLD_FRAMES = 20  # repeats of a GIF's last frame (each is rendered again)
+FIGURE_NOTE_POINTS = 6.0  # type size of a figure_note
 REGION_ALPHA = 0.35  # opacity of a decision region's tint where predict is sure
 # A 5-inch figure is then 6000 pixels wide; Agg refuses images beyond 2**16 pixels a side.
 MAX_DPI = 1200
@@ -214,9 +219,42 @@ def check_cmap(cmap: object) -> str | Colormap:
     return cmap
 
 
+# The note figure_note() puts on every figure saved within it.
+_FIGURE_NOTE: ContextVar[str | None] = ContextVar("vmonf_figure_note", default=None)
+
+
+@contextmanager
+def figure_note(text: str) -> Iterator[None]:
+    """Within the block, every figure vmonf saves (still images and GIFs) carries
+    ``text`` in small grey type at its bottom right: the run that made it (data, model,
+    seed), so that a figure passed on alone still says where it came from."""
+    if not isinstance(text, str):
+        raise TypeError(f"text must be a str, got {type(text).__name__}")
+    token = _FIGURE_NOTE.set(text)
+    try:
+        yield
+    finally:
+        _FIGURE_NOTE.reset(token)
+
+
+def _add_figure_note(fig: Figure) -> None:
+    """The :func:`figure_note` in force, in a strip of its own below the axes."""
+    note = _FIGURE_NOTE.get()
+    if not note:
+        return
+    strip = FIGURE_NOTE_POINTS * 1.8 / 72 / fig.get_figheight()  # figure units
+    engine = fig.get_layout_engine()
+    if isinstance(engine, ConstrainedLayoutEngine):  # new_figure's: axes stay off the strip
+        engine.set(rect=(0.0, strip, 1.0, 1.0 - strip))
+    fig.text(
+        0.995, strip / 2, note, ha="right", va="center", fontsize=FIGURE_NOTE_POINTS, color="0.45"
+    )
+
+
 def save_figure(fig: Figure, path: Path, dpi: int) -> Path:
     """Write ``fig`` at ``path`` (checked by :func:`figure_file`) in the format its suffix
-    names (PNG, PDF or SVG); returns it."""
+    names (PNG, PDF or SVG), with the :func:`figure_note` in force; returns it."""
+    _add_figure_note(fig)
     image_format = path.suffix.lower().removeprefix(".")
     return write_atomically(path, lambda handle: fig.savefig(handle, format=image_format, dpi=dpi))
 
@@ -990,6 +1028,7 @@ def _write_gif(
     fps: int,
     dpi: int,
 ) -> Path:
+    _add_figure_note(fig)
     # The last frame (the final model) held for 2 s: a looping GIF otherwise flashes it.
     order = [*range(n_frames), *[n_frames - 1] * min(2 * fps, MAX_HOLD_FRAMES)]
     anim = FuncAnimation(fig, update, frames=order, blit=False, repeat=False)
