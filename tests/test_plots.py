@@ -586,5 +586,10 @@ def test_a_figure_note_marks_every_figure_saved_within_it(tmp_path, monkeypatch)
             plots.plot_samples(X, y, tmp_path / "t.png")
     plots.plot_samples(X, y, tmp_path / "u.png")
     assert seen == [["pinwheel · K=5 · seed 0"], ["inner"], []]
+    fig = plots.new_figure(3.0, 3.0)
+    with plots.figure_note("once"):
+        for suffix in ("png", "svg"):  # the same figure saved twice: one note
+            original(fig, tmp_path / f"twice.{suffix}", 50)
+    assert [t.get_text() for t in fig.texts] == ["once"]
     with pytest.raises(TypeError, match="text must be a str"), plots.figure_note(3):  # type: ignore[arg-type]
         pass

@@ -240,7 +240,7 @@ def figure_note(text: str) -> Iterator[None]:
 def _add_figure_note(fig: Figure) -> None:
     """The :func:`figure_note` in force, in a strip of its own below the axes."""
     note = _FIGURE_NOTE.get()
-    if not note:
+    if not note or any(text.get_text() == note for text in fig.texts):  # saved once already
         return
     strip = FIGURE_NOTE_POINTS * 1.8 / 72 / fig.get_figheight()  # figure units
     engine = fig.get_layout_engine()
