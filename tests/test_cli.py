@@ -14,6 +14,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 
 from vmonf import VMoNF, __version__, cli, datasets, plots, reporting
 from vmonf.cli import UsageError, build_parser, in_cli_terms, main, toy_param
@@ -87,14 +88,13 @@ def test_fit_model_reloads_with_the_reported_score(moons_run):
 
 def test_fit_prints_the_table_and_notes_its_run_on_every_figure(tmp_path, capsys, monkeypatch):
     notes: list[list[str]] = []
-    save = plots.save_figure
+    savefig = Figure.savefig
 
-    def record(fig, path, dpi):
-        written = save(fig, path, dpi)
+    def record(fig, *args, **kwargs):  # what each figure carries as it is saved
         notes.append([t.get_text() for t in fig.texts])
-        return written
+        return savefig(fig, *args, **kwargs)
 
-    monkeypatch.setattr(plots, "save_figure", record)
+    monkeypatch.setattr(Figure, "savefig", record)
     status = main(["fit", "moons", *TINY, "--epochs", "1", "--out", str(tmp_path)])
     printed = capsys.readouterr()
     assert status == 0

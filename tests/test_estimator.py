@@ -1010,8 +1010,11 @@ def test_a_pickled_model_holds_each_weight_once(tmp_path, interrupted):
     assert len(pickled) < 1.5 * weights + 100_000
     again = pickle.loads(pickled)
     np.testing.assert_array_equal(again.score_samples(X), model.score_samples(X))
-    packed_again = model.set_params(learning_rate=1e-3, warm_start=True, max_epochs=1).fit(X)
-    assert np.isfinite(packed_again.score(X))  # and trains on
+    before = [p.detach().clone() for p in model.model_.parameters()]
+    model.set_params(learning_rate=1e-3, warm_start=True, max_epochs=1).fit(X)  # and trains on
+    after = list(model.model_.parameters())
+    assert any(not torch.equal(a, b) for a, b in zip(after, before, strict=True))
+    assert np.isfinite(model.score(X))
 
 
 def test_a_refit_that_fails_inside_a_callback_leaves_the_outer_fit_training():

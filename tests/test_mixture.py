@@ -411,7 +411,10 @@ def test_mixture_density_is_minus_inf_at_infinity_with_no_nan_gradient(weights):
     components = torch.tensor([[0, 2], [1, 0], [2, 1], [1, 2]])
     at = mixture.log_joint_at(x, components)
     torch.testing.assert_close(at, mixture.log_joint(x).gather(1, components), equal_nan=True)
-    (log_p[[0, 3]].sum() + posterior[[0, 3]].sum() + at[[0, 3]].sum()).backward()
+    joint = mixture.log_joint(x)
+    assert (joint[1] == -torch.inf).all() and torch.isnan(joint[2]).all()
+    loss = log_p[[0, 3]].sum() + posterior[[0, 3]].sum() + at[[0, 3]].sum()
+    (loss + marginal_nll(joint)[[0, 3]].sum()).backward()
     for name, p in model.named_parameters():
         assert p.grad is None or torch.isfinite(p.grad).all(), name  # the logits too
 

@@ -8,6 +8,7 @@ import matplotlib.axes
 import numpy as np
 import pytest
 import torch
+from matplotlib.figure import Figure
 from PIL import Image
 from scipy.stats import multivariate_normal
 
@@ -291,6 +292,23 @@ def test_training_curves_label_the_units_given(tmp_path, monkeypatch):
         plot_training_curves(history, tmp_path / "x.png", units="nats")
 
 
+def test_a_one_epoch_history_gets_one_integer_tick(tmp_path, monkeypatch):
+    ticks: list[list[float]] = []
+    savefig = Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        fig.canvas.draw()  # the ticks as drawn
+        ticks.extend(
+            [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+            for ax in fig.axes
+        )
+        return savefig(fig, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", record)
+    plot_training_curves({"loss": [1.08]}, tmp_path / "t.png")  # 0.945, 0.960, ... before
+    assert ticks == [[1.0]]
+
+
 def test_a_huge_label_is_refused_not_given_a_palette_row_per_value(tmp_path):
     # A label of 10**9 used to allocate a 10**9-colour palette (7.5 GiB, then killed).
     with pytest.raises(ValueError, match=r"plots colour labels 0\.\.999, got a label 1000000000"):
@@ -570,26 +588,43 @@ def test_the_log_density_figure_shows_where_the_model_is_too_high_or_low(tmp_pat
 
 
 def test_a_figure_note_marks_every_figure_saved_within_it(tmp_path, monkeypatch):
+    """What each savefig call drew (GIF frames are savefig calls too), and the figure
+    left as it was afterwards."""
     X, y = _data()
-    seen: list[list[str]] = []
-    original = plots.save_figure
+    seen: list[tuple[list[str], float]] = []
+    savefig = Figure.savefig
 
-    def record(fig, path, dpi):
-        out = original(fig, path, dpi)
-        seen.append([t.get_text() for t in fig.texts])
-        return out
+    def record(fig, *args, **kwargs):
+        engine = fig.get_layout_engine()
+        bottom = engine.get()["rect"][1] if engine is not None else fig.subplotpars.bottom
+        seen.append(([t.get_text() for t in fig.texts], bottom))
+        return savefig(fig, *args, **kwargs)
 
-    monkeypatch.setattr(plots, "save_figure", record)
+    monkeypatch.setattr(Figure, "savefig", record)
     with plots.figure_note("pinwheel · K=5 · seed 0"):
         plots.plot_samples(X, y, tmp_path / "s.png")
         with plots.figure_note("inner"):
-            plots.plot_samples(X, y, tmp_path / "t.png")
+            plots.plot_samples(X, y, tmp_path / "t.svg")
+        plots.animate_density([np.ones((4, 4))] * 2, BOUNDS, tmp_path / "a.gif")
     plots.plot_samples(X, y, tmp_path / "u.png")
-    assert seen == [["pinwheel · K=5 · seed 0"], ["inner"], []]
-    fig = plots.new_figure(3.0, 3.0)
-    with plots.figure_note("once"):
-        for suffix in ("png", "svg"):  # the same figure saved twice: one note
-            original(fig, tmp_path / f"twice.{suffix}", 50)
-    assert [t.get_text() for t in fig.texts] == ["once"]
+    notes = [texts for texts, _ in seen]
+    assert notes[:2] == [["pinwheel · K=5 · seed 0"], ["inner"]] and notes[-1] == []
+    assert all(n == ["pinwheel · K=5 · seed 0"] for n in notes[2:-1]) and len(notes) > 3
+    assert all(bottom > 0 for _, bottom in seen[:-1]) and seen[-1][1] == 0  # a strip below
+
+    fig = plots.new_figure(2.0, 2.0)  # narrow: the note wraps to the width
+    fig.get_layout_engine().set(rect=(0.1, 0.1, 0.8, 0.8))  # the user's own layout
+    plain = Figure(figsize=(6.0, 2.0))  # no layout engine: the subplots move up, then back
+    plain.subplots()
+    note = ("a $5 note, " * 8).strip()
+    with plots.figure_note(note):  # and no maths in it
+        plots.save_figure(fig, tmp_path / "narrow.png", 50)
+        plots.save_figure(plain, tmp_path / "plain.pdf", 50)
+    narrow, on_plain = seen[-2][0][0], seen[-1][0][0]
+    assert narrow.count("\n") >= 1 and narrow.replace("\n", " ") == note
+    assert on_plain == note  # fits: one line
+    assert seen[-2][1] > 0.1 and seen[-1][1] > plain.subplotpars.bottom  # room for 2 lines
+    assert fig.get_layout_engine().get()["rect"] == (0.1, 0.1, 0.8, 0.8)
+    assert fig.texts == [] and plain.texts == []
     with pytest.raises(TypeError, match="text must be a str"), plots.figure_note(3):  # type: ignore[arg-type]
         pass

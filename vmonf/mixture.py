@@ -104,8 +104,10 @@ class MixtureOfFlows(nn.Module):
         return torch.log_softmax(self.weight_logits, dim=0)
 
     def log_joint(self, x: Tensor) -> Tensor:
-        """log pi_k + log p_k(x): x (N, D) -> (N, K), nats."""
-        return self.flows.log_prob(x) + self.log_weights()
+        """log pi_k + log p_k(x): x (N, D) -> (N, K), nats; -inf at a point with an
+        infinite coordinate, NaN at one with a NaN (with no NaN in any gradient)."""
+        self.flows.initialize(x)
+        return at_finite_points(x, self._log_joint, component_axis=1)
 
     def _log_joint(self, x: Tensor) -> Tensor:
         """:meth:`log_joint` of checked, finite points (a training batch)."""

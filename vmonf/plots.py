@@ -23,6 +23,7 @@ from __future__ import annotations
 import math
 import numbers
 import os
+import textwrap
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from contextvars import ContextVar
@@ -226,8 +227,9 @@ _FIGURE_NOTE: ContextVar[str | None] = ContextVar("vmonf_figure_note", default=N
 @contextmanager
 def figure_note(text: str) -> Iterator[None]:
     """Within the block, every figure vmonf saves (still images and GIFs) carries
-    ``text`` in small grey type at its bottom right: the run that made it (data, model,
-    seed), so that a figure passed on alone still says where it came from."""
+    ``text`` in small grey type in a strip below its axes: the run that made it (data,
+    model, seed), so that a figure passed on alone still says where it came from. The
+    figure itself is left as it was. A note set here does not reach other threads."""
     if not isinstance(text, str):
         raise TypeError(f"text must be a str, got {type(text).__name__}")
     token = _FIGURE_NOTE.set(text)
@@ -237,26 +239,52 @@ def figure_note(text: str) -> Iterator[None]:
         _FIGURE_NOTE.reset(token)
 
 
-def _add_figure_note(fig: Figure) -> None:
-    """The :func:`figure_note` in force, in a strip of its own below the axes."""
+@contextmanager
+def _noted(fig: Figure) -> Iterator[None]:
+    """The :func:`figure_note` in force on ``fig`` while the block saves it, wrapped to
+    the figure's width, in a strip the axes leave free; then the figure as it was."""
     note = _FIGURE_NOTE.get()
-    if not note or any(text.get_text() == note for text in fig.texts):  # saved once already
+    if not note:
+        yield
         return
-    strip = FIGURE_NOTE_POINTS * 1.8 / 72 / fig.get_figheight()  # figure units
+    text = fig.text(
+        0.995, 0.0, note, ha="right", va="bottom", fontsize=FIGURE_NOTE_POINTS, color="0.45",
+        parse_math=False,
+    )  # fmt: skip
+    width = text.get_window_extent().width / fig.dpi  # inches
+    room = 0.98 * fig.get_figwidth()
+    if width > room:  # wrapped at the characters that fit the width
+        text.set_text(textwrap.fill(note, max(10, int(len(note) * room / width))))
+    n_lines = text.get_text().count("\n") + 1
+    strip = (n_lines + 0.8) * FIGURE_NOTE_POINTS * 1.2 / 72 / fig.get_figheight()  # fig units
+    text.set_y(0.3 * FIGURE_NOTE_POINTS * 1.2 / 72 / fig.get_figheight())
     engine = fig.get_layout_engine()
-    if isinstance(engine, ConstrainedLayoutEngine):  # new_figure's: axes stay off the strip
-        engine.set(rect=(0.0, strip, 1.0, 1.0 - strip))
-    fig.text(
-        0.995, strip / 2, note, ha="right", va="center", fontsize=FIGURE_NOTE_POINTS, color="0.45"
-    )
+    constrained = engine if isinstance(engine, ConstrainedLayoutEngine) else None
+    rect = (0.0, 0.0, 1.0, 1.0) if constrained is None else tuple(constrained.get()["rect"])
+    bottom = fig.subplotpars.bottom
+    if constrained is not None:  # new_figure's engine: the axes stay off the strip
+        x0, y0, w, h = rect
+        constrained.set(rect=(x0, max(y0, strip), w, h - max(0.0, strip - y0)))
+    elif engine is None:
+        fig.subplots_adjust(bottom=min(bottom + strip, fig.subplotpars.top - 0.05))
+    try:
+        yield
+    finally:
+        text.remove()
+        if constrained is not None:
+            constrained.set(rect=rect)
+        elif engine is None:
+            fig.subplots_adjust(bottom=bottom)
 
 
 def save_figure(fig: Figure, path: Path, dpi: int) -> Path:
     """Write ``fig`` at ``path`` (checked by :func:`figure_file`) in the format its suffix
     names (PNG, PDF or SVG), with the :func:`figure_note` in force; returns it."""
-    _add_figure_note(fig)
     image_format = path.suffix.lower().removeprefix(".")
-    return write_atomically(path, lambda handle: fig.savefig(handle, format=image_format, dpi=dpi))
+    with _noted(fig):
+        return write_atomically(
+            path, lambda handle: fig.savefig(handle, format=image_format, dpi=dpi)
+        )
 
 
 save_png = save_figure  # its name before PDF and SVG: kept for code that imports it
@@ -872,6 +900,9 @@ def plot_training_curves(
         ax.set_title(name + _clip_to_bulk(ax, np.concatenate([a for _, a in curves])))
         ax.set_xlabel(x_label)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no round 1.5
+        if max(a.shape[0] for _, a in curves) == 1:  # one integer: the locator gives 0.1s
+            ax.set_xlim(0.5, 1.5)
+            ax.set_xticks([1])
         if name in units:
             ax.set_ylabel(units[name])
         if name in log_scale:
@@ -1028,13 +1059,13 @@ def _write_gif(
     fps: int,
     dpi: int,
 ) -> Path:
-    _add_figure_note(fig)
     # The last frame (the final model) held for 2 s: a looping GIF otherwise flashes it.
     order = [*range(n_frames), *[n_frames - 1] * min(2 * fps, MAX_HOLD_FRAMES)]
     anim = FuncAnimation(fig, update, frames=order, blit=False, repeat=False)
-    write_file_atomically(
-        path, lambda tmp: anim.save(str(tmp), writer=PillowWriter(fps=fps), dpi=dpi)
-    )
+    with _noted(fig):
+        write_file_atomically(
+            path, lambda tmp: anim.save(str(tmp), writer=PillowWriter(fps=fps), dpi=dpi)
+        )
     return path
 
 
