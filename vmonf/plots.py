@@ -247,27 +247,27 @@ def _noted(fig: Figure) -> Iterator[None]:
     if not note:
         yield
         return
-    text = fig.text(
-        0.995, 0.0, note, ha="right", va="bottom", fontsize=FIGURE_NOTE_POINTS, color="0.45",
-        parse_math=False,
-    )  # fmt: skip
-    width = text.get_window_extent().width / fig.dpi  # inches
-    room = 0.98 * fig.get_figwidth()
-    if width > room:  # wrapped at the characters that fit the width
-        text.set_text(textwrap.fill(note, max(10, int(len(note) * room / width))))
-    n_lines = text.get_text().count("\n") + 1
-    strip = (n_lines + 0.8) * FIGURE_NOTE_POINTS * 1.2 / 72 / fig.get_figheight()  # fig units
-    text.set_y(0.3 * FIGURE_NOTE_POINTS * 1.2 / 72 / fig.get_figheight())
     engine = fig.get_layout_engine()
     constrained = engine if isinstance(engine, ConstrainedLayoutEngine) else None
     rect = (0.0, 0.0, 1.0, 1.0) if constrained is None else tuple(constrained.get()["rect"])
     bottom = fig.subplotpars.bottom
-    if constrained is not None:  # new_figure's engine: the axes stay off the strip
-        x0, y0, w, h = rect
-        constrained.set(rect=(x0, max(y0, strip), w, h - max(0.0, strip - y0)))
-    elif engine is None:
-        fig.subplots_adjust(bottom=min(bottom + strip, fig.subplotpars.top - 0.05))
+    text = fig.text(
+        0.995, 0.0, note, ha="right", va="bottom", fontsize=FIGURE_NOTE_POINTS, color="0.45",
+        parse_math=False,
+    )  # fmt: skip
     try:
+        width = text.get_window_extent().width / fig.dpi  # inches
+        room = 0.98 * fig.get_figwidth()
+        if width > room:  # wrapped at the characters that fit the width
+            text.set_text(textwrap.fill(note, max(10, int(len(note) * room / width))))
+        line = FIGURE_NOTE_POINTS * 1.2 / 72 / fig.get_figheight()  # in figure units
+        strip = (text.get_text().count("\n") + 1.8) * line
+        text.set_y(0.3 * line)
+        if constrained is not None:  # new_figure's engine: the axes stay off the strip
+            x0, y0, w, h = rect
+            constrained.set(rect=(x0, max(y0, strip), w, h - max(0.0, strip - y0)))
+        elif engine is None:
+            fig.subplots_adjust(bottom=min(bottom + strip, fig.subplotpars.top - 0.05))
         yield
     finally:
         text.remove()
