@@ -889,10 +889,18 @@ def test_float32_model_refuses_values_beyond_its_arithmetic():
         model.score_samples(np.array([[1e20, 0.0]]))
 
 
-def test_labels_must_be_below_n_components():
+def test_labels_must_be_below_n_components_and_the_error_says_how_to_map_them():
     X = blobs(30)[0]
-    with pytest.raises(ValueError, match=r"must lie in \[-1, 2\)"):
+    with pytest.raises(ValueError, match=r"must lie in \[-1, 2\).*LabelEncoder"):
         VMoNF(2, **SMALL).fit(X, np.full(30, 2))
+    with pytest.raises(TypeError, match=r"integer labels, got dtype <U.*LabelEncoder"):
+        VMoNF(2, **SMALL).fit(X, np.array(["setosa", "virginica"] * 15))
+
+
+def test_a_constant_column_error_names_the_remedy():
+    X = np.c_[blobs(30)[0], np.ones(30)]
+    with pytest.raises(ValueError, match=r"constant column\(s\) \[2\].*VarianceThreshold"):
+        VMoNF(2, **SMALL).fit(X)
 
 
 def test_validation_boundaries():

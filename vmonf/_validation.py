@@ -287,14 +287,23 @@ def check_integer_labels(
     return arr.astype(np.int64)
 
 
+_LABEL_HINT = (
+    "labels are component indices (-1 = unlabelled): map class labels to 0..K-1 first, "
+    "e.g. with sklearn.preprocessing.LabelEncoder"
+)
+
+
 def check_labels(y: object, n_samples: int, n_classes: int, name: str = "y") -> np.ndarray:
     """Return labels as int64 of shape (N,), each in [-1, n_classes); -1 = unlabelled."""
-    arr = check_integer_labels(y, name, n_samples)
+    try:
+        arr = check_integer_labels(y, name, n_samples)
+    except TypeError as exc:
+        raise TypeError(f"{exc}; {_LABEL_HINT}") from None
     bad = (arr < -1) | (arr >= n_classes)
     if bad.any():
         raise ValueError(
             f"{name} must lie in [-1, {n_classes}) (-1 = unlabelled); "
-            f"found {sorted(set(arr[bad].tolist()))[:5]}"
+            f"found {sorted(set(arr[bad].tolist()))[:5]}: {_LABEL_HINT}"
         )
     return arr
 

@@ -749,12 +749,18 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         return trained - unused + self._n_weight_parameters()
 
     def bic(self, X: object) -> float:
-        """Bayesian information criterion on X (lower is better)."""
+        """Bayesian information criterion on X (lower is better).
+
+        The penalty counts every trained weight (:meth:`n_parameters`: hundreds per flow
+        component), so BIC and AIC favour few components far more than for a Gaussian
+        mixture; choose K by held-out log-likelihood (:meth:`score` on held-out points,
+        or ``GridSearchCV`` over ``n_components``) instead."""
         n = check_array(X, "X", allow_images=True).shape[0]
         return float(-2.0 * self.score(X) * n + self.n_parameters() * np.log(n))
 
     def aic(self, X: object) -> float:
-        """Akaike information criterion on X (lower is better)."""
+        """Akaike information criterion on X (lower is better); see :meth:`bic` on
+        choosing K."""
         n = check_array(X, "X", allow_images=True).shape[0]
         return float(-2.0 * self.score(X) * n + 2.0 * self.n_parameters())
 

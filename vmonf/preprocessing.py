@@ -43,7 +43,8 @@ class Standardizer(nn.Module):
         if constant:
             raise ValueError(
                 f"X has constant column(s) {constant} (to float64 precision): no density "
-                "can be fitted there"
+                "can be fitted there; drop them first, e.g. with "
+                "sklearn.feature_selection.VarianceThreshold"
             )
         self.mean.copy_(scaled.mean(dim=0) * unit)
         self.scale.copy_(scale)
