@@ -616,7 +616,7 @@ def test_a_figure_note_marks_every_figure_saved_within_it(tmp_path, monkeypatch)
     fig.get_layout_engine().set(rect=(0.1, 0.1, 0.8, 0.8))  # the user's own layout
     plain = Figure(figsize=(6.0, 2.0))  # no layout engine: the subplots move up, then back
     plain.subplots()
-    note = ("a $5 note, " * 8).strip()
+    note = (r"$\frac{$ " + "a note, " * 10).strip()  # as maths, it would not parse
     with plots.figure_note(note):  # and no maths in it
         plots.save_figure(fig, tmp_path / "narrow.png", 50)
         plots.save_figure(plain, tmp_path / "plain.pdf", 50)
