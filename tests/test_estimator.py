@@ -1029,7 +1029,7 @@ def test_a_refit_that_fails_inside_a_callback_leaves_the_outer_fit_training():
     """The failed inner fit restored the outer fit's model, then unpacked it: the outer
     fit's optimiser went on updating a buffer the model no longer used."""
     X, _ = blobs(100)
-    seen: list[np.ndarray] = []
+    seen: list[torch.Tensor] = []
 
     def refit_badly(estimator: VMoNF, epoch: int) -> None:
         if epoch == 0:
