@@ -347,8 +347,7 @@ class ComponentFlows(nn.Module):
         A point with an infinite coordinate has log density -inf (as in
         ``torch.distributions``); one with a NaN coordinate, NaN.
         """
-        self._check(x, "x", stacked=False)
-        self._initialize_pending(self._stack(x))
+        self.initialize(x)  # checks x; ActNorm starts from the points as given
         return at_finite_points(x, self._log_prob, component_axis=1)
 
     def _forward(self, x: Tensor) -> tuple[Tensor, Tensor]:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import torch
@@ -106,8 +106,20 @@ class MixtureOfFlows(nn.Module):
     def log_joint(self, x: Tensor) -> Tensor:
         """log pi_k + log p_k(x): x (N, D) -> (N, K), nats; -inf at a point with an
         infinite coordinate, NaN at one with a NaN (with no NaN in any gradient)."""
+        return self._at_points(x, self._log_joint, component_axis=1)
+
+    def _at_points(
+        self,
+        x: Tensor,
+        compute: Callable[[Tensor], Tensor],
+        component_axis: int | None = None,
+        at_infinity: float = -math.inf,
+    ) -> Tensor:
+        """``compute`` at the points x (N, D), checked, once pending ActNorm layers have
+        initialised from them as given; :func:`at_finite_points`' limits where a point
+        is not finite."""
         self.flows.initialize(x)
-        return at_finite_points(x, self._log_joint, component_axis=1)
+        return at_finite_points(x, compute, component_axis, at_infinity)
 
     def _log_joint(self, x: Tensor) -> Tensor:
         """:meth:`log_joint` of checked, finite points (a training batch)."""
@@ -140,8 +152,7 @@ class MixtureOfFlows(nn.Module):
             )
         if components.numel() and (components.min() < 0 or components.max() >= k):
             raise ValueError(f"components must lie in [0, {k})")
-        self.flows.initialize(x)
-        return at_finite_points(x, lambda u: self._log_joint_at(u, components), component_axis=1)
+        return self._at_points(x, lambda u: self._log_joint_at(u, components), component_axis=1)
 
     def _log_joint_at(self, x: Tensor, components: Tensor) -> Tensor:
         """:meth:`log_joint_at` of checked, finite points (a training batch)."""
@@ -159,8 +170,7 @@ class MixtureOfFlows(nn.Module):
     def log_prob(self, x: Tensor) -> Tensor:
         """Mixture log density: x (N, D) -> (N,), nats; -inf at a point with an
         infinite coordinate, NaN at one with a NaN (with no NaN in any gradient)."""
-        self.flows.initialize(x)
-        return at_finite_points(x, lambda u: torch.logsumexp(self._log_joint(u), dim=1))
+        return self._at_points(x, lambda u: torch.logsumexp(self._log_joint(u), dim=1))
 
     def forward(self, x: Tensor) -> Tensor:
         """``mixture(x)`` is :meth:`log_prob`: (N, D) -> (N,), nats."""
@@ -169,8 +179,7 @@ class MixtureOfFlows(nn.Module):
     def posterior(self, x: Tensor) -> Tensor:
         """Exact log posterior log p(k | x): (N, D) -> (N, K); NaN at a point that is not
         finite (with no NaN in any gradient)."""
-        self.flows.initialize(x)
-        return at_finite_points(
+        return self._at_points(
             x, lambda u: torch.log_softmax(self._log_joint(u), dim=1), 1, at_infinity=math.nan
         )
 
