@@ -193,15 +193,16 @@ def vmonf_step(
     compile: bool = False,
     extra: int = 0,
     top_k: int | None = None,
+    device: str = "cpu",
 ) -> Callable[[], int]:
     """VMoNF's training step (ELBO, all K flows batched): ``steps`` batches (plus a last
     one of ``extra`` points) per call, optionally through ``torch.compile`` as
     ``VMoNF(compile=True)`` does, or on each point's ``top_k`` components under q as
     ``VMoNF(elbo_top_k=...)`` does."""
-    model = vmonf_model(k, arch)
+    model = vmonf_model(k, arch).to(device)
     loss = torch.compile(model.loss, dynamic=True) if compile else model.loss
-    x = points(steps * arch.batch + extra)
-    y = torch.full((x.shape[0],), -1)
+    x = points(steps * arch.batch + extra).to(device)
+    y = torch.full((x.shape[0],), -1, device=device)
     if top_k is not None:
         _fit_posterior_to_kmeans(model, x)
 
@@ -216,7 +217,8 @@ def _fit_posterior_to_kmeans(model: VariationalMixture, x: Tensor, steps: int = 
     each point's top components are spread over K as in a real fit (an untrained q
     sends most points to the same few components)."""
     k = model.mixture.n_components
-    clusters = torch.as_tensor(KMeans(k, n_init=3, random_state=0).fit_predict(x.numpy())).long()
+    labels = KMeans(k, n_init=3, random_state=0).fit_predict(x.cpu().numpy())
+    clusters = torch.as_tensor(labels, device=x.device).long()
     optimizer = torch.optim.Adam(model.posterior.parameters(), lr=1e-2)
     for _ in range(steps):
         optimizer.zero_grad()
@@ -224,11 +226,11 @@ def _fit_posterior_to_kmeans(model: VariationalMixture, x: Tensor, steps: int = 
         optimizer.step()
 
 
-def loop_step(k: int, arch: Arch, steps: int) -> Callable[[], int]:
+def loop_step(k: int, arch: Arch, steps: int, device: str = "cpu") -> Callable[[], int]:
     """The same step with K nflows ``Flow``s in a Python loop."""
-    model = NflowsLoopMixture(k, arch)
-    x = points(steps * arch.batch)
-    y = torch.full((x.shape[0],), -1)
+    model = NflowsLoopMixture(k, arch).to(device)
+    x = points(steps * arch.batch).to(device)
+    y = torch.full((x.shape[0],), -1, device=device)
     return epoch_runner(model, lambda b, _: model.loss(b[0], b[1]).mean(), (x, y), arch.batch)
 
 
@@ -529,14 +531,14 @@ def section_score(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return {"results": results}, _titled(title, markdown_table(header, rows))
 
 
-def section_fit(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
-    """Fit time vs N (VMoNF defaults, K = 5, 2 epochs): cost per point per epoch."""
+def fit_times(sizes: list[int], device: str = "cpu") -> tuple[list[dict[str, float]], str]:
+    """Fit time vs N (VMoNF defaults, K = 5, 2 epochs): results and a markdown table."""
     toy = datasets.toy("pinwheel", n_classes=5)
     results, rows = [], []
-    for n in [10**e for e in range(3, 6 if args.quick else 7)]:
+    for n in sizes:
         X, _ = toy.sample(n, seed=0)
         started = time.perf_counter()
-        model = VMoNF(5, max_epochs=2, random_state=0).fit(X)
+        model = VMoNF(5, max_epochs=2, random_state=0, device=device).fit(X)
         total = time.perf_counter() - started
         epoch = model.history_["time"][-1] - model.history_["time"][-2]
         results.append(
@@ -544,11 +546,17 @@ def section_fit(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         )
         rows.append([f"{n:.0e}", f"{total:.1f}", f"{epoch:.2f}", f"{1e6 * epoch / n:.1f}"])
     header = ["N", "fit, 2 epochs (s)", "one epoch (s)", "µs per point per epoch"]
+    return results, markdown_table(header, rows)
+
+
+def section_fit(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """Fit time vs N (VMoNF defaults, K = 5, 2 epochs): cost per point per epoch."""
+    results, table = fit_times([10**e for e in range(3, 6 if args.quick else 7)])
     title = (
         "Fit time vs N: VMoNF K = 5 defaults on pinwheel (k-means and 300 pre-training "
         "steps, then 2 epochs), 1 thread"
     )
-    return {"results": results}, _titled(title, markdown_table(header, rows))
+    return {"results": results}, _titled(title, table)
 
 
 def step_probe(rounds: int, steps: int) -> dict[str, Any]:
@@ -608,9 +616,10 @@ def section_malloc(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
 QUALITY_N_TRAIN, QUALITY_EPOCHS = 10_240, 50
 
 
-def _kl_trace(seed: int) -> dict[str, Any]:
-    """Fit VMoNF with quality.py's pinwheel settings on ``QUALITY_N_TRAIN`` points,
-    recording held-out KL per epoch. Times exclude the KL evaluations themselves.
+def _kl_trace(seed: int, device: str = "cpu") -> dict[str, Any]:
+    """Fit VMoNF with quality.py's pinwheel settings on ``QUALITY_N_TRAIN`` points (on
+    ``device``), recording held-out KL per epoch. Times exclude the KL evaluations
+    themselves.
     """
     case = next(c for c in VMONF_CASES if c.name == "pinwheel")
     toy = datasets.toy(case.toy, **case.toy_params)
@@ -629,7 +638,7 @@ def _kl_trace(seed: int) -> dict[str, Any]:
         paused[0] += time.perf_counter() - t0
 
     params = {**case.params, "max_epochs": QUALITY_EPOCHS}
-    model = VMoNF(toy.n_classes, random_state=seed, callback=record, **params).fit(X)
+    model = VMoNF(toy.n_classes, random_state=seed, callback=record, device=device, **params).fit(X)
     fit_time = time.perf_counter() - started - paused[0]
     final = metrics.kl_to_truth(true_lp, model.score_samples(X_test))
     reached = next((t for t, kl in trace if kl <= KL_TARGET), None)
