@@ -43,8 +43,8 @@ from speed import (
     vmonf_step,
 )
 
-import vmonf.base
 import vmonf.flows
+import vmonf.training
 from vmonf import VMoNF, datasets
 from vmonf.reporting import markdown_table
 
@@ -109,11 +109,11 @@ def section_score(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     model = VMoNF(5, max_epochs=2, random_state=0, device=CUDA).fit(X_fit)
     sizes = [10**e for e in range(4, 6 if args.quick else 8)]
     chunks = {"score": (4096, 65536, 262144, 1048576), "sample": (65536, 262144, 1048576)}
-    defaults = {"score": vmonf.base.EVAL_CHUNK, "sample": vmonf.flows.SAMPLE_CHUNK}
+    defaults = {"score": vmonf.training.GPU_EVAL_CHUNK, "sample": vmonf.flows.SAMPLE_CHUNK}
     results, rows = [], []
     for what, chunk_sizes in chunks.items():
         for chunk in chunk_sizes:
-            vmonf.base.EVAL_CHUNK = chunk if what == "score" else defaults["score"]
+            vmonf.training.GPU_EVAL_CHUNK = chunk if what == "score" else defaults["score"]
             vmonf.flows.SAMPLE_CHUNK = chunk if what == "sample" else defaults["sample"]
             for n in sizes:
                 X = np.random.default_rng(0).normal(size=(n, 2))
@@ -132,7 +132,7 @@ def section_score(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
                                 "points_per_s": n / seconds, "gpu_peak_mib": peak})  # fmt: skip
                 rows.append([what, chunk, f"{n:.0e}", f"{n / seconds:,.0f}", f"{seconds:.3f}",
                              f"{peak:.0f}"])  # fmt: skip
-    vmonf.base.EVAL_CHUNK, vmonf.flows.SAMPLE_CHUNK = defaults["score"], defaults["sample"]
+    vmonf.training.GPU_EVAL_CHUNK, vmonf.flows.SAMPLE_CHUNK = defaults["score"], defaults["sample"]
     header = ["call", "chunk (points)", "N", "points / s", "seconds", "GPU memory added (MiB)"]
     title = (
         "score_samples / sample on the GPU, VMoNF K = 5 (defaults), by chunk size "

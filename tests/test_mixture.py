@@ -10,7 +10,7 @@ import torch
 
 from vmonf.coupling import ActNorm
 from vmonf.flows import ComponentFlows
-from vmonf.mixture import MixtureOfFlows
+from vmonf.mixture import WEIGHT_MODES, MixtureOfFlows
 from vmonf.model import VariationalMixture
 from vmonf.objectives import elbo, labelled_loss, marginal_nll, mixture_loss
 from vmonf.posterior import PosteriorNet, TemperatureSchedule
@@ -450,3 +450,13 @@ def test_trained_mixing_weights_do_not_load_into_a_uniform_mixture():
     uniform.load_state_dict(learned.state_dict())
     torch.testing.assert_close(uniform.log_weights(), torch.full((3,), -math.log(3)))
     MixtureOfFlows(flows, "learned").load_state_dict(uniform.state_dict())  # the other way
+
+
+@pytest.mark.parametrize("weights", WEIGHT_MODES)
+def test_a_mixture_built_around_moved_flows_follows_their_dtype_and_device(weights):
+    """Its logits were made in torch's default dtype on the CPU: float32 flows gave float64
+    densities under a float64 default, and CUDA flows a CPU tensor (tests/test_cuda.py)."""
+    flows = ComponentFlows(2, 3, n_layers=1, hidden_features=4).float()
+    mixture = MixtureOfFlows(flows, weights)
+    assert mixture.weight_logits.dtype == torch.float32
+    assert mixture.log_prob(torch.randn(5, 2, dtype=torch.float32)).dtype == torch.float32

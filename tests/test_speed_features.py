@@ -274,9 +274,16 @@ def test_scores_do_not_depend_on_the_chunk_size(monkeypatch):
     X, _ = datasets.toy("pinwheel", n_classes=3).sample(300, seed=0)
     model = VMoNF(3, n_layers=2, max_epochs=1, init_steps=5, random_state=0).fit(X)
     whole = model.score_samples(X)
-    monkeypatch.setattr(vmonf.base, "EVAL_CHUNK", 7)
+    monkeypatch.setattr(vmonf.training, "EVAL_CHUNK", 7)
     np.testing.assert_allclose(model.score_samples(X), whole, rtol=0, atol=1e-6)
     assert model.predict_proba(X).shape == (300, 3)
+
+
+def test_evaluation_chunks_are_larger_on_a_gpu():
+    """A GPU's chunk costs its kernel launches, not its memory traffic (benchmarks/gpu.py)."""
+    assert vmonf.training.eval_chunk(torch.device("cpu")) == vmonf.training.EVAL_CHUNK == 4096
+    assert vmonf.training.eval_chunk(torch.device("cuda")) == vmonf.training.GPU_EVAL_CHUNK
+    assert vmonf.training.GPU_EVAL_CHUNK > vmonf.training.EVAL_CHUNK
 
 
 # --------------------------------------------------------------------------- compile

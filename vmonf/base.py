@@ -55,10 +55,10 @@ from vmonf.packing import unpack_parameters
 from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer, fingerprint
 from vmonf.training import (
-    EVAL_CHUNK,
     MAX_BATCH,
     MAX_THREADS,
     NonFiniteLossError,
+    eval_chunk,
     fit_threads,
     torch_threads,
     warm_up_optimizer,
@@ -477,8 +477,9 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         self.model_.eval()
         out: np.ndarray | None = None
         with torch.no_grad(), torch_threads(self.n_threads):
-            for i in range(0, u.shape[0], EVAL_CHUNK):
-                part = fn(u[i : i + EVAL_CHUNK]).double().cpu().numpy()
+            chunk = eval_chunk(u.device)
+            for i in range(0, u.shape[0], chunk):
+                part = fn(u[i : i + chunk]).double().cpu().numpy()
                 if out is None:
                     out = np.empty((u.shape[0], *part.shape[1:]))
                 out[i : i + part.shape[0]] = part

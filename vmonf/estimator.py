@@ -38,12 +38,12 @@ from vmonf.objectives import marginal_nll
 from vmonf.posterior import PosteriorNet, TemperatureSchedule
 from vmonf.resume import Checkpointer
 from vmonf.training import (
-    EVAL_CHUNK,
     FitClock,
     NonFiniteLossError,
     Objective,
     TrainConfig,
     TrainResult,
+    eval_chunk,
     evaluate,
     train,
 )
@@ -579,7 +579,8 @@ class VMoNF(MixtureEstimator):
         (``objective="elbo"``: the weights that maximise the bound) or the exact p(c|x)
         (``"marginal"``: the EM update)."""
         total = x.new_zeros(self.n_components)
-        for xc, yc in zip(x.split(EVAL_CHUNK), y.split(EVAL_CHUNK), strict=True):
+        chunk = eval_chunk(x.device)
+        for xc, yc in zip(x.split(chunk), y.split(chunk), strict=True):
             if self.objective == "elbo":
                 r = model.posterior(xc).exp()  # at its stored (current) temperature
             else:

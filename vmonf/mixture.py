@@ -54,7 +54,8 @@ class MixtureOfFlows(nn.Module):
         self.flows = flows
         self.weight_mode = check_choice(weights, "weights", WEIGHT_MODES)
         k = flows.n_components
-        logits = torch.full((k,), -math.log(k))
+        reference = flows._reference  # built around flows already moved or cast: follow them
+        logits = torch.full((k,), -math.log(k), dtype=reference.dtype, device=reference.device)
         if self.weight_mode == "learned":
             self.weight_logits = nn.Parameter(logits)
         else:
