@@ -680,7 +680,7 @@ def test_a_fit_failing_mid_rounds_keeps_the_last_assignment():
                     p.fill_(math.nan)
 
     model = CompetitiveMixture(
-        2, **{**FAST, "validation_fraction": 0.0, "tol": 0.0}, init="uniform",
+        2, **{**FAST, "validation_fraction": 0.0, "tol": None}, init="uniform",
         random_state=0, callback=blow_up_after_round_1,
     )  # fmt: skip
     with pytest.warns(RuntimeWarning), pytest.raises(NonFiniteLossError):

@@ -178,7 +178,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, needle, capsys, tmp_path):
     [
         (
             "vmonf",
-            {"learning_rate": 1.0, "max_epochs": 20, "init_steps": 20, "max_log_scale": 10.0},
+            {"learning_rate": 1.0, "max_epochs": 20, "init_steps": 20, "max_log_scale": 50.0},
         ),
         (
             "competitive",  # (at 10 it recovers: each retry from the last good weights;
@@ -191,12 +191,19 @@ def test_runaway_training_stops_with_a_clear_error_and_keeps_a_working_model(
 ):
     X = duplicated_points()  # 600 copies of 3 points: densities run away
     estimator = VMoNF if name == "vmonf" else CompetitiveMixture
-    model = estimator(3, random_state=0, **params)
-    with (
-        pytest.warns(RuntimeWarning, match="non-finite loss or gradient"),
-        pytest.raises(NonFiniteLossError, match="last good parameters were kept"),
-    ):
-        model.fit(X)
+    failure: NonFiniteLossError | None = None
+    for seed in range(5):  # whether (and when) they overflow depends on the initial weights
+        model = estimator(3, random_state=seed, **params)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                model.fit(X)
+            except NonFiniteLossError as error:
+                failure = error
+                break
+    assert failure is not None, "no seed in 0-4 ran away"
+    assert "last good parameters were kept" in str(failure)
+    assert any("non-finite loss or gradient" in str(w.message) for w in caught)
     assert all(torch.isfinite(p).all() for p in model.model_.parameters())
     assert np.isfinite(model.score_samples(X)).all()
     assert model.converged_ is False
