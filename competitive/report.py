@@ -37,9 +37,11 @@ from competitive.studies import (
     StudySettings,
     run_study,
 )
+from vmonf import __version__
 from vmonf.atomic import write_atomically
 from vmonf.cli import output_folder
 from vmonf.estimator import VMoNF
+from vmonf.plots import figure_note
 from vmonf.reporting import as_float, markdown_table, mean_sd, versions, write_json
 from vmonf.training import can_show_progress
 
@@ -167,26 +169,41 @@ def _init_worker() -> None:
     torch.set_num_threads(1)
 
 
+def _noted_study(
+    note: str, case: Case, seed: int, settings: StudySettings, figures_dir: Path | None
+) -> dict[str, Any]:
+    """:func:`run_study` with ``note`` on its figures (a worker process starts without
+    the caller's :func:`~vmonf.plots.figure_note`)."""
+    with figure_note(note):
+        return run_study(case, seed, settings, figures_dir)
+
+
 def _run_all(
     jobs: list[tuple[Case, int]],
     settings: StudySettings,
     figures_dir: Path,
     n_workers: int,
     quiet: bool,
+    note: str,
 ) -> list[dict[str, Any]]:
-    """Every (case, seed) job, ``n_workers`` processes at once; figures for seed 0."""
+    """Every (case, seed) job, ``n_workers`` processes at once; figures for seed 0, each
+    with ``note`` below it."""
     show = not quiet and can_show_progress()  # not into a log file
     bar = tqdm(total=len(jobs), desc="report", disable=not show, file=sys.stderr)
     results = []
     if n_workers <= 1:
         _init_worker()
         for case, seed in jobs:
-            results.append(run_study(case, seed, settings, figures_dir if seed == 0 else None))
+            results.append(
+                _noted_study(note, case, seed, settings, figures_dir if seed == 0 else None)
+            )
             bar.update()
     else:
         with ProcessPoolExecutor(min(n_workers, len(jobs)), initializer=_init_worker) as pool:
             futures = [
-                pool.submit(run_study, case, seed, settings, figures_dir if seed == 0 else None)
+                pool.submit(
+                    _noted_study, note, case, seed, settings, figures_dir if seed == 0 else None
+                )
                 for case, seed in jobs
             ]
             for future in as_completed(futures):
@@ -214,7 +231,8 @@ def run(args: argparse.Namespace) -> int:
             file=sys.stderr,
             flush=True,
         )
-    results = _run_all(jobs, settings, figures_dir, int(args.jobs), args.quiet)
+    note = f"vmonf {__version__} · {_command_line(args)}"
+    results = _run_all(jobs, settings, figures_dir, int(args.jobs), args.quiet, note)
     wall = time.perf_counter() - started
     payload = {
         "command": _command_line(args),
@@ -233,7 +251,8 @@ def run(args: argparse.Namespace) -> int:
         "results": results,
     }  # fmt: skip
     write_json(payload, out / "results.json")
-    _rounds_figures(results, figures_dir)
+    with figure_note(note):
+        _rounds_figures(results, figures_dir)
     text = render(json.loads((out / "results.json").read_text()))
     write_atomically(out / "report.md", lambda handle: handle.write(text.encode()))
     if not args.quiet:

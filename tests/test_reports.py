@@ -9,11 +9,12 @@ import functools
 import math
 from types import SimpleNamespace
 
+import matplotlib.figure
 import numpy as np
 import pytest
 
 from competitive import report, studies
-from vmonf import VMoNF, metrics, reporting
+from vmonf import VMoNF, metrics, plots, reporting
 
 
 def test_markdown_table_escapes_pipes_inside_cells():
@@ -452,3 +453,26 @@ def test_the_training_figure_leaves_out_flat_curves_and_the_clock():
     assert reporting._curves_worth_drawing({"temperature": [1.0, 0.5, math.nan]}) == {
         "temperature": [1.0, 0.5, math.nan]
     }
+
+
+def test_report_figures_carry_the_note_of_the_run(tmp_path, monkeypatch):
+    """Figures drawn inside run_study (a worker process in a real report) carry the
+    report's figure_note, as `vmonf fit` figures carry theirs."""
+    noted: list[list[str]] = []
+    savefig = matplotlib.figure.Figure.savefig
+
+    def record(fig, *args, **kwargs):
+        noted.append([t.get_text() for t in fig.texts])
+        return savefig(fig, *args, **kwargs)
+
+    def fake_study(case, seed, settings, figures_dir):
+        if figures_dir is not None:
+            plots.save_figure(plots.new_figure(2.0, 2.0), figures_dir / "a.png", 30)
+        return {"case": case.name, "seed": seed}
+
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", record)
+    monkeypatch.setattr(report, "run_study", fake_study)
+    jobs = [(SimpleNamespace(name="toy"), 0), (SimpleNamespace(name="toy"), 1)]
+    results = report._run_all(jobs, studies.StudySettings(), tmp_path, 1, True, "vmonf 0.1 · x")
+    assert [r["seed"] for r in results] == [0, 1]
+    assert noted == [["vmonf 0.1 · x"]]  # seed 0 only draws, with the note
