@@ -33,6 +33,7 @@ from speed import (
     LARGE,
     WIDE,
     Arch,
+    Section,
     _kl_trace,
     _titled,
     cpu_model,
@@ -40,6 +41,7 @@ from speed import (
     interleaved,
     loop_step,
     ms,
+    run_sections,
     vmonf_step,
 )
 
@@ -158,7 +160,7 @@ def section_fit(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return {"fit": fits, "quality": quality}, text
 
 
-SECTIONS: dict[str, Callable[[argparse.Namespace], tuple[dict[str, Any], str]]] = {
+SECTIONS: dict[str, Section] = {
     "step": section_step,
     "score": section_score,
     "fit": section_fit,
@@ -172,22 +174,10 @@ def main() -> None:
     args = parser.parse_args()
     if not torch.cuda.is_available():
         parser.error("no CUDA device: this benchmark measures one (speed.py measures the CPU)")
-    requested = args.sections.split(",") if args.sections else list(SECTIONS)
-    unknown = set(requested) - set(SECTIONS)
-    if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}")
-    names = [name for name in SECTIONS if name in requested]
     args.rounds, args.steps = (3, 5) if args.quick else (7, 20)
     torch.set_num_threads(1)
     started = time.perf_counter()
-    payload: dict[str, Any] = {}
-    tables = []
-    for name in names:
-        t0 = time.perf_counter()
-        payload[name], table = SECTIONS[name](args)
-        payload[name]["seconds"] = time.perf_counter() - t0
-        print(table + "\n", flush=True)
-        tables.append(table)
+    names, payload, tables = run_sections(parser, args, SECTIONS)
     props = torch.cuda.get_device_properties(0)
     run = {
         "gpu": torch.cuda.get_device_name(0),

@@ -716,9 +716,12 @@ def section_top_k(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return {"case": case.name, "results": results}, _titled(title, markdown_table(header, rows))
 
 
+Section = Callable[[argparse.Namespace], tuple[dict[str, Any], str]]
+
+
 # "compile" runs first: its warm-up is a cold start only before anything else in the
 # process has compiled (the loop section compiles the same step).
-SECTIONS: dict[str, Callable[[argparse.Namespace], tuple[dict[str, Any], str]]] = {
+SECTIONS: dict[str, Section] = {
     "compile": section_compile,
     "loop": section_loop,
     "scaling": section_scaling,
@@ -746,6 +749,27 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine()
 
 
+def run_sections(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, sections: dict[str, Section]
+) -> tuple[list[str], dict[str, Any], list[str]]:
+    """Run the ``--sections`` asked for (all by default) in ``sections``' order, printing
+    each table as it comes: -> (names, JSON payload by name, markdown tables)."""
+    requested = args.sections.split(",") if args.sections else list(sections)
+    unknown = set(requested) - set(sections)
+    if unknown:
+        parser.error(f"unknown sections {sorted(unknown)}")
+    names = [name for name in sections if name in requested]
+    payload: dict[str, Any] = {}
+    tables = []
+    for name in names:
+        t0 = time.perf_counter()
+        payload[name], table = sections[name](args)
+        payload[name]["seconds"] = time.perf_counter() - t0
+        print(table + "\n", flush=True)
+        tables.append(table)
+    return names, payload, tables
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=summary(__doc__))
     parser.add_argument("--sections", help=f"comma-separated subset of {','.join(SECTIONS)}")
@@ -760,22 +784,10 @@ def main() -> None:
     if args.probe:
         print(json.dumps(probe(args.probe[0], int(args.probe[1]), args.probe[2])))
         return
-    requested = args.sections.split(",") if args.sections else list(SECTIONS)
-    unknown = set(requested) - set(SECTIONS)
-    if unknown:
-        parser.error(f"unknown sections {sorted(unknown)}")
-    names = [name for name in SECTIONS if name in requested]
     args.rounds, args.steps = (3, 10) if args.quick else (7, 20)
     load_before = os.getloadavg()
     started = time.perf_counter()
-    payload: dict[str, Any] = {}
-    tables = []
-    for name in names:
-        t0 = time.perf_counter()
-        payload[name], table = SECTIONS[name](args)
-        payload[name]["seconds"] = time.perf_counter() - t0
-        print(table + "\n", flush=True)
-        tables.append(table)
+    names, payload, tables = run_sections(parser, args, SECTIONS)
     load_after = os.getloadavg()
     run = {
         "cpu_model": cpu_model(),
