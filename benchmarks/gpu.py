@@ -113,28 +113,31 @@ def section_score(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     chunks = {"score": (4096, 65536, 262144, 1048576), "sample": (65536, 262144, 1048576)}
     defaults = {"score": vmonf.training.GPU_EVAL_CHUNK, "sample": vmonf.flows.SAMPLE_CHUNK}
     results, rows = [], []
-    for what, chunk_sizes in chunks.items():
-        for chunk in chunk_sizes:
-            vmonf.training.GPU_EVAL_CHUNK = chunk if what == "score" else defaults["score"]
-            vmonf.flows.SAMPLE_CHUNK = chunk if what == "sample" else defaults["sample"]
-            for n in sizes:
-                X = np.random.default_rng(0).normal(size=(n, 2))
+    try:
+        for what, chunk_sizes in chunks.items():
+            for chunk in chunk_sizes:
+                vmonf.training.GPU_EVAL_CHUNK = chunk if what == "score" else defaults["score"]
+                vmonf.flows.SAMPLE_CHUNK = chunk if what == "sample" else defaults["sample"]
+                for n in sizes:
+                    X = np.random.default_rng(0).normal(size=(n, 2))
 
-                def call(X: np.ndarray = X, n: int = n, what: str = what) -> object:
-                    if what == "score":
-                        return model.score_samples(X)
-                    return model.sample(n, random_state=0)
+                    def call(X: np.ndarray = X, n: int = n, what: str = what) -> object:
+                        if what == "score":
+                            return model.score_samples(X)
+                        return model.sample(n, random_state=0)
 
-                torch.cuda.synchronize()
-                torch.cuda.reset_peak_memory_stats()
-                before = torch.cuda.memory_allocated()
-                seconds = _timed(call, max(1, 1_000_000 // n))
-                peak = (torch.cuda.max_memory_allocated() - before) / 2**20
-                results.append({"what": what, "chunk": chunk, "n": n, "seconds": seconds,
-                                "points_per_s": n / seconds, "gpu_peak_mib": peak})  # fmt: skip
-                rows.append([what, chunk, f"{n:.0e}", f"{n / seconds:,.0f}", f"{seconds:.3f}",
-                             f"{peak:.0f}"])  # fmt: skip
-    vmonf.training.GPU_EVAL_CHUNK, vmonf.flows.SAMPLE_CHUNK = defaults["score"], defaults["sample"]
+                    torch.cuda.synchronize()
+                    torch.cuda.reset_peak_memory_stats()
+                    before = torch.cuda.memory_allocated()
+                    seconds = _timed(call, max(1, 1_000_000 // n))
+                    peak = (torch.cuda.max_memory_allocated() - before) / 2**20
+                    results.append({"what": what, "chunk": chunk, "n": n, "seconds": seconds,
+                                    "points_per_s": n / seconds, "gpu_peak_mib": peak})  # fmt: skip
+                    rows.append([what, chunk, f"{n:.0e}", f"{n / seconds:,.0f}", f"{seconds:.3f}",
+                                 f"{peak:.0f}"])  # fmt: skip
+    finally:
+        vmonf.training.GPU_EVAL_CHUNK = defaults["score"]
+        vmonf.flows.SAMPLE_CHUNK = defaults["sample"]
     header = ["call", "chunk (points)", "N", "points / s", "seconds", "GPU memory added (MiB)"]
     title = (
         "score_samples / sample on the GPU, VMoNF K = 5 (defaults), by chunk size "

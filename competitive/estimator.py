@@ -26,6 +26,7 @@ from competitive.generators import (
     NoExactLikelihoodError,
     VAEGenerators,
 )
+from vmonf._dtypes import float32_default
 from vmonf._validation import (
     SeedLike,
     check_array,
@@ -446,12 +447,13 @@ class CompetitiveMixture(MixtureEstimator):
         )
 
     def _build_discriminators(self) -> Discriminators:
-        module = Discriminators(
-            self.n_features_in_,
-            self.n_components,
-            self.discriminator_hidden,
-            self.discriminator_layers,
-        )
+        with float32_default():  # also built anew each round
+            module = Discriminators(
+                self.n_features_in_,
+                self.n_components,
+                self.discriminator_hidden,
+                self.discriminator_layers,
+            )
         return module.to(device=self._torch_device, dtype=self._torch_dtype)
 
     def _build(self, with_discriminators: bool | None = None) -> CompetitiveModel:
@@ -459,9 +461,10 @@ class CompetitiveMixture(MixtureEstimator):
         (``assignment="discriminator"``, ``max_rounds >= 1``)."""
         if with_discriminators is None:
             with_discriminators = not self._exact_assignment(fitted=False) and self.max_rounds > 0
-        generators = self._build_generators()
-        discriminators = self._build_discriminators() if with_discriminators else None
-        model = CompetitiveModel(generators, discriminators)
+        with float32_default():  # the seed's weights, whatever the caller's default dtype
+            generators = self._build_generators()
+            discriminators = self._build_discriminators() if with_discriminators else None
+            model = CompetitiveModel(generators, discriminators)
         return model.to(device=self._torch_device, dtype=self._torch_dtype)
 
     @classmethod

@@ -150,6 +150,10 @@ def test_discriminator_estimate_is_seeded_and_leaves_the_global_rng_alone(true_m
     assert torch.rand(1) == before  # the caller's stream is where it was
     b = discriminator_estimate(est, X, X_eval[:50], settings=settings, random_state=4)
     np.testing.assert_array_equal(a.log_ratio, b.log_ratio)
+    torch.set_default_dtype(torch.float32)  # this suite's default is float64 (conftest)
+    f32 = discriminator_estimate(est, X, X_eval[:50], settings=settings, random_state=4)
+    torch.set_default_dtype(torch.float64)
+    np.testing.assert_array_equal(a.log_ratio, f32.log_ratio)  # the same initial weights
     assert a.log_ratio.shape == a.logits.shape == (50, 3)
     # normalised over X: mean_i exp(estimate) over the training points is 1
     c = discriminator_estimate(est, X, X, settings=settings, random_state=4)

@@ -7,6 +7,7 @@ import itertools
 import math
 import pickle
 import re
+import threading
 import time
 import warnings
 from pathlib import Path
@@ -24,6 +25,7 @@ from sklearn.metrics import adjusted_rand_score
 
 from competitive import CompetitiveMixture
 from vmonf import VMoNF, base, datasets, plots, reporting, training
+from vmonf._dtypes import float32_default
 from vmonf._validation import (
     MAX_SEED,
     check_array,
@@ -181,6 +183,38 @@ def test_a_seed_gives_the_same_model_whatever_torchs_default_dtype(estimator):
         assert torch.get_default_dtype() == default  # and the caller's default is kept
     for a, b in zip(fits[torch.float32], fits[torch.float64], strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+def test_float32_default_restores_the_callers_default_and_serialises_threads():
+    """Two threads' blocks overlapping, the first to enter leaving first, would leave
+    the default at float32 (the second restores what it found: the first's)."""
+    inside: list[torch.dtype] = []
+    first_entered, first_left = threading.Event(), threading.Event()
+
+    def first() -> None:
+        with float32_default():
+            first_entered.set()
+            time.sleep(0.05)  # the second thread tries to enter meanwhile
+            inside.append(torch.get_default_dtype())
+        first_left.set()
+
+    def second() -> None:
+        first_entered.wait(5)
+        with float32_default():  # waits for the first block to end
+            first_left.wait(5)
+            inside.append(torch.get_default_dtype())
+
+    torch.set_default_dtype(torch.float64)
+    threads = [threading.Thread(target=first), threading.Thread(target=second)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(10)
+    assert inside == [torch.float32, torch.float32]
+    assert torch.get_default_dtype() == torch.float64
+    with pytest.raises(KeyError), float32_default():
+        raise KeyError
+    assert torch.get_default_dtype() == torch.float64
 
 
 def test_save_load_round_trip(fitted, tmp_path):

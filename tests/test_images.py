@@ -499,6 +499,10 @@ def test_lenet_is_deterministic_and_accurate(digits_lenet):
     a = im.train_lenet(X[:64], y[:64], 17, epochs=1, seed=3)
     b = im.train_lenet(X[:64], y[:64], 17, epochs=1, seed=3)
     assert im._weights_hash(a) == im._weights_hash(b)
+    torch.set_default_dtype(torch.float32)  # this suite's default is float64 (conftest)
+    c = im.train_lenet(X[:64], y[:64], 17, epochs=1, seed=3)
+    torch.set_default_dtype(torch.float64)
+    assert im._weights_hash(c) == im._weights_hash(a)  # the same initial weights
     assert digits_lenet.features(X).shape == (X.shape[0], 84)
     with pytest.raises(ValueError, match="is expected"):
         digits_lenet.features(np.zeros((2, 28, 28), dtype=np.uint8))
@@ -641,6 +645,10 @@ def test_train_lenet_depends_on_its_seed_not_the_global_rng():
     state = torch.get_rng_state()
     b = im.train_lenet(X[:64], y[:64], 17, epochs=1, seed=3)
     assert im._weights_hash(a) == im._weights_hash(b)
+    torch.set_default_dtype(torch.float32)  # this suite's default is float64 (conftest)
+    c = im.train_lenet(X[:64], y[:64], 17, epochs=1, seed=3)
+    torch.set_default_dtype(torch.float64)
+    assert im._weights_hash(c) == im._weights_hash(a)  # the same initial weights
     assert torch.equal(torch.get_rng_state(), state)  # the caller's RNG is left alone
 
 

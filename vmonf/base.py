@@ -416,23 +416,16 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
     @contextmanager
     def _seeded(self, seed: int, device: torch.device | None = None) -> Iterator[None]:
         """Within the block torch's global RNGs (the CPU's, and the CUDA device's where the
-        model computes: ``device``, by default the fitted model's) start from ``seed``,
-        and torch's default dtype is float32, so that a seed gives the same model
-        whatever the caller's default (a float64 default drew other initial weights:
-        ``randn`` draws differ by dtype); the caller's states are restored after."""
+        model computes: ``device``, by default the fitted model's) start from ``seed``;
+        the caller's states are restored after."""
         device = self._fitted_device if device is None else device
         cuda = device.type == "cuda"
-        previous_dtype = torch.get_default_dtype()
         with torch.random.fork_rng(devices=[device] if cuda else []):
             torch.default_generator.manual_seed(seed)
             if cuda:
                 with torch.cuda.device(device):  # "cuda:1"'s generator, not the current one's
                     torch.cuda.manual_seed(seed)
-            torch.set_default_dtype(torch.float32)
-            try:
-                yield
-            finally:
-                torch.set_default_dtype(previous_dtype)
+            yield
 
     def _check_is_fitted(self) -> None:
         if not hasattr(self, "model_"):

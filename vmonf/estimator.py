@@ -16,6 +16,7 @@ from sklearn.exceptions import ConvergenceWarning
 from sklearn.semi_supervised import LabelSpreading
 from torch import Tensor
 
+from vmonf._dtypes import float32_default
 from vmonf._validation import (
     SeedLike,
     check_choice,
@@ -340,22 +341,23 @@ class VMoNF(MixtureEstimator):
 
     def _build(self) -> VariationalMixture:
         d = self.n_features_in_
-        flows = ComponentFlows(
-            d,
-            self.n_components,
-            n_layers=self.n_layers,
-            hidden_features=self.hidden_features,
-            n_hidden_layers=self.n_hidden_layers,
-            activation=self.activation,
-            max_log_scale=self.max_log_scale,
-            actnorm=self.actnorm,
-            linear=self.linear,
-            base_df=self.base_df,
-        )
-        posterior = PosteriorNet(
-            d, self.n_components, tuple(self.posterior_hidden), self.activation
-        )
-        model = VariationalMixture(MixtureOfFlows(flows, self.weights), posterior)
+        with float32_default():  # the seed's weights, whatever the caller's default dtype
+            flows = ComponentFlows(
+                d,
+                self.n_components,
+                n_layers=self.n_layers,
+                hidden_features=self.hidden_features,
+                n_hidden_layers=self.n_hidden_layers,
+                activation=self.activation,
+                max_log_scale=self.max_log_scale,
+                actnorm=self.actnorm,
+                linear=self.linear,
+                base_df=self.base_df,
+            )
+            posterior = PosteriorNet(
+                d, self.n_components, tuple(self.posterior_hidden), self.activation
+            )
+            model = VariationalMixture(MixtureOfFlows(flows, self.weights), posterior)
         return model.to(device=self._torch_device, dtype=self._torch_dtype)
 
     def _log_joint(self, u: Tensor) -> Tensor:

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vmonf._dtypes import float32_default
 from vmonf._validation import check_array, check_choice, check_integer_labels, check_positive_int
 from vmonf.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from vmonf.datasets import image_data
@@ -138,7 +139,8 @@ def train_lenet(X: object, y: object, n_levels: int, *, epochs: int = 4, seed: i
     )  # fmt: skip
     with torch_threads(1), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        model = LeNet(int(labels.max()) + 1).float()
+        with float32_default():
+            model = LeNet(int(labels.max()) + 1)
         train(
             model,
             lambda batch, _: F.cross_entropy(model(batch[0]), batch[1]),

@@ -72,8 +72,10 @@ MAX_THREADS = 1024  # torch.set_num_threads(100_000) crashes the process
 Objective = Callable[[Batch, int], Tensor]
 # Rows per no-grad evaluation chunk on the CPU: K x rows x width activations of a few MiB
 # stay in cache and reuse freed memory; 65536-row chunks scored 2-2.5x slower (K = 5,
-# width 32). On a GPU each chunk's time is kernel launches: 65536 rows scored 13x faster
-# than 4096 on an H100 with the same peak memory for 1e7 points (benchmarks/gpu.py).
+# width 32). On a CUDA GPU each chunk's time is kernel launches: with K = 5, width 32,
+# 65536 rows scored 9-13x faster than 4096 on an H100 (N = 1e5 ... 1e7), adding up to
+# 190 MiB of GPU memory against 50 (benchmarks/gpu.py). Each activation is K x rows x
+# width floats (K = 20, width 256: 1.3 GB): lower it for wide mixtures on small GPUs.
 EVAL_CHUNK = 4096
 GPU_EVAL_CHUNK = 65536
 
@@ -246,9 +248,9 @@ def fit_threads(n_threads: int | None) -> Iterator[None]:
 
 
 def eval_chunk(device: torch.device) -> int:
-    """Rows per no-grad evaluation chunk on ``device``: :data:`EVAL_CHUNK` on the CPU,
-    :data:`GPU_EVAL_CHUNK` elsewhere."""
-    return EVAL_CHUNK if device.type == "cpu" else GPU_EVAL_CHUNK
+    """Rows per no-grad evaluation chunk on ``device``: :data:`GPU_EVAL_CHUNK` on a CUDA
+    device, else :data:`EVAL_CHUNK` (no other accelerator has been measured)."""
+    return GPU_EVAL_CHUNK if device.type == "cuda" else EVAL_CHUNK
 
 
 def map_chunks(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
