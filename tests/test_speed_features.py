@@ -337,6 +337,17 @@ def test_train_applies_the_malloc_thresholds(monkeypatch):
     assert calls == [1]
 
 
+@pytest.mark.parametrize("call", ["score_samples", "predict_proba", "sample"])
+def test_scoring_and_sampling_apply_the_malloc_thresholds(monkeypatch, call):
+    """Also in a process that only loads a model: its chunks reallocate their temporaries."""
+    X = np.random.default_rng(0).normal(size=(40, 2))
+    model = VMoNF(2, max_epochs=1, n_layers=2, hidden_features=4, init_steps=2).fit(X)
+    calls = []
+    monkeypatch.setattr(vmonf.base, "retain_freed_memory", lambda: calls.append(1))
+    getattr(model, call)(X) if call != "sample" else model.sample(5, random_state=0)
+    assert calls == [1]
+
+
 def test_malloc_tuning_can_be_switched_off(monkeypatch):
     monkeypatch.setenv("VMONF_MALLOC_TUNING", "0")
     retain_freed_memory.cache_clear()
@@ -381,3 +392,32 @@ def test_training_steps_reuse_their_memory_after_retain_freed_memory():
     applied, median_faults = done.stdout.split()
     assert applied == "True"
     assert int(median_faults) < 60
+
+
+_SCORE_FAULTS = """
+import resource, sys, numpy as np
+from vmonf import VMoNF
+model = VMoNF.load(sys.argv[1])  # a process that never fits
+X = np.random.default_rng(0).normal(size=(20_000, 2))
+model.score_samples(X)
+faults = []
+for _ in range(5):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    model.score_samples(X)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(sorted(faults)[2] / len(X))
+"""
+
+
+@pytest.mark.skipif(_glibc() is None, reason="the malloc thresholds are glibc's")
+def test_scoring_a_loaded_model_reuses_its_memory(tmp_path):
+    # K = 5 defaults: with glibc's own thresholds about one page fault per point scored
+    # (10,000 per 10,000 points), with retain_freed_memory about 0.03.
+    X = np.random.default_rng(0).normal(size=(300, 2))
+    path = tmp_path / "model.pt"
+    VMoNF(5, max_epochs=1, init_steps=2, random_state=0).fit(X).save(path)
+    done = subprocess.run(
+        [sys.executable, "-c", _SCORE_FAULTS, str(path)], check=True, capture_output=True,
+        text=True, env={**os.environ, "VMONF_MALLOC_TUNING": "1"}, cwd=Path(__file__).parents[1],
+    )  # fmt: skip
+    assert float(done.stdout.split()[-1]) < 0.2

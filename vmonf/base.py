@@ -51,6 +51,7 @@ from vmonf.checkpoint import (
     to_plain,
 )
 from vmonf.distributed import broadcast_int, count_ranks, init_from_env
+from vmonf.heap import retain_freed_memory
 from vmonf.packing import unpack_parameters
 from vmonf.preprocessing import Standardizer
 from vmonf.resume import Checkpointer, fingerprint
@@ -427,6 +428,18 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
                     torch.cuda.manual_seed(seed)
             yield
 
+    @contextmanager
+    def _inference(self) -> Iterator[None]:
+        """Evaluation mode, no gradients and the estimator's thread count; malloc keeps
+        freed memory (:func:`~vmonf.heap.retain_freed_memory`), as in training: every
+        chunk reallocates the last one's temporaries, and a process that scores a loaded
+        model without fitting one scored at about half the speed (100-120 thousand
+        points/s against 180-220 thousand, with a minor page fault per point)."""
+        retain_freed_memory()
+        self.model_.eval()
+        with torch.no_grad(), torch_threads(self.n_threads):
+            yield
+
     def _check_is_fitted(self) -> None:
         if not hasattr(self, "model_"):
             raise NotFittedError(
@@ -467,9 +480,8 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         chunk between the chunks' large temporaries fragmented the heap (scoring 1e7
         points took 4.8 GiB more memory instead of the output's 80 MiB).
         """
-        self.model_.eval()
         out: np.ndarray | None = None
-        with torch.no_grad(), torch_threads(self.n_threads):
+        with self._inference():
             chunk = eval_chunk(u.device)
             for i in range(0, u.shape[0], chunk):
                 part = fn(u[i : i + chunk]).double().cpu().numpy()
@@ -704,8 +716,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             generator.manual_seed(seed)
         else:
             generator.seed()
-        self.model_.eval()
-        with torch.no_grad(), torch_threads(self.n_threads):
+        with self._inference():
             u, labels = self._sample(n, generator)
             x = self.standardizer_.inverse(u.double())
         x_np = x.double().cpu().numpy()
