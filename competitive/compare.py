@@ -197,7 +197,8 @@ def discriminator_estimate(
     if seed is None:
         seed = int(np.random.SeedSequence().generate_state(1)[0])
     check_array(X_train, "X_train", min_samples=2)
-    u_train = est._validate_X(X_train)  # the caller's object: its feature names are checked
+    # The caller's object, its feature names checked; standardised whole, to train on.
+    u_train = est._standardised(est._validate_X(X_train), est._fitted_dtype)
     u_eval = est._validate_X(X_eval)
     started = time.perf_counter()
     generator = torch.Generator().manual_seed(seed)

@@ -1023,7 +1023,8 @@ def test_assignment_prior_is_log_pi_floored_at_min_share():
         log_weights = np.log(model.weights_)
     assert np.ptp(log_weights[np.isfinite(log_weights)]) > 0.5  # uneven shares
     prior = np.maximum(log_weights, np.log(0.1 / 3))
-    log_pk = model.model_.generators.log_prob(model._validate_X(X)).detach().numpy()
+    u = model._standardise(model._validate_X(X), torch.float64)
+    log_pk = model.model_.generators.log_prob(u).detach().numpy()
     logits = log_pk + prior
     expected = np.exp(logits - logits.max(1, keepdims=True))
     expected /= expected.sum(1, keepdims=True)

@@ -867,6 +867,15 @@ def test_standardizer_round_trips_and_standardises():
     torch.testing.assert_close(u.mean(0), torch.zeros_like(scales), atol=1e-12, rtol=0)
     torch.testing.assert_close(u.std(0, unbiased=False), torch.ones_like(scales))
     torch.testing.assert_close(standardizer.inverse(u), x, rtol=1e-12, atol=1e-10)
+    kept = u.clone()
+    u.requires_grad_(True)
+    back = standardizer.inverse(u)
+    torch.testing.assert_close(u.detach(), kept, rtol=0, atol=0)  # u is left alone
+    back.sum().backward()
+    torch.testing.assert_close(u.grad, standardizer.scale.expand_as(u), rtol=0, atol=0)
+    single = standardizer.inverse(u.detach().float())  # samples of a float32 model
+    assert single.dtype == torch.float64
+    torch.testing.assert_close(single, standardizer.inverse(u.detach().float().double()))
 
 
 def test_suggest_labels_picks_the_most_uncertain_rows():
@@ -950,6 +959,41 @@ def test_float32_model_refuses_values_beyond_its_arithmetic():
     model = VMoNF(2, dtype="float32", **SMALL).fit(blobs(200)[0])
     with pytest.raises(ValueError, match="standard deviations"):
         model.score_samples(np.array([[1e20, 0.0]]))
+
+
+@pytest.mark.parametrize("row", [0, 57, 199])
+def test_a_single_value_beyond_the_dtype_is_refused_wherever_it_lies(row):
+    # The check reads each column's extremes; the rest of the rows are ordinary.
+    model = VMoNF(2, dtype="float32", **SMALL).fit(blobs(200)[0])
+    X = blobs(200, seed=1)[0]
+    X[row, 1] = -1e20
+    with pytest.raises(ValueError, match="standard deviations"):
+        model.predict_proba(X)
+    X[row, 1] = -1e10  # far out, but within float32 once standardised
+    assert np.isfinite(model.predict_proba(X)).all()
+
+
+@pytest.mark.parametrize("estimator", ["vmonf", "competitive"])
+def test_scoring_standardises_a_chunk_at_a_time(monkeypatch, estimator):
+    """No standardised copy of all of X: only chunks of EVAL_CHUNK rows pass through the
+    standardiser, and the results equal those of one chunk."""
+    X = blobs(100)[0]
+    cls = VMoNF if estimator == "vmonf" else CompetitiveMixture
+    model = cls(
+        2,
+        max_epochs=1,
+        random_state=0,
+        **({} if estimator == "competitive" else {"n_layers": 2, "init_steps": 2}),
+    ).fit(X)
+    whole = {call: getattr(model, call)(X) for call in ("score_samples", "predict_proba", "elbo")}
+    seen: list[int] = []
+    forward = Standardizer.forward
+    monkeypatch.setattr(Standardizer, "forward", lambda s, x: seen.append(len(x)) or forward(s, x))
+    monkeypatch.setattr(training, "EVAL_CHUNK", 16)
+    for call, expected in whole.items():
+        seen.clear()
+        np.testing.assert_allclose(getattr(model, call)(X), expected, rtol=1e-5, atol=1e-6)
+        assert seen and max(seen) <= 16 and sum(n for n in seen if n > 2) == 100, (call, seen)
 
 
 def test_labels_must_be_below_n_components_and_the_error_says_how_to_map_them():

@@ -450,41 +450,67 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         return fitted_setting(self, name)
 
     def _standardise(self, x: np.ndarray, dtype: torch.dtype) -> Tensor:
-        """Standardise in float64 (the standardiser is kept in float64), then cast to
-        ``dtype``, refusing values so far out that they would overflow it."""
+        """x (N, D) standardised in float64 (the standardiser is kept in float64), then
+        cast to ``dtype``; refuses values so far out that they would overflow it."""
+        self._check_standardisable(x, dtype)
+        return self._standardised(x, dtype)
+
+    def _standardised(self, x: np.ndarray, dtype: torch.dtype) -> Tensor:
+        """:meth:`_standardise` without the range check."""
         x64 = torch.as_tensor(x, dtype=torch.float64, device=self._fitted_device)
-        u = self.standardizer_(x64)
+        return self.standardizer_(x64).to(dtype)
+
+    def _check_standardisable(self, x: np.ndarray, dtype: torch.dtype) -> None:
+        """Refuse finite rows x (N, D) whose standardised values would overflow ``dtype``.
+
+        Judged from each column's extremes (standardising is increasing in every
+        column), so that no standardised copy of x is made.
+        """
+        if x.shape[0] == 0:
+            return
+        extremes = torch.as_tensor(
+            np.stack([x.min(axis=0), x.max(axis=0)]), device=self._fitted_device
+        )
         limit = MAX_STANDARDISED[dtype]
-        if bool((u.abs() > limit).any()):
+        if bool((self.standardizer_(extremes).abs() > limit).any()):
             raise ValueError(
                 f"X has values more than {limit:.0e} standard deviations from the training "
                 f"data, which overflow the model's dtype ({str(dtype).removeprefix('torch.')})"
             )
-        return u.to(dtype)
 
-    def _validate_X(self, X: object) -> Tensor:
-        """Validate X for a fitted model and return it standardised, as a tensor; images
-        (N, H, W[, C]) only for a model fitted to images."""
+    def _validate_X(self, X: object) -> np.ndarray:
+        """Validate X for a fitted model: float64 rows (N, D) in the user's units, whose
+        standardised values fit the model's dtype; images (N, H, W[, C]) only for a
+        model fitted to images (flattened). :meth:`_chunked` standardises them chunk by
+        chunk, :meth:`_standardise` all at once."""
         self._check_is_fitted()
         check_feature_names(X, getattr(self, "feature_names_in_", None), type(self).__name__)
         x = check_array(
             X, "X", n_features=self.n_features_in_, fitted_by=type(self).__name__,
             allow_images=getattr(self, "image_shape_", None) is not None,
         )  # fmt: skip
-        return self._standardise(x, self._fitted_dtype)
+        self._check_standardisable(x, self._fitted_dtype)
+        return x
 
-    def _chunked(self, fn: Callable[[Tensor], Tensor], u: Tensor) -> np.ndarray:
+    def _chunked(self, fn: Callable[[Tensor], Tensor], u: Tensor | np.ndarray) -> np.ndarray:
         """Apply ``fn`` in chunks without gradients; numpy float64 out.
 
+        ``u`` is standardised already (a tensor) or rows from :meth:`_validate_X` (numpy),
+        standardised a chunk at a time: scoring 1e7 2-D rows then holds the output and
+        one chunk's temporaries, not float64 and model-dtype copies of all of them.
         Results go straight into one preallocated array: keeping a small tensor per
         chunk between the chunks' large temporaries fragmented the heap (scoring 1e7
         points took 4.8 GiB more memory instead of the output's 80 MiB).
         """
         out: np.ndarray | None = None
+        dtype = self._fitted_dtype
         with self._inference():
-            chunk = eval_chunk(u.device)
+            chunk = eval_chunk(self._fitted_device)
             for i in range(0, u.shape[0], chunk):
-                part = fn(u[i : i + chunk]).double().cpu().numpy()
+                rows = u[i : i + chunk]
+                if isinstance(rows, np.ndarray):
+                    rows = self._standardised(rows, dtype)
+                part = fn(rows).double().cpu().numpy()
                 if out is None:
                     out = np.empty((u.shape[0], *part.shape[1:]))
                 out[i : i + part.shape[0]] = part
@@ -718,12 +744,12 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
             generator.seed()
         with self._inference():
             u, labels = self._sample(n, generator)
-            x = self.standardizer_.inverse(u.double())
-        x_np = x.double().cpu().numpy()
+            x = self.standardizer_.inverse(u)  # float64
+        x_np = x.cpu().numpy()
         shape = getattr(self, "image_shape_", None)
         if shape is not None:  # fitted to images: samples are images
             x_np = x_np.reshape(n, *shape)
-        return x_np, labels.cpu().numpy().astype(np.int64)
+        return x_np, labels.cpu().numpy().astype(np.int64, copy=False)
 
     @classmethod
     def _upgrade_params(cls, params: dict[str, Any], version: int) -> dict[str, Any]:

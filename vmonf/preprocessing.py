@@ -55,8 +55,12 @@ class Standardizer(nn.Module):
         return (x - self.mean) / self.scale
 
     def inverse(self, u: Tensor) -> Tensor:
-        """(N, D) standardised -> (N, D) original units."""
-        return u * self.scale + self.mean
+        """(N, D) standardised -> (N, D) original units, float64 whatever u's dtype.
+
+        One allocation, the output: ``addcmul`` or ``u * scale`` would first copy a
+        float32 u to float64 (1e7 2-D samples: 153 MiB more at the peak).
+        """
+        return u.to(torch.float64, copy=True).mul_(self.scale).add_(self.mean)
 
     def log_abs_det(self) -> Tensor:
         """log|det d(standardised)/dx| = -sum log scale, a scalar in nats."""
