@@ -153,8 +153,10 @@ def probabilities(log_p: np.ndarray | Tensor) -> np.ndarray:
     if isinstance(log_p, Tensor):
         log_p = log_p.detach().cpu().numpy()
     log_p = np.asarray(log_p, dtype=np.float64)
-    p = np.exp(log_p - log_p.max(axis=-1, keepdims=True))
-    return p / p.sum(axis=-1, keepdims=True)
+    p = log_p - log_p.max(axis=-1, keepdims=True)
+    np.exp(p, out=p)  # in place: 1e7 rows of K = 5 are 400 MB a copy
+    p /= p.sum(axis=-1, keepdims=True)
+    return p
 
 
 def sampling_seed(estimator: Any, random_state: object) -> int | None:
