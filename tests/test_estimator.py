@@ -873,6 +873,7 @@ def test_standardizer_round_trips_and_standardises():
     torch.testing.assert_close(u.detach(), kept, rtol=0, atol=0)  # u is left alone
     back.sum().backward()
     torch.testing.assert_close(u.grad, standardizer.scale.expand_as(u), rtol=0, atol=0)
+    assert standardizer.inverse(u.detach()[:, :1]).shape == u.shape  # broadcasts
     single = standardizer.inverse(u.detach().float())  # samples of a float32 model
     assert single.dtype == torch.float64
     torch.testing.assert_close(single, standardizer.inverse(u.detach().float().double()))
@@ -962,14 +963,17 @@ def test_float32_model_refuses_values_beyond_its_arithmetic():
 
 
 @pytest.mark.parametrize("row", [0, 57, 199])
-def test_a_single_value_beyond_the_dtype_is_refused_wherever_it_lies(row):
-    # The check reads each column's extremes; the rest of the rows are ordinary.
+@pytest.mark.parametrize("sign", [1, -1])
+def test_a_single_value_beyond_the_dtype_is_refused_wherever_it_lies(monkeypatch, row, sign):
+    # The check reads each column's extremes; the rest of the rows are ordinary, and
+    # they are scored 16 at a time (row 57 and 199 lie in later chunks).
     model = VMoNF(2, dtype="float32", **SMALL).fit(blobs(200)[0])
+    monkeypatch.setattr(training, "EVAL_CHUNK", 16)
     X = blobs(200, seed=1)[0]
-    X[row, 1] = -1e20
+    X[row, 1] = sign * 1e20
     with pytest.raises(ValueError, match="standard deviations"):
         model.predict_proba(X)
-    X[row, 1] = -1e10  # far out, but within float32 once standardised
+    X[row, 1] = sign * 1e10  # far out, but within float32 once standardised
     assert np.isfinite(model.predict_proba(X)).all()
 
 

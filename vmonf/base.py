@@ -436,7 +436,7 @@ class MixtureEstimator(DensityMixin, ClusterMixin, BaseEstimator):
         freed memory (:func:`~vmonf.heap.retain_freed_memory`), as in training: every
         chunk reallocates the last one's temporaries, and a process that scores a loaded
         model without fitting one scored at about half the speed (100-120 thousand
-        points/s against 180-220 thousand, with a minor page fault per point)."""
+        points/s, with a minor page fault per point, against 220-245 thousand)."""
         retain_freed_memory()
         self.model_.eval()
         with torch.no_grad(), torch_threads(self.n_threads):
