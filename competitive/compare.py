@@ -34,10 +34,13 @@ from numpy.typing import ArrayLike
 from scipy import stats
 from torch import Tensor
 
-from competitive.discriminators import ComponentSampler, Discriminators, train_discriminators
+from competitive.discriminators import (
+    ComponentSampler,
+    build_discriminators,
+    train_discriminators,
+)
 from competitive.estimator import CompetitiveMixture
 from competitive.generators import NoExactLikelihoodError
-from vmonf._dtypes import float32_default
 from vmonf._validation import SeedLike, check_array, check_positive_float, check_seed
 from vmonf.base import MixtureEstimator
 from vmonf.metrics import adjusted_rand_index
@@ -204,13 +207,14 @@ def discriminator_estimate(
     generator = torch.Generator().manual_seed(seed)
     with torch_threads(getattr(est, "n_threads", None)), torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
-        with float32_default():
-            discriminators = Discriminators(
-                est.n_features_in_,
-                est._fitted_setting("n_components"),  # set_params changes the next fit
-                config.discriminator_hidden,
-                config.discriminator_layers,
-            ).to(device=u_train.device, dtype=u_train.dtype)
+        discriminators = build_discriminators(
+            est.n_features_in_,
+            est._fitted_setting("n_components"),  # set_params changes the next fit
+            config.discriminator_hidden,
+            config.discriminator_layers,
+            u_train.device,
+            u_train.dtype,
+        )
         log_norm = train_discriminators(
             discriminators, u_train, components, config._discriminator_config(max_time), generator
         )

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from vmonf._dtypes import float32_default
 from vmonf._validation import check_points, check_positive_int
 from vmonf.coupling import BatchedMLP
 from vmonf.mixture import generator_on
@@ -31,6 +32,7 @@ from vmonf.training import TrainConfig, TrainResult, map_chunks, train
 __all__ = [
     "ComponentSampler",
     "Discriminators",
+    "build_discriminators",
     "fit_discriminators",
     "log_ratio_normaliser",
     "train_discriminators",
@@ -92,6 +94,21 @@ class Discriminators(nn.Module):
             x, self.n_features, self.net.weights[0].dtype, name, computed_by="discriminators",
             n_components=self.n_components if stacked else None,
         )  # fmt: skip
+
+
+def build_discriminators(
+    n_features: int,
+    n_components: int,
+    hidden_features: int,
+    n_hidden_layers: int,
+    device: torch.device | str,
+    dtype: torch.dtype,
+) -> Discriminators:
+    """:class:`Discriminators` whose initial weights a seed fixes whatever torch's default
+    dtype (drawn in float32), then moved to ``device`` and cast to ``dtype``."""
+    with float32_default():
+        module = Discriminators(n_features, n_components, hidden_features, n_hidden_layers)
+    return module.to(device=device, dtype=dtype)
 
 
 def fit_discriminators(

@@ -18,7 +18,7 @@ from sklearn.exceptions import ConvergenceWarning
 from torch import Tensor, nn
 
 from competitive.assignment import hard_assign, min_count, mixing_weights, training_weights
-from competitive.discriminators import Discriminators, train_discriminators
+from competitive.discriminators import Discriminators, build_discriminators, train_discriminators
 from competitive.generators import (
     FlowGenerators,
     Generators,
@@ -447,14 +447,10 @@ class CompetitiveMixture(MixtureEstimator):
         )
 
     def _build_discriminators(self) -> Discriminators:
-        with float32_default():  # also built anew each round
-            module = Discriminators(
-                self.n_features_in_,
-                self.n_components,
-                self.discriminator_hidden,
-                self.discriminator_layers,
-            )
-        return module.to(device=self._torch_device, dtype=self._torch_dtype)
+        return build_discriminators(
+            self.n_features_in_, self.n_components, self.discriminator_hidden,
+            self.discriminator_layers, self._torch_device, self._torch_dtype,
+        )  # fmt: skip
 
     def _build(self, with_discriminators: bool | None = None) -> CompetitiveModel:
         """An untrained model; discriminators by default when the settings train them
