@@ -6,7 +6,9 @@ step spent communicating.
 For each process count it launches ``torchrun --standalone`` on this script, which
 trains the VMoNF model (K = 5 flows, the estimator's default architecture) on
 pinwheel through the one training loop with the same global batch size, timing the
-gradient all-reduce separately. Prints a markdown table and writes
+gradient all-reduce separately. Several processes run twice: with the all-reduce
+through shared memory (the default on one machine) and through gloo
+(``VMONF_SHARED_MEMORY=0``). Prints a markdown table and writes
 results/distributed.json and .md.
 """
 
@@ -79,7 +81,8 @@ def main() -> None:
         return
     rows, results = [], []
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).parents[1]), "OMP_NUM_THREADS": "1"}
-    for nproc in args.nproc:
+    runs = [(n, shm) for n in args.nproc for shm in ((True, False) if n > 1 else (True,))]
+    for nproc, shm in runs:
         with tempfile.TemporaryDirectory() as tmp:
             out = Path(tmp) / "result.json"
             command = [
@@ -88,14 +91,17 @@ def main() -> None:
                 "--epochs", str(args.epochs), "--batch-size", str(args.batch_size),
                 "--n-points", str(args.n_points),
             ]  # fmt: skip
-            subprocess.run(command, env=env, check=True, capture_output=True)
+            shm_env = {**env, "VMONF_SHARED_MEMORY": "1" if shm else "0"}
+            subprocess.run(command, env=shm_env, check=True, capture_output=True)
             result = json.loads(out.read_text())
+            result["all_reduce"] = "shared memory" if shm else "gloo"
         results.append(result)
     base = results[0]["samples_per_second"]
     for r in results:
         rows.append(
             [
                 r["processes"],
+                r["all_reduce"] if r["processes"] > 1 else "",
                 f"{r['samples_per_second']:.0f}",
                 f"{r['samples_per_second'] / base:.2f}x",
                 f"{r['step_ms']:.1f}",
@@ -103,7 +109,14 @@ def main() -> None:
             ]
         )
     table = markdown_table(
-        ["processes", "samples / s", "speed-up", "ms per global step", "communication share"],
+        [
+            "processes",
+            "all-reduce",
+            "samples / s",
+            "speed-up",
+            "ms per global step",
+            "communication share",
+        ],
         rows,
     )
     print(table)

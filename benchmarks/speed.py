@@ -6,7 +6,9 @@
 
 Sections, run in this order: ``compile`` (torch.compile: step time and a cold-start
 warm-up), ``loop`` (training step, K = 5: batched, eager and compiled, vs a Python loop
-over 5 nflows ``Flow``s), ``scaling`` (K = 1 ... 20 vs one flow), ``threads``,
+over 5 nflows ``Flow``s), ``split`` (the same step split over two cores as two
+processes on half the batch each: a lower bound for two threads), ``scaling`` (K = 1
+... 20 vs one flow), ``threads``,
 ``malloc`` (the step under glibc's malloc thresholds and under :mod:`vmonf.heap`'s),
 ``score`` (score_samples and sample throughput for N = 1e3 ... 1e7, peak memory),
 ``fit`` (fit time vs N), ``quality`` (time to held-out KL on pinwheel, next to
@@ -27,6 +29,7 @@ import argparse
 import functools
 import json
 import math
+import multiprocessing
 import os
 import platform
 import resource
@@ -36,7 +39,8 @@ import sys
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
+from multiprocessing.connection import Connection
 from pathlib import Path
 from typing import Any
 
@@ -293,6 +297,68 @@ def gemm_floor(k: int, arch: Arch) -> Callable[[], int]:
     return run
 
 
+def _pair_worker(
+    conn: Connection, rank: int, steps: int, compile: bool, store: str | None, shm: bool
+) -> None:
+    """One of :class:`ProcessPair`'s processes, on one torch thread: with ``store``, a
+    data-parallel rank (the global batch is split by the training loop), else a
+    process training alone on half of each batch."""
+    os.environ["VMONF_SHARED_MEMORY"] = "1" if shm else "0"
+    torch.set_num_threads(1)
+    torch.manual_seed(0)
+    if store is not None:
+        torch.distributed.init_process_group(
+            "gloo", init_method=f"file://{store}", rank=rank, world_size=2
+        )
+    arch = WIDE if store is not None else replace(WIDE, batch=WIDE.batch // 2)
+    run = vmonf_step(5, arch, steps, compile=compile)
+    conn.send(0)
+    while conn.recv():
+        conn.send(run())
+    if store is not None:
+        torch.distributed.destroy_process_group()
+
+
+class ProcessPair:
+    """VMoNF's K = 5, 64-wide step on two cores as two processes of one torch thread.
+
+    ``data_parallel=False``: each process trains its own copy of the model on half of
+    every batch, with no communication: a lower bound on any split of the step over two
+    cores (each process pays the step's serial per-op cost, as one Python thread would
+    for both). ``data_parallel=True``: the two are ranks of one gloo group training one
+    model, as under ``torchrun --nproc-per-node 2``, gradients summed through shared
+    memory (``shm``) or gloo. One call = one epoch in both processes at once; returns
+    its step count."""
+
+    def __init__(
+        self, steps: int, *, compile: bool = False, data_parallel: bool = False, shm: bool = True
+    ) -> None:
+        context = multiprocessing.get_context("spawn")
+        store = os.path.join(tempfile.mkdtemp(prefix="vmonf-"), "store") if data_parallel else None
+        self.conns, self.procs = [], []
+        for rank in range(2):
+            parent, child = context.Pipe()
+            proc = context.Process(
+                target=_pair_worker, args=(child, rank, steps, compile, store, shm)
+            )
+            proc.start()
+            self.conns.append(parent)
+            self.procs.append(proc)
+        for conn in self.conns:
+            conn.recv()
+
+    def __call__(self) -> int:
+        for conn in self.conns:
+            conn.send(True)
+        return min(conn.recv() for conn in self.conns)
+
+    def close(self) -> None:
+        for conn in self.conns:
+            conn.send(False)
+        for proc in self.procs:
+            proc.join()
+
+
 # --------------------------------------------------------------------------- timing
 
 
@@ -376,6 +442,76 @@ def section_loop(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     return {"arch": asdict(arch), "targets": targets, **results}, _titled(
         title, markdown_table(header, rows)
     )
+
+
+def section_split(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
+    """The K = 5, 64-wide step on two cores, split as evenly as it can be: two processes,
+    half the batch each (:class:`ProcessPair`), against the nflows loop and the
+    batched step at 1 and 2 threads, and data-parallel training over two processes."""
+    k, arch = 5, WIDE
+    half = replace(arch, batch=arch.batch // 2)
+    pairs = {
+        "pair": ProcessPair(args.steps),
+        "pair_compiled": ProcessPair(args.steps, compile=True),
+        "ddp_shm": ProcessPair(args.steps, data_parallel=True),
+        "ddp_gloo": ProcessPair(args.steps, data_parallel=True, shm=False),
+    }
+    contenders: dict[str, Callable[[], int]] = {
+        "loop_1": loop_step(k, arch, args.steps),
+        "loop_2": loop_step(k, arch, args.steps),
+        "vmonf_1": vmonf_step(k, arch, args.steps),
+        "vmonf_2": vmonf_step(k, arch, args.steps),
+        "half_1": vmonf_step(k, half, args.steps),
+        "compiled_2": vmonf_step(k, arch, args.steps, compile=True),
+        **pairs,
+    }
+    threads = {"loop_2": 2, "vmonf_2": 2, "compiled_2": 2}
+    try:
+        t = interleaved(contenders, args.rounds, threads)
+    finally:
+        for pair in pairs.values():
+            pair.close()
+    loop_1, loop_2 = t["loop_1"]["wall"], t["loop_2"]["wall"]
+    rows_spec = [
+        ("nflows loop", "1 thread", "loop_1", loop_1, None),
+        ("nflows loop", "2 threads", "loop_2", loop_2, None),
+        ("VMoNF batched, eager", "1 thread", "vmonf_1", loop_1, 0.45),
+        ("VMoNF batched, eager, half the batch (256)", "1 thread", "half_1", loop_1, None),
+        ("VMoNF batched, eager", "2 threads", "vmonf_2", loop_2, 0.30),
+        ("VMoNF batched, compile=True", "2 threads", "compiled_2", loop_2, 0.30),
+        ("two processes, half the batch each, eager", "2 x 1 thread", "pair", loop_2, 0.30),
+        ("the same, compile=True", "2 x 1 thread", "pair_compiled", loop_2, 0.30),
+        (
+            "data-parallel, 2 ranks, shared-memory all-reduce",
+            "2 x 1 thread",
+            "ddp_shm",
+            loop_2,
+            0.30,
+        ),
+        ("data-parallel, 2 ranks, gloo all-reduce", "2 x 1 thread", "ddp_gloo", loop_2, 0.30),
+    ]
+    rows, ratios = [], {}
+    for label, cores, name, reference, target in rows_spec:
+        ratio = t[name]["wall"] / reference
+        ratios[name] = ratio
+        verdict = "" if target is None else ("met" if ratio <= target else "NOT met")
+        rows.append([
+            label, cores, ms(t[name]["wall"]), f"{ratio:.2f}",
+            "" if target is None else f"<= {target:.2f}", verdict,
+        ])  # fmt: skip
+    # Step time = serial + parallel part: from the full and the half batch at 1 thread.
+    serial = 2 * t["half_1"]["wall"] - t["vmonf_1"]["wall"]
+    header = [
+        "K = 5 training step", "cores", "ms/step", "ratio to the nflows loop (same cores)",
+        "target", "",
+    ]  # fmt: skip
+    title = (
+        f"The step split over two cores, K = 5, {arch.name} (median of {args.rounds} "
+        f"interleaved rounds; part of the step that does not shrink with the batch, 1 "
+        f"thread: {ms(serial)} ms)"
+    )
+    payload = {"arch": asdict(arch), "times": t, "ratios": ratios, "serial_s": serial}
+    return payload, _titled(title, markdown_table(header, rows))
 
 
 def section_scaling(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
@@ -724,6 +860,7 @@ Section = Callable[[argparse.Namespace], tuple[dict[str, Any], str]]
 SECTIONS: dict[str, Section] = {
     "compile": section_compile,
     "loop": section_loop,
+    "split": section_split,
     "scaling": section_scaling,
     "threads": section_threads,
     "malloc": section_malloc,

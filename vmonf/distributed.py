@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import atexit
 import os
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 from torch import Tensor, nn
+
+from vmonf._shared_memory import SharedMemoryReducer, open_reducer
 
 __all__ = [
     "DEFAULT_TIMEOUT",
@@ -143,10 +146,44 @@ class ShardedBatches:
 
 
 def all_reduce_sum(values: Tensor) -> Tensor:
-    """Sum ``values`` over ranks, in place; returns it."""
+    """Sum ``values`` over ranks, in place; returns it. CPU tensors of ranks on one
+    machine go through shared memory (:mod:`vmonf._shared_memory`), others through
+    the group's backend."""
     if rank_and_size()[1] > 1:
-        dist.all_reduce(values)
+        reducer = _shared_memory_reducer(values)
+        if reducer is None:
+            dist.all_reduce(values)
+        else:
+            reducer.all_reduce_(values)
     return values
+
+
+# The default group's shared-memory reducer (None: unavailable) and a weak reference
+# to that group: a strong one would keep a destroyed group's gloo threads alive until
+# the interpreter's teardown, where they abort the process (see init_from_env).
+_reducer: tuple[weakref.ref[object], SharedMemoryReducer | None] | None = None
+
+
+def _shared_memory_reducer(values: Tensor) -> SharedMemoryReducer | None:
+    """The reducer for ``values``, opened (collectively) at the group's first call or
+    when ``values`` outgrow its slots; None where it does not apply."""
+    global _reducer
+    if (
+        values.device.type != "cpu"
+        or not values.is_contiguous()
+        or os.environ.get("VMONF_SHARED_MEMORY", "1") == "0"
+    ):
+        return None
+    group = dist.group.WORLD
+    if (
+        _reducer is None
+        or _reducer[0]() is not group
+        or (_reducer[1] is not None and not _reducer[1].fits(values))
+    ):
+        timeout = _env_number("VMONF_DIST_TIMEOUT", DEFAULT_TIMEOUT, float)
+        reducer = open_reducer(values.numel() * values.element_size(), timeout)
+        _reducer = (weakref.ref(group), reducer)
+    return _reducer[1]
 
 
 def count_ranks(flag: bool, device: torch.device) -> tuple[int, int]:
@@ -174,7 +211,7 @@ def all_reduce_gradients(parameters: Sequence[nn.Parameter], loss: Tensor) -> Te
     flat = torch.cat(
         [*(g.reshape(-1).to(dtype) for g in grads), loss.detach().reshape(1).to(dtype)]
     )
-    dist.all_reduce(flat)
+    all_reduce_sum(flat)
     offset = 0
     for p, grad in zip(parameters, grads, strict=True):
         count = p.numel()
@@ -197,11 +234,16 @@ def broadcast_int(value: int) -> int:
 
 
 def broadcast_module(module: nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every rank."""
+    """Copy rank 0's parameters and buffers to every rank (one broadcast per dtype)."""
     if rank_and_size()[1] == 1:
         return
-    for tensor in module.state_dict().values():
-        dist.broadcast(tensor, src=0)
+    tensors = list(module.state_dict().values())
+    for dtype in sorted({t.dtype for t in tensors}, key=str):
+        group = [t for t in tensors if t.dtype == dtype]
+        flat = torch.cat([t.reshape(-1) for t in group])
+        dist.broadcast(flat, src=0)
+        for tensor, part in zip(group, flat.split([t.numel() for t in group]), strict=True):
+            tensor.copy_(part.view_as(tensor))
 
 
 def gather_rows(fn: Callable[[Tensor], Tensor], x: Tensor) -> Tensor:
