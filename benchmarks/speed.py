@@ -455,6 +455,7 @@ def section_split(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "pair_compiled": ProcessPair(args.steps, compile=True),
         "ddp_shm": ProcessPair(args.steps, data_parallel=True),
         "ddp_gloo": ProcessPair(args.steps, data_parallel=True, shm=False),
+        "ddp_compiled": ProcessPair(args.steps, compile=True, data_parallel=True),
     }
     contenders: dict[str, Callable[[], int]] = {
         "loop_1": loop_step(k, arch, args.steps),
@@ -488,6 +489,7 @@ def section_split(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
             loop_2,
             0.30,
         ),
+        ("the same, compile=True", "2 x 1 thread", "ddp_compiled", loop_2, 0.30),
         ("data-parallel, 2 ranks, gloo all-reduce", "2 x 1 thread", "ddp_gloo", loop_2, 0.30),
     ]
     rows, ratios = [], {}
