@@ -84,11 +84,20 @@ def main() -> None:
         model.set_params(callback=crash)
     model.fit(data(args.points), resume=args.resume)
     if args.seedless:
-        mine = torch.cat(orders)  # each training stage's first epoch order
-        everyone = [torch.empty_like(mine) for _ in range(dist.get_world_size())]
-        dist.all_gather(everyone, mine)
-        if not all(torch.equal(other, everyone[0]) for other in everyone):
-            raise SystemExit("ranks drew different batch orders")
+        # Compared through files, not dist.all_gather: a rank that exits right after a
+        # gloo collective on Python-made tensors can abort in interpreter teardown
+        # ("terminate called without an active exception"), when gloo's thread drops
+        # its reference to them without the GIL (torch 2.13, seen in a core dump).
+        rank = dist.get_rank()
+        torch.save(torch.cat(orders), f"{args.out}.orders.{rank}")  # first epoch of each stage
+        dist.barrier()
+        if rank == 0:
+            everyone = [
+                torch.load(f"{args.out}.orders.{r}", weights_only=True)
+                for r in range(dist.get_world_size())
+            ]
+            if not all(torch.equal(other, everyone[0]) for other in everyone):
+                raise SystemExit("ranks drew different batch orders")
     if int(os.environ.get("RANK", "0")) == 0:
         model.set_params(callback=None)
         model.save(args.out)
