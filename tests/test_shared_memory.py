@@ -35,7 +35,18 @@ def _join(rank: int, store: str, timeout: str, enabled: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=2)
 
 
+def _map_then_fail(path: str, nbytes: int, *, create: bool) -> torch.Tensor:
+    _original_map(path, nbytes, create=create)
+    raise OSError("no space left on device")  # as a full /dev/shm would
+
+
+_original_map = shared_memory._map
+
+
 def _sum_worker(rank: int, store: str, out: str, enabled: str) -> None:
+    if enabled == "broken":
+        shared_memory._map = _map_then_fail  # type: ignore[assignment]
+        enabled = "1"
     _join(rank, store, "60", enabled)
     results = []
     for round_ in range(3):  # calls alternate between the two sets of slots
@@ -52,13 +63,14 @@ def _run(worker, *args: str) -> None:
     mp.start_processes(worker, args=args, nprocs=2, start_method="spawn", join=True)
 
 
-@pytest.mark.parametrize("enabled", ["1", "0"])
+@pytest.mark.parametrize("enabled", ["1", "0", "broken"])
 def test_two_ranks_get_the_same_exact_sums_through_shared_memory_or_gloo(tmp_path, enabled):
+    """ "broken": the buffer cannot be made (gloo takes over, no file is left behind)."""
     before = {p for p in os.listdir("/dev/shm") if p.startswith("vmonf-")}
     out = str(tmp_path / "out")
     _run(_sum_worker, str(tmp_path / "store"), out, enabled)
     ranks = [torch.load(f"{out}.{r}", weights_only=True) for r in range(2)]
-    assert [r["used"] for r in ranks] == [enabled == "1"] * 2
+    assert [r["used"] for r in ranks] == [enabled == "1"] * 2  # every rank or none
     expected = [
         _values(0, round_, n, dtype) + _values(1, round_, n, dtype)
         for round_ in range(3)

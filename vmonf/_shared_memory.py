@@ -164,8 +164,10 @@ def open_reducer(min_slot_bytes: int, timeout: float) -> SharedMemoryReducer | N
                 if libc.sem_init(buffer.data_ptr() + _ALIGN + i * _SEM_BYTES, 1, 0):
                     raise OSError(ctypes.get_errno(), "sem_init failed")
             offer = [(path, token)]
-        except OSError:
+        except (OSError, RuntimeError):  # e.g. /dev/shm full
             buffer = None
+            if os.path.exists(path):
+                os.unlink(path)
     dist.broadcast_object_list(offer, src=0)
     if rank != 0 and offer[0] is not None and libc is not None:
         path, token = offer[0]  # type: ignore[misc]

@@ -9,8 +9,10 @@ one all-reduce per step, and metrics are sums all-reduced before dividing; so a
 distributed step computes the same update as one process on the global batch (up
 to the order of floating-point sums). Only rank 0 writes files.
 
-Backends: gloo on CPU, NCCL when the model is on CUDA. Outside a process group
-every function here is the identity, so single-process code pays nothing.
+Backends: gloo on CPU, NCCL when the model is on CUDA. Sums of CPU tensors between
+ranks of one machine bypass gloo's sockets through shared memory
+(:mod:`vmonf._shared_memory`). Outside a process group every function here is the
+identity, so single-process code pays nothing.
 """
 
 from __future__ import annotations
@@ -159,8 +161,7 @@ def all_reduce_sum(values: Tensor) -> Tensor:
 
 
 # The default group's shared-memory reducer (None: unavailable) and a weak reference
-# to that group: a strong one would keep a destroyed group's gloo threads alive until
-# the interpreter's teardown, where they abort the process (see init_from_env).
+# to that group, so that this cache never keeps a destroyed group alive.
 _reducer: tuple[weakref.ref[object], SharedMemoryReducer | None] | None = None
 
 
