@@ -13,8 +13,9 @@ passed the next barrier, that is, has finished reading it.
 
 Linux only (glibc's ``sem_*`` through ctypes, tmpfs at /dev/shm). A group opens a
 buffer collectively at its first reduction; ranks that cannot all map the same
-buffer (several machines, no /dev/shm) are detected by a token check and fall back
-to gloo. ``VMONF_SHARED_MEMORY=0`` turns it off.
+buffer (several machines, no /dev/shm, a /dev/shm too small) are detected by a token
+check and fall back to gloo. ``VMONF_SHARED_MEMORY=0`` on any rank turns it off for
+all.
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import os
 import secrets
 import sys
 import time
+from typing import cast
 
 import torch
 import torch.distributed as dist
@@ -84,6 +86,7 @@ class SharedMemoryReducer:
         self.buffer, self.libc = buffer, libc
         self.rank, self.size, self.slot_bytes, self.timeout = rank, size, slot_bytes, timeout
         self.calls = 0
+        self.failed = False  # after an error the semaphores' counts no longer pair up
         base = buffer.data_ptr()
         self._sem_base = base + _ALIGN
         self._data_offset = _ALIGN + _aligned(size * size * _SEM_BYTES)
@@ -105,12 +108,18 @@ class SharedMemoryReducer:
 
     def all_reduce_(self, values: Tensor) -> Tensor:
         """Sum the contiguous CPU tensor ``values`` over the ranks, in place; returns it."""
+        if self.failed:
+            raise RuntimeError("an earlier all-reduce of this process group failed")
         nbytes = values.numel() * values.element_size()
         slots = self._slots(self.calls % 2, nbytes, values.dtype)
         self.calls += 1
-        flat = values.view(-1)
+        flat = values.detach().view(-1)
         slots[self.rank].copy_(flat)
-        self._barrier()
+        try:
+            self._barrier()
+        except BaseException:  # a timeout, Ctrl-C: the next barrier would pair wrongly
+            self.failed = True
+            raise
         torch.add(slots[0], slots[1], out=flat)
         for slot in slots[2:]:
             flat.add_(slot)
@@ -120,20 +129,20 @@ class SharedMemoryReducer:
         for other in range(self.size):
             if other != self.rank and self.libc.sem_post(self._semaphore(self.rank, other)):
                 raise OSError(ctypes.get_errno(), "sem_post failed")
-        deadline = time.time() + self.timeout
+        deadline = time.monotonic() + self.timeout
         for other in range(self.size):
             if other != self.rank:
                 self._wait(self._semaphore(other, self.rank), deadline, other)
 
     def _wait(self, semaphore: int, deadline: float, other: int) -> None:
         while True:
-            now = time.time()
+            now = time.monotonic()
             if now >= deadline:
                 raise RuntimeError(
                     f"rank {other} did not reach the all-reduce within "
                     f"{self.timeout:g} s (VMONF_DIST_TIMEOUT): it has stopped or hangs"
                 )
-            until = min(deadline, now + _WAIT_SLICE_S)
+            until = time.time() + min(deadline - now, _WAIT_SLICE_S)  # sem_* take wall time
             when = _Timespec(int(until), int((until % 1) * 1e9))
             if self.libc.sem_timedwait(semaphore, ctypes.byref(when)) == 0:
                 return
@@ -142,45 +151,48 @@ class SharedMemoryReducer:
                 raise OSError(code, "sem_timedwait failed")
 
 
-def open_reducer(min_slot_bytes: int, timeout: float) -> SharedMemoryReducer | None:
-    """Collective: every rank of the default group calls it with the same arguments.
+def open_reducer(
+    min_slot_bytes: int, timeout: float, *, enabled: bool = True
+) -> SharedMemoryReducer | None:
+    """Collective: every rank of the default group calls it with the same sizes.
 
-    Returns the group's reducer with slots of at least ``min_slot_bytes`` (rounded up
-    to a power of two, 1 MiB or more), or None on every rank when any rank cannot share
-    the buffer (then use gloo)."""
+    Returns the group's reducer with slots of at least ``min_slot_bytes`` (1 MiB or
+    more), or None on every rank when any rank cannot share the buffer or has it
+    turned off (``enabled=False``): then use gloo."""
     rank, size = dist.get_rank(), dist.get_world_size()
-    libc = _libc()
-    slot_bytes = max(_MIN_SLOT_BYTES, 1 << (min_slot_bytes - 1).bit_length())
+    libc = _libc() if enabled else None
+    slot_bytes = _aligned(max(_MIN_SLOT_BYTES, min_slot_bytes))
     total = _ALIGN + _aligned(size * size * _SEM_BYTES) + 2 * size * slot_bytes
     offer: list[object] = [None]
     buffer: Tensor | None = None
-    if rank == 0 and libc is not None and os.path.isdir(_SHM_DIR):
-        token = secrets.token_bytes(_TOKEN_BYTES)
-        path = os.path.join(_SHM_DIR, f"vmonf-{os.getpid()}-{token.hex()}")
-        try:
-            buffer = _map(path, total, create=True)
-            buffer[:_TOKEN_BYTES] = torch.frombuffer(bytearray(token), dtype=torch.uint8)
-            for i in range(size * size):
-                if libc.sem_init(buffer.data_ptr() + _ALIGN + i * _SEM_BYTES, 1, 0):
-                    raise OSError(ctypes.get_errno(), "sem_init failed")
-            offer = [(path, token)]
-        except (OSError, RuntimeError):  # e.g. /dev/shm full
-            buffer = None
-            if os.path.exists(path):
-                os.unlink(path)
-    dist.broadcast_object_list(offer, src=0)
-    if rank != 0 and offer[0] is not None and libc is not None:
-        path, token = offer[0]  # type: ignore[misc]
-        try:
-            buffer = _map(path, total, create=False)
-            if bytes(buffer[:_TOKEN_BYTES].tolist()) != token:
-                buffer = None  # a file of that name, but not rank 0's: another machine
-        except (OSError, RuntimeError):
-            buffer = None
-    ok = torch.tensor([int(buffer is not None)])
-    dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # also: every rank has mapped it
-    if rank == 0 and offer[0] is not None:
-        os.unlink(offer[0][0])  # type: ignore[index]  # the mappings keep it alive
+    created: str | None = None
+    try:
+        if rank == 0 and libc is not None and os.path.isdir(_SHM_DIR):
+            token = secrets.token_bytes(_TOKEN_BYTES)
+            created = os.path.join(_SHM_DIR, f"vmonf-{os.getpid()}-{token.hex()}")
+            try:
+                buffer = _map(created, total, create=True)
+                buffer[:_TOKEN_BYTES] = torch.frombuffer(bytearray(token), dtype=torch.uint8)
+                for i in range(size * size):
+                    if libc.sem_init(buffer.data_ptr() + _ALIGN + i * _SEM_BYTES, 1, 0):
+                        raise OSError(ctypes.get_errno(), "sem_init failed")
+                offer = [(created, token)]
+            except (OSError, RuntimeError):  # e.g. /dev/shm full (ENOSPC from fallocate)
+                buffer = None
+        dist.broadcast_object_list(offer, src=0)
+        if rank != 0 and offer[0] is not None and libc is not None:
+            path, expected = cast(tuple[str, bytes], offer[0])
+            try:
+                buffer = _map(path, total, create=False)
+                if bytes(buffer[:_TOKEN_BYTES].tolist()) != expected:
+                    buffer = None  # a file of that name, but not rank 0's: another machine
+            except (OSError, RuntimeError):
+                buffer = None
+        ok = torch.tensor([int(buffer is not None)])
+        dist.all_reduce(ok, op=dist.ReduceOp.MIN)  # also: every rank has mapped it
+    finally:  # the mappings keep the memory alive; the name must not outlive this call
+        if created is not None and os.path.exists(created):
+            os.unlink(created)
     if not ok.item() or buffer is None or libc is None:
         return None
     return SharedMemoryReducer(buffer, libc, rank, size, slot_bytes, timeout)
@@ -191,7 +203,9 @@ def _map(path: str, nbytes: int, *, create: bool) -> Tensor:
     if create:
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.ftruncate(fd, nbytes)
+            # Reserves the pages now: after a mere ftruncate, a full tmpfs would show up
+            # as SIGBUS at the first write to a slot instead of ENOSPC here.
+            os.posix_fallocate(fd, 0, nbytes)
         finally:
             os.close(fd)
     elif os.path.getsize(path) != nbytes:

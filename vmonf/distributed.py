@@ -155,8 +155,10 @@ def all_reduce_sum(values: Tensor) -> Tensor:
         reducer = _shared_memory_reducer(values)
         if reducer is None:
             dist.all_reduce(values)
-        else:
+        elif values.is_contiguous():
             reducer.all_reduce_(values)
+        else:
+            values.copy_(reducer.all_reduce_(values.contiguous()))
     return values
 
 
@@ -166,14 +168,11 @@ _reducer: tuple[weakref.ref[object], SharedMemoryReducer | None] | None = None
 
 
 def _shared_memory_reducer(values: Tensor) -> SharedMemoryReducer | None:
-    """The reducer for ``values``, opened (collectively) at the group's first call or
-    when ``values`` outgrow its slots; None where it does not apply."""
+    """The reducer for the CPU tensor ``values``, opened (collectively: every branch
+    here is taken alike on all ranks) at the group's first call or when ``values``
+    outgrow its slots; None for CUDA tensors or where shared memory is unavailable."""
     global _reducer
-    if (
-        values.device.type != "cpu"
-        or not values.is_contiguous()
-        or os.environ.get("VMONF_SHARED_MEMORY", "1") == "0"
-    ):
+    if values.device.type != "cpu":
         return None
     group = dist.group.WORLD
     if (
@@ -182,7 +181,8 @@ def _shared_memory_reducer(values: Tensor) -> SharedMemoryReducer | None:
         or (_reducer[1] is not None and not _reducer[1].fits(values))
     ):
         timeout = _env_number("VMONF_DIST_TIMEOUT", DEFAULT_TIMEOUT, float)
-        reducer = open_reducer(values.numel() * values.element_size(), timeout)
+        enabled = os.environ.get("VMONF_SHARED_MEMORY", "1") != "0"  # agreed in the call
+        reducer = open_reducer(values.numel() * values.element_size(), timeout, enabled=enabled)
         _reducer = (weakref.ref(group), reducer)
     return _reducer[1]
 
@@ -235,12 +235,13 @@ def broadcast_int(value: int) -> int:
 
 
 def broadcast_module(module: nn.Module) -> None:
-    """Copy rank 0's parameters and buffers to every rank (one broadcast per dtype)."""
+    """Copy rank 0's parameters and buffers to every rank (one broadcast per device and
+    dtype)."""
     if rank_and_size()[1] == 1:
         return
     tensors = list(module.state_dict().values())
-    for dtype in sorted({t.dtype for t in tensors}, key=str):
-        group = [t for t in tensors if t.dtype == dtype]
+    for kind in sorted({(t.device, t.dtype) for t in tensors}, key=str):
+        group = [t for t in tensors if (t.device, t.dtype) == kind]
         flat = torch.cat([t.reshape(-1) for t in group])
         dist.broadcast(flat, src=0)
         for tensor, part in zip(group, flat.split([t.numel() for t in group]), strict=True):
