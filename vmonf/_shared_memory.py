@@ -1,9 +1,10 @@
 """Sum-all-reduce of CPU tensors between processes of one machine, through shared memory.
 
-gloo moves every all-reduce through loopback TCP sockets and its own threads: 1 ms
-for a K = 5 model's 178,000 gradients between two idle processes on this project's
-2-core machines, 3 ms inside training, where those threads compete with the ranks
-for the cores (``benchmarks/speed.py --sections split``). Here each rank copies its
+gloo moves every all-reduce through loopback TCP sockets and its own threads: about
+1 ms for a K = 5 model's 178,000 gradients between two idle processes on this
+project's 2-core machines, about 3 ms inside training, where those threads compete
+with the ranks for the cores (one-off probes); in ``benchmarks/speed.py --sections
+split`` a data-parallel step took 2.3-4.9 ms longer with gloo. Here each rank copies its
 tensor into its own slot of a shared buffer, the ranks meet at a barrier of
 process-shared POSIX semaphores (one per ordered pair of ranks), and every rank adds
 the slots up in rank order, so that all ranks hold bitwise the same sum (replicas
