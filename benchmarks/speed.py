@@ -99,6 +99,7 @@ DEFAULT = Arch(
     tuple(_defaults["posterior_hidden"]),
 )
 LARGE = Arch("8 couplings, MLP 256-256 ReLU, batch 4096", 8, 256, "relu", 4096)
+WIDE_HALF = replace(WIDE, name="8 couplings, MLP 64-64 ReLU, batch 256", batch=WIDE.batch // 2)
 
 
 # --------------------------------------------------------------------------- contenders
@@ -310,7 +311,7 @@ def _pair_worker(
         torch.distributed.init_process_group(
             "gloo", init_method=f"file://{store}", rank=rank, world_size=2
         )
-    arch = WIDE if store is not None else replace(WIDE, batch=WIDE.batch // 2)
+    arch = WIDE if store is not None else WIDE_HALF
     run = vmonf_step(5, arch, steps, compile=compile)
     conn.send(0)
     while conn.recv():
@@ -449,7 +450,6 @@ def section_split(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
     half the batch each (:class:`ProcessPair`), against the nflows loop and the
     batched step at 1 and 2 threads, and data-parallel training over two processes."""
     k, arch = 5, WIDE
-    half = replace(arch, batch=arch.batch // 2)
     pairs = {
         "pair": ProcessPair(args.steps),
         "pair_compiled": ProcessPair(args.steps, compile=True),
@@ -462,7 +462,7 @@ def section_split(args: argparse.Namespace) -> tuple[dict[str, Any], str]:
         "loop_2": loop_step(k, arch, args.steps),
         "vmonf_1": vmonf_step(k, arch, args.steps),
         "vmonf_2": vmonf_step(k, arch, args.steps),
-        "half_1": vmonf_step(k, half, args.steps),
+        "half_1": vmonf_step(k, WIDE_HALF, args.steps),
         "compiled_2": vmonf_step(k, arch, args.steps, compile=True),
         **pairs,
     }

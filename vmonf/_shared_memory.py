@@ -71,6 +71,12 @@ def _aligned(n: int) -> int:
     return -(-n // _ALIGN) * _ALIGN
 
 
+def _data_offset(size: int) -> int:
+    """Byte offset of the slots: after the token's line and the size x size semaphores.
+    The buffer holds ``_data_offset(size) + 2 * size * slot_bytes`` bytes."""
+    return _ALIGN + _aligned(size * size * _SEM_BYTES)
+
+
 class SharedMemoryReducer:
     """One process group's shared buffer: W x W semaphores and 2 x W slots of
     ``slot_bytes`` each. Build it with :func:`open_reducer` (a collective call)."""
@@ -88,12 +94,18 @@ class SharedMemoryReducer:
         self.rank, self.size, self.slot_bytes, self.timeout = rank, size, slot_bytes, timeout
         self.calls = 0
         self.failed = False  # after an error the semaphores' counts no longer pair up
-        base = buffer.data_ptr()
-        self._sem_base = base + _ALIGN
-        self._data_offset = _ALIGN + _aligned(size * size * _SEM_BYTES)
+        self._data_offset = _data_offset(size)
 
     def _semaphore(self, sender: int, receiver: int) -> int:
-        return self._sem_base + (sender * self.size + receiver) * _SEM_BYTES
+        """Address of the semaphore that ``sender`` posts for ``receiver``."""
+        return self.buffer.data_ptr() + _ALIGN + (sender * self.size + receiver) * _SEM_BYTES
+
+    def init_semaphores(self) -> None:
+        """Set every semaphore to 0 (once, on the rank that made the buffer)."""
+        for sender in range(self.size):
+            for receiver in range(self.size):
+                if self.libc.sem_init(self._semaphore(sender, receiver), 1, 0):
+                    raise OSError(ctypes.get_errno(), "sem_init failed")
 
     def _slots(self, parity: int, nbytes: int, dtype: torch.dtype) -> list[Tensor]:
         start = self._data_offset + parity * self.size * self.slot_bytes
@@ -163,7 +175,7 @@ def open_reducer(
     rank, size = dist.get_rank(), dist.get_world_size()
     libc = _libc() if enabled else None
     slot_bytes = _aligned(max(_MIN_SLOT_BYTES, min_slot_bytes))
-    total = _ALIGN + _aligned(size * size * _SEM_BYTES) + 2 * size * slot_bytes
+    total = _data_offset(size) + 2 * size * slot_bytes
     offer: list[object] = [None]
     buffer: Tensor | None = None
     created: str | None = None
@@ -174,9 +186,7 @@ def open_reducer(
             try:
                 buffer = _map(created, total, create=True)
                 buffer[:_TOKEN_BYTES] = torch.frombuffer(bytearray(token), dtype=torch.uint8)
-                for i in range(size * size):
-                    if libc.sem_init(buffer.data_ptr() + _ALIGN + i * _SEM_BYTES, 1, 0):
-                        raise OSError(ctypes.get_errno(), "sem_init failed")
+                SharedMemoryReducer(buffer, libc, rank, size, slot_bytes, timeout).init_semaphores()
                 offer = [(created, token)]
             except (OSError, RuntimeError):  # e.g. /dev/shm full (ENOSPC from fallocate)
                 buffer = None
